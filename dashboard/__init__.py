@@ -1,0 +1,84 @@
+"""The Flask dashboard: worklist, study viewer, JSON API, metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Flask, g
+from flask_login import LoginManager
+from flask_wtf import CSRFProtect
+from sqlalchemy.orm import Session
+
+from pipeline.db import make_engine, make_session_factory
+from pipeline.models import User
+from pipeline.settings import Settings
+
+csrf = CSRFProtect()
+login_manager = LoginManager()
+login_manager.login_view = "auth.login"
+login_manager.login_message = "Please log in to see the worklist."
+
+
+def create_app(config: dict[str, Any] | None = None) -> Flask:
+    """Build the dashboard; config may carry CXR_SETTINGS (a Settings) and Flask keys."""
+    config = dict(config or {})
+    settings: Settings = config.pop("CXR_SETTINGS", None) or Settings.from_env()
+    app = Flask(__name__)
+    app.config.update(
+        SECRET_KEY=settings.effective_secret_key,
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Lax",
+        SESSION_COOKIE_SECURE=settings.production,
+        REMEMBER_COOKIE_HTTPONLY=True,
+        MAX_CONTENT_LENGTH=settings.max_file_mb * 1024 * 1024,
+        WTF_CSRF_TIME_LIMIT=None,
+    )
+    app.config.update(config)
+    engine = make_engine(settings.db_url)
+    app.extensions["cxr"] = {
+        "settings": settings,
+        "engine": engine,
+        "factory": make_session_factory(engine),
+    }
+
+    csrf.init_app(app)
+    login_manager.init_app(app)
+
+    from dashboard import api, auth, worklist
+
+    app.register_blueprint(auth.bp)
+    app.register_blueprint(worklist.bp)
+    app.register_blueprint(api.bp)
+    csrf.exempt(api.bp)  # token-authenticated machine API; no cookies involved
+
+    @app.teardown_appcontext
+    def _close_session(_exc: BaseException | None) -> None:
+        session = g.pop("db", None)
+        if session is not None:
+            session.close()
+
+    return app
+
+
+def settings() -> Settings:
+    """The settings of the current app."""
+    from flask import current_app
+
+    return current_app.extensions["cxr"]["settings"]  # type: ignore[no-any-return]
+
+
+def db() -> Session:
+    """The request's database session."""
+    from flask import current_app
+
+    if "db" not in g:
+        g.db = current_app.extensions["cxr"]["factory"]()
+    return g.db  # type: ignore[no-any-return]
+
+
+@login_manager.user_loader
+def _load_user(user_id: str) -> Any:
+    from dashboard.auth import LoginUser
+
+    user = db().get(User, int(user_id))
+    return LoginUser(user) if user is not None and user.active else None

@@ -1,0 +1,168 @@
+"""ResNet classifier with a class activation map from the same forward pass.
+
+A weights file is a dict ``{"format", "state_dict", "meta"}`` loadable with
+``torch.load(weights_only=True)``. ``meta`` carries the architecture, classes, input size,
+normalisation, temperature, triage thresholds and whether the model was trained at all.
+CAM (Zhou et al. 2016) = fc weights of a class · layer4 feature maps: no extra pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torchvision
+
+log = logging.getLogger(__name__)
+
+FORMAT = "cxr-triage-weights/1"
+ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+DEFAULT_CLASSES = ("normal", "pneumonia", "covid19")
+DEFAULT_THRESHOLDS = {"critical": 0.9, "urgent": 0.7, "routine": 0.4}
+
+
+class WeightsError(Exception):
+    """The weights file is missing, unreadable or inconsistent."""
+
+
+def build_model(arch: str, num_classes: int) -> torch.nn.Module:
+    """Create an untrained torchvision ResNet with a num_classes linear head."""
+    if arch not in ARCHITECTURES:
+        raise WeightsError(f"unknown architecture {arch!r}; choose one of {ARCHITECTURES}")
+    model: Any = getattr(torchvision.models, arch)(weights=None)
+    model.fc = torch.nn.Linear(model.fc.in_features, num_classes)
+    return model
+
+
+def default_meta(arch: str = "resnet18", classes: tuple[str, ...] = DEFAULT_CLASSES) -> dict:
+    """Metadata of a model nobody has trained yet."""
+    return {
+        "arch": arch,
+        "classes": list(classes),
+        "input_size": 224,
+        "mean": 0.5,
+        "std": 0.25,
+        "temperature": 1.0,
+        "thresholds": dict(DEFAULT_THRESHOLDS),
+        "trained": False,
+        "description": "randomly initialised stand-in: untrained model, predictions are noise",
+    }
+
+
+def save_weights(model: torch.nn.Module, meta: dict[str, Any], path: Path) -> None:
+    """Save an fp16 state dict with its metadata, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.half() if v.is_floating_point() else v) for k, v in model.state_dict().items()}
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    torch.save({"format": FORMAT, "state_dict": state, "meta": meta}, tmp)
+    os.replace(tmp, path)
+
+
+def create_untrained_weights(path: Path, arch: str = "resnet18", seed: int = 0) -> Path:
+    """Write a seeded, randomly initialised weights file (a stand-in until real weights exist)."""
+    torch.manual_seed(seed)
+    meta = default_meta(arch)
+    save_weights(build_model(arch, len(meta["classes"])), meta, path)
+    return path
+
+
+def file_sha256(path: Path) -> str:
+    """Return the hex sha256 of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def choose_device(requested: str = "auto") -> torch.device:
+    """Pick CUDA when asked for or available under 'auto', else the CPU."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+@dataclass
+class BatchOutput:
+    probabilities: np.ndarray  # N x C, float32
+    cams: np.ndarray  # N x h x w, float16, for cam_index
+    cam_index: np.ndarray  # N, the class each CAM explains (the predicted class)
+    seconds: float
+
+
+class Classifier:
+    """A loaded model: load once per process, call ``predict`` per batch."""
+
+    def __init__(self, weights_path: Path, device: str = "auto", threads: int = 0) -> None:
+        if not weights_path.exists():
+            raise WeightsError(f"weights file not found: {weights_path}")
+        try:
+            blob = torch.load(weights_path, map_location="cpu", weights_only=True)
+        except Exception as exc:
+            raise WeightsError(f"cannot load weights {weights_path.name}: {exc}") from exc
+        if not isinstance(blob, dict) or blob.get("format") != FORMAT:
+            raise WeightsError(f"{weights_path.name} is not a cxr-triage weights file")
+        self.meta: dict[str, Any] = blob["meta"]
+        self.classes: list[str] = list(self.meta["classes"])
+        self.input_size = int(self.meta.get("input_size", 224))
+        self.temperature = float(self.meta.get("temperature", 1.0))
+        self.thresholds: dict[str, float] = dict(self.meta.get("thresholds", DEFAULT_THRESHOLDS))
+        self.trained = bool(self.meta.get("trained", False))
+        self.sha256 = file_sha256(weights_path)
+        self.version = f"{self.meta['arch']}-{self.sha256[:12]}"
+        self.device = choose_device(device)
+        if self.device.type == "cpu" and threads > 0:
+            torch.set_num_threads(threads)
+        model = build_model(self.meta["arch"], len(self.classes))
+        model.load_state_dict({k: v.float() for k, v in blob["state_dict"].items()})
+        model.eval().to(self.device)
+        if self.device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+            torch.backends.cudnn.benchmark = True
+        self.model: Any = model
+        self._mean = float(np.mean(self.meta.get("mean", 0.5)))
+        self._std = float(np.mean(self.meta.get("std", 0.25)))
+        log.info("loaded model %s on %s (trained=%s)", self.version, self.device, self.trained)
+
+    @property
+    def normal_index(self) -> int | None:
+        return self.classes.index("normal") if "normal" in self.classes else None
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.model
+        x = m.maxpool(m.relu(m.bn1(m.conv1(x))))
+        return m.layer4(m.layer3(m.layer2(m.layer1(x))))
+
+    @torch.inference_mode()
+    def predict(self, images: np.ndarray) -> BatchOutput:
+        """Classify a batch of uint8 N x S x S images; CAM for each predicted class."""
+        start = time.perf_counter()
+        x = torch.from_numpy(np.ascontiguousarray(images))
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        x = x.float().div_(255.0).sub_(self._mean).div_(self._std)
+        x = x.unsqueeze(1).expand(-1, 3, -1, -1)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
+            feats = self._features(x)
+            logits = self.model.fc(torch.flatten(self.model.avgpool(feats), 1))
+        feats, logits = feats.float(), logits.float()
+        probs = torch.softmax(logits / self.temperature, dim=1)
+        idx = probs.argmax(dim=1)
+        # CAM_c(h, w) = sum_k w_{c,k} * f_k(h, w): one matmul over the batch, no second pass.
+        weights = self.model.fc.weight.float()[idx]  # N x K
+        cams = torch.einsum("nk,nkhw->nhw", weights, feats)
+        return BatchOutput(
+            probabilities=probs.cpu().numpy().astype(np.float32),
+            cams=cams.cpu().numpy().astype(np.float16),
+            cam_index=idx.cpu().numpy(),
+            seconds=time.perf_counter() - start,
+        )

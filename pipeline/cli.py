@@ -1,0 +1,363 @@
+"""The ``cxr-triage`` command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import secrets
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from pipeline import migrate
+from pipeline.db import make_engine, make_session_factory, session_scope
+from pipeline.imaging import Limits
+from pipeline.ingest import IngestReport, enqueue, ingest_paths
+from pipeline.models import FINAL_STATES, Study
+from pipeline.queue import Dispatcher, redis_client
+from pipeline.reconcile import requeue_stuck
+from pipeline.redis_server import EmbeddedRedis, clear_runtime, resolve_redis_url, write_runtime
+from pipeline.settings import ConfigError, Settings
+from pipeline.studies import worklist_document
+from pipeline.supervisor import Supervisor, dashboard_command, worker_command
+from pipeline.users import UserError, create_user, has_users, issue_token
+from pipeline.weights import describe_weights, ensure_weights
+
+log = logging.getLogger("cxr-triage")
+
+
+def _factory(settings: Settings) -> Any:
+    return make_session_factory(make_engine(settings.db_url))
+
+
+def _limits(settings: Settings) -> Limits:
+    return Limits(settings.max_file_mb * 1024 * 1024, settings.max_pixels, settings.modalities)
+
+
+def _child_env(settings: Settings, redis_url: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        CXR_REDIS_URL=redis_url,
+        CXR_DATA_DIR=str(settings.data_dir),
+        CXR_WEIGHTS=str(ensure_weights(settings)),
+        PYTHONUNBUFFERED="1",
+    )
+    if settings.database_url:
+        env["CXR_DATABASE_URL"] = settings.database_url
+    return env
+
+
+def reconcile_once(settings: Settings, redis_url: str, stuck_after_s: float | None = None) -> dict:
+    """Re-send unfinished work found in the database (see pipeline.reconcile)."""
+    model = describe_weights(settings)
+    client, dispatcher = redis_client(redis_url), Dispatcher(redis_url)
+    try:
+        return requeue_stuck(
+            _factory(settings),
+            client,
+            dispatcher,
+            stuck_after_s=settings.stuck_after_s if stuck_after_s is None else stuck_after_s,
+            max_attempts=settings.max_attempts,
+            input_size=model["input_size"],
+            ttl_s=settings.payload_ttl_s,
+            thresholds=model["thresholds"],
+        )
+    finally:
+        dispatcher.close()
+        client.close()
+
+
+@contextmanager
+def system_redis(settings: Settings) -> Iterator[tuple[str, EmbeddedRedis | None]]:
+    """The configured Redis, or an embedded one for the duration of the block."""
+    if settings.redis_url:
+        yield settings.redis_url, None
+        return
+    embedded = EmbeddedRedis(settings.data_dir / "redis").start()
+    try:
+        yield embedded.url, embedded
+    finally:
+        embedded.stop()
+
+
+def first_run_admin(settings: Settings) -> None:
+    """Create an admin account when none exists and say how to log in."""
+    with session_scope(_factory(settings)) as session:
+        if has_users(session):
+            return
+        password = os.environ.get("CXR_ADMIN_PASSWORD") or secrets.token_urlsafe(12)
+        create_user(session, "admin", password, "admin")
+    print(f"Created the first account.  Username: admin   Password: {password}", flush=True)
+    print("Add more with: cxr-triage users create NAME --role radiologist --password-stdin")
+
+
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    migrate.upgrade(settings.db_url)
+    first_run_admin(settings)
+    model = describe_weights(settings)
+    if not model["trained"]:
+        print("WARNING: untrained model in use: predictions are random.", file=sys.stderr)
+    with system_redis(settings) as (redis_url, _embedded):
+        dashboard_url = f"http://{settings.host}:{settings.port}"
+        write_runtime(settings, redis_url, dashboard_url)
+        env = _child_env(settings, redis_url)
+        sup = Supervisor()
+        sup.add("worker", worker_command(settings), env)
+        sup.add("dashboard", dashboard_command(settings), env)
+        # Anything left queued by a standalone ingest or a lost Redis is sent now.
+        reconcile_once(settings, redis_url, stuck_after_s=0)
+        print(f"cxr-triage is running: open {dashboard_url}  (Ctrl-C stops everything)", flush=True)
+        try:
+            sup.run(tick=lambda: reconcile_once(settings, redis_url), tick_every=60)
+        finally:
+            clear_runtime(settings)
+    print("cxr-triage stopped.")
+    return 0
+
+
+def _wait_final(settings: Settings, study_ids: set[int], timeout: float) -> bool:
+    factory = _factory(settings)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with session_scope(factory) as session:
+            rows = session.execute(select(Study.status).where(Study.id.in_(study_ids))).all()
+        if all(status in FINAL_STATES for (status,) in rows):
+            return True
+        time.sleep(0.25)
+    return False
+
+
+def _ingest_json(settings: Settings, report: IngestReport) -> dict[str, Any]:
+    ids = {i.study_id for i in report.items if i.study_id is not None}
+    with session_scope(_factory(settings)) as session:
+        studies = {s.id: s for s in session.scalars(select(Study).where(Study.id.in_(ids)))}
+    accepted = [studies[i.study_id] for i in report.accepted if i.study_id in studies]
+    return {
+        "accepted": len(report.accepted),
+        "duplicates": len(report.duplicates),
+        "rejected": [{"path": i.path, "reason": i.reason} for i in report.rejected],
+        "done": sum(1 for s in accepted if s.status == "done"),
+        "failed": sum(1 for s in accepted if s.status == "failed"),
+        "studies": [
+            {
+                "id": s.id,
+                "path": i.path,
+                "status": s.status,
+                "label": s.label,
+                "p_abnormal": None if s.p_abnormal is None else round(s.p_abnormal, 4),
+                "priority": s.priority,
+            }
+            for i in report.items
+            if i.study_id in studies
+            for s in [studies[i.study_id]]
+        ],
+    }
+
+
+def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
+    migrate.upgrade(settings.db_url)
+    factory = _factory(settings)
+    report = ingest_paths(
+        factory, [Path(p) for p in args.paths], _limits(settings), source="cli", lane=args.lane
+    )
+    queued = [i.image_id for i in report.accepted if i.status == "queued" and i.image_id]
+    redis_url = resolve_redis_url(settings)
+    temp: Supervisor | None = None
+    embedded: EmbeddedRedis | None = None
+    try:
+        if redis_url is None and args.wait and queued:
+            # No running system: bring up a private Redis and one worker just for this batch.
+            embedded = EmbeddedRedis(settings.data_dir / "redis-ingest").start()
+            redis_url = embedded.url
+            temp = Supervisor()
+            child = temp.add(
+                "worker", worker_command(settings, "cxr-ingest"), _child_env(settings, redis_url)
+            )
+            child.start()
+        if redis_url is not None and queued:
+            model = describe_weights(settings)
+            client, dispatcher = redis_client(redis_url), Dispatcher(redis_url)
+            try:
+                enqueue(
+                    factory,
+                    client,
+                    dispatcher,
+                    queued,
+                    model["input_size"],
+                    settings.payload_ttl_s,
+                    lane=args.lane,
+                )
+            except Exception as exc:
+                print(
+                    f"could not reach Redis ({type(exc).__name__}); the studies stay queued "
+                    "and are sent when the system runs",
+                    file=sys.stderr,
+                )
+            finally:
+                dispatcher.close()
+                client.close()
+        elif queued:
+            print(
+                f"{len(queued)} images queued in the database; no system is running, so they "
+                "will be classified when `cxr-triage run` starts",
+                file=sys.stderr,
+            )
+        ok = True
+        if args.wait and redis_url is not None:
+            ids = {i.study_id for i in report.accepted if i.study_id is not None}
+            ok = _wait_final(settings, ids, args.timeout)
+    finally:
+        if temp is not None:
+            temp.stop_all()
+        if embedded is not None:
+            embedded.stop()
+    doc = _ingest_json(settings, report)
+    if args.json:
+        print(json.dumps(doc))
+    else:
+        print(
+            f"accepted {doc['accepted']}, duplicates {doc['duplicates']}, "
+            f"rejected {len(doc['rejected'])}, done {doc['done']}, failed {doc['failed']}"
+        )
+        for r in doc["rejected"]:
+            print(f"  rejected {r['path']}: {r['reason']}")
+    if not ok:
+        print(f"timed out after {args.timeout:.0f} s waiting for results", file=sys.stderr)
+        return 3
+    return 0
+
+
+def cmd_worklist(args: argparse.Namespace, settings: Settings) -> int:
+    migrate.upgrade(settings.db_url)
+    model = describe_weights(settings)
+    with session_scope(_factory(settings)) as session:
+        doc = worklist_document(session, model, args.limit)
+    if args.json:
+        print(json.dumps(doc))
+        return 0
+    if not model["trained"]:
+        print("UNTRAINED MODEL: priorities below are random and must not be used for triage.")
+    print(
+        f"{'id':>6} {'priority':>8} {'triage':<9} {'label':<10} {'p_abn':>6} {'status':<10} received"
+    )
+    for s in doc["studies"]:
+        prio = "-" if s["priority"] is None else f"{s['priority']:.1f}"
+        p = "-" if s["p_abnormal"] is None else f"{s['p_abnormal']:.3f}"
+        print(
+            f"{s['id']:>6} {prio:>8} {s['triage_class'] or '-':<9} {s['label'] or '-':<10} "
+            f"{p:>6} {s['status']:<10} {s['received_at']}"
+        )
+    return 0
+
+
+def cmd_users(args: argparse.Namespace, settings: Settings) -> int:
+    migrate.upgrade(settings.db_url)
+    from pipeline.models import User
+
+    with session_scope(_factory(settings)) as session:
+        if args.users_cmd == "create":
+            password = sys.stdin.readline().rstrip("\n") if args.password_stdin else None
+            if not password:
+                raise UserError("give the password on standard input with --password-stdin")
+            create_user(session, args.username, password, args.role)
+            print(f"created {args.role} {args.username}")
+        else:
+            user = session.scalars(select(User).where(User.username == args.username)).first()
+            if user is None:
+                raise UserError(f"no user {args.username!r}")
+            print(issue_token(session, user))
+    return 0
+
+
+def cmd_requeue(args: argparse.Namespace, settings: Settings) -> int:
+    redis_url = resolve_redis_url(settings)
+    if redis_url is None:
+        raise ConfigError("no Redis: set CXR_REDIS_URL or start `cxr-triage run`")
+    while True:
+        print(json.dumps(reconcile_once(settings, redis_url, args.older_than)), flush=True)
+        if not args.every:
+            return 0
+        time.sleep(args.every)
+
+
+def cmd_exec(command: list[str], settings: Settings) -> int:
+    redis_url = resolve_redis_url(settings)
+    if redis_url is None:
+        raise ConfigError("no Redis: set CXR_REDIS_URL or start `cxr-triage run`")
+    env = _child_env(settings, redis_url)
+    os.execvpe(command[0], command, env)
+    return 1  # not reached
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cxr-triage", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser("run", help="run the whole system: Redis, worker, dashboard")
+    run.add_argument("--port", type=int)
+    ing = sub.add_parser("ingest", help="ingest files and folders of .dcm/.jpg/.jpeg/.png")
+    ing.add_argument("paths", nargs="+")
+    ing.add_argument("--wait", action="store_true", help="block until every study is final")
+    ing.add_argument("--json", action="store_true")
+    ing.add_argument("--lane", choices=("live", "bulk"), default="live")
+    ing.add_argument("--timeout", type=float, default=3600.0)
+    wl = sub.add_parser("worklist", help="studies by priority")
+    wl.add_argument("--limit", type=int)
+    wl.add_argument("--json", action="store_true")
+    sub.add_parser("worker", help="run one inference worker (Celery)")
+    serve = sub.add_parser("serve", help="run the dashboard under gunicorn")
+    serve.add_argument("--port", type=int)
+    db = sub.add_parser("db", help="database maintenance")
+    db.add_argument("db_cmd", choices=("upgrade",))
+    users = sub.add_parser("users", help="accounts")
+    users_sub = users.add_subparsers(dest="users_cmd", required=True)
+    uc = users_sub.add_parser("create", help="add an account")
+    uc.add_argument("username")
+    uc.add_argument("--role", choices=("radiologist", "admin"), required=True)
+    uc.add_argument("--password-stdin", action="store_true")
+    ut = users_sub.add_parser("token", help="issue a new API token (printed once)")
+    ut.add_argument("username")
+    rq = sub.add_parser("requeue-stuck", help="re-send work stuck in queued/processing")
+    rq.add_argument("--older-than", type=float, default=None, help="seconds (default setting)")
+    rq.add_argument("--every", type=float, default=0, help="repeat every N seconds")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("CXR_LOG_LEVEL", "INFO"),
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        settings = Settings.from_env(port=getattr(args, "port", None))
+        handlers = {
+            "run": cmd_run,
+            "ingest": cmd_ingest,
+            "worklist": cmd_worklist,
+            "users": cmd_users,
+            "requeue-stuck": cmd_requeue,
+        }
+        if args.cmd in handlers:
+            return handlers[args.cmd](args, settings)
+        if args.cmd == "db":
+            migrate.upgrade(settings.db_url)
+            print("database is at the latest schema")
+            return 0
+        if args.cmd == "worker":
+            return cmd_exec(worker_command(settings), settings)
+        return cmd_exec(dashboard_command(settings), settings)
+    except (ConfigError, UserError) as exc:
+        print(f"cxr-triage: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

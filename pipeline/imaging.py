@@ -1,0 +1,289 @@
+"""Bytes in, a display-ready 8-bit greyscale radiograph and its metadata out.
+
+DICOM is decoded in the order the standard prescribes: Modality LUT / rescale, then the VOI LUT
+or window, then MONOCHROME1 inversion, then 8-bit. JPEG and PNG are read with Pillow behind a
+pixel-count guard. Anything that is not a single-frame greyscale radiograph raises
+``RejectedInput`` with a reason a radiographer can act on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from PIL import Image as PILImage
+
+PREVIEW_MAX_SIDE = 1024
+PREVIEW_JPEG_QUALITY = 92
+DICOM_SUFFIXES = (".dcm", ".dicom")
+RASTER_SUFFIXES = (".jpg", ".jpeg", ".png")
+ACCEPTED_SUFFIXES = DICOM_SUFFIXES + RASTER_SUFFIXES
+# Views the frontal-film model must not score; they are skipped with a reason.
+LATERAL_VIEWS = {"LL", "RL", "LAT", "LATERAL", "LLD", "RLD", "XTABLE"}
+
+
+class RejectedInput(ValueError):
+    """The input is not something the model can or should read; the message says why."""
+
+
+@dataclass
+class Limits:
+    max_bytes: int = 64 * 1024 * 1024
+    max_pixels: int = 40_000_000
+    modalities: tuple[str, ...] = ("CR", "DX")
+
+
+@dataclass
+class DecodedImage:
+    pixels: np.ndarray  # uint8, H x W, at most PREVIEW_MAX_SIDE on the long side
+    kind: str  # dicom | jpeg | png
+    dedup_key: str
+    width: int
+    height: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_lateral(self) -> bool:
+        view = (self.meta.get("ViewPosition") or "").upper()
+        return view in LATERAL_VIEWS
+
+
+def content_key(data: bytes) -> str:
+    """Return the content-hash dedup key of raw bytes."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def looks_like_dicom(data: bytes, filename: str) -> bool:
+    """True for the DICM magic at offset 128 or a DICOM file suffix."""
+    return data[128:132] == b"DICM" or filename.lower().endswith(DICOM_SUFFIXES)
+
+
+def decode_bytes(data: bytes, filename: str, limits: Limits | None = None) -> DecodedImage:
+    """Decode one file's bytes into a display-size 8-bit image plus metadata."""
+    limits = limits or Limits()
+    if len(data) == 0:
+        raise RejectedInput("the file is empty")
+    if len(data) > limits.max_bytes:
+        raise RejectedInput(
+            f"the file is {len(data) / 1e6:.1f} MB, over the {limits.max_bytes / 1e6:.0f} MB limit"
+        )
+    if looks_like_dicom(data, filename):
+        return _decode_dicom(data, limits)
+    return _decode_raster(data, limits)
+
+
+# --------------------------------------------------------------------------- raster
+
+
+def _decode_raster(data: bytes, limits: Limits) -> DecodedImage:
+    try:
+        img = PILImage.open(io.BytesIO(data))
+    except Exception as exc:
+        raise RejectedInput("not a readable DICOM, JPEG or PNG file") from exc
+    kind = (img.format or "").lower()
+    if kind not in ("jpeg", "png"):
+        raise RejectedInput(f"unsupported image format {img.format or 'unknown'}")
+    w, h = img.size
+    if w * h > limits.max_pixels:
+        raise RejectedInput(f"image is {w}x{h} pixels, over the {limits.max_pixels:,} limit")
+    try:
+        if kind == "jpeg":
+            img.draft("L", (PREVIEW_MAX_SIDE, PREVIEW_MAX_SIDE))  # decode at reduced scale
+        img.load()
+    except Exception as exc:
+        raise RejectedInput(f"the {kind.upper()} data is truncated or corrupt ({exc})") from exc
+    arr = _raster_to_grey(img)
+    return DecodedImage(
+        pixels=_to_display(arr),
+        kind=kind,
+        dedup_key=content_key(data),
+        width=w,
+        height=h,
+        meta={},
+    )
+
+
+def _raster_to_grey(img: PILImage.Image) -> np.ndarray:
+    if img.mode in ("I;16", "I;16B", "I", "F"):
+        arr = np.asarray(img, dtype=np.float32)
+        return _scale_to_uint8(arr, float(arr.min()), float(arr.max()))
+    if img.mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr"):
+        rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
+        # Radiographs saved as RGB have equal channels; a photograph or a coloured overlay does not.
+        spread = np.abs(rgb - rgb.mean(axis=2, keepdims=True)).mean()
+        if spread > 4.0:
+            raise RejectedInput("colour image: a radiograph must be greyscale")
+    return np.asarray(img.convert("L"), dtype=np.uint8)
+
+
+# --------------------------------------------------------------------------- DICOM
+
+
+def _decode_dicom(data: bytes, limits: Limits) -> DecodedImage:
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    except (InvalidDicomError, Exception) as exc:
+        raise RejectedInput(f"unreadable DICOM file ({type(exc).__name__})") from exc
+    meta = dicom_metadata(ds)
+    if "PixelData" not in ds and not any(k in meta for k in ("SOPClassUID", "Modality")):
+        if data[128:132] == b"DICM":
+            raise RejectedInput("corrupt DICOM file: no readable attributes after the header")
+        raise RejectedInput("not a DICOM file: no DICM header and no readable DICOM attributes")
+    if "PixelData" not in ds:
+        sop = meta.get("SOPClassUID") or "unknown"
+        raise RejectedInput(f"no pixel data: not an image (SOP class {sop})")
+    modality = (meta.get("Modality") or "").upper()
+    if limits.modalities and modality not in limits.modalities:
+        allowed = ", ".join(limits.modalities)
+        raise RejectedInput(
+            f"modality {modality or 'missing'} is not accepted (allowed: {allowed})"
+        )
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1:
+        raise RejectedInput(f"multi-frame image ({frames} frames): a radiograph has one")
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if samples != 1 or not photometric.startswith("MONOCHROME"):
+        raise RejectedInput(f"colour image ({photometric}): a radiograph must be greyscale")
+    rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    if rows * cols == 0:
+        raise RejectedInput("the image has no rows or columns")
+    if rows * cols > limits.max_pixels:
+        raise RejectedInput(f"image is {cols}x{rows} pixels, over the {limits.max_pixels:,} limit")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom warns on odd-length or padded data
+            stored = ds.pixel_array
+    except Exception as exc:
+        raise RejectedInput(f"pixel data is truncated or cannot be decoded ({exc})") from exc
+    if stored.ndim != 2:
+        raise RejectedInput(f"unexpected pixel array shape {stored.shape}")
+    grey = dicom_to_uint8(ds, stored)
+    sop_uid = meta.get("SOPInstanceUID")
+    return DecodedImage(
+        pixels=_to_display(grey),
+        kind="dicom",
+        dedup_key=f"sop:{sop_uid}" if sop_uid else content_key(data),
+        width=cols,
+        height=rows,
+        meta=meta,
+    )
+
+
+def dicom_to_uint8(ds: Any, stored: np.ndarray) -> np.ndarray:
+    """Apply Modality LUT, VOI LUT or window, and MONOCHROME1 inversion; return uint8."""
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
+    if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
+        values = np.asarray(apply_voi_lut(values, ds, index=0), dtype=np.float32)
+        lo, hi = float(values.min()), float(values.max())
+        out = _scale_unit(values, lo, hi)
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        center = _first(ds.WindowCenter)
+        width = max(_first(ds.WindowWidth), 1.0)
+        out = _linear_window(values, center, width)
+    else:
+        # No window: use the spread of the data itself, ignoring the outer half percent
+        # (collimator edges and burned-in markers) as display software does.
+        lo, hi = np.percentile(values, [0.5, 99.5])
+        out = _scale_unit(values, float(lo), float(hi))
+    inverse = str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE"
+    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1" or inverse:
+        out = 1.0 - out
+    return np.round(out * 255.0).astype(np.uint8)
+
+
+def dicom_metadata(ds: Any) -> dict[str, Any]:
+    """Extract the header fields the worklist, grouping and dedup need."""
+    keys = (
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "SOPInstanceUID",
+        "SOPClassUID",
+        "AccessionNumber",
+        "PatientID",
+        "PatientName",
+        "PatientSex",
+        "PatientAge",
+        "StudyDate",
+        "StudyTime",
+        "Modality",
+        "BodyPartExamined",
+        "ViewPosition",
+        "InstitutionName",
+        "RequestedProcedurePriority",
+        "StudyPriorityID",
+        "PhotometricInterpretation",
+        "BitsStored",
+    )
+    meta: dict[str, Any] = {}
+    for key in keys:
+        value = ds.get(key)
+        if value is None or value == "":
+            continue
+        meta[key] = value if isinstance(value, int) else str(value)
+    tsuid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if tsuid:
+        meta["TransferSyntaxUID"] = str(tsuid)
+    return meta
+
+
+def _first(value: Any) -> float:
+    try:
+        return float(value[0])
+    except (TypeError, IndexError):
+        return float(value)
+
+
+def _linear_window(values: np.ndarray, center: float, width: float) -> np.ndarray:
+    # DICOM PS3.3 C.11.2.1.2.1 linear function, output in [0, 1].
+    out = ((values - (center - 0.5)) / max(width - 1.0, 1.0)) + 0.5
+    return np.clip(out, 0.0, 1.0)
+
+
+def _scale_unit(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    if hi <= lo:
+        return np.zeros_like(values, dtype=np.float32)
+    return np.clip((values - lo) / (hi - lo), 0.0, 1.0)
+
+
+def _scale_to_uint8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    return np.round(_scale_unit(values, lo, hi) * 255.0).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def _to_display(grey: np.ndarray) -> np.ndarray:
+    h, w = grey.shape
+    scale = PREVIEW_MAX_SIDE / max(h, w)
+    if scale >= 1.0:
+        return np.ascontiguousarray(grey)
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return np.asarray(PILImage.fromarray(grey).resize(size, PILImage.Resampling.BOX))
+
+
+def encode_preview(pixels: np.ndarray) -> bytes:
+    """Encode a display image as greyscale JPEG for storage in the database."""
+    buf = io.BytesIO()
+    PILImage.fromarray(pixels, mode="L").save(buf, format="JPEG", quality=PREVIEW_JPEG_QUALITY)
+    return buf.getvalue()
+
+
+def decode_preview(data: bytes) -> np.ndarray:
+    """Decode a stored preview back to a uint8 array."""
+    return np.asarray(PILImage.open(io.BytesIO(data)).convert("L"), dtype=np.uint8)
+
+
+def model_input(preview: bytes, size: int) -> np.ndarray:
+    """Build the model-ready uint8 size x size image from the stored preview."""
+    img = PILImage.open(io.BytesIO(preview)).convert("L")
+    return np.asarray(img.resize((size, size), PILImage.Resampling.BILINEAR), dtype=np.uint8)

@@ -1,0 +1,180 @@
+"""Classify a batch of queued images: claim, forward once, write results idempotently."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from pipeline import imaging, triage
+from pipeline.classifier import BatchOutput, Classifier
+from pipeline.db import session_scope
+from pipeline.models import FINAL_STATES, Image, Prediction, Study, utcnow
+from pipeline.queue import delete_payloads, get_payloads
+from pipeline.studies import refresh_study
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BatchResult:
+    done: list[int] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)
+    skipped: list[int] = field(default_factory=list)  # already final: a redelivery
+    batch_size: int = 0
+    seconds: float = 0.0
+
+
+def claim(factory: sessionmaker[Session], image_ids: list[int]) -> tuple[list[int], list[int]]:
+    """Mark queued images processing; return (claimed ids, ids already final)."""
+    claimed, final = [], []
+    with session_scope(factory) as session:
+        images = session.scalars(select(Image).where(Image.id.in_(image_ids))).all()
+        for img in images:
+            if img.status in FINAL_STATES:
+                final.append(img.id)
+                continue
+            img.status, img.started_at = "processing", utcnow()
+            img.attempts = (img.attempts or 0) + 1
+            study = session.get(Study, img.study_id)
+            if study is not None and study.status in ("received", "queued"):
+                study.status = "processing"
+            claimed.append(img.id)
+    return claimed, final
+
+
+def load_inputs(
+    factory: sessionmaker[Session], redis_client: Any, ids: list[int], size: int
+) -> dict[int, np.ndarray]:
+    """Model inputs from Redis; rebuilt from the stored preview where Redis lost them."""
+    arrays = dict(zip(ids, get_payloads(redis_client, ids, size), strict=True))
+    missing = [i for i, a in arrays.items() if a is None]
+    if missing:
+        with session_scope(factory) as session:
+            rows = session.execute(select(Image.id, Image.preview).where(Image.id.in_(missing)))
+            for image_id, preview in rows:
+                if preview is not None:
+                    arrays[image_id] = imaging.model_input(preview, size)
+    return {i: a for i, a in arrays.items() if a is not None}
+
+
+def _predict_isolating_poison(
+    classifier: Classifier, ids: list[int], batch: np.ndarray
+) -> tuple[dict[int, tuple[BatchOutput, int]], dict[int, str]]:
+    """Run the batch; if the whole batch raises, retry one by one so one bad item fails alone."""
+    try:
+        out = classifier.predict(batch)
+        return {i: (out, n) for n, i in enumerate(ids)}, {}
+    except Exception:
+        log.exception("batch of %d failed; retrying items one by one", len(ids))
+    results, failures = {}, {}
+    for n, image_id in enumerate(ids):
+        try:
+            results[image_id] = (classifier.predict(batch[n : n + 1]), 0)
+        except Exception as exc:
+            failures[image_id] = f"model error: {type(exc).__name__}: {exc}"[:500]
+    return results, failures
+
+
+def classify_images(
+    factory: sessionmaker[Session],
+    redis_client: Any,
+    classifier: Classifier,
+    image_ids: list[int],
+) -> BatchResult:
+    """Classify the given images in one forward pass and persist predictions, CAMs, priorities."""
+    result = BatchResult()
+    claimed, result.skipped = claim(factory, sorted(set(image_ids)))
+    if not claimed:
+        return result
+    inputs = load_inputs(factory, redis_client, claimed, classifier.input_size)
+    for image_id in claimed:
+        if image_id not in inputs:
+            result.failed[image_id] = "image data lost: neither the queue nor the database has it"
+    ids = [i for i in claimed if i in inputs]
+    started = time.perf_counter()
+    outputs: dict[int, tuple[BatchOutput, int]] = {}
+    if ids:
+        batch = np.stack([inputs[i] for i in ids])
+        outputs, failures = _predict_isolating_poison(classifier, ids, batch)
+        result.failed.update(failures)
+    result.seconds = time.perf_counter() - started
+    result.batch_size = len(ids)
+    _write_results(factory, classifier, outputs, result)
+    delete_payloads(redis_client, [*result.done, *result.failed])
+    return result
+
+
+def _prediction_row(
+    classifier: Classifier, image_id: int, out: BatchOutput, n: int, batch_ms: float, size: int
+) -> Prediction | str:
+    probs = out.probabilities[n]
+    cam = out.cams[n]
+    if not (np.all(np.isfinite(probs)) and np.all(np.isfinite(cam))):
+        return "the model produced non-finite output (NaN or infinity) for this image"
+    probabilities = {c: round(float(p), 6) for c, p in zip(classifier.classes, probs, strict=True)}
+    p = triage.p_abnormal(probabilities)
+    cls = triage.triage_class(p, classifier.thresholds)
+    return Prediction(
+        image_id=image_id,
+        model_version=classifier.version,
+        probabilities=probabilities,
+        label=classifier.classes[int(out.cam_index[n])],
+        p_abnormal=p,
+        triage_class=cls,
+        priority=triage.priority_score(p, classifier.thresholds),
+        cam_class=classifier.classes[int(out.cam_index[n])],
+        cam=np.ascontiguousarray(cam, dtype=np.float16).tobytes(),
+        cam_h=int(cam.shape[0]),
+        cam_w=int(cam.shape[1]),
+        batch_size=size,
+        inference_ms=batch_ms,
+    )
+
+
+def _write_results(
+    factory: sessionmaker[Session],
+    classifier: Classifier,
+    outputs: dict[int, tuple[BatchOutput, int]],
+    result: BatchResult,
+) -> None:
+    batch_ms = result.seconds * 1000.0
+    with session_scope(factory) as session:
+        touched: set[int] = set()
+        for image_id, (out, n) in outputs.items():
+            row = _prediction_row(classifier, image_id, out, n, batch_ms, result.batch_size)
+            if isinstance(row, str):
+                result.failed[image_id] = row
+                continue
+            exists = session.scalars(
+                select(Prediction.id).where(
+                    Prediction.image_id == image_id, Prediction.model_version == classifier.version
+                )
+            ).first()
+            if exists is None:
+                try:
+                    with session.begin_nested():
+                        session.add(row)
+                except IntegrityError:
+                    log.info("image %d already has a result from a concurrent delivery", image_id)
+            img = session.get(Image, image_id)
+            if img is not None:
+                img.status, img.reason, img.done_at = "done", None, utcnow()
+                touched.add(img.study_id)
+            result.done.append(image_id)
+        for image_id, reason in result.failed.items():
+            img = session.get(Image, image_id)
+            if img is not None:
+                img.status, img.reason, img.done_at = "failed", reason, utcnow()
+                touched.add(img.study_id)
+        session.flush()
+        for study_id in touched:
+            study = session.get(Study, study_id)
+            if study is not None:
+                refresh_study(session, study, classifier.thresholds)

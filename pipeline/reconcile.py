@@ -1,0 +1,89 @@
+"""The reconciler: re-send work that the database says is unfinished.
+
+Redis may be flushed or restarted and a worker may die holding a batch. The database knows every
+image still ``queued`` or ``processing``; this re-sends those past a timeout and gives up, with a
+reason, after the configured number of attempts.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import and_, or_, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from pipeline.db import session_scope
+from pipeline.ingest import enqueue
+from pipeline.models import Image, Study, utcnow
+from pipeline.queue import Dispatcher, payload_key
+from pipeline.studies import refresh_study
+
+log = logging.getLogger(__name__)
+
+
+def requeue_stuck(
+    factory: sessionmaker[Session],
+    redis_client: Any,
+    dispatcher: Dispatcher,
+    *,
+    stuck_after_s: float,
+    max_attempts: int,
+    input_size: int,
+    ttl_s: int,
+    thresholds: dict[str, float],
+) -> dict[str, int]:
+    """Re-send images queued or processing for longer than stuck_after_s; fail the exhausted."""
+    cutoff = utcnow() - timedelta(seconds=stuck_after_s)
+    resend: dict[str, list[int]] = {"live": [], "bulk": []}
+    failed = 0
+    with session_scope(factory) as session:
+        rows = session.execute(
+            select(Image, Study.lane)
+            .join(Study, Study.id == Image.study_id)
+            .where(
+                or_(
+                    and_(
+                        Image.status.in_(("received", "queued")),
+                        or_(Image.queued_at.is_(None), Image.queued_at <= cutoff),
+                    ),
+                    and_(Image.status == "processing", Image.started_at <= cutoff),
+                )
+            )
+        ).all()
+        # A queued image whose payload is still in Redis is waiting in a backlog, not lost.
+        waiting = _payload_present(
+            redis_client, [img.id for img, _ in rows if img.status != "processing"]
+        )
+        for img, lane in rows:
+            if img.id in waiting:
+                continue
+            if img.attempts >= max_attempts:
+                img.status, img.done_at = "failed", utcnow()
+                img.reason = (
+                    f"gave up after {img.attempts} attempts: the worker did not finish "
+                    "this image (an admin can requeue it)"
+                )
+                failed += 1
+                session.flush()
+                refresh_study(session, session.get(Study, img.study_id), thresholds)  # type: ignore[arg-type]
+                continue
+            img.status, img.queued_at = "queued", utcnow()
+            resend[lane if lane in resend else "live"].append(img.id)
+    sent = 0
+    for lane, ids in resend.items():
+        sent += enqueue(factory, redis_client, dispatcher, ids, input_size, ttl_s, lane=lane)
+    if sent or failed:
+        log.warning("reconciler re-sent %d images and failed %d", sent, failed)
+    return {"requeued": sent, "failed": failed}
+
+
+def _payload_present(redis_client: Any, image_ids: list[int]) -> set[int]:
+    if not image_ids:
+        return set()
+    with redis_client.pipeline(transaction=False) as pipe:
+        for image_id in image_ids:
+            pipe.exists(payload_key(image_id))
+        found = pipe.execute()
+    return {i for i, n in zip(image_ids, found, strict=True) if n}

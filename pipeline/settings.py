@@ -1,0 +1,117 @@
+"""Settings read from ``CXR_*`` environment variables.
+
+Every default is for development on one machine: SQLite and an embedded Redis under the data dir.
+Production sets at least ``CXR_DATABASE_URL``, ``CXR_REDIS_URL`` and ``CXR_SECRET_KEY``.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_WEIGHTS = PACKAGE_ROOT / "weights" / "cxr-resnet18.pt"
+DEV_SECRET_KEY = "dev-only-insecure-secret-key"
+
+
+class ConfigError(Exception):
+    """A setting is missing or invalid."""
+
+
+def _maybe(env: dict[str, str], name: str) -> str | None:
+    value = env.get(f"CXR_{name}")
+    return value if value not in (None, "") else None
+
+
+def _as_bool(value: str) -> bool:
+    return value.strip().lower() in {"1", "true", "yes", "on"}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Runtime configuration of every cxr-triage process."""
+
+    data_dir: Path = field(default_factory=lambda: Path("var").resolve())
+    database_url: str | None = None
+    redis_url: str | None = None
+    weights: Path | None = None
+    device: str = "auto"
+    batch_size: int = 16
+    batch_wait_ms: int = 200
+    port: int = 8000
+    host: str = "127.0.0.1"
+    secret_key: str | None = None
+    production: bool = False
+    max_file_mb: int = 64
+    max_pixels: int = 40_000_000
+    modalities: tuple[str, ...] = ("CR", "DX")
+    stuck_after_s: int = 600
+    max_attempts: int = 3
+    payload_ttl_s: int = 7 * 24 * 3600
+    torch_threads: int = 0
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from the environment, then apply explicit overrides."""
+        env = dict(os.environ if env is None else env)
+        values: dict[str, Any] = {}
+        converters: dict[str, Any] = {
+            "data_dir": lambda v: Path(v).expanduser().resolve(),
+            "weights": lambda v: Path(v).expanduser().resolve(),
+            "production": _as_bool,
+            "modalities": lambda v: tuple(m.strip().upper() for m in v.split(",") if m.strip()),
+        }
+        for f in fields(cls):
+            raw = _maybe(env, f.name.upper())
+            if raw is None:
+                continue
+            convert = converters.get(f.name)
+            if convert is None:
+                convert = int if f.type in ("int", int) else str
+            try:
+                values[f.name] = convert(raw)
+            except ValueError as exc:
+                raise ConfigError(f"CXR_{f.name.upper()}={raw!r} is not valid: {exc}") from exc
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def with_(self, **changes: Any) -> Settings:
+        """Return a copy with some fields changed."""
+        return replace(self, **changes)
+
+    def validate(self) -> None:
+        """Refuse configurations that cannot work."""
+        if self.batch_size < 1:
+            raise ConfigError("CXR_BATCH_SIZE must be at least 1")
+        if self.batch_wait_ms < 0:
+            raise ConfigError("CXR_BATCH_WAIT_MS must not be negative")
+        if self.production and not self.secret_key:
+            raise ConfigError("CXR_SECRET_KEY must be set when CXR_PRODUCTION=1")
+
+    @property
+    def db_url(self) -> str:
+        """The database URL, SQLite under the data dir by default."""
+        return self.database_url or f"sqlite:///{self.data_dir / 'cxr-triage.db'}"
+
+    @property
+    def effective_secret_key(self) -> str:
+        """The configured secret key, or a development key when not in production."""
+        return self.secret_key or DEV_SECRET_KEY
+
+    @property
+    def weights_path(self) -> Path:
+        """The weights file: configured, else shipped, else a generated untrained stand-in."""
+        if self.weights is not None:
+            return self.weights
+        if SHIPPED_WEIGHTS.exists():
+            return SHIPPED_WEIGHTS
+        return self.data_dir / "weights" / "untrained-resnet18.pt"
+
+    @property
+    def runtime_file(self) -> Path:
+        """Where a running ``cxr-triage run`` records its Redis URL for other commands."""
+        return self.data_dir / "runtime.json"

@@ -1,0 +1,141 @@
+"""Child processes of ``cxr-triage run``: start, restart when they die, stop them all."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from pipeline.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def worker_command(settings: Settings, name: str = "cxr-worker") -> list[str]:
+    """The Celery inference worker: one process, the model loaded once, live lane first."""
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app:app",
+        "worker",
+        "--pool",
+        "solo",
+        "--queues",
+        "cxr.live,cxr.bulk",
+        "--hostname",
+        f"{name}@%h",
+        "--without-gossip",
+        "--without-mingle",
+        "--loglevel",
+        "INFO",
+    ]
+
+
+def dashboard_command(settings: Settings) -> list[str]:
+    """The dashboard under gunicorn with a few threads."""
+    return [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "--workers",
+        "1",
+        "--threads",
+        "4",
+        "--bind",
+        f"{settings.host}:{settings.port}",
+        "--access-logfile",
+        "-",
+        "--access-logformat",
+        '%(h)s "%(m)s %(U)s" %(s)s %(L)ss',
+        "dashboard:create_app()",
+    ]
+
+
+@dataclass
+class Child:
+    name: str
+    command: list[str]
+    env: dict[str, str]
+    process: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    started_at: float = 0.0
+
+    def start(self) -> None:
+        # Own process group: Ctrl-C reaches the supervisor only, which stops children in order.
+        self.process = subprocess.Popen(self.command, env=self.env, start_new_session=True)
+        self.started_at = time.monotonic()
+        log.info("started %s (pid %d)", self.name, self.process.pid)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, timeout: float = 20.0) -> None:
+        proc = self.process
+        if proc is None or proc.poll() is not None:
+            return
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in %.0f s; killing it", self.name, timeout)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+
+
+@dataclass
+class Supervisor:
+    children: list[Child] = field(default_factory=list)
+    stopping: bool = False
+
+    def add(self, name: str, command: list[str], env: dict[str, str]) -> Child:
+        child = Child(name, command, env)
+        self.children.append(child)
+        return child
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        log.info("received %s; stopping", signal.Signals(signum).name)
+        self.stopping = True
+
+    def run(self, tick: Callable[[], object] | None = None, tick_every: float = 60.0) -> None:
+        """Start every child and keep them running until SIGINT or SIGTERM."""
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            for child in self.children:
+                child.start()
+            last_tick = 0.0
+            while not self.stopping:
+                for child in self.children:
+                    if not child.alive() and not self.stopping:
+                        code = child.process.returncode if child.process else None
+                        # Back off when a child keeps dying at start (bad config, port taken).
+                        if time.monotonic() - child.started_at < 5:
+                            time.sleep(2)
+                        log.warning("%s exited with %s; restarting it", child.name, code)
+                        child.restarts += 1
+                        child.start()
+                if tick is not None and time.monotonic() - last_tick >= tick_every:
+                    last_tick = time.monotonic()
+                    try:
+                        tick()
+                    except Exception:
+                        log.exception("periodic reconcile failed; will retry")
+                time.sleep(0.5)
+        finally:
+            self.stop_all()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def stop_all(self) -> None:
+        """Stop children in reverse start order."""
+        for child in reversed(self.children):
+            child.stop()
