@@ -336,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # pydicom logs invalid header values verbatim; those can be patient names.
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
     try:
         settings = Settings.from_env(port=getattr(args, "port", None))
         handlers = {

@@ -128,10 +128,13 @@ def _decode_dicom(data: bytes, limits: Limits) -> DecodedImage:
     from pydicom.errors import InvalidDicomError
 
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
+        with warnings.catch_warnings():
+            # pydicom's warnings quote header values, which can be patient data.
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)
+            meta = dicom_metadata(ds)
     except (InvalidDicomError, Exception) as exc:
         raise RejectedInput(f"unreadable DICOM file ({type(exc).__name__})") from exc
-    meta = dicom_metadata(ds)
     if "PixelData" not in ds and not any(k in meta for k in ("SOPClassUID", "Modality")):
         if data[128:132] == b"DICM":
             raise RejectedInput("corrupt DICOM file: no readable attributes after the header")

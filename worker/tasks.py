@@ -49,6 +49,12 @@ def get_runtime() -> Runtime:
     return _runtime
 
 
+@signals.worker_init.connect
+def _quiet_pydicom(**_: Any) -> None:
+    # pydicom logs invalid header values verbatim; those can be patient names.
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+
+
 @signals.worker_ready.connect
 def _load_model_at_start(**_: Any) -> None:
     get_runtime()

@@ -1,0 +1,130 @@
+"""The dashboard through Flask's test client: login, worklist order, study viewer, API, CSRF."""
+
+from __future__ import annotations
+
+import io
+import re
+
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+from sqlalchemy import select
+
+from dashboard import create_app
+from pipeline.classifier import Classifier
+from pipeline.db import make_engine, make_session_factory
+from pipeline.imaging import Limits
+from pipeline.inference import classify_images
+from pipeline.ingest import ingest_paths
+from pipeline.migrate import upgrade
+from pipeline.models import AuditEvent, Image, User
+from pipeline.queue import redis_client
+from pipeline.studies import worklist_query
+from pipeline.users import create_user, issue_token
+
+PASSWORD = "correct horse battery"
+
+
+@pytest.fixture
+def populated(settings, study_folder):
+    """A database with the four foundation studies classified (in-process, real Redis)."""
+    upgrade(settings.db_url)
+    factory = make_session_factory(make_engine(settings.db_url))
+    report = ingest_paths(factory, [study_folder], Limits())
+    clf = Classifier(settings.weights, "cpu", 1)
+    client = redis_client(settings.redis_url)
+    ids = [i.image_id for i in report.accepted]
+    result = classify_images(factory, client, clf, ids)
+    assert sorted(result.done) == sorted(ids)
+    with factory() as session:
+        create_user(session, "rad", PASSWORD, "radiologist")
+        session.commit()
+    return factory
+
+
+@pytest.fixture
+def client(settings, populated):
+    app = create_app({"CXR_SETTINGS": settings, "TESTING": True})
+    return app.test_client()
+
+
+def csrf_from(html: str) -> str:
+    match = re.search(r'name="csrf_token" value="([^"]+)"', html)
+    assert match, "no CSRF token in the form"
+    return match.group(1)
+
+
+def login(client, username="rad", password=PASSWORD):
+    token = csrf_from(client.get("/login").get_data(as_text=True))
+    return client.post("/login", data={"username": username, "password": password,
+                                       "csrf_token": token})  # fmt: skip
+
+
+def test_everything_but_health_needs_authentication(client) -> None:
+    assert client.get("/").status_code == 302
+    assert client.get("/studies/1").status_code == 302
+    assert client.get("/images/1/preview.jpg").status_code == 302
+    assert client.get("/api/worklist").status_code == 401
+    assert client.get("/metrics").status_code == 401
+    assert client.get("/healthz").get_json() == {"status": "ok"}
+
+
+def test_login_rejects_bad_password_and_missing_csrf(client) -> None:
+    assert login(client, password="wrong password").status_code == 401
+    no_csrf = client.post("/login", data={"username": "rad", "password": PASSWORD})
+    assert no_csrf.status_code == 400
+    assert client.get("/").status_code == 302
+
+
+def test_worklist_page_is_in_priority_order_and_flags_untrained_model(client, populated) -> None:
+    assert login(client).status_code == 302
+    html = client.get("/").get_data(as_text=True)
+    shown = [int(i) for i in re.findall(r'data-study-id="(\d+)"', html)]
+    with populated() as session:
+        expected = [s.id for s in session.scalars(worklist_query())]
+    assert shown == expected and len(shown) == 4
+    assert "Untrained model" in html
+    assert "rejected" in html and "corrupt DICOM" in html
+
+
+def test_study_page_image_overlay_and_audit(client, populated) -> None:
+    login(client)
+    with populated() as session:
+        image = session.scalars(select(Image).where(Image.kind == "dicom")).one()
+    page = client.get(f"/studies/{image.study_id}")
+    assert page.status_code == 200
+    html = page.get_data(as_text=True)
+    assert f"/images/{image.id}/overlay.png" in html and "PID-0001" in html
+    preview = client.get(f"/images/{image.id}/preview.jpg")
+    assert preview.mimetype == "image/jpeg"
+    base = PILImage.open(io.BytesIO(preview.data))
+    overlay = client.get(f"/images/{image.id}/overlay.png")
+    assert overlay.mimetype == "image/png"
+    over = PILImage.open(io.BytesIO(overlay.data))
+    assert over.size == base.size and over.mode == "RGB"
+    rgb = np.asarray(over, dtype=int)
+    assert np.abs(rgb[..., 0] - rgb[..., 2]).mean() > 5  # colour was blended in
+    with populated() as session:
+        events = session.scalars(select(AuditEvent).where(AuditEvent.action == "view_study")).all()
+        assert [e.target for e in events] == [f"study:{image.study_id}"]
+
+
+def test_api_worklist_with_token_matches_order(client, populated) -> None:
+    with populated() as session:
+        user = session.scalars(select(User).where(User.username == "rad")).one()
+        token = issue_token(session, user)
+        session.commit()
+        expected = [s.id for s in session.scalars(worklist_query())]
+    bad = client.get("/api/worklist", headers={"Authorization": "Bearer nope"})
+    assert bad.status_code == 401
+    doc = client.get("/api/worklist", headers={"Authorization": f"Bearer {token}"}).get_json()
+    assert [s["id"] for s in doc["studies"]] == expected
+    assert doc["model"]["trained"] is False
+    first = doc["studies"][0]
+    assert {"id", "status", "label", "p_abnormal", "priority", "received_at"} <= set(first)
+    assert "patient_name" not in first
+    metrics = client.get("/metrics", headers={"Authorization": f"Bearer {token}"})
+    text = metrics.get_data(as_text=True)
+    assert 'cxr_studies{status="done"} 3.0' in text
+    assert 'cxr_studies{status="rejected"} 1.0' in text
+    assert 'cxr_queue_depth{lane="live"} 0.0' in text

@@ -1,0 +1,123 @@
+"""`cxr-triage run`: embedded Redis, first admin, supervision, and a clean Ctrl-C."""
+
+from __future__ import annotations
+
+import http.cookiejar
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from pipeline.settings import Settings
+from tests.conftest import REPO, run_cli, settings_env
+
+pytestmark = pytest.mark.e2e
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(predicate, timeout: float, what: str):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.25)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def celery_children(proc: psutil.Process) -> list[psutil.Process]:
+    out = []
+    for child in proc.children(recursive=True):
+        try:
+            if "celery" in " ".join(child.cmdline()) and child.status() != psutil.STATUS_ZOMBIE:
+                out.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def test_run_serves_supervises_and_stops_cleanly(tmp_path: Path, weights_file, study_folder) -> None:
+    port = free_port()
+    settings = Settings(data_dir=tmp_path / "data", weights=weights_file, port=port,
+                        batch_size=4, batch_wait_ms=100)  # fmt: skip
+    env = settings_env(settings)
+    env.pop("CXR_REDIS_URL", None)
+    env["CXR_ADMIN_PASSWORD"] = "first-admin-password"
+    log = open(tmp_path / "run.log", "w+")
+    run = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--port", str(port)],
+                           env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    parent = psutil.Process(run.pid)
+    descendants: set[int] = set()
+    try:
+        base = f"http://127.0.0.1:{port}"
+
+        def healthy() -> bool:
+            try:
+                return urllib.request.urlopen(base + "/healthz", timeout=2).status == 200
+            except OSError:
+                return False
+
+        wait_for(healthy, 120, "the dashboard")
+        wait_for(lambda: celery_children(parent), 60, "the worker")
+        output = Path(log.name).read_text()
+        assert "Username: admin   Password: first-admin-password" in output
+        runtime = json.loads((settings.data_dir / "runtime.json").read_text())
+        assert runtime["redis_url"].startswith("redis://127.0.0.1:")
+
+        # `ingest` finds the running system through the data dir.
+        ingest_settings = settings.with_(redis_url=None)
+        proc = run_cli(["ingest", str(study_folder), "--wait", "--json"], ingest_settings)
+        assert proc.returncode == 0, proc.stderr[-2000:] + Path(log.name).read_text()[-3000:]
+        doc = json.loads(proc.stdout)
+        assert (doc["accepted"], doc["done"], len(doc["rejected"])) == (3, 3, 1)
+
+        # Log in as the first admin and read the worklist through the API.
+        jar = http.cookiejar.CookieJar()
+        opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+        html = opener.open(base + "/login").read().decode()
+        token = re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
+        form = urllib.parse.urlencode({"username": "admin", "password": "first-admin-password",
+                                       "csrf_token": token}).encode()  # fmt: skip
+        opener.open(base + "/login", data=form)
+        api = json.loads(opener.open(base + "/api/worklist").read())
+        priorities = [s["priority"] for s in api["studies"] if s["priority"] is not None]
+        assert len(priorities) == 3 and priorities == sorted(priorities, reverse=True)
+
+        # A worker that dies is restarted.
+        first = celery_children(parent)[0]
+        descendants.update(p.pid for p in parent.children(recursive=True))
+        first.kill()
+        replaced = wait_for(
+            lambda: [p for p in celery_children(parent) if p.pid != first.pid], 60, "a new worker"
+        )
+        assert replaced[0].pid != first.pid
+        descendants.update(p.pid for p in parent.children(recursive=True))
+    finally:
+        descendants.update(p.pid for p in parent.children(recursive=True) if p.is_running())
+        run.send_signal(signal.SIGINT)
+        try:
+            code = run.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            run.kill()
+            raise
+        log.close()
+    assert code == 0, Path(log.name).read_text()[-3000:]
+    time.sleep(0.5)
+    alive = [pid for pid in descendants if psutil.pid_exists(pid)
+             and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]  # fmt: skip
+    assert alive == [], f"left running: {alive}"
+    assert not (settings.data_dir / "runtime.json").exists()
