@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+LINT_DIRS := pipeline worker dashboard tests migrations $(wildcard bench)
 
 .PHONY: install run test lint bench clean
 
@@ -21,8 +22,8 @@ test: $(STAMP)
 	$(VENV)/bin/pytest
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check pipeline worker dashboard tests migrations bench
-	$(VENV)/bin/ruff format --check pipeline worker dashboard tests migrations bench
+	$(VENV)/bin/ruff check $(LINT_DIRS)
+	$(VENV)/bin/ruff format --check $(LINT_DIRS)
 	$(VENV)/bin/mypy pipeline
 
 clean:
