@@ -50,7 +50,9 @@ def celery_children(proc: psutil.Process) -> list[psutil.Process]:
     return out
 
 
-def test_run_serves_supervises_and_stops_cleanly(tmp_path: Path, weights_file, study_folder) -> None:
+def test_run_serves_supervises_and_stops_cleanly(
+    tmp_path: Path, weights_file, study_folder
+) -> None:
     port = free_port()
     settings = Settings(data_dir=tmp_path / "data", weights=weights_file, port=port,
                         batch_size=4, batch_wait_ms=100)  # fmt: skip
