@@ -15,12 +15,20 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
-from pipeline.classifier import create_untrained_weights
+from pipeline.classifier import Classifier, create_untrained_weights
+from pipeline.db import make_engine, make_session_factory
+from pipeline.imaging import Limits
+from pipeline.inference import classify_images
+from pipeline.ingest import ingest_paths
+from pipeline.migrate import upgrade
+from pipeline.queue import redis_client
 from pipeline.redis_server import EmbeddedRedis
 from pipeline.settings import Settings
+from pipeline.users import create_user
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / "shared" / "data"
+PASSWORD = "correct horse battery"
 PG_ADMIN_URL = os.environ.get("CXR_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
@@ -285,3 +293,20 @@ def study_folder(tmp_path: Path) -> Path:
     (folder / "d_corrupt.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00garbage")
     (folder / "notes.txt").write_text("not an image; ignored when walking a folder")
     return folder
+
+
+@pytest.fixture
+def populated(settings: Settings, study_folder: Path):  # type: ignore[no-untyped-def]
+    """A database with the four foundation studies classified (in-process, real Redis)."""
+    upgrade(settings.db_url)
+    factory = make_session_factory(make_engine(settings.db_url))
+    report = ingest_paths(factory, [study_folder], Limits())
+    clf = Classifier(settings.weights, "cpu", 1)
+    client = redis_client(settings.redis_url)
+    ids = [i.image_id for i in report.accepted]
+    result = classify_images(factory, client, clf, ids)
+    assert sorted(result.done) == sorted(ids)
+    with factory() as session:
+        create_user(session, "rad", PASSWORD, "radiologist")
+        session.commit()
+    return factory

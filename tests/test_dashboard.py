@@ -11,35 +11,10 @@ from PIL import Image as PILImage
 from sqlalchemy import select
 
 from dashboard import create_app
-from pipeline.classifier import Classifier
-from pipeline.db import make_engine, make_session_factory
-from pipeline.imaging import Limits
-from pipeline.inference import classify_images
-from pipeline.ingest import ingest_paths
-from pipeline.migrate import upgrade
 from pipeline.models import AuditEvent, Image, User
-from pipeline.queue import redis_client
 from pipeline.studies import worklist_query
-from pipeline.users import create_user, issue_token
-
-PASSWORD = "correct horse battery"
-
-
-@pytest.fixture
-def populated(settings, study_folder):
-    """A database with the four foundation studies classified (in-process, real Redis)."""
-    upgrade(settings.db_url)
-    factory = make_session_factory(make_engine(settings.db_url))
-    report = ingest_paths(factory, [study_folder], Limits())
-    clf = Classifier(settings.weights, "cpu", 1)
-    client = redis_client(settings.redis_url)
-    ids = [i.image_id for i in report.accepted]
-    result = classify_images(factory, client, clf, ids)
-    assert sorted(result.done) == sorted(ids)
-    with factory() as session:
-        create_user(session, "rad", PASSWORD, "radiologist")
-        session.commit()
-    return factory
+from pipeline.users import issue_token
+from tests.conftest import PASSWORD
 
 
 @pytest.fixture
