@@ -1,0 +1,101 @@
+"""Persist first: work the queue lost is re-sent from the database."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import redis
+from sqlalchemy import func, select
+
+from pipeline.cli import reconcile_once
+from pipeline.db import make_engine, make_session_factory
+from pipeline.models import Image, Prediction, Study
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.e2e
+
+
+def wait_all_final(factory, timeout: float = 120) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with factory() as session:
+            counts = dict(
+                session.execute(select(Study.status, func.count()).group_by(Study.status)).all()
+            )
+        if not set(counts) & {"queued", "processing", "received"}:
+            return counts
+        time.sleep(0.3)
+    raise TimeoutError(f"studies not final: {counts}")
+
+
+def test_ingest_without_a_system_is_processed_once_the_reconciler_runs(
+    settings, study_folder, worker_factory
+) -> None:  # type: ignore[no-untyped-def]
+    offline = settings.with_(redis_url=None)
+    proc = run_cli(["ingest", str(study_folder), "--json"], offline)
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["accepted"] == 3 and {s["status"] for s in doc["studies"]} == {"queued", "rejected"}
+    assert "will be classified when `cxr-triage run` starts" in proc.stderr
+
+    worker_factory(settings)
+    # What `cxr-triage run` does at start: re-send everything queued whose payload is absent.
+    assert reconcile_once(settings, settings.redis_url, stuck_after_s=0) == {
+        "requeued": 3,
+        "failed": 0,
+    }
+    factory = make_session_factory(make_engine(settings.db_url))
+    assert wait_all_final(factory) == {"done": 3, "rejected": 1}
+    # Nothing is left to re-send, and a second pass sends nothing twice.
+    assert reconcile_once(settings, settings.redis_url, stuck_after_s=0) == {
+        "requeued": 0,
+        "failed": 0,
+    }
+
+
+def test_flushall_loses_nothing_and_nothing_is_doubled(
+    settings, study_folder, worker_factory
+) -> None:  # type: ignore[no-untyped-def]
+    # Ingest while no worker runs, so the messages sit in Redis; then Redis loses everything.
+    proc = run_cli(["ingest", str(study_folder), "--json"], settings)
+    assert proc.returncode == 0, proc.stderr
+    client = redis.Redis.from_url(settings.redis_url)
+    assert client.llen("cxr.live") == 3
+    # A queued image whose payload is still in Redis is waiting, not lost: not re-sent.
+    assert reconcile_once(settings, settings.redis_url, stuck_after_s=0)["requeued"] == 0
+    client.flushall()
+    assert reconcile_once(settings, settings.redis_url, stuck_after_s=0)["requeued"] == 3
+    # The payloads are back with the re-sent messages, so an immediate second pass sends nothing.
+    assert reconcile_once(settings, settings.redis_url, stuck_after_s=0)["requeued"] == 0
+    worker_factory(settings)
+    factory = make_session_factory(make_engine(settings.db_url))
+    assert wait_all_final(factory) == {"done": 3, "rejected": 1}
+    with factory() as session:
+        assert session.scalar(select(func.count(Prediction.id))) == 3
+        assert session.scalar(select(func.count(Image.id)).where(Image.status == "done")) == 3
+    client.close()
+
+
+def test_users_cli(settings) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, settings_env
+
+    def users(*args: str, stdin: str = "") -> subprocess.CompletedProcess:  # type: ignore[type-arg]
+        return subprocess.run([sys.executable, "-m", "pipeline.cli", "users", *args], input=stdin,
+                              env=settings_env(settings), cwd=REPO, capture_output=True, text=True,
+                              timeout=120)  # fmt: skip
+
+    ok = users(
+        "create", "alice", "--role", "radiologist", "--password-stdin", stdin="s3cret-pass\n"
+    )
+    assert ok.returncode == 0 and "created radiologist alice" in ok.stdout
+    again = users("create", "alice", "--role", "admin", "--password-stdin", stdin="another-pass\n")
+    assert again.returncode == 2 and "already exists" in again.stderr
+    short = users("create", "bob", "--role", "admin", "--password-stdin", stdin="short\n")
+    assert short.returncode == 2 and "at least 8" in short.stderr
+    token = users("token", "alice")
+    assert token.returncode == 0 and token.stdout.strip().startswith("cxr_")
