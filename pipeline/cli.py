@@ -104,11 +104,11 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     model = describe_weights(settings)
     if not model["trained"]:
         print("WARNING: untrained model in use: predictions are random.", file=sys.stderr)
-    with system_redis(settings) as (redis_url, _embedded):
+    with system_redis(settings) as (redis_url, embedded):
         dashboard_url = f"http://{settings.host}:{settings.port}"
         write_runtime(settings, redis_url, dashboard_url)
         env = _child_env(settings, redis_url)
-        sup = Supervisor()
+        sup = Supervisor(checks=[embedded.keep_alive] if embedded else [])
         sup.add("worker", worker_command(settings), env)
         sup.add("dashboard", dashboard_command(settings), env)
         # Anything left queued by a standalone ingest or a lost Redis is sent now.

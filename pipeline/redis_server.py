@@ -100,6 +100,13 @@ class EmbeddedRedis:
         self.stop()
         raise RuntimeError(f"embedded redis-server did not answer within {timeout:.0f} s")
 
+    def keep_alive(self) -> None:
+        """Restart the server on the same port if it died; its AOF brings the queues back."""
+        if self.process is not None and self.process.poll() is not None:
+            log.warning("embedded Redis exited with %s; restarting it", self.process.returncode)
+            self.process = None
+            self.start()
+
     def stop(self) -> None:
         """Stop the server; kill it if it does not exit promptly."""
         proc, self.process = self.process, None

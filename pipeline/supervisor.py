@@ -95,6 +95,8 @@ class Child:
 @dataclass
 class Supervisor:
     children: list[Child] = field(default_factory=list)
+    # Called every loop iteration: keep non-child services (the embedded Redis) alive.
+    checks: list[Callable[[], object]] = field(default_factory=list)
     stopping: bool = False
 
     def add(self, name: str, command: list[str], env: dict[str, str]) -> Child:
@@ -123,6 +125,9 @@ class Supervisor:
                         log.warning("%s exited with %s; restarting it", child.name, code)
                         child.restarts += 1
                         child.start()
+                for check in self.checks:
+                    if not self.stopping:
+                        check()
                 if tick is not None and time.monotonic() - last_tick >= tick_every:
                     last_tick = time.monotonic()
                     try:

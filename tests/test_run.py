@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from pipeline.settings import Settings
-from tests.conftest import REPO, run_cli, settings_env
+from tests.conftest import REPO, chest_like, png_bytes, run_cli, settings_env
 
 pytestmark = pytest.mark.e2e
 
@@ -39,15 +39,22 @@ def wait_for(predicate, timeout: float, what: str):  # type: ignore[no-untyped-d
     raise TimeoutError(f"timed out waiting for {what}")
 
 
-def celery_children(proc: psutil.Process) -> list[psutil.Process]:
+def running_children(
+    proc: psutil.Process, name: str, recursive: bool = True
+) -> list[psutil.Process]:
+    """Live (not zombie) descendants whose command line mentions name."""
     out = []
-    for child in proc.children(recursive=True):
+    for child in proc.children(recursive=recursive):
         try:
-            if "celery" in " ".join(child.cmdline()) and child.status() != psutil.STATUS_ZOMBIE:
+            if child.status() != psutil.STATUS_ZOMBIE and name in " ".join(child.cmdline()):
                 out.append(child)
-        except psutil.NoSuchProcess:
+        except psutil.Error:
             pass
     return out
+
+
+def celery_children(proc: psutil.Process) -> list[psutil.Process]:
+    return running_children(proc, "celery")
 
 
 def test_run_serves_supervises_and_stops_cleanly(
@@ -107,6 +114,24 @@ def test_run_serves_supervises_and_stops_cleanly(
             lambda: [p for p in celery_children(parent) if p.pid != first.pid], 60, "a new worker"
         )
         assert replaced[0].pid != first.pid
+        descendants.update(p.pid for p in parent.children(recursive=True))
+
+        # The embedded Redis is brought back on the same port; new work still flows.
+        redis_proc = running_children(parent, "redis-server", recursive=False)[0]
+        redis_proc.kill()
+        wait_for(
+            lambda: [p for p in running_children(parent, "redis-server", recursive=False)
+                     if p.pid != redis_proc.pid],
+            30, "a new redis-server",
+        )  # fmt: skip
+        more = tmp_path / "more"
+        more.mkdir()
+        (more / "late.png").write_bytes(png_bytes(chest_like(seed=9)))
+        late = run_cli(
+            ["ingest", str(more), "--wait", "--json", "--timeout", "120"], ingest_settings
+        )
+        assert late.returncode == 0, late.stderr[-2000:] + Path(log.name).read_text()[-3000:]
+        assert json.loads(late.stdout)["done"] == 1
         descendants.update(p.pid for p in parent.children(recursive=True))
     finally:
         descendants.update(p.pid for p in parent.children(recursive=True) if p.is_running())
