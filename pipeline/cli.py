@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import os
@@ -296,6 +297,12 @@ def cmd_exec(command: list[str], settings: Settings) -> int:
     return 1  # not reached
 
 
+# Commands that live in their own modules. Each module defines
+# ``register(subparsers) -> None``, adding its parsers with ``set_defaults(handler=fn)`` where
+# ``fn(args, settings) -> int``. Imported only when the CLI builds its parser.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxr-triage", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -326,6 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     rq = sub.add_parser("requeue-stuck", help="re-send work stuck in queued/processing")
     rq.add_argument("--older-than", type=float, default=None, help="seconds (default setting)")
     rq.add_argument("--every", type=float, default=0, help="repeat every N seconds")
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
 
 
@@ -340,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("pydicom").setLevel(logging.ERROR)
     try:
         settings = Settings.from_env(port=getattr(args, "port", None))
+        if getattr(args, "handler", None) is not None:
+            return int(args.handler(args, settings))
         handlers = {
             "run": cmd_run,
             "ingest": cmd_ingest,
