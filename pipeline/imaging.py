@@ -139,10 +139,12 @@ def _decode_dicom(data: bytes, limits: Limits) -> DecodedImage:
         if data[128:132] == b"DICM":
             raise RejectedInput("corrupt DICOM file: no readable attributes after the header")
         raise RejectedInput("not a DICOM file: no DICM header and no readable DICOM attributes")
+    modality = (meta.get("Modality") or "").upper()
     if "PixelData" not in ds:
         sop = meta.get("SOPClassUID") or "unknown"
+        if sop.startswith("1.2.840.10008.5.1.4.1.1.") and modality:
+            raise RejectedInput(f"no pixel data: the {modality} header arrived without its image")
         raise RejectedInput(f"no pixel data: not an image (SOP class {sop})")
-    modality = (meta.get("Modality") or "").upper()
     if limits.modalities and modality not in limits.modalities:
         allowed = ", ".join(limits.modalities)
         raise RejectedInput(

@@ -167,10 +167,24 @@ def persist_file(
     session.add(image)
     session.flush()
     if status == "queued":
-        study.status = "queued"
-    elif study.status not in ("queued", "processing", "done"):
-        study.status, study.reason = status, reason
+        if study.status != "processing":
+            study.status, study.done_at = "queued", None
+    elif not _has_other_work(session, study.id, image.id):
+        # The study's only images are skipped: it is final now, not waiting for a worker.
+        study.status, study.reason, study.done_at = status, reason, utcnow()
     return IngestItem(filename, study.id, image.id, status, reason)
+
+
+def _has_other_work(session: Session, study_id: int, image_id: int) -> bool:
+    """True when another image of the study is waiting, running or done."""
+    found = session.scalars(
+        select(Image.id).where(
+            Image.study_id == study_id,
+            Image.id != image_id,
+            Image.status.in_(("received", "queued", "processing", "done")),
+        )
+    ).first()
+    return found is not None
 
 
 def ingest_bytes(

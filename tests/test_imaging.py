@@ -55,7 +55,7 @@ def test_dicom_metadata_extracted() -> None:
         ({"frames": 2}, "multi-frame"),
         ({"samples": 3}, "colour"),
         ({"modality": "CT"}, "modality CT is not accepted"),
-        ({"pixel_data": False}, "no pixel data"),
+        ({"pixel_data": False}, "no pixel data: the CR header"),
     ],
 )
 def test_dicom_rejections_have_specific_reasons(kwargs: dict, reason: str) -> None:
