@@ -44,11 +44,12 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     csrf.init_app(app)
     login_manager.init_app(app)
 
-    from dashboard import api, auth, worklist
+    from dashboard import admin, api, auth, worklist
 
     app.register_blueprint(auth.bp)
     app.register_blueprint(worklist.bp)
     app.register_blueprint(api.bp)
+    app.register_blueprint(admin.bp)
     csrf.exempt(api.bp)  # token-authenticated machine API; no cookies involved
 
     @app.teardown_appcontext
