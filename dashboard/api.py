@@ -6,7 +6,7 @@ from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily
 from sqlalchemy import text
 
 from dashboard import db, monitor, settings
@@ -40,20 +40,34 @@ def healthz() -> Any:
         return jsonify(status="database unavailable"), 503
 
 
+def _histogram(name: str, doc: str, data: dict[str, Any]) -> HistogramMetricFamily:
+    buckets = [(str(float(b)), c) for b, c in data["buckets"]] + [("+Inf", data["count"])]
+    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=data["sum"])
+
+
 class _Collector:
     def __init__(self, overview: dict[str, Any]) -> None:
         self.overview = overview
 
     def collect(self) -> Any:
+        o = self.overview
         studies = GaugeMetricFamily("cxr_studies", "Studies by status", labels=["status"])
-        for status, n in self.overview["studies"].items():
+        for status, n in o["studies"].items():
             studies.add_metric([status], n)
         yield studies
         queues = GaugeMetricFamily("cxr_queue_depth", "Messages waiting per lane", labels=["lane"])
-        for lane, n in self.overview["queues"].items():
+        for lane, n in o["queues"].items():
             if n is not None:
                 queues.add_metric([lane], n)
         yield queues
+        if o["workers"] is not None:
+            yield GaugeMetricFamily("cxr_workers_alive", "Workers with a fresh heartbeat",
+                                    value=len(o["workers"]))  # fmt: skip
+        yield _histogram("cxr_batch_size", "Images per forward pass", o["batch_size"])
+        yield _histogram("cxr_inference_seconds", "Seconds per forward pass",
+                         o["inference_seconds"])  # fmt: skip
+        yield _histogram("cxr_end_to_end_seconds", "Seconds from ingest to result per image",
+                         o["end_to_end_seconds"])  # fmt: skip
 
 
 @bp.route("/metrics")

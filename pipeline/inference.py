@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import numpy as np
@@ -15,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from pipeline import imaging, triage
 from pipeline.classifier import BatchOutput, Classifier
 from pipeline.db import session_scope
-from pipeline.models import FINAL_STATES, Image, Prediction, Study, utcnow
+from pipeline.models import FINAL_STATES, Batch, Image, Prediction, Study, utcnow
 from pipeline.queue import delete_payloads, get_payloads
 from pipeline.studies import refresh_study
 
@@ -51,17 +52,29 @@ def claim(factory: sessionmaker[Session], image_ids: list[int]) -> tuple[list[in
 
 def load_inputs(
     factory: sessionmaker[Session], redis_client: Any, ids: list[int], size: int
-) -> dict[int, np.ndarray]:
-    """Model inputs from Redis; rebuilt from the stored preview where Redis lost them."""
+) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+    """Model inputs from Redis, rebuilt from the stored preview where Redis lost them.
+
+    Returns (inputs, failures): an image whose stored preview cannot be decoded fails alone.
+    """
     arrays = dict(zip(ids, get_payloads(redis_client, ids, size), strict=True))
     missing = [i for i, a in arrays.items() if a is None]
+    failures: dict[int, str] = {}
     if missing:
         with session_scope(factory) as session:
             rows = session.execute(select(Image.id, Image.preview).where(Image.id.in_(missing)))
             for image_id, preview in rows:
-                if preview is not None:
+                if preview is None:
+                    continue
+                try:
                     arrays[image_id] = imaging.model_input(preview, size)
-    return {i: a for i, a in arrays.items() if a is not None}
+                except Exception as exc:
+                    failures[image_id] = f"stored image cannot be decoded ({type(exc).__name__})"
+    inputs = {i: a for i, a in arrays.items() if a is not None}
+    for image_id in ids:
+        if image_id not in inputs and image_id not in failures:
+            failures[image_id] = "image data lost: neither the queue nor the database has it"
+    return inputs, failures
 
 
 def _predict_isolating_poison(
@@ -87,16 +100,14 @@ def classify_images(
     redis_client: Any,
     classifier: Classifier,
     image_ids: list[int],
+    worker: str | None = None,
 ) -> BatchResult:
     """Classify the given images in one forward pass and persist predictions, CAMs, priorities."""
     result = BatchResult()
     claimed, result.skipped = claim(factory, sorted(set(image_ids)))
     if not claimed:
         return result
-    inputs = load_inputs(factory, redis_client, claimed, classifier.input_size)
-    for image_id in claimed:
-        if image_id not in inputs:
-            result.failed[image_id] = "image data lost: neither the queue nor the database has it"
+    inputs, result.failed = load_inputs(factory, redis_client, claimed, classifier.input_size)
     ids = [i for i in claimed if i in inputs]
     started = time.perf_counter()
     outputs: dict[int, tuple[BatchOutput, int]] = {}
@@ -106,7 +117,7 @@ def classify_images(
         result.failed.update(failures)
     result.seconds = time.perf_counter() - started
     result.batch_size = len(ids)
-    _write_results(factory, classifier, outputs, result)
+    _write_results(factory, classifier, outputs, result, worker)
     delete_payloads(redis_client, [*result.done, *result.failed])
     return result
 
@@ -138,11 +149,18 @@ def _prediction_row(
     )
 
 
+def _elapsed_ms(start: datetime, end: datetime) -> float:
+    # SQLite hands back naive datetimes; every stored time is UTC.
+    start = start if start.tzinfo else start.replace(tzinfo=UTC)
+    return (end - start).total_seconds() * 1000.0
+
+
 def _write_results(
     factory: sessionmaker[Session],
     classifier: Classifier,
     outputs: dict[int, tuple[BatchOutput, int]],
     result: BatchResult,
+    worker: str | None,
 ) -> None:
     batch_ms = result.seconds * 1000.0
     with session_scope(factory) as session:
@@ -166,6 +184,7 @@ def _write_results(
             img = session.get(Image, image_id)
             if img is not None:
                 img.status, img.reason, img.done_at = "done", None, utcnow()
+                img.latency_ms = _elapsed_ms(img.received_at, img.done_at)
                 touched.add(img.study_id)
             result.done.append(image_id)
         for image_id, reason in result.failed.items():
@@ -173,6 +192,10 @@ def _write_results(
             if img is not None:
                 img.status, img.reason, img.done_at = "failed", reason, utcnow()
                 touched.add(img.study_id)
+        if result.batch_size:
+            session.add(Batch(worker=worker, model_version=classifier.version,
+                              size=result.batch_size, done=len(result.done),
+                              failed=len(result.failed), inference_ms=batch_ms))  # fmt: skip
         session.flush()
         for study_id in touched:
             study = session.get(Study, study_id)

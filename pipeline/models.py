@@ -107,6 +107,8 @@ class Image(Base):
     queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     done_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Ingest to result, for the end-to-end latency histogram.
+    latency_ms: Mapped[float | None] = mapped_column(Float)
 
     study: Mapped[Study] = relationship(back_populates="images")
     predictions: Mapped[list[Prediction]] = relationship(back_populates="image")
@@ -136,6 +138,23 @@ class Prediction(Base):
     image: Mapped[Image] = relationship(back_populates="predictions")
 
     __table_args__ = (UniqueConstraint("image_id", "model_version"),)
+
+
+class Batch(Base):
+    """One forward pass of a worker: its size and cost, for throughput and latency metrics."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    worker: Mapped[str | None] = mapped_column(String(120))
+    model_version: Mapped[str] = mapped_column(String(80))
+    size: Mapped[int] = mapped_column(Integer)
+    done: Mapped[int] = mapped_column(Integer)
+    failed: Mapped[int] = mapped_column(Integer)
+    inference_ms: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, index=True
+    )
 
 
 class User(Base):

@@ -18,6 +18,8 @@ log = logging.getLogger(__name__)
 TASK_CLASSIFY = "cxr.classify_image"
 QUEUES = {"live": "cxr.live", "bulk": "cxr.bulk"}
 PAYLOAD_PREFIX = "cxr:payload:"
+HEARTBEAT_PREFIX = "cxr:worker:"
+HEARTBEAT_TTL_S = 30
 
 
 def lane_queues() -> list[Any]:

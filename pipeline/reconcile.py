@@ -8,7 +8,7 @@ reason, after the configured number of attempts.
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, or_, select
@@ -52,10 +52,15 @@ def requeue_stuck(
                 )
             )
         ).all()
-        # A queued image whose payload is still in Redis is waiting in a backlog, not lost.
+        # A queued image whose payload is still in Redis is waiting in a backlog, not lost --
+        # unless it has waited so long that its message was probably acked without a result
+        # (a worker that gave up retrying); re-sending that is safe, results are idempotent.
+        grace = utcnow() - timedelta(seconds=max(3600.0, 6 * stuck_after_s))
         waiting = _payload_present(
-            redis_client, [img.id for img, _ in rows if img.status != "processing"]
-        )
+            redis_client,
+            [img.id for img, _ in rows if img.status != "processing"
+             and img.queued_at is not None and _aware(img.queued_at) > grace],
+        )  # fmt: skip
         for img, lane in rows:
             if img.id in waiting:
                 continue
@@ -77,6 +82,11 @@ def requeue_stuck(
     if sent or failed:
         log.warning("reconciler re-sent %d images and failed %d", sent, failed)
     return {"requeued": sent, "failed": failed}
+
+
+def _aware(dt: datetime) -> datetime:
+    # SQLite returns naive datetimes; every stored time is UTC.
+    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
 def _payload_present(redis_client: Any, image_ids: list[int]) -> set[int]:

@@ -103,3 +103,10 @@ def test_api_worklist_with_token_matches_order(client, populated) -> None:
     assert 'cxr_studies{status="done"} 3.0' in text
     assert 'cxr_studies{status="rejected"} 1.0' in text
     assert 'cxr_queue_depth{lane="live"} 0.0' in text
+    assert "cxr_workers_alive 0.0" in text  # no worker heartbeat in this test
+    assert "cxr_batch_size_count 1.0" in text  # the fixture classified one batch of 3
+    assert 'cxr_batch_size_bucket{le="2.0"} 0.0' in text
+    assert 'cxr_batch_size_bucket{le="4.0"} 1.0' in text
+    assert "cxr_batch_size_sum 3.0" in text
+    assert "cxr_inference_seconds_count 1.0" in text
+    assert "cxr_end_to_end_seconds_count 3.0" in text

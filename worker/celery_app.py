@@ -30,9 +30,11 @@ def create_celery(settings: Settings | None = None) -> Celery:
         task_default_exchange=QUEUES["live"],
         task_default_routing_key=QUEUES["live"],
         task_routes={TASK_CLASSIFY: {"queue": QUEUES["live"]}},
-        # Enough prefetch to fill the next batch while one runs; more would hide work from
-        # other workers and let bulk messages sit in front of live ones.
-        worker_prefetch_multiplier=2 * settings.batch_size,
+        # Prefetch exactly one batch: the solo pool fetches nothing while a batch runs, so
+        # after each batch the next B messages are taken live lane first and a live study
+        # waits behind at most one batch of bulk work. More would also hide work from
+        # other workers.
+        worker_prefetch_multiplier=settings.batch_size,
         broker_transport_options={
             # Poll the queues in the listed order: live before bulk.
             "queue_order_strategy": "priority",

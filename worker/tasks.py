@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
+import redis
+import sqlalchemy.exc
 from celery import signals
 from celery_batches import Batches, SimpleRequest
 
 from pipeline.classifier import Classifier
 from pipeline.db import make_engine, make_session_factory
 from pipeline.inference import classify_images
-from pipeline.queue import TASK_CLASSIFY, redis_client
+from pipeline.queue import HEARTBEAT_PREFIX, HEARTBEAT_TTL_S, QUEUES, TASK_CLASSIFY, redis_client
 from pipeline.redis_server import resolve_redis_url
 from pipeline.settings import Settings
 from pipeline.weights import ensure_weights
@@ -56,8 +60,50 @@ def _quiet_pydicom(**_: Any) -> None:
 
 
 @signals.worker_ready.connect
-def _load_model_at_start(**_: Any) -> None:
-    get_runtime()
+def _load_model_at_start(sender: Any = None, **_: Any) -> None:
+    runtime = get_runtime()
+    name = getattr(sender, "hostname", None) or "worker"
+    threading.Thread(target=_heartbeat, args=(runtime, name), daemon=True).start()
+
+
+def _heartbeat(runtime: Runtime, name: str) -> None:
+    # A key with a TTL per live worker: the dashboard counts them ("workers alive").
+    info = json.dumps({"model": runtime.classifier.version, "device": str(runtime.classifier.device),
+                       "batch_size": _settings.batch_size})  # fmt: skip
+    while True:
+        try:
+            runtime.redis.set(f"{HEARTBEAT_PREFIX}{name}", info, ex=HEARTBEAT_TTL_S)
+        except redis.exceptions.RedisError:
+            log.warning("heartbeat: Redis unavailable")
+        time.sleep(HEARTBEAT_TTL_S / 3)
+
+
+# Errors that pass: the database or Redis restarting. Anything else is a bug or a poison item,
+# which pipeline.inference already confines to the image that caused it.
+TRANSIENT_ERRORS = (
+    sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.InterfaceError,
+    redis.exceptions.ConnectionError,
+    redis.exceptions.TimeoutError,
+)
+MAX_RETRIES = 8
+
+
+def retry_later(requests: list[SimpleRequest], exc: Exception) -> int:
+    """Re-send each message with exponential backoff; the originals are acked after this returns."""
+    sent = 0
+    for req in requests:
+        attempt = int((req.kwargs or {}).get("retry", 0))
+        if attempt >= MAX_RETRIES:
+            log.error("image %s: giving up retries after %s; the reconciler re-sends it from the "
+                      "database", req.args[0] if req.args else "?", type(exc).__name__)  # fmt: skip
+            continue
+        queue = (req.delivery_info or {}).get("routing_key") or QUEUES["live"]
+        app.send_task(TASK_CLASSIFY, args=list(req.args), kwargs={"retry": attempt + 1},
+                      queue=queue, routing_key=queue, countdown=min(60, 2**attempt))  # fmt: skip
+        sent += 1
+    log.warning("transient %s: %d messages re-sent with backoff", type(exc).__name__, sent)
+    return sent
 
 
 @app.task(
@@ -72,8 +118,13 @@ def _load_model_at_start(**_: Any) -> None:
 def classify_image(requests: list[SimpleRequest]) -> dict[str, int]:
     """Classify a batch of images (one message per image id) in one forward pass."""
     ids = [int(r.args[0]) for r in requests if r.args]
-    runtime = get_runtime()
-    result = classify_images(runtime.factory, runtime.redis, runtime.classifier, ids)
+    try:
+        runtime = get_runtime()
+        worker = requests[0].hostname if requests else None
+        result = classify_images(runtime.factory, runtime.redis, runtime.classifier, ids, worker)
+    except TRANSIENT_ERRORS as exc:
+        retry_later(requests, exc)
+        return {"done": 0, "failed": 0, "retried": len(requests)}
     log.info(
         "batch of %d messages: %d done, %d failed, %d already final, forward %.0f ms",
         len(ids),
