@@ -21,6 +21,9 @@ run: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/pytest
 
+bench: $(STAMP)
+	$(VENV)/bin/cxr-triage bench
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check $(LINT_DIRS)
 	$(VENV)/bin/ruff format --check $(LINT_DIRS)

@@ -300,7 +300,10 @@ def cmd_exec(command: list[str], settings: Settings) -> int:
 # Commands that live in their own modules. Each module defines
 # ``register(subparsers) -> None``, adding its parsers with ``set_defaults(handler=fn)`` where
 # ``fn(args, settings) -> int``. Imported only when the CLI builds its parser.
-COMMAND_MODULES: tuple[str, ...] = ("pipeline.simulate_cli",)
+COMMAND_MODULES: tuple[str, ...] = (
+    "pipeline.simulate_cli",
+    "bench.pipeline_bench",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

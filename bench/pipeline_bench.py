@@ -1,0 +1,289 @@
+"""`cxr-triage bench`: the model alone, the whole pipeline, and the naive pattern, in one run.
+
+All three read the same images on the same machine in the same run, so their ratios are fair:
+
+1. model alone: model-ready uint8 inputs already in memory, forward passes at batch sizes
+   1/8/16/32; the best is the ceiling on this hardware;
+2. pipeline: files on disk → ingest (decode, dedup, commit) → Redis → a real Celery worker
+   subprocess (batched forward + CAM) → database, timed from the first file read to the last
+   result committed; then latency (ingest to result) at a light steady load;
+3. naive: a plain Flask endpoint doing one image per request (load, preprocess, forward with
+   batch 1, save a row), driven by a sequential HTTP client on loopback.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import json
+import os
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image as PILImage
+
+from pipeline.classifier import Classifier
+from pipeline.db import make_engine, make_session_factory
+from pipeline.imaging import Limits, model_input
+from pipeline.ingest import enqueue, ingest_paths
+from pipeline.migrate import upgrade
+from pipeline.models import Image
+from pipeline.queue import Dispatcher, redis_client
+from pipeline.redis_server import EmbeddedRedis
+from pipeline.settings import Settings
+from pipeline.supervisor import worker_command
+from pipeline.weights import ensure_weights
+
+SHARED_CXR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr"
+MODEL_BATCH_SIZES = (1, 8, 16, 32)
+
+
+def bench_images(n: int, folder: Path) -> list[Path]:
+    """n distinct radiographs: real ones from ../shared/data when present, else generated."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sources = sorted(SHARED_CXR.glob("*/*/*.jp*g")) + sorted(SHARED_CXR.glob("*/*/*/*.jp*g"))
+    out = []
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        dest = folder / f"bench-{i:05d}.jpg"
+        if sources:
+            data = sources[(i * 7919) % len(sources)].read_bytes()
+            # A distinct byte string per copy, so dedup never short-cuts the pipeline.
+            dest.write_bytes(data + f"bench{i}".encode())
+        else:
+            arr = rng.integers(0, 255, (512, 512), dtype=np.uint8)
+            PILImage.fromarray(arr).save(dest, format="JPEG", quality=90)
+        out.append(dest)
+    return out
+
+
+def measure_model(clf: Classifier, inputs: np.ndarray) -> dict[int, float]:
+    """Images/s of the forward pass + CAM alone at each batch size."""
+    rates = {}
+    for bs in MODEL_BATCH_SIZES:
+        clf.predict(inputs[:bs])  # warm-up at this shape
+        start = time.perf_counter()
+        for i in range(0, len(inputs), bs):
+            clf.predict(inputs[i : i + bs])
+        rates[bs] = len(inputs) / (time.perf_counter() - start)
+    return rates
+
+
+def _wait_done(factory: Any, ids: list[int], timeout: float) -> None:
+    from sqlalchemy import func, select
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with factory() as session:
+            left = session.scalar(
+                select(func.count(Image.id)).where(
+                    Image.id.in_(ids), Image.status.in_(("queued", "processing"))
+                )
+            )
+        if left == 0:
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"{left} images not done after {timeout:.0f} s")
+
+
+def _send(settings: Settings, factory: Any, paths: list[Path], size: int) -> list[int]:
+    report = ingest_paths(factory, paths, Limits(), source="bench")
+    ids = [i.image_id for i in report.accepted if i.image_id is not None]
+    client, dispatcher = (
+        redis_client(settings.redis_url or ""),
+        Dispatcher(settings.redis_url or ""),
+    )
+    try:
+        enqueue(factory, client, dispatcher, ids, size, 3600)
+    finally:
+        dispatcher.close()
+        client.close()
+    return ids
+
+
+def measure_pipeline(
+    base: Settings,
+    paths: list[Path],
+    latency_paths: list[Path],
+    workdir: Path,
+    rate_hz: float,
+    size: int,
+) -> dict[str, Any]:
+    """End-to-end throughput through a real worker, then latency at a light steady load."""
+    from sqlalchemy import select
+
+    redis_server = EmbeddedRedis(workdir / "redis").start()
+    settings = base.with_(
+        redis_url=redis_server.url, database_url=f"sqlite:///{workdir / 'bench.db'}"
+    )
+    upgrade(settings.db_url)
+    factory = make_session_factory(make_engine(settings.db_url))
+    env = {**os.environ, "CXR_REDIS_URL": settings.redis_url or "", "CXR_DATABASE_URL": settings.db_url,
+           "CXR_WEIGHTS": str(settings.weights), "CXR_BATCH_SIZE": str(settings.batch_size),
+           "CXR_BATCH_WAIT_MS": str(settings.batch_wait_ms), "CXR_DEVICE": settings.device,
+           "CXR_DATA_DIR": str(workdir)}  # fmt: skip
+    log = open(workdir / "worker.log", "wb")
+    worker = subprocess.Popen(worker_command(settings, "bench"), env=env, stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180
+        while b" ready." not in (workdir / "worker.log").read_bytes():
+            if worker.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("bench worker did not start; see " + str(workdir / "worker.log"))
+            time.sleep(0.1)
+        # Warm the worker's batch shapes so the timed run measures steady state.
+        _wait_done(factory, _send(settings, factory, paths[: settings.batch_size], size), 300)
+        timed = paths[settings.batch_size :]
+        start = time.perf_counter()
+        ids = _send(settings, factory, timed, size)
+        _wait_done(factory, ids, 1800)
+        throughput = len(ids) / (time.perf_counter() - start)
+        latency_ids = []
+        for path in latency_paths:
+            tick = time.perf_counter()
+            latency_ids += _send(settings, factory, [path], size)
+            time.sleep(max(0.0, 1.0 / rate_hz - (time.perf_counter() - tick)))
+        _wait_done(factory, latency_ids, 300)
+        with factory() as session:
+            lat = sorted(session.scalars(select(Image.latency_ms).where(Image.id.in_(latency_ids))))
+    finally:
+        worker.terminate()
+        worker.wait(timeout=30)
+        log.close()
+        redis_server.stop()
+    return {
+        "img_s": throughput,
+        "latency_p50_ms": statistics.median(lat),
+        "latency_p95_ms": lat[min(len(lat) - 1, int(round(0.95 * (len(lat) - 1))))],
+    }
+
+
+def naive_app(clf: Classifier, db_path: Path) -> Any:
+    """The pattern most projects start with: one image per HTTP request, batch of one."""
+    from flask import Flask, jsonify, request
+
+    app = Flask("naive")
+    lock = threading.Lock()
+    conn = sqlite3.connect(db_path, check_same_thread=False)
+    conn.execute("CREATE TABLE results (name TEXT, label TEXT, p REAL)")
+
+    @app.post("/predict")
+    def predict() -> Any:
+        img = PILImage.open(io.BytesIO(request.get_data())).convert("L")
+        arr = np.asarray(img.resize((clf.input_size, clf.input_size)), dtype=np.uint8)
+        out = clf.predict(arr[None])
+        label = clf.classes[int(out.cam_index[0])]
+        with lock:
+            conn.execute("INSERT INTO results VALUES (?, ?, ?)",
+                         (request.args.get("name"), label, float(out.probabilities[0].max())))  # fmt: skip
+            conn.commit()
+        return jsonify(label=label)
+
+    return app
+
+
+def measure_naive(clf: Classifier, paths: list[Path], workdir: Path) -> float:
+    """Images/s of a Flask endpoint called once per image, sequentially, over loopback."""
+    from werkzeug.serving import make_server
+
+    server = make_server("127.0.0.1", 0, naive_app(clf, workdir / "naive.db"), threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_port, timeout=60)
+        for path in paths[:4]:  # warm-up
+            conn.request("POST", "/predict?name=warm", body=path.read_bytes())
+            conn.getresponse().read()
+        start = time.perf_counter()
+        for path in paths:
+            conn.request("POST", f"/predict?name={path.name}", body=path.read_bytes())
+            resp = conn.getresponse()
+            resp.read()
+            if resp.status != 200:
+                raise RuntimeError(f"naive endpoint answered {resp.status}")
+        return len(paths) / (time.perf_counter() - start)
+    finally:
+        server.shutdown()
+        thread.join(timeout=10)
+
+
+def run(n: int, settings: Settings, latency_n: int = 30, rate_hz: float = 2.0) -> dict[str, Any]:
+    """Run all three measurements on the same n images; return the --json document."""
+    weights = ensure_weights(settings)
+    settings = settings.with_(weights=weights)
+    clf = Classifier(weights, settings.device, settings.torch_threads)
+    with tempfile.TemporaryDirectory(prefix="cxr-bench-") as tmp:
+        workdir = Path(tmp)
+        paths = bench_images(n + settings.batch_size + latency_n, workdir / "images")
+        main, extra = paths[: n + settings.batch_size], paths[n + settings.batch_size :]
+        timed = main[settings.batch_size :]
+        inputs = np.stack([_model_ready(p, clf.input_size) for p in timed])
+        model_rates = measure_model(clf, inputs)
+        best_bs = max(model_rates, key=lambda b: model_rates[b])
+        naive = measure_naive(clf, timed, workdir)
+        pipe = measure_pipeline(settings, main, extra, workdir, rate_hz, clf.input_size)
+    model_best = model_rates[best_bs]
+    return {
+        "device": str(clf.device),
+        "n": len(timed),
+        "model_only_img_s": round(model_best, 2),
+        "pipeline_img_s": round(pipe["img_s"], 2),
+        "naive_img_s": round(naive, 2),
+        "pipeline_vs_model": round(pipe["img_s"] / model_best, 3),
+        "pipeline_vs_naive": round(pipe["img_s"] / naive, 3),
+        "latency_p50_ms": round(pipe["latency_p50_ms"], 1),
+        "latency_p95_ms": round(pipe["latency_p95_ms"], 1),
+        "model_only_by_batch": {str(b): round(r, 2) for b, r in model_rates.items()},
+        "model_best_batch": best_bs,
+        "pipeline_batch_size": settings.batch_size,
+        "pipeline_batch_wait_ms": settings.batch_wait_ms,
+        "model_version": clf.version,
+    }
+
+
+def _model_ready(path: Path, size: int) -> np.ndarray:
+    from pipeline.imaging import decode_bytes, encode_preview
+
+    decoded = decode_bytes(path.read_bytes(), path.name)
+    return model_input(encode_preview(decoded.pixels), size)
+
+
+def cmd_bench(args: Any, settings: Settings) -> int:
+    """Handler of `cxr-triage bench`."""
+    overrides = {"batch_size": args.batch_size, "batch_wait_ms": args.batch_wait_ms}
+    settings = settings.with_(**{k: v for k, v in overrides.items() if v is not None})
+    doc = run(args.n, settings, latency_n=args.latency_n, rate_hz=args.rate)
+    keys = ("device", "n", "model_only_img_s", "pipeline_img_s", "naive_img_s",
+            "pipeline_vs_model", "pipeline_vs_naive", "latency_p50_ms", "latency_p95_ms")  # fmt: skip
+    if args.json:
+        print(json.dumps({k: doc[k] for k in keys}))
+    else:
+        for key, value in doc.items():
+            print(f"{key:24} {value}")
+    return 0
+
+
+def register(sub: Any) -> None:
+    """Add `bench` to the CLI."""
+    p = sub.add_parser("bench", help="measure model alone, pipeline and the naive pattern")
+    p.add_argument("--n", type=int, default=256, help="images in the timed runs")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--batch-wait-ms", type=int, default=None)
+    p.add_argument("--latency-n", type=int, default=30)
+    p.add_argument("--rate", type=float, default=2.0, help="studies/s for the latency run")
+    p.set_defaults(handler=cmd_bench)
+
+
+if __name__ == "__main__":
+    from pipeline.cli import main
+
+    sys.exit(main(["bench", *sys.argv[1:]]))

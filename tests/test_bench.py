@@ -1,0 +1,31 @@
+"""`cxr-triage bench --json` keeps its documented shape (a contract test, not a timing test)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.e2e
+
+
+def test_bench_json_contract(settings) -> None:  # type: ignore[no-untyped-def]
+    proc = run_cli(["bench", "--n", "8", "--latency-n", "3", "--rate", "5", "--json",
+                    "--batch-size", "4", "--batch-wait-ms", "100"], settings, timeout=400)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads(proc.stdout)
+    assert list(doc) == ["device", "n", "model_only_img_s", "pipeline_img_s", "naive_img_s",
+                         "pipeline_vs_model", "pipeline_vs_naive", "latency_p50_ms",
+                         "latency_p95_ms"]  # fmt: skip
+    assert doc["device"] == "cpu" and doc["n"] == 8
+    for key in ("model_only_img_s", "pipeline_img_s", "naive_img_s"):
+        assert doc[key] > 0
+    assert doc["pipeline_vs_model"] == pytest.approx(
+        doc["pipeline_img_s"] / doc["model_only_img_s"], rel=0.01
+    )
+    assert doc["pipeline_vs_naive"] == pytest.approx(
+        doc["pipeline_img_s"] / doc["naive_img_s"], rel=0.01
+    )
+    assert 0 < doc["latency_p50_ms"] <= doc["latency_p95_ms"]
