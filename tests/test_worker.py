@@ -202,3 +202,29 @@ def test_live_study_waits_behind_at_most_one_batch_of_backfill(
     # At most the batch in flight when it arrived, though most of the backfill was still queued.
     assert ahead <= 1, f"{ahead} batches of backfill were read before the live study's batch"
     assert still_waiting_after >= 20
+
+
+def test_database_outage_is_retried_with_backoff(
+    postgres_url, settings, tmp_path, worker_factory
+) -> None:  # type: ignore[no-untyped-def]
+    from tests.tcp_proxy import TcpProxy
+
+    upgrade(postgres_url)
+    proxy = TcpProxy(("127.0.0.1", 5432)).up()
+    through_proxy = postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+    worker_settings = settings.with_(database_url=through_proxy, batch_size=4, batch_wait_ms=100)
+    worker = worker_factory(worker_settings)
+    proxy.down()  # the worker can no longer reach the database
+    direct = settings.with_(database_url=postgres_url)
+    factory = make_session_factory(make_engine(postgres_url))
+    ids = send(direct, make_studies(tmp_path / "in", 4))
+    deadline = time.monotonic() + 60
+    while "re-sent with backoff" not in worker.output() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "re-sent with backoff" in worker.output()
+    with factory() as session:
+        assert session.scalar(select(func.count(Image.id)).where(Image.status == "done")) == 0
+    proxy.up()  # the database is back on the same address
+    wait_done(factory, ids, timeout=120)
+    exactly_once(factory, ids)
+    proxy.down()

@@ -117,20 +117,25 @@ def retry_later(requests: list[SimpleRequest], exc: Exception) -> int:
 )
 def classify_image(requests: list[SimpleRequest]) -> dict[str, int]:
     """Classify a batch of images (one message per image id) in one forward pass."""
-    ids = [int(r.args[0]) for r in requests if r.args]
-    try:
-        runtime = get_runtime()
-        worker = requests[0].hostname if requests else None
-        result = classify_images(runtime.factory, runtime.redis, runtime.classifier, ids, worker)
-    except TRANSIENT_ERRORS as exc:
-        retry_later(requests, exc)
-        return {"done": 0, "failed": 0, "retried": len(requests)}
-    log.info(
-        "batch of %d messages: %d done, %d failed, %d already final, forward %.0f ms",
-        len(ids),
-        len(result.done),
-        len(result.failed),
-        len(result.skipped),
-        result.seconds * 1000,
-    )
-    return {"done": len(result.done), "failed": len(result.failed)}
+    done = failed = 0
+    size = _settings.batch_size
+    # celery-batches can hand over more than flush_every requests when retried (ETA) messages
+    # fall due together (clokep/celery-batches#84): never run a forward pass larger than B.
+    for chunk in (requests[i : i + size] for i in range(0, len(requests), size)):
+        ids = [int(r.args[0]) for r in chunk if r.args]
+        try:
+            runtime = get_runtime()
+            worker = chunk[0].hostname if chunk else None
+            result = classify_images(
+                runtime.factory, runtime.redis, runtime.classifier, ids, worker
+            )
+        except TRANSIENT_ERRORS as exc:
+            retry_later(chunk, exc)
+            continue
+        log.info(
+            "batch of %d messages: %d done, %d failed, %d already final, forward %.0f ms",
+            len(ids), len(result.done), len(result.failed), len(result.skipped),
+            result.seconds * 1000,
+        )  # fmt: skip
+        done, failed = done + len(result.done), failed + len(result.failed)
+    return {"done": done, "failed": failed}
