@@ -155,6 +155,30 @@ def _elapsed_ms(start: datetime, end: datetime) -> float:
     return (end - start).total_seconds() * 1000.0
 
 
+def _insert_predictions(session: Session, rows: list[Prediction], version: str) -> None:
+    """Insert in one statement; on a conflict (a concurrent delivery) insert only what is missing."""
+    if not rows:
+        return
+    try:
+        with session.begin_nested():
+            session.add_all(rows)
+    except IntegrityError:
+        ids = [r.image_id for r in rows]
+        existing = set(session.scalars(select(Prediction.image_id).where(
+            Prediction.image_id.in_(ids), Prediction.model_version == version)))  # fmt: skip
+        log.info("%d images already had a result from a concurrent delivery", len(existing))
+        for row in rows:
+            if row.image_id not in existing:
+                with session.begin_nested():
+                    session.add(_copy(row))
+
+
+def _copy(row: Prediction) -> Prediction:
+    fields = ("image_id", "model_version", "probabilities", "label", "p_abnormal", "triage_class",
+              "priority", "cam_class", "cam", "cam_h", "cam_w", "batch_size", "inference_ms")  # fmt: skip
+    return Prediction(**{f: getattr(row, f) for f in fields})
+
+
 def _write_results(
     factory: sessionmaker[Session],
     classifier: Classifier,
@@ -164,40 +188,33 @@ def _write_results(
 ) -> None:
     batch_ms = result.seconds * 1000.0
     with session_scope(factory) as session:
-        touched: set[int] = set()
+        ids = [*outputs, *result.failed]
+        images = {i.id: i for i in session.scalars(select(Image).where(Image.id.in_(ids)))}
+        existing = set(session.scalars(select(Prediction.image_id).where(
+            Prediction.image_id.in_(list(outputs)),
+            Prediction.model_version == classifier.version)))  # fmt: skip
+        rows, now = [], utcnow()
         for image_id, (out, n) in outputs.items():
             row = _prediction_row(classifier, image_id, out, n, batch_ms, result.batch_size)
             if isinstance(row, str):
                 result.failed[image_id] = row
                 continue
-            exists = session.scalars(
-                select(Prediction.id).where(
-                    Prediction.image_id == image_id, Prediction.model_version == classifier.version
-                )
-            ).first()
-            if exists is None:
-                try:
-                    with session.begin_nested():
-                        session.add(row)
-                except IntegrityError:
-                    log.info("image %d already has a result from a concurrent delivery", image_id)
-            img = session.get(Image, image_id)
-            if img is not None:
-                img.status, img.reason, img.done_at = "done", None, utcnow()
-                img.latency_ms = _elapsed_ms(img.received_at, img.done_at)
-                touched.add(img.study_id)
+            if image_id not in existing:
+                rows.append(row)
+            img = images[image_id]
+            img.status, img.reason, img.done_at = "done", None, now
+            img.latency_ms = _elapsed_ms(img.received_at, now)
             result.done.append(image_id)
+        _insert_predictions(session, rows, classifier.version)
         for image_id, reason in result.failed.items():
-            img = session.get(Image, image_id)
-            if img is not None:
-                img.status, img.reason, img.done_at = "failed", reason, utcnow()
-                touched.add(img.study_id)
+            failed_img = images.get(image_id)
+            if failed_img is not None:
+                failed_img.status, failed_img.reason, failed_img.done_at = "failed", reason, now
         if result.batch_size:
             session.add(Batch(worker=worker, model_version=classifier.version,
                               size=result.batch_size, done=len(result.done),
                               failed=len(result.failed), inference_ms=batch_ms))  # fmt: skip
         session.flush()
-        for study_id in touched:
-            study = session.get(Study, study_id)
-            if study is not None:
-                refresh_study(session, study, classifier.thresholds)
+        touched = {images[i].study_id for i in ids if i in images}
+        for study in session.scalars(select(Study).where(Study.id.in_(touched))):
+            refresh_study(session, study, classifier.thresholds)
