@@ -165,56 +165,41 @@ def _ingest_json(settings: Settings, report: IngestReport) -> dict[str, Any]:
 def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
     migrate.upgrade(settings.db_url)
     factory = _factory(settings)
-    report = ingest_paths(
-        factory, [Path(p) for p in args.paths], _limits(settings), source="cli", lane=args.lane
-    )
-    queued = [i.image_id for i in report.accepted if i.status == "queued" and i.image_id]
     redis_url = resolve_redis_url(settings)
     temp: Supervisor | None = None
     embedded: EmbeddedRedis | None = None
+    client = dispatcher = None
+    ok = True
     try:
-        if redis_url is None and args.wait and queued:
-            # No running system: bring up a private Redis and one worker just for this batch.
+        if redis_url is None and args.wait:
+            # No running system: bring up a private Redis and one worker for this command.
             embedded = EmbeddedRedis(settings.data_dir / "redis-ingest").start()
             redis_url = embedded.url
             temp = Supervisor()
-            child = temp.add(
-                "worker", worker_command(settings, "cxr-ingest"), _child_env(settings, redis_url)
-            )
-            child.start()
-        if redis_url is not None and queued:
-            model = describe_weights(settings)
+            env = _child_env(settings, redis_url)
+            temp.add("worker", worker_command(settings, "cxr-ingest"), env).start()
+        sink = None
+        if redis_url is not None:
             client, dispatcher = redis_client(redis_url), Dispatcher(redis_url)
-            try:
-                enqueue(
-                    factory,
-                    client,
-                    dispatcher,
-                    queued,
-                    model["input_size"],
-                    settings.payload_ttl_s,
-                    lane=args.lane,
-                )
-            except Exception as exc:
-                print(
-                    f"could not reach Redis ({type(exc).__name__}); the studies stay queued "
-                    "and are sent when the system runs",
-                    file=sys.stderr,
-                )
-            finally:
-                dispatcher.close()
-                client.close()
-        elif queued:
-            print(
-                f"{len(queued)} images queued in the database; no system is running, so they "
-                "will be classified when `cxr-triage run` starts",
-                file=sys.stderr,
-            )
-        ok = True
+            size, ttl = describe_weights(settings)["input_size"], settings.payload_ttl_s
+
+            def sink(ids: list[int]) -> int:
+                return enqueue(factory, client, dispatcher, ids, size, ttl, lane=args.lane)
+
+        report = ingest_paths(factory, [Path(p) for p in args.paths], _limits(settings),
+                              source="cli", lane=args.lane, sink=sink)  # fmt: skip
+        queued = [i for i in report.accepted if i.status == "queued"]
+        if redis_url is None and queued:
+            print(f"{len(queued)} images queued in the database; no system is running, so they "
+                  "will be classified when `cxr-triage run` starts", file=sys.stderr)  # fmt: skip
         if args.wait and redis_url is not None:
             ids = {i.study_id for i in report.accepted if i.study_id is not None}
             ok = _wait_final(settings, ids, args.timeout)
     finally:
+        if dispatcher is not None:
+            dispatcher.close()
+        if client is not None:
+            client.close()
         if temp is not None:
             temp.stop_all()
         if embedded is not None:
@@ -301,6 +286,7 @@ def cmd_exec(command: list[str], settings: Settings) -> int:
 # ``register(subparsers) -> None``, adding its parsers with ``set_defaults(handler=fn)`` where
 # ``fn(args, settings) -> int``. Imported only when the CLI builds its parser.
 COMMAND_MODULES: tuple[str, ...] = (
+    "pipeline.model_cli",
     "pipeline.simulate_cli",
     "bench.pipeline_bench",
 )

@@ -99,7 +99,8 @@ class Image(Base):
     height: Mapped[int | None] = mapped_column(Integer)
     meta: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     # 8-bit greyscale PNG at display size; the model input is rebuilt from it after a Redis loss.
-    preview: Mapped[bytes | None] = mapped_column(LargeBinary)
+    # Deferred: loaded only where the pixels are needed, never with the row's state.
+    preview: Mapped[bytes | None] = mapped_column(LargeBinary, deferred=True)
     status: Mapped[str] = mapped_column(String(16), default="received", index=True)
     reason: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)

@@ -1,0 +1,155 @@
+"""The ``evaluate`` command's work: score labelled images through the shipped Classifier."""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image as PILImage
+
+from pipeline import datasets as ds
+from pipeline import evaluate as ev
+from pipeline.classifier import Classifier
+from pipeline.triage import triage_class
+
+log = logging.getLogger(__name__)
+
+# Lung fields on the square model input, as (row0, row1, col0, col1) fractions: two boxes
+# either side of the mediastinum, from below the clavicles to above the diaphragm domes.
+LUNG_BOXES = ((0.12, 0.80, 0.12, 0.45), (0.12, 0.80, 0.55, 0.88))
+
+
+def lung_mask(size: int) -> np.ndarray:
+    """Return a size x size boolean mask of the lung-field boxes."""
+    mask = np.zeros((size, size), dtype=bool)
+    for r0, r1, c0, c1 in LUNG_BOXES:
+        mask[round(r0 * size) : round(r1 * size), round(c0 * size) : round(c1 * size)] = True
+    return mask
+
+
+def upsample_cam(cam: np.ndarray, size: int) -> np.ndarray:
+    """Bilinearly resize a CAM to size x size, ReLU applied first."""
+    img = PILImage.fromarray(np.maximum(cam.astype(np.float32), 0.0), mode="F")
+    return np.asarray(img.resize((size, size), PILImage.Resampling.BILINEAR), dtype=np.float32)
+
+
+def cam_lung_stats(cams: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per CAM: whether its upsampled peak lies in the lung fields, and its mass fraction there."""
+    mask = lung_mask(size)
+    peaks, mass = np.zeros(len(cams), bool), np.zeros(len(cams))
+    for i, cam in enumerate(cams):
+        up = upsample_cam(cam, size)
+        r, c = np.unravel_index(int(np.argmax(up)), up.shape)
+        peaks[i] = mask[r, c]
+        total = float(up.sum())
+        mass[i] = float(up[mask].sum()) / total if total > 0 else 0.0
+    return peaks, mass
+
+
+def predict_all(
+    clf: Classifier, images: np.ndarray, batch: int = 64
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return probabilities (N x C) and CAMs of the predicted class for uint8 images."""
+    probs, cams = [], []
+    for start in range(0, len(images), batch):
+        out = clf.predict(images[start : start + batch])
+        probs.append(out.probabilities)
+        cams.append(out.cams)
+    return np.concatenate(probs), np.concatenate(cams)
+
+
+def run_evaluation(
+    data: list[Path],
+    weights: Path,
+    subset: str = "all",
+    label_map: str | None = None,
+    report: Path | None = None,
+    predictions_out: Path | None = None,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Evaluate a weights file on labelled images; optionally write PNGs and a predictions CSV."""
+    clf = Classifier(weights, device=device)
+    split = clf.meta.get("training_data", {}).get("split", {})
+    samples = ds.select(
+        ds.read_datasets(data),
+        subset,
+        val_fraction=float(split.get("val_fraction", 0.1)),
+        holdout_fraction=float(split.get("holdout_fraction", 0.2)),
+        seed=int(split.get("seed", 0)),
+    )
+    if not samples:
+        raise ds.DatasetError(f"no images in subset {subset!r} of {', '.join(map(str, data))}")
+    lmap = ds.parse_label_map(label_map)
+    mapped = [ds.map_label(s.label, lmap, clf.classes) for s in samples]
+    label_index = np.array([clf.classes.index(m) if m else -1 for m in mapped])
+    abnormal = np.array(
+        [(m or s.label.lower()) != "normal" for s, m in zip(samples, mapped, strict=True)]
+    )
+    log.info("evaluating %d images (%s)", len(samples), dict(Counter(s.label for s in samples)))
+    images = ds.load_images([s.path for s in samples], clf.input_size)
+    probs, cams = predict_all(clf, images)
+    result = ev.summarize(probs, label_index, abnormal, clf.classes, clf.thresholds["routine"])
+    p_abn = 1.0 - probs[:, clf.classes.index("normal")]
+    pred = probs.argmax(axis=1)
+    flagged = pred != clf.classes.index("normal")
+    peaks, mass = cam_lung_stats(cams[flagged], clf.input_size)
+    result.update(
+        {
+            "weights": clf.version,
+            "subset": subset,
+            "thresholds": clf.thresholds,
+            "temperature": clf.temperature,
+            "labels": dict(Counter(s.label for s in samples)),
+            "triage": dict(Counter(_triage(p, clf.thresholds) for p in p_abn)),
+            "cam": {
+                "abnormal_predictions": int(flagged.sum()),
+                "peak_in_lung_fields": float(peaks.mean()) if len(peaks) else float("nan"),
+                "mass_in_lung_fields": float(mass.mean()) if len(mass) else float("nan"),
+                "lung_field_area": float(lung_mask(clf.input_size).mean()),
+                "grid": f"{cams.shape[1]}x{cams.shape[2]}",
+            },
+        }
+    )
+    if predictions_out is not None:
+        write_predictions(predictions_out, samples, abnormal, p_abn, [clf.classes[i] for i in pred])
+    if report is not None:
+        from pipeline.evaluate_report import write_report
+
+        write_report(report, result, probs, label_index, abnormal, clf.classes, images, cams)
+    return result
+
+
+def record_metrics(weights: Path, name: str, result: dict[str, Any], command: str) -> None:
+    """Store a compact summary of an evaluation in the weights' meta["metrics"][name]."""
+    blob = torch.load(weights, map_location="cpu", weights_only=True)
+    keys = ("n", "auc_abnormal", "sensitivity_abnormal", "specificity_abnormal", "accuracy", "ece")
+    summary = {k: result[k] for k in keys} | {"labels": result["labels"], "command": command}
+    blob["meta"].setdefault("metrics", {})[name] = summary
+    tmp = weights.with_suffix(weights.suffix + ".tmp")
+    torch.save(blob, tmp)
+    tmp.replace(weights)
+
+
+def _triage(p: float, thresholds: dict[str, float]) -> str:
+    return triage_class(float(p), thresholds)
+
+
+def write_predictions(
+    path: Path,
+    samples: list[ds.Sample],
+    abnormal: np.ndarray,
+    p_abnormal: np.ndarray,
+    predicted: list[str],
+) -> None:
+    """Write path,label,abnormal,p_abnormal,predicted, one row per image."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", "abnormal", "p_abnormal", "predicted"])
+        for s, a, p, c in zip(samples, abnormal, p_abnormal, predicted, strict=True):
+            writer.writerow([str(s.path), s.label, int(a), f"{p:.6f}", c])

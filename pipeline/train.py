@@ -1,0 +1,163 @@
+"""Train a ResNet on labelled radiographs: augmentation, balanced sampling, checkpoints.
+
+The model sees exactly what the running system feeds it: the uint8 model input built from the
+stored preview (pipeline.datasets.load_one), scaled by x/255, normalised with the weights' mean
+and std, greyscale replicated to three channels. Randomness comes from (seed, epoch), so a run
+resumed from an epoch checkpoint draws the same batches as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+
+class Progress:
+    """A one-line progress bar on stderr, redrawn at most every half second."""
+
+    def __init__(self, total: int, desc: str, stream: TextIO | None = None) -> None:
+        self.total, self.desc, self.done = total, desc, 0
+        self.stream = stream if stream is not None else sys.stderr
+        self.start = self._last = time.perf_counter()
+
+    def update(self, n: int, note: str = "") -> None:
+        """Advance by n items and redraw."""
+        self.done += n
+        now = time.perf_counter()
+        if now - self._last < 0.5 and self.done < self.total:
+            return
+        self._last = now
+        frac = self.done / max(1, self.total)
+        bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
+        rate = self.done / max(1e-9, now - self.start)
+        self.stream.write(
+            f"\r{self.desc} [{bar}] {self.done}/{self.total} {rate:.1f} img/s {note}  "
+        )
+        if self.done >= self.total:
+            self.stream.write("\n")
+        self.stream.flush()
+
+
+def augment(
+    x: torch.Tensor,
+    gen: torch.Generator,
+    rotate_deg: float = 7.0,
+    scale: tuple[float, float] = (0.9, 1.1),
+    shift: float = 0.05,
+    brightness: float = 0.1,
+    contrast: float = 0.15,
+) -> torch.Tensor:
+    """Randomly rotate, scale, shift and change brightness/contrast of uint8 N x S x S images."""
+    n = x.shape[0]
+    x = x.float().div(255.0).unsqueeze(1)
+
+    def uniform(*shape: int) -> torch.Tensor:
+        return torch.rand(*shape, generator=gen) * 2 - 1
+
+    angle = uniform(n) * math.radians(rotate_deg)
+    zoom = scale[0] + torch.rand(n, generator=gen) * (scale[1] - scale[0])
+    tx, ty = uniform(n) * 2 * shift, uniform(n) * 2 * shift
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    mean = x.mean(dim=(2, 3), keepdim=True)
+    c = 1 + uniform(n, 1, 1, 1) * contrast
+    b = uniform(n, 1, 1, 1) * brightness
+    return ((x - mean) * c + mean + b).clamp(0.0, 1.0)
+
+
+def to_model(x01: torch.Tensor, mean: float, std: float, device: torch.device) -> torch.Tensor:
+    """Normalise N x 1 x S x S images in [0, 1] and replicate them to three channels."""
+    x = ((x01 - mean) / std).expand(-1, 3, -1, -1).to(device)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def balanced_indices(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Draw size indices with replacement, each class equally likely."""
+    counts = np.bincount(labels)
+    weights = 1.0 / counts[labels]
+    return rng.choice(len(labels), size=size, replace=True, p=weights / weights.sum())
+
+
+def train_epoch(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    order: np.ndarray,
+    batch_size: int,
+    gen: torch.Generator,
+    norm: tuple[float, float],
+    progress: Progress | None = None,
+    augment_fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor] = augment,
+) -> list[float]:
+    """Run one pass over images[order] in batches; return the loss of every step."""
+    device = next(model.parameters()).device
+    model.train()
+    losses = []
+    for start in range(0, len(order), batch_size):
+        idx = torch.from_numpy(order[start : start + batch_size])
+        if len(idx) < 2:  # BatchNorm cannot train on a single image
+            continue
+        x = to_model(augment_fn(images[idx], gen), norm[0], norm[1], device)
+        y = labels[idx].to(device)
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        losses.append(loss.item())
+        if progress is not None:
+            progress.update(len(idx), f"loss {np.mean(losses[-20:]):.3f}")
+    return losses
+
+
+@torch.inference_mode()
+def predict_logits(
+    model: torch.nn.Module, images: torch.Tensor, norm: tuple[float, float], batch_size: int = 64
+) -> np.ndarray:
+    """Return N x C logits for uint8 N x S x S images, no augmentation."""
+    device = next(model.parameters()).device
+    model.eval()
+    out = []
+    for start in range(0, len(images), batch_size):
+        x = images[start : start + batch_size].float().div(255.0).unsqueeze(1)
+        out.append(model(to_model(x, norm[0], norm[1], device)).float().cpu())
+    return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
+
+
+def load_init(model: torch.nn.Module, path: Path) -> None:
+    """Start from a torchvision-compatible state dict; a head of another shape is left fresh."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    state = blob.get("state_dict", blob) if isinstance(blob, dict) else blob
+    own = model.state_dict()
+    usable = {k: v.float() for k, v in state.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(usable, strict=False)
+    log.info("initialised %d of %d tensors from %s", len(usable), len(own), path.name)
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write a resumable checkpoint atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Read a checkpoint written by save_checkpoint."""
+    return dict(torch.load(path, map_location="cpu", weights_only=True))
