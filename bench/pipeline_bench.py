@@ -44,6 +44,7 @@ from pipeline.weights import ensure_weights
 
 SHARED_CXR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr"
 MODEL_BATCH_SIZES = (1, 8, 16, 32)
+WARMUP = 32  # images sent through the pipeline before timing
 
 
 def bench_images(n: int, folder: Path) -> list[Path]:
@@ -95,18 +96,20 @@ def _wait_done(factory: Any, ids: list[int], timeout: float) -> None:
 
 
 def _send(settings: Settings, factory: Any, paths: list[Path], size: int) -> list[int]:
-    report = ingest_paths(factory, paths, Limits(), source="bench")
-    ids = [i.image_id for i in report.accepted if i.image_id is not None]
-    client, dispatcher = (
-        redis_client(settings.redis_url or ""),
-        Dispatcher(settings.redis_url or ""),
-    )
+    """Ingest and enqueue as `cxr-triage ingest` does: streaming, one batch of files at a time."""
+    client = redis_client(settings.redis_url or "")
+    dispatcher = Dispatcher(settings.redis_url or "")
+
+    def sink(ids: list[int]) -> int:
+        return enqueue(factory, client, dispatcher, ids, size, 3600)
+
     try:
-        enqueue(factory, client, dispatcher, ids, size, 3600)
+        report = ingest_paths(factory, paths, Limits(), source="bench", sink=sink,
+                              chunk=settings.batch_size)  # fmt: skip
     finally:
         dispatcher.close()
         client.close()
-    return ids
+    return [i.image_id for i in report.accepted if i.image_id is not None]
 
 
 def measure_pipeline(
@@ -139,9 +142,9 @@ def measure_pipeline(
             if worker.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("bench worker did not start; see " + str(workdir / "worker.log"))
             time.sleep(0.1)
-        # Warm the worker's batch shapes so the timed run measures steady state.
-        _wait_done(factory, _send(settings, factory, paths[: settings.batch_size], size), 300)
-        timed = paths[settings.batch_size :]
+        # Warm the worker (first batches, allocator) so the timed run measures steady state.
+        _wait_done(factory, _send(settings, factory, paths[:WARMUP], size), 300)
+        timed = paths[WARMUP:]
         start = time.perf_counter()
         ids = _send(settings, factory, timed, size)
         _wait_done(factory, ids, 1800)
@@ -215,21 +218,30 @@ def measure_naive(clf: Classifier, paths: list[Path], workdir: Path) -> float:
         thread.join(timeout=10)
 
 
-def run(n: int, settings: Settings, latency_n: int = 30, rate_hz: float = 2.0) -> dict[str, Any]:
-    """Run all three measurements on the same n images; return the --json document."""
+def run(
+    n: int,
+    settings: Settings,
+    latency_n: int = 30,
+    rate_hz: float = 2.0,
+    pipeline_batch: int | None = None,
+) -> dict[str, Any]:
+    """Run all three measurements on the same n images; return the --json document.
+
+    The pipeline runs at the model's best measured batch size unless pipeline_batch is given.
+    """
     weights = ensure_weights(settings)
     settings = settings.with_(weights=weights)
     clf = Classifier(weights, settings.device, settings.torch_threads)
     with tempfile.TemporaryDirectory(prefix="cxr-bench-") as tmp:
         workdir = Path(tmp)
-        paths = bench_images(n + settings.batch_size + latency_n, workdir / "images")
-        main, extra = paths[: n + settings.batch_size], paths[n + settings.batch_size :]
-        timed = main[settings.batch_size :]
+        paths = bench_images(WARMUP + n + latency_n, workdir / "images")
+        warm, timed, extra = paths[:WARMUP], paths[WARMUP : WARMUP + n], paths[WARMUP + n :]
         inputs = np.stack([_model_ready(p, clf.input_size) for p in timed])
         model_rates = measure_model(clf, inputs)
         best_bs = max(model_rates, key=lambda b: model_rates[b])
+        settings = settings.with_(batch_size=pipeline_batch or best_bs)
         naive = measure_naive(clf, timed, workdir)
-        pipe = measure_pipeline(settings, main, extra, workdir, rate_hz, clf.input_size)
+        pipe = measure_pipeline(settings, warm + timed, extra, workdir, rate_hz, clf.input_size)
     model_best = model_rates[best_bs]
     return {
         "device": str(clf.device),
@@ -258,9 +270,9 @@ def _model_ready(path: Path, size: int) -> np.ndarray:
 
 def cmd_bench(args: Any, settings: Settings) -> int:
     """Handler of `cxr-triage bench`."""
-    overrides = {"batch_size": args.batch_size, "batch_wait_ms": args.batch_wait_ms}
-    settings = settings.with_(**{k: v for k, v in overrides.items() if v is not None})
-    doc = run(args.n, settings, latency_n=args.latency_n, rate_hz=args.rate)
+    if args.batch_wait_ms is not None:
+        settings = settings.with_(batch_wait_ms=args.batch_wait_ms)
+    doc = run(args.n, settings, args.latency_n, args.rate, pipeline_batch=args.batch_size)
     keys = ("device", "n", "model_only_img_s", "pipeline_img_s", "naive_img_s",
             "pipeline_vs_model", "pipeline_vs_naive", "latency_p50_ms", "latency_p95_ms")  # fmt: skip
     if args.json:
@@ -276,7 +288,8 @@ def register(sub: Any) -> None:
     p = sub.add_parser("bench", help="measure model alone, pipeline and the naive pattern")
     p.add_argument("--n", type=int, default=256, help="images in the timed runs")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="pipeline batch size (default: the model's best, measured)")  # fmt: skip
     p.add_argument("--batch-wait-ms", type=int, default=None)
     p.add_argument("--latency-n", type=int, default=30)
     p.add_argument("--rate", type=float, default=2.0, help="studies/s for the latency run")

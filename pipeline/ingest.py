@@ -7,7 +7,7 @@ never looks for a row that does not exist and a lost message can be re-sent from
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -246,9 +246,28 @@ def ingest_paths(
     limits: Limits,
     source: str = "cli",
     lane: str = "live",
+    sink: Callable[[list[int]], object] | None = None,
+    chunk: int = 16,
 ) -> IngestReport:
-    """Persist every file under paths; unreadable files are rejected, never fatal."""
+    """Persist every file under paths; unreadable files are rejected, never fatal.
+
+    With a sink, queued image ids are handed to it every ``chunk`` accepted files, so the
+    workers start on the first studies while later ones are still being read.
+    """
     report = IngestReport()
+    pending: list[int] = []
+
+    def flush() -> None:
+        nonlocal sink
+        if sink is not None and pending:
+            try:
+                sink(list(pending))
+            except Exception as exc:
+                # The rows are committed as queued: the reconciler sends them later.
+                log.warning("could not send work (%s); it stays queued", type(exc).__name__)
+                sink = None
+        pending.clear()
+
     for path in iter_input_files(paths):
         try:
             size = path.stat().st_size
@@ -264,6 +283,11 @@ def ingest_paths(
         item = ingest_bytes(factory, data, path.name, limits, source=source, lane=lane)
         item.path = str(path)
         report.items.append(item)
+        if item.status == "queued" and not item.duplicate and item.image_id is not None:
+            pending.append(item.image_id)
+            if len(pending) >= chunk:
+                flush()
+    flush()
     log.info(
         "ingested %d files: %d accepted, %d duplicates, %d rejected",
         len(report.items),
