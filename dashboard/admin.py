@@ -7,11 +7,11 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from flask import Blueprint, abort, g, jsonify, render_template, request
+from flask import Blueprint, abort, jsonify, render_template
 from flask_login import current_user, login_required
 
 from dashboard import db, monitor
-from pipeline.users import user_for_token
+from dashboard.auth import api_auth_required
 
 bp = Blueprint("admin", __name__)
 REFRESH_S = 15
@@ -30,29 +30,6 @@ def admin_required(view: Callable[..., Any]) -> Callable[..., Any]:
     return wrapped
 
 
-def admin_api_required(view: Callable[..., Any]) -> Callable[..., Any]:
-    """An admin's session or bearer token; 401 without credentials, 403 for other roles."""
-
-    @functools.wraps(view)
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        header = request.headers.get("Authorization", "")
-        if header.lower().startswith("bearer "):
-            user = user_for_token(db(), header[7:].strip())
-            if user is None:
-                return jsonify(error="invalid or revoked API token"), 401
-            g.api_user = user
-            role = user.role
-        elif current_user.is_authenticated:
-            role = current_user.role
-        else:
-            return jsonify(error="authentication required: log in or send a bearer token"), 401
-        if role != "admin":
-            return jsonify(error="admin role required"), 403
-        return view(*args, **kwargs)
-
-    return wrapped
-
-
 @bp.route("/admin/waiting")
 @admin_required
 def waiting() -> Any:
@@ -61,6 +38,6 @@ def waiting() -> Any:
 
 
 @bp.route("/api/admin/waiting")
-@admin_api_required
+@api_auth_required(role="admin")
 def waiting_json() -> Any:
     return jsonify(monitor.waiting_times(db(), datetime.now(UTC)))

@@ -73,20 +73,31 @@ def logout() -> Any:
     return redirect(url_for("auth.login"))
 
 
-def api_auth_required(view: Callable[..., Any]) -> Callable[..., Any]:
-    """Allow a logged-in session or an ``Authorization: Bearer <token>`` header."""
+def api_auth_required(view: Callable[..., Any] | None = None, *, role: str | None = None) -> Any:
+    """Allow a logged-in session or an ``Authorization: Bearer <token>`` header.
 
-    @functools.wraps(view)
-    def wrapped(*args: Any, **kwargs: Any) -> Any:
-        header = request.headers.get("Authorization", "")
-        if header.lower().startswith("bearer "):
-            user = user_for_token(db(), header[7:].strip())
-            if user is None:
-                return jsonify(error="invalid or revoked API token"), 401
-            g.api_user = user
-            return view(*args, **kwargs)
-        if current_user.is_authenticated:
-            return view(*args, **kwargs)
-        return jsonify(error="authentication required: log in or send a bearer token"), 401
+    With ``role``, other roles get 403. Use bare (``@api_auth_required``) or with a role
+    (``@api_auth_required(role="admin")``).
+    """
 
-    return wrapped
+    def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            header = request.headers.get("Authorization", "")
+            if header.lower().startswith("bearer "):
+                user = user_for_token(db(), header[7:].strip())
+                if user is None:
+                    return jsonify(error="invalid or revoked API token"), 401
+                g.api_user = user
+                user_role = user.role
+            elif current_user.is_authenticated:
+                user_role = current_user.role
+            else:
+                return jsonify(error="authentication required: log in or send a bearer token"), 401
+            if role is not None and user_role != role:
+                return jsonify(error=f"{role} role required"), 403
+            return fn(*args, **kwargs)
+
+        return wrapped
+
+    return decorate(view) if view is not None else decorate
