@@ -73,6 +73,12 @@ def test_radiologist_reads_worklist_and_toggles_cam(live_server, page, populated
     assert img.get_attribute("src") != plain
     page.screenshot(path=str(tmp_path / "study.png"), full_page=True)
 
+    page.click("button[value=read]")
+    page.wait_for_selector("li.review")
+    assert page.inner_text("li.review").startswith("read by rad")
+    page.goto(live_server + "/")
+    assert page.inner_text(f'tr[data-study-id="{expected[0]}"] td.read') == "✓"
+
     page.click("text=Log out")
     page.wait_for_url("**/login")
     page.goto(live_server + "/")

@@ -110,3 +110,38 @@ def test_api_worklist_with_token_matches_order(client, populated) -> None:
     assert "cxr_batch_size_sum 3.0" in text
     assert "cxr_inference_seconds_count 1.0" in text
     assert "cxr_end_to_end_seconds_count 3.0" in text
+
+
+def test_review_actions_are_recorded_with_who_and_when(client, populated) -> None:
+    from pipeline.models import Review, Study
+
+    login(client)
+    with populated() as session:
+        done = session.scalars(select(Study).where(Study.status == "done")).first()
+        rejected = session.scalars(select(Study).where(Study.status == "rejected")).one()
+    page = client.get(f"/studies/{done.id}").get_data(as_text=True)
+    token = csrf_from(page)
+    url = f"/studies/{done.id}/review"
+    assert client.post(url, data={"action": "read"}).status_code == 400  # no CSRF token
+    resp = client.post(url, data={"action": "disagree", "comment": "  consolidation is old  ",
+                                  "csrf_token": token})  # fmt: skip
+    assert resp.status_code == 302
+    assert client.post(url, data={"action": "delete", "csrf_token": token}).status_code == 400
+    bad = client.post(
+        f"/studies/{rejected.id}/review", data={"action": "agree", "csrf_token": token}
+    )
+    assert bad.status_code == 400 and "only a classified study" in bad.get_data(as_text=True)
+    with populated() as session:
+        reviews = session.scalars(select(Review)).all()
+        assert [(r.study_id, r.action, r.comment) for r in reviews] == [
+            (done.id, "disagree", "consolidation is old")
+        ]
+        user = session.scalars(select(User).where(User.username == "rad")).one()
+        assert reviews[0].user_id == user.id and reviews[0].created_at is not None
+        audit = session.scalars(select(AuditEvent).where(AuditEvent.action == "review")).all()
+        assert [(a.target, a.detail) for a in audit] == [(f"study:{done.id}", "disagree")]
+    html = client.get(f"/studies/{done.id}").get_data(as_text=True)
+    assert "disagree by rad" in html and "consolidation is old" in html
+    worklist = client.get("/").get_data(as_text=True)
+    row = re.search(rf'data-study-id="{done.id}".*?</tr>', worklist, re.S).group(0)
+    assert '<td class="read">✓</td>' in row
