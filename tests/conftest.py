@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import settings as hypothesis_settings
 from PIL import Image as PILImage
 
 from pipeline.classifier import Classifier, create_untrained_weights
@@ -27,6 +28,12 @@ from pipeline.settings import Settings
 from pipeline.users import create_user
 
 REPO = Path(__file__).resolve().parent.parent
+
+# CI replays the same property-test examples every run (reproducible failures); locally,
+# Hypothesis keeps exploring new ones.
+hypothesis_settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    hypothesis_settings.load_profile("ci")
 SHARED_DATA = REPO.parent / "shared" / "data"
 PASSWORD = "correct horse battery"
 PG_ADMIN_URL = os.environ.get("CXR_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/test")
@@ -109,18 +116,7 @@ def settings(tmp_path: Path, redis_url: str, weights_file: Path) -> Settings:
 def settings_env(settings: Settings) -> dict[str, str]:
     """Environment variables that reproduce these settings in a subprocess."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
-    env.update(
-        CXR_DATA_DIR=str(settings.data_dir),
-        CXR_DATABASE_URL=settings.db_url,
-        CXR_WEIGHTS=str(settings.weights),
-        CXR_BATCH_SIZE=str(settings.batch_size),
-        CXR_BATCH_WAIT_MS=str(settings.batch_wait_ms),
-        CXR_TORCH_THREADS="1",
-        PYTHONUNBUFFERED="1",
-    )
-    if settings.redis_url:
-        env["CXR_REDIS_URL"] = settings.redis_url
-    return env
+    return {**env, **settings.as_env(), "PYTHONUNBUFFERED": "1"}
 
 
 class WorkerProcess:

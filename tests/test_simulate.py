@@ -136,7 +136,9 @@ def test_capped_priority_keeps_the_cap_whenever_capacity_allows(workload, ps, sl
     scores = sim.base_scores(np.array(ps[: len(arrivals)]), THR)
     slots = _slots(arrivals, capacity, hours)
     fifo_max = float((sim.simulate(arrivals, scores, slots, "fifo") - arrivals).max())
-    cap = fifo_max + slack  # capacity allows a cap iff FIFO (earliest deadline first) meets it
+    # Capacity allows a cap iff FIFO (earliest deadline first) meets it; a cap must be > 0, and
+    # FIFO can wait 0 h (a study arriving exactly at a reading slot).
+    cap = max(fifo_max + slack, 1e-6)
     capped = sim.simulate(arrivals, scores, slots, "priority_capped", cap)
     assert float((capped - arrivals).max()) <= cap + 1e-9
     assert sorted(capped.tolist()) == sorted(sim.simulate(arrivals, scores, slots, "fifo").tolist())
