@@ -31,14 +31,16 @@ import numpy as np
 from PIL import Image as PILImage
 
 from pipeline.classifier import Classifier
+from pipeline.datasets import load_one
 from pipeline.db import make_engine, make_session_factory
-from pipeline.imaging import Limits, model_input
+from pipeline.imaging import Limits
 from pipeline.ingest import enqueue, ingest_paths
 from pipeline.migrate import upgrade
 from pipeline.models import Image
 from pipeline.queue import Dispatcher, redis_client
 from pipeline.redis_server import EmbeddedRedis
 from pipeline.settings import Settings
+from pipeline.studies import open_image_count
 from pipeline.supervisor import worker_command
 from pipeline.weights import ensure_weights
 
@@ -79,16 +81,10 @@ def measure_model(clf: Classifier, inputs: np.ndarray) -> dict[int, float]:
 
 
 def _wait_done(factory: Any, ids: list[int], timeout: float) -> None:
-    from sqlalchemy import func, select
-
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with factory() as session:
-            left = session.scalar(
-                select(func.count(Image.id)).where(
-                    Image.id.in_(ids), Image.status.in_(("queued", "processing"))
-                )
-            )
+            left = open_image_count(session, ids)
         if left == 0:
             return
         time.sleep(0.02)
@@ -129,10 +125,7 @@ def measure_pipeline(
     )
     upgrade(settings.db_url)
     factory = make_session_factory(make_engine(settings.db_url))
-    env = {**os.environ, "CXR_REDIS_URL": settings.redis_url or "", "CXR_DATABASE_URL": settings.db_url,
-           "CXR_WEIGHTS": str(settings.weights), "CXR_BATCH_SIZE": str(settings.batch_size),
-           "CXR_BATCH_WAIT_MS": str(settings.batch_wait_ms), "CXR_DEVICE": settings.device,
-           "CXR_DATA_DIR": str(workdir)}  # fmt: skip
+    env = {**os.environ, **settings.with_(data_dir=workdir).as_env()}
     log = open(workdir / "worker.log", "wb")
     worker = subprocess.Popen(worker_command(settings, "bench"), env=env, stdout=log,
                               stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
@@ -236,7 +229,7 @@ def run(
         workdir = Path(tmp)
         paths = bench_images(WARMUP + n + latency_n, workdir / "images")
         warm, timed, extra = paths[:WARMUP], paths[WARMUP : WARMUP + n], paths[WARMUP + n :]
-        inputs = np.stack([_model_ready(p, clf.input_size) for p in timed])
+        inputs = np.stack([load_one(p, clf.input_size) for p in timed])
         model_rates = measure_model(clf, inputs)
         best_bs = max(model_rates, key=lambda b: model_rates[b])
         settings = settings.with_(batch_size=pipeline_batch or best_bs)
@@ -259,13 +252,6 @@ def run(
         "pipeline_batch_wait_ms": settings.batch_wait_ms,
         "model_version": clf.version,
     }
-
-
-def _model_ready(path: Path, size: int) -> np.ndarray:
-    from pipeline.imaging import decode_bytes, encode_preview
-
-    decoded = decode_bytes(path.read_bytes(), path.name)
-    return model_input(encode_preview(decoded.pixels), size)
 
 
 def cmd_bench(args: Any, settings: Settings) -> int:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC
 from typing import Any
 
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
-from pipeline.models import Batch, Image, Study
+from pipeline.models import Batch, Image, Review, Study, as_utc
 from pipeline.queue import HEARTBEAT_PREFIX, QUEUES, redis_client
 from pipeline.redis_server import resolve_redis_url
 from pipeline.settings import Settings
@@ -124,10 +125,6 @@ def _wait_stats(hours: list[float]) -> dict[str, Any]:
 
 def waiting_times(session: Session, now: Any) -> dict[str, Any]:
     """How long unread studies in the worklist have waited so far, abnormal vs normal (hours)."""
-    from datetime import UTC
-
-    from pipeline.models import Review
-
     unread = (
         select(Study.triage_class, Study.received_at)
         .where(Study.status.in_(WAITING_STATES))
@@ -136,8 +133,7 @@ def waiting_times(session: Session, now: Any) -> dict[str, Any]:
     groups: dict[str, list[float]] = {"abnormal": [], "normal": [], "unscored": []}
     by_class: dict[str, list[float]] = {c: [] for c in (*ABNORMAL_CLASSES, "normal")}
     for triage_class, received_at in session.execute(unread):
-        # SQLite hands back naive datetimes that are UTC by construction.
-        received = received_at if received_at.tzinfo else received_at.replace(tzinfo=UTC)
+        received = as_utc(received_at)
         hours = max(0.0, (now - received).total_seconds() / 3600.0)
         if triage_class is None:
             groups["unscored"].append(hours)

@@ -43,16 +43,9 @@ def _limits(settings: Settings) -> Limits:
 
 
 def _child_env(settings: Settings, redis_url: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        CXR_REDIS_URL=redis_url,
-        CXR_DATA_DIR=str(settings.data_dir),
-        CXR_WEIGHTS=str(ensure_weights(settings)),
-        PYTHONUNBUFFERED="1",
-    )
-    if settings.database_url:
-        env["CXR_DATABASE_URL"] = settings.database_url
-    return env
+    # Children resolve nothing themselves: same data dir, database, Redis and weights.
+    resolved = settings.with_(redis_url=redis_url, weights=ensure_weights(settings))
+    return {**os.environ, **resolved.as_env(), "PYTHONUNBUFFERED": "1"}
 
 
 def reconcile_once(settings: Settings, redis_url: str, stuck_after_s: float | None = None) -> dict:

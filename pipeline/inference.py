@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import numpy as np
@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from pipeline import imaging, triage
 from pipeline.classifier import BatchOutput, Classifier
 from pipeline.db import session_scope
-from pipeline.models import FINAL_STATES, Batch, Image, Prediction, Study, utcnow
+from pipeline.models import FINAL_STATES, Batch, Image, Prediction, Study, as_utc, utcnow
 from pipeline.queue import delete_payloads, get_payloads
 from pipeline.studies import refresh_study
 
@@ -150,9 +150,7 @@ def _prediction_row(
 
 
 def _elapsed_ms(start: datetime, end: datetime) -> float:
-    # SQLite hands back naive datetimes; every stored time is UTC.
-    start = start if start.tzinfo else start.replace(tzinfo=UTC)
-    return (end - start).total_seconds() * 1000.0
+    return (as_utc(end) - as_utc(start)).total_seconds() * 1000.0
 
 
 def _insert_predictions(session: Session, rows: list[Prediction], version: str) -> None:

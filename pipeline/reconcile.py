@@ -8,7 +8,7 @@ reason, after the configured number of attempts.
 from __future__ import annotations
 
 import logging
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import and_, or_, select
@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.db import session_scope
 from pipeline.ingest import enqueue
-from pipeline.models import Image, Study, utcnow
+from pipeline.models import Image, Study, as_utc, utcnow
 from pipeline.queue import Dispatcher, payload_key
 from pipeline.studies import refresh_study
 
@@ -59,7 +59,7 @@ def requeue_stuck(
         waiting = _payload_present(
             redis_client,
             [img.id for img, _ in rows if img.status != "processing"
-             and img.queued_at is not None and _aware(img.queued_at) > grace],
+             and img.queued_at is not None and as_utc(img.queued_at) > grace],
         )  # fmt: skip
         for img, lane in rows:
             if img.id in waiting:
@@ -82,11 +82,6 @@ def requeue_stuck(
     if sent or failed:
         log.warning("reconciler re-sent %d images and failed %d", sent, failed)
     return {"requeued": sent, "failed": failed}
-
-
-def _aware(dt: datetime) -> datetime:
-    # SQLite returns naive datetimes; every stored time is UTC.
-    return dt if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
 def _payload_present(redis_client: Any, image_ids: list[int]) -> set[int]:

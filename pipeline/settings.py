@@ -79,6 +79,22 @@ class Settings:
         settings.validate()
         return settings
 
+    def as_env(self) -> dict[str, str]:
+        """These settings as ``CXR_*`` variables, so a child process reads back the same values."""
+        env = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if isinstance(value, bool):
+                text = "1" if value else "0"
+            elif isinstance(value, tuple):
+                text = ",".join(value)
+            else:
+                text = str(value)
+            env[f"CXR_{f.name.upper()}"] = text
+        return env
+
     def with_(self, **changes: Any) -> Settings:
         """Return a copy with some fields changed."""
         return replace(self, **changes)

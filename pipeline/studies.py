@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
 from pipeline import triage
-from pipeline.models import Image, Prediction, Study, utcnow
+from pipeline.models import Image, Prediction, Study, as_utc, utcnow
 
 
 def refresh_study(session: Session, study: Study, thresholds: Mapping[str, float]) -> None:
@@ -50,6 +50,14 @@ def refresh_study(session: Session, study: Study, thresholds: Mapping[str, float
             return
 
 
+def open_image_count(session: Session, image_ids: list[int]) -> int:
+    """How many of these images are still queued or being processed."""
+    query = select(func.count(Image.id)).where(
+        Image.id.in_(image_ids), Image.status.in_(("received", "queued", "processing"))
+    )
+    return int(session.scalar(query) or 0)
+
+
 def worklist_query(limit: int | None = None, offset: int = 0) -> Select[Study]:
     """Studies by priority desc (unscored last), then arrival asc."""
     unscored_last = func.coalesce(Study.priority, -1.0)
@@ -63,7 +71,7 @@ def iso(dt: datetime | None) -> str | None:
     """ISO 8601 in UTC; SQLite hands back naive datetimes that are UTC by construction."""
     if dt is None:
         return None
-    return dt.replace(tzinfo=None).isoformat(timespec="seconds") + "Z"
+    return as_utc(dt).astimezone(UTC).replace(tzinfo=None).isoformat(timespec="seconds") + "Z"
 
 
 def study_summary(study: Study) -> dict[str, object]:

@@ -19,6 +19,7 @@ from pipeline.ingest import enqueue, ingest_paths
 from pipeline.migrate import upgrade
 from pipeline.models import Batch, Image, Prediction, utcnow
 from pipeline.queue import Dispatcher, payload_key, redis_client
+from pipeline.studies import open_image_count
 from tests.conftest import chest_like, png_bytes
 
 pytestmark = pytest.mark.e2e
@@ -48,11 +49,7 @@ def wait_done(factory, ids: list[int], settings=None, timeout: float = 240) -> N
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with factory() as session:
-            open_ = session.scalar(
-                select(func.count(Image.id)).where(
-                    Image.id.in_(ids), Image.status.in_(("queued", "processing"))
-                )
-            )
+            open_ = open_image_count(session, ids)
         if open_ == 0:
             return
         if settings is not None:
