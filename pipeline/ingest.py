@@ -6,6 +6,7 @@ never looks for a row that does not exist and a lost message can be re-sent from
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -17,6 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline import imaging
+from pipeline.db import session_scope
 from pipeline.imaging import DecodedImage, Limits, RejectedInput
 from pipeline.models import Image, Study, utcnow
 from pipeline.queue import Dispatcher, delete_payloads, put_payload
@@ -87,6 +89,42 @@ def _study_fields(meta: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]
     }
 
 
+def _existing(session: Session, key: str, filename: str) -> IngestItem | None:
+    found = session.scalars(select(Image).where(Image.dedup_key == key)).first()
+    if found is None:
+        return None
+    return IngestItem(
+        filename, found.study_id, found.id, found.status, found.reason, duplicate=True
+    )
+
+
+def record_rejection(
+    session: Session, key: str, filename: str, reason: str, source: str, lane: str
+) -> IngestItem:
+    """Write a rejected study and image with the reason (not committed); dedup first."""
+    existing = _existing(session, key, filename)
+    if existing is not None:
+        return existing
+    now = utcnow()
+    study = Study(source=source, lane=lane, status="rejected", reason=reason, done_at=now)
+    session.add(study)
+    session.flush()
+    image = Image(study_id=study.id, dedup_key=key, filename=filename[-255:], kind="unknown",
+                  status="rejected", reason=reason, done_at=now)  # fmt: skip
+    session.add(image)
+    session.flush()
+    return IngestItem(filename, study.id, image.id, "rejected", reason)
+
+
+def _file_key(path: Path) -> str:
+    """Content-hash dedup key of a file, read in chunks (never whole into memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return "sha256:" + digest.hexdigest()
+
+
 def persist_file(
     session: Session,
     data: bytes,
@@ -104,34 +142,11 @@ def persist_file(
         key, reason = decoded.dedup_key, None
     except RejectedInput as exc:
         key, reason = imaging.content_key(data), str(exc)
-    existing = session.scalars(select(Image).where(Image.dedup_key == key)).first()
+    existing = _existing(session, key, filename)
     if existing is not None:
-        return IngestItem(
-            filename,
-            existing.study_id,
-            existing.id,
-            existing.status,
-            existing.reason,
-            duplicate=True,
-        )
+        return existing
     if decoded is None:
-        rejected_study = Study(
-            source=source, lane=lane, status="rejected", reason=reason, done_at=utcnow()
-        )
-        session.add(rejected_study)
-        session.flush()
-        image = Image(
-            study_id=rejected_study.id,
-            dedup_key=key,
-            filename=filename[-255:],
-            kind="unknown",
-            status="rejected",
-            reason=reason,
-            done_at=utcnow(),
-        )
-        session.add(image)
-        session.flush()
-        return IngestItem(filename, rejected_study.id, image.id, "rejected", reason)
+        return record_rejection(session, key, filename, reason or "rejected", source, lane)
     fields = _study_fields(decoded.meta, extra_meta)
     study: Study | None = None
     if fields["study_uid"]:
@@ -272,12 +287,19 @@ def ingest_paths(
         try:
             size = path.stat().st_size
             if size > limits.max_bytes:
-                raise RejectedInput(
-                    f"the file is {size / 1e6:.1f} MB, over the {limits.max_bytes / 1e6:.0f} MB limit"
-                )
+                # Recorded on a study like any bad input, without reading the file into memory.
+                reason = (f"the file is {size / 1e6:.1f} MB, "
+                          f"over the {limits.max_bytes / 1e6:.0f} MB limit")  # fmt: skip
+                with session_scope(factory) as session:
+                    item = record_rejection(session, _file_key(path), path.name, reason,
+                                            source, lane)  # fmt: skip
+                item.path = str(path)
+                report.items.append(item)
+                continue
             data = path.read_bytes()
-        except (OSError, RejectedInput) as exc:
-            reason = str(exc) if isinstance(exc, RejectedInput) else "the file cannot be read"
+        except OSError:
+            # Nothing can be read, so nothing identifies it for dedup: reported, not stored.
+            reason = "the file cannot be read"
             report.items.append(IngestItem(str(path), None, None, "rejected", reason))
             continue
         item = ingest_bytes(factory, data, path.name, limits, source=source, lane=lane)

@@ -62,3 +62,20 @@ def test_header_without_pixel_data_is_rejected_with_a_plain_reason(settings, tmp
     report = ingest_paths(factory, [tmp_path / "hdr.dcm"], Limits())
     assert report.items[0].status == "rejected"
     assert report.items[0].reason == "no pixel data: the CR header arrived without its image"
+
+
+def test_oversize_file_is_recorded_with_its_reason_and_deduplicated(settings, tmp_path) -> None:
+    factory = _factory(settings)
+    (tmp_path / "big.dcm").write_bytes(dicom_bytes())
+    limits = Limits(max_bytes=1000)
+    first = ingest_paths(factory, [tmp_path / "big.dcm"], limits)
+    assert [(i.status, i.duplicate) for i in first.items] == [("rejected", False)]
+    assert first.items[0].reason.endswith("over the 0 MB limit")
+    assert first.items[0].reason.startswith("the file is 0.1 MB")
+    with factory() as session:
+        study = session.scalars(select(Study)).one()
+        assert (study.status, study.reason) == ("rejected", first.items[0].reason)
+    again = ingest_paths(factory, [tmp_path / "big.dcm"], limits)
+    assert [(i.study_id, i.duplicate) for i in again.items] == [(study.id, True)]
+    with factory() as session:
+        assert len(session.scalars(select(Study)).all()) == 1
