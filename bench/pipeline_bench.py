@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image as PILImage
+from sqlalchemy import func, select
 
 from pipeline.classifier import Classifier
 from pipeline.datasets import load_one
@@ -36,7 +37,7 @@ from pipeline.db import make_engine, make_session_factory
 from pipeline.imaging import Limits
 from pipeline.ingest import enqueue, ingest_paths
 from pipeline.migrate import upgrade
-from pipeline.models import Image
+from pipeline.models import Batch, Image
 from pipeline.queue import Dispatcher, redis_client
 from pipeline.redis_server import EmbeddedRedis
 from pipeline.settings import Settings
@@ -108,6 +109,22 @@ def _send(settings: Settings, factory: Any, paths: list[Path], size: int) -> lis
     return [i.image_id for i in report.accepted if i.image_id is not None]
 
 
+def measure_ingest(
+    base: Settings, paths: list[Path], workdir: Path, redis_url: str, size: int
+) -> float:
+    """Milliseconds of one process per image to ingest and enqueue, with no worker running.
+
+    A scratch database and Redis database 1, so nothing here reaches the timed pipeline run.
+    """
+    url = f"sqlite:///{workdir / 'ingest-only.db'}"
+    upgrade(url)
+    factory = make_session_factory(make_engine(url))
+    settings = base.with_(redis_url=redis_url.rsplit("/", 1)[0] + "/1", database_url=url)
+    start = time.perf_counter()
+    _send(settings, factory, paths, size)
+    return (time.perf_counter() - start) * 1000.0 / len(paths)
+
+
 def measure_pipeline(
     base: Settings,
     paths: list[Path],
@@ -117,9 +134,9 @@ def measure_pipeline(
     size: int,
 ) -> dict[str, Any]:
     """End-to-end throughput through a real worker, then latency at a light steady load."""
-    from sqlalchemy import select
 
     redis_server = EmbeddedRedis(workdir / "redis").start()
+    ingest_ms = measure_ingest(base, paths[WARMUP:], workdir, redis_server.url, size)
     settings = base.with_(
         redis_url=redis_server.url, database_url=f"sqlite:///{workdir / 'bench.db'}"
     )
@@ -138,10 +155,18 @@ def measure_pipeline(
         # Warm the worker (first batches, allocator) so the timed run measures steady state.
         _wait_done(factory, _send(settings, factory, paths[:WARMUP], size), 300)
         timed = paths[WARMUP:]
+        with factory() as session:
+            last_batch = session.scalar(select(func.max(Batch.id))) or 0
         start = time.perf_counter()
         ids = _send(settings, factory, timed, size)
         _wait_done(factory, ids, 1800)
-        throughput = len(ids) / (time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        throughput = len(ids) / elapsed
+        with factory() as session:
+            forward_ms = session.scalar(
+                select(func.sum(Batch.inference_ms)).where(Batch.id > last_batch)
+            )
+        forward_share = float(forward_ms or 0.0) / 1000.0 / elapsed
         latency_ids = []
         for path in latency_paths:
             tick = time.perf_counter()
@@ -157,6 +182,8 @@ def measure_pipeline(
         redis_server.stop()
     return {
         "img_s": throughput,
+        "ingest_ms_per_image": ingest_ms,
+        "worker_forward_share": forward_share,
         "latency_p50_ms": statistics.median(lat),
         "latency_p95_ms": lat[min(len(lat) - 1, int(round(0.95 * (len(lat) - 1))))],
     }
@@ -246,6 +273,8 @@ def run(
         "pipeline_vs_naive": round(pipe["img_s"] / naive, 3),
         "latency_p50_ms": round(pipe["latency_p50_ms"], 1),
         "latency_p95_ms": round(pipe["latency_p95_ms"], 1),
+        "ingest_ms_per_image": round(pipe["ingest_ms_per_image"], 2),
+        "worker_forward_share": round(pipe["worker_forward_share"], 3),
         "model_only_by_batch": {str(b): round(r, 2) for b, r in model_rates.items()},
         "model_best_batch": best_bs,
         "pipeline_batch_size": settings.batch_size,
