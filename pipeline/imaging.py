@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import io
+import unicodedata
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from PIL import Image as PILImage
+
+from pipeline import dicom_display
 
 PREVIEW_MAX_SIDE = 1024
 PREVIEW_JPEG_QUALITY = 92
@@ -51,6 +54,17 @@ class DecodedImage:
         view = (self.meta.get("ViewPosition") or "").upper()
         return view in LATERAL_VIEWS
 
+    @property
+    def skip_reason(self) -> str | None:
+        """Why the frontal-chest model must not score this image (lateral, not a chest)."""
+        if self.is_lateral:
+            view = self.meta.get("ViewPosition")
+            return f"lateral view ({view}): the model reads frontal films"
+        part = str(self.meta.get("BodyPartExamined") or "").strip().upper()
+        if part not in dicom_display.CHEST_BODY_PARTS:
+            return f"body part {part}: the model reads chest films"
+        return None
+
 
 def content_key(data: bytes) -> str:
     """Return the content-hash dedup key of raw bytes."""
@@ -82,6 +96,11 @@ def decode_bytes(data: bytes, filename: str, limits: Limits | None = None) -> De
 def _decode_raster(data: bytes, limits: Limits) -> DecodedImage:
     try:
         img = PILImage.open(io.BytesIO(data))
+    except PILImage.DecompressionBombError as exc:
+        # Pillow refuses headers claiming over twice its own limit before we can read the size.
+        raise RejectedInput(
+            f"image is over the {limits.max_pixels:,} pixel limit (a decompression bomb)"
+        ) from exc
     except Exception as exc:
         raise RejectedInput("not a readable DICOM, JPEG or PNG file") from exc
     kind = (img.format or "").lower()
@@ -92,7 +111,9 @@ def _decode_raster(data: bytes, limits: Limits) -> DecodedImage:
         raise RejectedInput(f"image is {w}x{h} pixels, over the {limits.max_pixels:,} limit")
     try:
         if kind == "jpeg":
-            img.draft("L", (PREVIEW_MAX_SIDE, PREVIEW_MAX_SIDE))  # decode at reduced scale
+            # Decode at reduced scale, in the file's own mode: drafting a colour JPEG as "L"
+            # would turn it grey before the colour check below could see it.
+            img.draft(img.mode, (PREVIEW_MAX_SIDE, PREVIEW_MAX_SIDE))
         img.load()
     except Exception as exc:
         raise RejectedInput(f"the {kind.upper()} data is truncated or corrupt ({exc})") from exc
@@ -140,6 +161,9 @@ def _decode_dicom(data: bytes, limits: Limits) -> DecodedImage:
             raise RejectedInput("corrupt DICOM file: no readable attributes after the header")
         raise RejectedInput("not a DICOM file: no DICM header and no readable DICOM attributes")
     modality = (meta.get("Modality") or "").upper()
+    non_image = dicom_display.non_image_reason(meta)
+    if non_image is not None:
+        raise RejectedInput(non_image)
     if "PixelData" not in ds:
         sop = meta.get("SOPClassUID") or "unknown"
         if sop.startswith("1.2.840.10008.5.1.4.1.1.") and modality:
@@ -167,10 +191,10 @@ def _decode_dicom(data: bytes, limits: Limits) -> DecodedImage:
             warnings.simplefilter("ignore")  # pydicom warns on odd-length or padded data
             stored = ds.pixel_array
     except Exception as exc:
-        raise RejectedInput(f"pixel data is truncated or cannot be decoded ({exc})") from exc
+        raise RejectedInput(dicom_display.pixel_error_reason(ds, exc)) from exc
     if stored.ndim != 2:
         raise RejectedInput(f"unexpected pixel array shape {stored.shape}")
-    grey = dicom_to_uint8(ds, stored)
+    grey = dicom_display.to_display(ds, stored, meta)
     sop_uid = meta.get("SOPInstanceUID")
     return DecodedImage(
         pixels=_to_display(grey),
@@ -184,26 +208,64 @@ def _decode_dicom(data: bytes, limits: Limits) -> DecodedImage:
 
 def dicom_to_uint8(ds: Any, stored: np.ndarray) -> np.ndarray:
     """Apply Modality LUT, VOI LUT or window, and MONOCHROME1 inversion; return uint8."""
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    return dicom_display.to_display(ds, stored, {})
 
-    values = np.asarray(apply_modality_lut(stored, ds), dtype=np.float32)
-    if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
-        values = np.asarray(apply_voi_lut(values, ds, index=0), dtype=np.float32)
-        lo, hi = float(values.min()), float(values.max())
-        out = _scale_unit(values, lo, hi)
-    elif "WindowCenter" in ds and "WindowWidth" in ds:
-        center = _first(ds.WindowCenter)
-        width = max(_first(ds.WindowWidth), 1.0)
-        out = _linear_window(values, center, width)
-    else:
-        # No window: use the spread of the data itself, ignoring the outer half percent
-        # (collimator edges and burned-in markers) as display software does.
-        lo, hi = np.percentile(values, [0.5, 99.5])
-        out = _scale_unit(values, float(lo), float(hi))
-    inverse = str(ds.get("PresentationLUTShape", "")).upper() == "INVERSE"
-    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1" or inverse:
-        out = 1.0 - out
-    return np.round(out * 255.0).astype(np.uint8)
+
+# Fields a JPEG/PNG may be given by a sidecar JSON or an upload form (DICOM keywords).
+RASTER_HEADER_KEYS = (
+    "StudyInstanceUID",
+    "SeriesInstanceUID",
+    "AccessionNumber",
+    "PatientID",
+    "PatientName",
+    "PatientSex",
+    "PatientAge",
+    "StudyDate",
+    "StudyTime",
+    "Modality",
+    "BodyPartExamined",
+    "ViewPosition",
+    "InstitutionName",
+    "RequestedProcedurePriority",
+)
+
+
+# The longest value of each value representation (PS3.5 6.2), so stored columns always fit.
+# PN: three component groups of 64 (alphabetic, ideographic, phonetic) and their separators.
+_VR_MAX = {"CS": 16, "SH": 16, "DA": 8, "TM": 16, "AS": 4, "UI": 64, "LO": 64, "PN": 194,
+           "IS": 12, "DS": 16}  # fmt: skip
+
+
+def header_text(keyword: str, value: Any) -> str:
+    """A header value as storable text: control characters dropped, cut to its VR's length.
+
+    Headers from the wild carry NUL bytes, escape sequences and over-long values; PostgreSQL
+    refuses NUL in text and enforces column lengths, so one such file would otherwise fail
+    its whole transaction.
+    """
+    from pydicom.datadict import dictionary_VR, tag_for_keyword
+
+    text = "".join(ch for ch in str(value) if unicodedata.category(ch) != "Cc").strip()
+    try:
+        vr = dictionary_VR(tag_for_keyword(keyword) or 0)
+    except KeyError:
+        vr = "LO"
+    return text[: _VR_MAX.get(vr, 64)]
+
+
+def storable_name(filename: str) -> str:
+    """A file name as stored for display: no control characters, at most 255 characters."""
+    return "".join(ch for ch in filename if unicodedata.category(ch) != "Cc")[-255:]
+
+
+def header_fields(values: dict[str, Any]) -> dict[str, str]:
+    """The known header fields among sidecar or form values, cleaned and cut to length."""
+    out = {}
+    for key in RASTER_HEADER_KEYS:
+        value = values.get(key)
+        if value is not None and (text := header_text(key, value)):
+            out[key] = text
+    return out
 
 
 def dicom_metadata(ds: Any) -> dict[str, Any]:
@@ -234,24 +296,14 @@ def dicom_metadata(ds: Any) -> dict[str, Any]:
         value = ds.get(key)
         if value is None or value == "":
             continue
-        meta[key] = value if isinstance(value, int) else str(value)
+        if isinstance(value, int):
+            meta[key] = value
+        elif text := header_text(key, value):
+            meta[key] = text
     tsuid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if tsuid:
         meta["TransferSyntaxUID"] = str(tsuid)
     return meta
-
-
-def _first(value: Any) -> float:
-    try:
-        return float(value[0])
-    except (TypeError, IndexError):
-        return float(value)
-
-
-def _linear_window(values: np.ndarray, center: float, width: float) -> np.ndarray:
-    # DICOM PS3.3 C.11.2.1.2.1 linear function, output in [0, 1].
-    out = ((values - (center - 0.5)) / max(width - 1.0, 1.0)) + 0.5
-    return np.clip(out, 0.0, 1.0)
 
 
 def _scale_unit(values: np.ndarray, lo: float, hi: float) -> np.ndarray:

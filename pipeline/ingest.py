@@ -8,20 +8,20 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline import imaging
 from pipeline.db import session_scope
 from pipeline.imaging import DecodedImage, Limits, RejectedInput
 from pipeline.models import Image, Study, utcnow
-from pipeline.queue import Dispatcher, delete_payloads, put_payload
+from pipeline.queue import Dispatcher, delete_payloads, mark_sent, put_payloads
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +34,8 @@ class IngestItem:
     status: str
     reason: str | None = None
     duplicate: bool = False
+    # The stored preview of a newly queued image, kept so enqueueing need not read it back.
+    preview: bytes | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -77,7 +79,8 @@ def _has_dicom_magic(path: Path) -> bool:
 
 
 def _study_fields(meta: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    merged = {**meta, **{k: v for k, v in extra.items() if v not in (None, "")}}
+    # Form or sidecar values win over the header; both are cleaned to storable text.
+    merged = {**meta, **imaging.header_fields(extra)}
     priority = merged.get("RequestedProcedurePriority") or merged.get("StudyPriorityID")
     return {
         "study_uid": merged.get("StudyInstanceUID"),
@@ -109,7 +112,7 @@ def record_rejection(
     study = Study(source=source, lane=lane, status="rejected", reason=reason, done_at=now)
     session.add(study)
     session.flush()
-    image = Image(study_id=study.id, dedup_key=key, filename=filename[-255:], kind="unknown",
+    image = Image(study_id=study.id, dedup_key=key, filename=imaging.storable_name(filename), kind="unknown",
                   status="rejected", reason=reason, done_at=now)  # fmt: skip
     session.add(image)
     session.flush()
@@ -147,23 +150,28 @@ def persist_file(
         return existing
     if decoded is None:
         return record_rejection(session, key, filename, reason or "rejected", source, lane)
+    if decoded.kind != "dicom":
+        # JPEG/PNG carry no header: a sidecar JSON or the upload form gives their fields.
+        decoded.meta.update(imaging.header_fields(extra_meta))
     fields = _study_fields(decoded.meta, extra_meta)
     study: Study | None = None
     if fields["study_uid"]:
         study = session.scalars(select(Study).where(Study.study_uid == fields["study_uid"])).first()
     if study is None:
+        # Flushed together with its image below: one round of INSERTs per file.
         study = Study(source=source, lane=lane, status="queued", **fields)
         session.add(study)
-        session.flush()
-    status, reason = "queued", None
-    if decoded.is_lateral:
-        status = "skipped"
-        reason = f"lateral view ({decoded.meta.get('ViewPosition')}): the model reads frontal films"
+    reason = decoded.skip_reason  # lateral view or not a chest
+    status = "skipped" if reason else "queued"
     meta = decoded.meta
+    preview = imaging.encode_preview(decoded.pixels)
+    # A new study is inserted in the image's flush; an existing one is referred to by id (no
+    # load of its image collection).
+    link: dict[str, Any] = {"study": study} if study.id is None else {"study_id": study.id}
     image = Image(
-        study_id=study.id,
+        **link,
         dedup_key=key,
-        filename=filename[-255:],
+        filename=imaging.storable_name(filename),
         kind=decoded.kind,
         sop_uid=meta.get("SOPInstanceUID"),
         series_uid=meta.get("SeriesInstanceUID"),
@@ -173,7 +181,7 @@ def persist_file(
         width=decoded.width,
         height=decoded.height,
         meta=meta,
-        preview=imaging.encode_preview(decoded.pixels),
+        preview=preview,
         status=status,
         reason=reason,
         queued_at=utcnow() if status == "queued" else None,
@@ -182,12 +190,16 @@ def persist_file(
     session.add(image)
     session.flush()
     if status == "queued":
-        if study.status != "processing":
+        if study.status not in ("processing", "queued"):
+            # A study that was final (its other images skipped) has work again.
             study.status, study.done_at = "queued", None
     elif not _has_other_work(session, study.id, image.id):
         # The study's only images are skipped: it is final now, not waiting for a worker.
         study.status, study.reason, study.done_at = status, reason, utcnow()
-    return IngestItem(filename, study.id, image.id, status, reason)
+    item = IngestItem(filename, study.id, image.id, status, reason)
+    if status == "queued":
+        item.preview = preview
+    return item
 
 
 def _has_other_work(session: Session, study_id: int, image_id: int) -> bool:
@@ -209,19 +221,57 @@ def ingest_bytes(
     limits: Limits,
     **kwargs: Any,
 ) -> IngestItem:
-    """Persist one file in its own transaction; a concurrent duplicate is reported as such."""
+    """Persist one file in its own transaction; a concurrent duplicate is reported as such.
+
+    A value the database refuses (a header field it cannot store) rejects this file with the
+    reason; a database that is down raises, so the caller can retry.
+    """
     session = factory()
     try:
-        item = persist_file(session, data, filename, limits, **kwargs)
+        try:
+            item = persist_file(session, data, filename, limits, **kwargs)
+            session.commit()
+            return item
+        except IntegrityError:
+            session.rollback()
+            item = persist_file(session, data, filename, limits, **kwargs)
+            session.commit()
+            return item
+    except DataError as exc:
+        session.rollback()
+        log.warning("a header value could not be stored (%s)", type(exc.orig).__name__)
+        reason = "the file's header holds values the database cannot store"
+        item = record_rejection(session, imaging.content_key(data), filename, reason,
+                                kwargs.get("source", "cli"), kwargs.get("lane", "live"))  # fmt: skip
         session.commit()
         return item
-    except IntegrityError:
-        session.rollback()
-        key_item = persist_file(session, data, filename, limits, **kwargs)
-        session.commit()
-        return key_item
     finally:
         session.close()
+
+
+def ingest_many(
+    factory: sessionmaker[Session],
+    files: list[tuple[bytes, str]],
+    limits: Limits,
+    **kwargs: Any,
+) -> list[IngestItem]:
+    """Persist several files in one transaction: one commit for the lot.
+
+    A unique-key conflict (the same file arriving through another process at the same moment)
+    or a value the database refuses rolls the lot back and persists each file in its own
+    transaction, where the conflict is reported as a duplicate and the bad file alone is
+    rejected. Other errors (the database down) propagate with nothing committed.
+    """
+    session = factory()
+    try:
+        items = [persist_file(session, data, name, limits, **kwargs) for data, name in files]
+        session.commit()
+        return items
+    except (IntegrityError, DataError):
+        session.rollback()
+    finally:
+        session.close()
+    return [ingest_bytes(factory, data, name, limits, **kwargs) for data, name in files]
 
 
 def enqueue(
@@ -232,27 +282,72 @@ def enqueue(
     input_size: int,
     ttl_s: int,
     lane: str = "live",
+    previews: Mapping[int, bytes] | None = None,
 ) -> int:
-    """Put each image's model input in Redis, then send its task; return how many were sent."""
+    """Put each image's model input in Redis, then send its task; return how many were sent.
+
+    The model input is built from the stored preview: from ``previews`` where the caller still
+    holds it, else read back from the database.
+    """
     if not image_ids:
         return 0
-    session = factory()
+    found = {i: previews[i] for i in image_ids if previews and previews.get(i) is not None}
+    missing = [i for i in image_ids if i not in found]
+    if missing:
+        session = factory()
+        try:
+            rows = session.execute(select(Image.id, Image.preview).where(Image.id.in_(missing)))
+            found.update({image_id: preview for image_id, preview in rows if preview is not None})
+        finally:
+            session.close()
+    ready = [i for i in image_ids if i in found]
+    put_payloads(redis_client, {i: imaging.model_input(found[i], input_size) for i in ready}, ttl_s)
     try:
-        rows = session.execute(select(Image.id, Image.preview).where(Image.id.in_(image_ids))).all()
-    finally:
-        session.close()
-    ready = []
-    for image_id, preview in rows:
-        if preview is None:
-            continue
-        put_payload(redis_client, image_id, imaging.model_input(preview, input_size), ttl_s)
-        ready.append(image_id)
-    try:
-        return dispatcher.send(ready, lane=lane)
+        sent = dispatcher.send(ready, lane=lane)
     except Exception:
-        # Without its message a payload would make the reconciler think the image is waiting.
+        # A payload is no use without its message; the reconciler re-sends both.
         delete_payloads(redis_client, ready)
         raise
+    mark_sent(redis_client, ready, ttl_s)
+    return sent
+
+
+class Enqueuer:
+    """A sink for ``ingest_paths``: sends each chunk of queued images to the workers."""
+
+    def __init__(
+        self,
+        factory: sessionmaker[Session],
+        redis_client: Any,
+        dispatcher: Dispatcher,
+        input_size: int,
+        ttl_s: int,
+        lane: str = "live",
+    ) -> None:
+        self.factory, self.redis, self.dispatcher = factory, redis_client, dispatcher
+        self.input_size, self.ttl_s, self.lane = input_size, ttl_s, lane
+
+    def __call__(self, image_ids: list[int], previews: Mapping[int, bytes] | None = None) -> int:
+        return enqueue(self.factory, self.redis, self.dispatcher, image_ids, self.input_size,
+                       self.ttl_s, lane=self.lane, previews=previews)  # fmt: skip
+
+
+def _read_or_reject(
+    factory: sessionmaker[Session], path: Path, limits: Limits, source: str, lane: str
+) -> bytes | IngestItem:
+    """The file's bytes, or the item recording why it was not read (too big, unreadable)."""
+    try:
+        size = path.stat().st_size
+        if size > limits.max_bytes:
+            # Recorded on a study like any bad input, without reading the file into memory.
+            reason = (f"the file is {size / 1e6:.1f} MB, "
+                      f"over the {limits.max_bytes / 1e6:.0f} MB limit")  # fmt: skip
+            with session_scope(factory) as session:
+                return record_rejection(session, _file_key(path), path.name, reason, source, lane)
+        return path.read_bytes()
+    except OSError:
+        # Nothing can be read, so nothing identifies it for dedup: reported, not stored.
+        return IngestItem(str(path), None, None, "rejected", "the file cannot be read")
 
 
 def ingest_paths(
@@ -263,52 +358,54 @@ def ingest_paths(
     lane: str = "live",
     sink: Callable[[list[int]], object] | None = None,
     chunk: int = 16,
+    chunk_bytes: int = 64 * 1024 * 1024,
 ) -> IngestReport:
     """Persist every file under paths; unreadable files are rejected, never fatal.
 
-    With a sink, queued image ids are handed to it every ``chunk`` accepted files, so the
-    workers start on the first studies while later ones are still being read.
+    Files are committed ``chunk`` at a time (or fewer, once ``chunk_bytes`` are read), and
+    with a sink the chunk's queued image ids are handed to it right after the commit, so
+    the workers start on the first studies while later ones are still being read.
     """
     report = IngestReport()
-    pending: list[int] = []
+    files: list[tuple[bytes, str]] = []
+    names: list[Path] = []
+    held = 0
 
     def flush() -> None:
-        nonlocal sink
-        if sink is not None and pending:
+        nonlocal sink, held
+        items = ingest_many(factory, files, limits, source=source, lane=lane) if files else []
+        queued: dict[int, bytes | None] = {}
+        for path, item in zip(names, items, strict=True):
+            item.path = str(path)
+            report.items.append(item)
+            if item.status == "queued" and not item.duplicate and item.image_id is not None:
+                queued[item.image_id] = item.preview
+            item.preview = None  # the report outlives the chunk; the bytes need not
+        files.clear()
+        names.clear()
+        held = 0
+        if sink is not None and queued:
             try:
-                sink(list(pending))
+                if isinstance(sink, Enqueuer):
+                    sink(list(queued), previews={i: p for i, p in queued.items() if p})
+                else:
+                    sink(list(queued))
             except Exception as exc:
                 # The rows are committed as queued: the reconciler sends them later.
                 log.warning("could not send work (%s); it stays queued", type(exc).__name__)
                 sink = None
-        pending.clear()
 
     for path in iter_input_files(paths):
-        try:
-            size = path.stat().st_size
-            if size > limits.max_bytes:
-                # Recorded on a study like any bad input, without reading the file into memory.
-                reason = (f"the file is {size / 1e6:.1f} MB, "
-                          f"over the {limits.max_bytes / 1e6:.0f} MB limit")  # fmt: skip
-                with session_scope(factory) as session:
-                    item = record_rejection(session, _file_key(path), path.name, reason,
-                                            source, lane)  # fmt: skip
-                item.path = str(path)
-                report.items.append(item)
-                continue
-            data = path.read_bytes()
-        except OSError:
-            # Nothing can be read, so nothing identifies it for dedup: reported, not stored.
-            reason = "the file cannot be read"
-            report.items.append(IngestItem(str(path), None, None, "rejected", reason))
+        got = _read_or_reject(factory, path, limits, source, lane)
+        if isinstance(got, IngestItem):
+            got.path = str(path)
+            report.items.append(got)
             continue
-        item = ingest_bytes(factory, data, path.name, limits, source=source, lane=lane)
-        item.path = str(path)
-        report.items.append(item)
-        if item.status == "queued" and not item.duplicate and item.image_id is not None:
-            pending.append(item.image_id)
-            if len(pending) >= chunk:
-                flush()
+        files.append((got, path.name))
+        names.append(path)
+        held += len(got)
+        if len(files) >= chunk or held >= chunk_bytes:
+            flush()
     flush()
     log.info(
         "ingested %d files: %d accepted, %d duplicates, %d rejected",

@@ -7,7 +7,7 @@ in the database whenever Redis has lost it, so Redis holds nothing that cannot b
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -18,6 +18,11 @@ log = logging.getLogger(__name__)
 TASK_CLASSIFY = "cxr.classify_image"
 QUEUES = {"live": "cxr.live", "bulk": "cxr.bulk"}
 PAYLOAD_PREFIX = "cxr:payload:"
+# Set once an image's task message has been published. Redis applies (and its AOF logs)
+# commands in order, so a marker that survived a crash or restart means its message did too;
+# a payload alone does not: the sender may have died, or Redis lost its last second of writes,
+# between the payload and the message.
+SENT_PREFIX = "cxr:sent:"
 HEARTBEAT_PREFIX = "cxr:worker:"
 HEARTBEAT_TTL_S = 30
 
@@ -45,6 +50,41 @@ def put_payload(client: redis.Redis, image_id: int, array: np.ndarray, ttl_s: in
     client.set(payload_key(image_id), array.astype(np.uint8).tobytes(), ex=ttl_s)
 
 
+def put_payloads(client: redis.Redis, arrays: Mapping[int, np.ndarray], ttl_s: int) -> None:
+    """Store many model inputs in one round trip."""
+    if not arrays:
+        return
+    with client.pipeline(transaction=False) as pipe:
+        for image_id, array in arrays.items():
+            pipe.set(payload_key(image_id), array.astype(np.uint8).tobytes(), ex=ttl_s)
+        pipe.execute()
+
+
+def sent_key(image_id: int) -> str:
+    return f"{SENT_PREFIX}{image_id}"
+
+
+def mark_sent(client: redis.Redis, image_ids: Sequence[int], ttl_s: int) -> None:
+    """Record that these images' task messages are published."""
+    if not image_ids:
+        return
+    with client.pipeline(transaction=False) as pipe:
+        for image_id in image_ids:
+            pipe.set(sent_key(image_id), b"1", ex=ttl_s)
+        pipe.execute()
+
+
+def sent_images(client: redis.Redis, image_ids: Sequence[int]) -> set[int]:
+    """Those of these images whose task message is known to be published."""
+    if not image_ids:
+        return set()
+    with client.pipeline(transaction=False) as pipe:
+        for image_id in image_ids:
+            pipe.exists(sent_key(image_id))
+        found = pipe.execute()
+    return {i for i, n in zip(image_ids, found, strict=True) if n}
+
+
 def get_payloads(client: redis.Redis, image_ids: Sequence[int], size: int) -> list[Any]:
     """Fetch payloads in one round trip; None where a payload is missing or malformed."""
     if not image_ids:
@@ -60,8 +100,9 @@ def get_payloads(client: redis.Redis, image_ids: Sequence[int], size: int) -> li
 
 
 def delete_payloads(client: redis.Redis, image_ids: Iterable[int]) -> None:
-    """Drop payloads of finished images."""
-    keys = [payload_key(i) for i in image_ids]
+    """Drop the payloads (and sent markers) of finished images."""
+    ids = list(image_ids)
+    keys = [payload_key(i) for i in ids] + [sent_key(i) for i in ids]
     if keys:
         client.delete(*keys)
 

@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from pipeline.db import session_scope
 from pipeline.ingest import enqueue
 from pipeline.models import Image, Study, as_utc, utcnow
-from pipeline.queue import Dispatcher, payload_key
+from pipeline.queue import Dispatcher, sent_images
 from pipeline.studies import refresh_study
 
 log = logging.getLogger(__name__)
@@ -52,11 +52,13 @@ def requeue_stuck(
                 )
             )
         ).all()
-        # A queued image whose payload is still in Redis is waiting in a backlog, not lost --
-        # unless it has waited so long that its message was probably acked without a result
-        # (a worker that gave up retrying); re-sending that is safe, results are idempotent.
+        # A queued image whose task message is known to be in Redis is waiting in a backlog,
+        # not lost -- unless it has waited so long that its message was probably acked without
+        # a result (a worker that gave up retrying); re-sending that is safe, results are
+        # idempotent. A payload without the sent marker is not enough: its message may never
+        # have been published, or Redis may have lost it in a crash.
         grace = utcnow() - timedelta(seconds=max(3600.0, 6 * stuck_after_s))
-        waiting = _payload_present(
+        waiting = sent_images(
             redis_client,
             [img.id for img, _ in rows if img.status != "processing"
              and img.queued_at is not None and as_utc(img.queued_at) > grace],
@@ -82,13 +84,3 @@ def requeue_stuck(
     if sent or failed:
         log.warning("reconciler re-sent %d images and failed %d", sent, failed)
     return {"requeued": sent, "failed": failed}
-
-
-def _payload_present(redis_client: Any, image_ids: list[int]) -> set[int]:
-    if not image_ids:
-        return set()
-    with redis_client.pipeline(transaction=False) as pipe:
-        for image_id in image_ids:
-            pipe.exists(payload_key(image_id))
-        found = pipe.execute()
-    return {i for i, n in zip(image_ids, found, strict=True) if n}

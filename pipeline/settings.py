@@ -51,6 +51,13 @@ class Settings:
     max_attempts: int = 3
     payload_ttl_s: int = 7 * 24 * 3600
     torch_threads: int = 0
+    # Sources (issue 3): a watched folder, a DICOM listener (port 0: off), the HTTP body limit.
+    watch_dir: Path | None = None
+    watch_settle_ms: int = 2000
+    dicom_port: int = 0
+    dicom_ae_title: str = "CXRTRIAGE"
+    dicom_allowed_aes: tuple[str, ...] = ()
+    max_request_mb: int = 512
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
@@ -62,6 +69,8 @@ class Settings:
             "weights": lambda v: Path(v).expanduser().resolve(),
             "production": _as_bool,
             "modalities": lambda v: tuple(m.strip().upper() for m in v.split(",") if m.strip()),
+            "watch_dir": lambda v: Path(v).expanduser().resolve(),
+            "dicom_allowed_aes": lambda v: tuple(a.strip() for a in v.split(",") if a.strip()),
         }
         for f in fields(cls):
             raw = _maybe(env, f.name.upper())

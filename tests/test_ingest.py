@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 
 from pydicom.uid import generate_uid
-from sqlalchemy import select
+from sqlalchemy import func, select, text
 
 from pipeline.classifier import Classifier
 from pipeline.db import make_engine, make_session_factory
 from pipeline.imaging import Limits
 from pipeline.inference import classify_images
-from pipeline.ingest import ingest_paths
+from pipeline.ingest import ingest_many, ingest_paths, persist_file
 from pipeline.migrate import upgrade
 from pipeline.models import Image, Study
 from pipeline.queue import redis_client
@@ -79,3 +81,76 @@ def test_oversize_file_is_recorded_with_its_reason_and_deduplicated(settings, tm
     assert [(i.study_id, i.duplicate) for i in again.items] == [(study.id, True)]
     with factory() as session:
         assert len(session.scalars(select(Study)).all()) == 1
+
+
+def test_chunk_conflicting_with_a_concurrent_ingest_keeps_every_file(
+    postgres_url, tmp_path
+) -> None:
+    """Another process commits a file of our chunk while our chunk is in flight (PostgreSQL
+    blocks our insert on the unique key until then): our chunk falls back to one transaction
+    per file, the shared file is a duplicate of theirs, and the others are ours."""
+    upgrade(postgres_url)
+    factory = make_session_factory(make_engine(postgres_url))
+    shared = dicom_bytes(chest_like(seed=1))
+    ours = [dicom_bytes(chest_like(seed=s)) for s in (2, 3)]
+    theirs = factory()
+    their_item = persist_file(theirs, shared, "shared.dcm", Limits(), source="other")
+    result: dict[str, list] = {}
+    worker = threading.Thread(
+        target=lambda: result.setdefault(
+            "items", ingest_many(factory, [(ours[0], "a.dcm"), (shared, "shared.dcm"),
+                                           (ours[1], "b.dcm")], Limits())))  # fmt: skip
+    worker.start()
+    # Commit theirs only once our chunk is blocked on their uncommitted unique key.
+    deadline = time.monotonic() + 30
+    while not _waiting_on_a_lock(postgres_url) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _waiting_on_a_lock(postgres_url), "our chunk never reached the conflicting insert"
+    theirs.commit()
+    theirs.close()
+    worker.join(30)
+    items = result["items"]
+    assert [(i.path, i.status, i.duplicate) for i in items] == [
+        ("a.dcm", "queued", False), ("shared.dcm", "queued", True), ("b.dcm", "queued", False)]  # fmt: skip
+    assert items[1].study_id == their_item.study_id
+    with factory() as session:
+        assert len(session.scalars(select(Image)).all()) == 3
+        assert sorted(s.source for s in session.scalars(select(Study))) == ["cli", "cli", "other"]
+
+
+def _waiting_on_a_lock(url: str) -> bool:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            return bool(conn.execute(text(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE wait_event_type = 'Lock' AND datname = current_database()")).scalar())  # fmt: skip
+    finally:
+        engine.dispose()
+
+
+def test_header_control_characters_and_long_values_never_fail_a_chunk(database_url) -> None:
+    """NUL bytes, escape sequences and over-long values in a header (PostgreSQL refuses NUL in
+    text and enforces lengths): the file is stored with clean values, its chunk-mates too."""
+    from reliability.samples import dicom_bytes as raw_dicom
+
+    upgrade(database_url)
+    factory = make_session_factory(make_engine(database_url))
+    bad = raw_dicom(chest_like(seed=5), ("Bad^Header", "P1"), raw_elements={
+        0x00100010: ("PN", b"DOE^JANE\x00\x1b[31m\x01"),
+        0x00080050: ("SH", b"ACC\x00\x1b[31m"),
+        0x00100020: ("LO", b"P" * 300),
+    })  # fmt: skip
+    files = [(dicom_bytes(chest_like(seed=4)), "a.dcm"), (bad, "bad\x00\x07.dcm"),
+             (dicom_bytes(chest_like(seed=6)), "c.dcm")]  # fmt: skip
+    items = ingest_many(factory, files, Limits())
+    assert [i.status for i in items] == ["queued", "queued", "queued"]
+    with factory() as session:
+        study = session.get(Study, items[1].study_id)
+        image = session.get(Image, items[1].image_id)
+        assert study is not None and image is not None
+        assert (study.accession_number, study.patient_name) == ("ACC[31m", "DOE^JANE[31m")
+        assert study.patient_id == "P" * 64  # LO: at most 64 characters
+        assert image.filename == "bad.dcm"
+        assert image.meta["AccessionNumber"] == "ACC[31m"
+        assert session.scalar(select(func.count(Image.id))) == 3

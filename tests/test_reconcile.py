@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 
+import numpy as np
 import pytest
 import redis
 from sqlalchemy import func, select
@@ -12,6 +13,7 @@ from sqlalchemy import func, select
 from pipeline.cli import reconcile_once
 from pipeline.db import make_engine, make_session_factory
 from pipeline.models import Image, Prediction, Study
+from pipeline.queue import payload_key, put_payloads, redis_client, sent_key
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.e2e
@@ -63,11 +65,11 @@ def test_flushall_loses_nothing_and_nothing_is_doubled(
     assert proc.returncode == 0, proc.stderr
     client = redis.Redis.from_url(settings.redis_url)
     assert client.llen("cxr.live") == 3
-    # A queued image whose payload is still in Redis is waiting, not lost: not re-sent.
+    # A queued image whose message is known to be in Redis is waiting, not lost: not re-sent.
     assert reconcile_once(settings, settings.redis_url, stuck_after_s=0)["requeued"] == 0
     client.flushall()
     assert reconcile_once(settings, settings.redis_url, stuck_after_s=0)["requeued"] == 3
-    # The payloads are back with the re-sent messages, so an immediate second pass sends nothing.
+    # The re-sent messages are marked sent again, so an immediate second pass sends nothing.
     assert reconcile_once(settings, settings.redis_url, stuck_after_s=0)["requeued"] == 0
     worker_factory(settings)
     factory = make_session_factory(make_engine(settings.db_url))
@@ -75,6 +77,28 @@ def test_flushall_loses_nothing_and_nothing_is_doubled(
     with factory() as session:
         assert session.scalar(select(func.count(Prediction.id))) == 3
         assert session.scalar(select(func.count(Image.id)).where(Image.status == "done")) == 3
+    client.close()
+
+
+def test_a_payload_whose_message_was_never_sent_is_re_sent(
+    settings, study_folder, worker_factory
+) -> None:  # type: ignore[no-untyped-def]
+    # The sender died (or Redis lost its last writes) after the payloads, before the messages.
+    offline = settings.with_(redis_url=None)
+    assert run_cli(["ingest", str(study_folder), "--json"], offline).returncode == 0
+    factory = make_session_factory(make_engine(settings.db_url))
+    with factory() as session:
+        queued = list(session.scalars(select(Image.id).where(Image.status == "queued")))
+    assert len(queued) == 3
+    client = redis_client(settings.redis_url)
+    put_payloads(client, {i: np.zeros((8, 8), np.uint8) for i in queued}, 600)
+    assert client.llen("cxr.live") == 0
+    assert reconcile_once(settings, settings.redis_url, stuck_after_s=0)["requeued"] == 3
+    assert client.llen("cxr.live") == 3
+    worker_factory(settings)
+    assert wait_all_final(factory) == {"done": 3, "rejected": 1}
+    # Finished images leave neither a payload nor a sent marker behind.
+    assert client.exists(*[payload_key(i) for i in queued], *[sent_key(i) for i in queued]) == 0
     client.close()
 
 

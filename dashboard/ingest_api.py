@@ -1,0 +1,204 @@
+"""Machine ingest over HTTP: ``POST /api/studies`` (a form upload) and STOW-RS.
+
+Both take a feed's bearer token only (scope ``ingest``), never a browser session: the views are
+exempt from CSRF, so a cookie must not be able to reach them. Bodies are spooled to disk under
+``CXR_MAX_REQUEST_MB``; each file is held to ``CXR_MAX_FILE_MB``, and one over it is still
+identified by its hash and recorded as a rejected study. Everything goes through the same
+persist-then-send path as the CLI (``pipeline.intake``).
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from flask import Blueprint, Response, current_app, jsonify, request
+from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.http import parse_options_header
+from werkzeug.utils import secure_filename
+
+from dashboard import settings
+from dashboard.auth import api_auth_required
+from dashboard.multipart import BodyTooLarge, MalformedBody, Part, hash_range, split, spooled
+from pipeline.imaging import header_fields
+from pipeline.ingest import IngestItem
+from pipeline.intake import Intake, failure_status
+
+bp = Blueprint("ingest_api", __name__)
+_intake_lock = threading.Lock()
+MAX_FIELD_BYTES = 1024
+
+
+def intake() -> Intake:
+    """The app's intake (one per process, shared by request threads)."""
+    ext = current_app.extensions["cxr"]
+    with _intake_lock:
+        if "intake" not in ext:
+            ext["intake"] = Intake(ext["settings"], ext["factory"])
+    return ext["intake"]  # type: ignore[no-any-return]
+
+
+def bearer_only(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Refuse session cookies: these CSRF-exempt views take a bearer token or nothing."""
+
+    @functools.wraps(fn)
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        if not request.headers.get("Authorization", "").lower().startswith("bearer "):
+            return _error(401, "send a feed account's token: Authorization: Bearer <token>")
+        return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def _error(code: int, reason: str, **extra: Any) -> tuple[Response, int]:
+    return jsonify(error=reason, **extra), code
+
+
+def _multipart(expected: str) -> tuple[str, dict[str, str]]:
+    ctype, options = parse_options_header(request.headers.get("Content-Type", ""))
+    if ctype.lower() != expected:
+        raise _Refused(415, f"send {expected}, not {ctype or 'no Content-Type'}")
+    if not options.get("boundary"):
+        raise _Refused(400, "the Content-Type has no boundary parameter")
+    return options["boundary"], options
+
+
+class _Refused(Exception):
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code, self.reason = code, reason
+
+
+def _limited_body() -> Any:
+    limit = settings().max_request_mb * 1024 * 1024
+    request.max_content_length = limit  # a larger Content-Length is refused unread (413)
+    return spooled(request.stream, limit)
+
+
+def _refusal(exc: Exception) -> tuple[Response, int]:
+    if isinstance(exc, _Refused):
+        return _error(exc.code, exc.reason)
+    if isinstance(exc, MalformedBody):
+        return _error(400, f"malformed multipart body: {exc}")
+    limit = settings().max_request_mb
+    return _error(413, f"the request body is over the {limit} MB limit")
+
+
+def _store(
+    body: Any, part: Part, filename: str, source: str, meta: dict[str, Any] | None
+) -> IngestItem:
+    taker = intake()
+    if part.size > taker.limits.max_bytes:
+        return taker.reject_oversize(hash_range(body, part), part.size, filename, source)
+    return taker.submit(bytes(body[part.start : part.end]), filename, source, meta)
+
+
+@bp.post("/api/studies")
+@bearer_only
+@api_auth_required(scope="ingest")
+def post_study() -> Any:
+    """One file as multipart/form-data field ``file``; other fields are DICOM-keyword metadata."""
+    try:
+        boundary, _ = _multipart("multipart/form-data")
+        with _limited_body() as body:
+            parts = split(body, boundary)
+            files = [p for p in parts if p.filename is not None]
+            if len(files) != 1 or files[0].name != "file":
+                raise _Refused(400, "send exactly one file, in the form field named 'file'")
+            fields = {p.name: bytes(body[p.start : p.end][:MAX_FIELD_BYTES]).decode("utf-8", "replace")
+                      for p in parts if p.filename is None and p.name}  # fmt: skip
+            name = secure_filename(files[0].filename or "") or "upload"
+            item = _store(body, files[0], name, "http", header_fields(fields))
+    except (_Refused, MalformedBody, BodyTooLarge, RequestEntityTooLarge) as exc:
+        return _refusal(exc)
+    doc = {"study_id": item.study_id, "image_id": item.image_id, "status": item.status,
+           "duplicate": item.duplicate, "reason": item.reason}  # fmt: skip
+    if item.status == "rejected":
+        too_big = failure_status(item.reason) == 0xA700
+        return jsonify(error=item.reason, **doc), (413 if too_big else 422)
+    return jsonify(doc), (200 if item.duplicate else 202)
+
+
+# --------------------------------------------------------------------------- STOW-RS
+
+SOP_CLASS, SOP_INSTANCE, FAILURE_REASON = "00081150", "00081155", "00081197"
+REFERENCED_SEQ, FAILED_SEQ = "00081199", "00081198"
+
+
+def _uids(data: bytes) -> tuple[str | None, str | None]:
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True,
+                             specific_tags=["SOPClassUID", "SOPInstanceUID"])  # fmt: skip
+        return _text(ds.get("SOPClassUID")), _text(ds.get("SOPInstanceUID"))
+    except Exception:
+        return None, None
+
+
+def _text(value: Any) -> str | None:
+    return str(value) if value else None
+
+
+def _instance(sop_class: str | None, sop_uid: str | None, status: int | None = None) -> dict:
+    item: dict[str, Any] = {}
+    if sop_class:
+        item[SOP_CLASS] = {"vr": "UI", "Value": [sop_class]}
+    if sop_uid:
+        item[SOP_INSTANCE] = {"vr": "UI", "Value": [sop_uid]}
+    if status is not None:
+        item[FAILURE_REASON] = {"vr": "US", "Value": [status]}
+    return item
+
+
+def _stow_part(body: Any, number: int, part: Part, sop_uid: str | None) -> tuple[bool, str | None]:
+    """Store one STOW part; (stored, reason). A duplicate counts as stored: it is known."""
+    if part.content_type not in ("", "application/dicom"):
+        return False, f"part {number} is {part.content_type}, not application/dicom"
+    item = _store(body, part, f"{sop_uid or f'stow-{number}'}.dcm", "stow", None)
+    return item.status != "rejected", item.reason
+
+
+@bp.post("/dicomweb/studies")
+@bearer_only
+@api_auth_required(scope="ingest")
+def stow() -> Any:
+    """STOW-RS (PS3.18 10.5): multipart/related; type="application/dicom"."""
+    referenced: list[dict] = []
+    failed: list[dict] = []
+    warnings: list[str] = []
+    try:
+        boundary, options = _multipart("multipart/related")
+        if options.get("type", "application/dicom").lower() != "application/dicom":
+            raise _Refused(415, "only application/dicom parts are accepted (no bulk data form)")
+        with _limited_body() as body:
+            parts = split(body, boundary)
+            if not parts:
+                raise _Refused(400, "the request holds no DICOM instances")
+            for number, part in enumerate(parts, 1):
+                head = bytes(body[part.start : min(part.end, part.start + (1 << 16))])
+                sop_class, sop_uid = _uids(head)
+                stored, reason = _stow_part(body, number, part, sop_uid)
+                if stored:
+                    referenced.append(_instance(sop_class, sop_uid))
+                    continue
+                failed.append(_instance(sop_class, sop_uid, failure_status(reason)))
+                warnings.append(f"part {number}: {reason}")
+    except (_Refused, MalformedBody, BodyTooLarge, RequestEntityTooLarge) as exc:
+        return _refusal(exc)
+    doc: dict[str, Any] = {}
+    if referenced:
+        doc[REFERENCED_SEQ] = {"vr": "SQ", "Value": referenced}
+    if failed:
+        doc[FAILED_SEQ] = {"vr": "SQ", "Value": failed}
+    code = 200 if not failed else (202 if referenced else 409)
+    response = jsonify(doc)
+    response.status_code = code
+    response.mimetype = "application/dicom+json"
+    for text in warnings[:20]:  # the reasons in words, for people reading the sender's log
+        safe = text.encode("ascii", "replace").decode().replace('"', "'")
+        response.headers.add("Warning", f'299 cxr-triage "{safe}"')
+    return response
