@@ -35,7 +35,7 @@ from pipeline.classifier import Classifier
 from pipeline.datasets import load_one
 from pipeline.db import make_engine, make_session_factory
 from pipeline.imaging import Limits
-from pipeline.ingest import enqueue, ingest_paths
+from pipeline.ingest import Enqueuer, ingest_paths
 from pipeline.migrate import upgrade
 from pipeline.models import Batch, Image
 from pipeline.queue import Dispatcher, redis_client
@@ -97,9 +97,7 @@ def _send(settings: Settings, factory: Any, paths: list[Path], size: int) -> lis
     client = redis_client(settings.redis_url or "")
     dispatcher = Dispatcher(settings.redis_url or "")
 
-    def sink(ids: list[int]) -> int:
-        return enqueue(factory, client, dispatcher, ids, size, 3600)
-
+    sink = Enqueuer(factory, client, dispatcher, size, 3600)
     try:
         report = ingest_paths(factory, paths, Limits(), source="bench", sink=sink,
                               chunk=settings.batch_size)  # fmt: skip

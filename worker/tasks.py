@@ -12,7 +12,7 @@ from typing import Any
 import redis
 import sqlalchemy.exc
 from celery import signals
-from celery_batches import Batches, SimpleRequest
+from celery_batches import SimpleRequest
 
 from pipeline.classifier import Classifier
 from pipeline.db import make_engine, make_session_factory
@@ -21,6 +21,7 @@ from pipeline.queue import HEARTBEAT_PREFIX, HEARTBEAT_TTL_S, QUEUES, TASK_CLASS
 from pipeline.redis_server import resolve_redis_url
 from pipeline.settings import Settings
 from pipeline.weights import ensure_weights
+from worker.batches import ReconnectSafeBatches
 from worker.celery_app import app
 
 log = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ def retry_later(requests: list[SimpleRequest], exc: Exception) -> int:
 
 
 @app.task(
-    base=Batches,
+    base=ReconnectSafeBatches,
     name=TASK_CLASSIFY,
     flush_every=_settings.batch_size,
     flush_interval=_settings.batch_wait_ms / 1000.0,
