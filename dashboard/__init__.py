@@ -30,6 +30,8 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
         SESSION_COOKIE_SAMESITE="Lax",
         SESSION_COOKIE_SECURE=settings.production,
         REMEMBER_COOKIE_HTTPONLY=True,
+        REMEMBER_COOKIE_SAMESITE="Lax",
+        REMEMBER_COOKIE_SECURE=settings.production,
         MAX_CONTENT_LENGTH=settings.max_file_mb * 1024 * 1024,
         WTF_CSRF_TIME_LIMIT=None,
     )
@@ -44,13 +46,19 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     csrf.init_app(app)
     login_manager.init_app(app)
 
-    from dashboard import admin, api, auth, worklist
+    from dashboard import admin, api, auth, security, viewer, worklist
 
+    security.init_app(app)
     app.register_blueprint(auth.bp)
     app.register_blueprint(worklist.bp)
+    app.register_blueprint(viewer.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(admin.bp)
     csrf.exempt(api.bp)  # token-authenticated machine API; no cookies involved
+    from dashboard import ingest_api
+
+    app.register_blueprint(ingest_api.bp)
+    csrf.exempt(ingest_api.bp)  # bearer tokens only (ingest_api.bearer_only); no cookies
 
     @app.teardown_appcontext
     def _close_session(_exc: BaseException | None) -> None:

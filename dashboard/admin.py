@@ -1,4 +1,9 @@
-"""Admin pages: how long abnormal and normal studies are waiting in the worklist, live."""
+"""Admin pages: the console (queues, throughput, latency, workers, problems, model, counts),
+requeueing a failed study, the audit log, and live waiting times.
+
+Every number comes from a plain function in ``dashboard.monitor`` returning a dict; the same
+dicts are served as JSON under ``/api/admin/``.
+"""
 
 from __future__ import annotations
 
@@ -7,14 +12,21 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from flask import Blueprint, abort, jsonify, render_template
+from flask import Blueprint, abort, flash, jsonify, redirect, render_template, request, url_for
 from flask_login import current_user, login_required
 
-from dashboard import db, monitor
-from dashboard.auth import api_auth_required
+from dashboard import db, monitor, settings
+from dashboard.auth import api_auth_required, audit
+from dashboard.charts import throughput_svg
+from dashboard.words import model_summary
+from pipeline.queue import Dispatcher, redis_client
+from pipeline.redis_server import resolve_redis_url
+from pipeline.requeue import RequeueError, requeue_study
+from pipeline.weights import describe_weights
 
 bp = Blueprint("admin", __name__)
 REFRESH_S = 15
+AUDIT_PAGE = 50
 
 
 def admin_required(view: Callable[..., Any]) -> Callable[..., Any]:
@@ -27,7 +39,89 @@ def admin_required(view: Callable[..., Any]) -> Callable[..., Any]:
             abort(403)
         return view(*args, **kwargs)
 
+    wrapped.required_role = "admin"  # type: ignore[attr-defined]
     return wrapped
+
+
+def _console() -> dict[str, Any]:
+    return monitor.console(db(), settings(), describe_weights(settings()), datetime.now(UTC))
+
+
+@bp.route("/admin")
+@admin_required
+def console() -> Any:
+    doc = _console()
+    model = describe_weights(settings())
+    return render_template("admin_console.html", doc=doc, model=model, refresh_s=REFRESH_S,
+                           model_summary=model_summary(model),
+                           chart=throughput_svg(doc["throughput"]["per_minute"]))  # fmt: skip
+
+
+@bp.route("/admin/panel")
+@admin_required
+def console_panel() -> Any:
+    """The console's live part alone, fetched by the page every few seconds."""
+    doc = _console()
+    return render_template("_admin_panel.html", doc=doc,
+                           chart=throughput_svg(doc["throughput"]["per_minute"]))  # fmt: skip
+
+
+@bp.route("/api/admin/overview")
+@api_auth_required(scope="admin")
+def overview_json() -> Any:
+    return jsonify(_console())
+
+
+@bp.route("/admin/studies/<int:study_id>/requeue", methods=["POST"])
+@admin_required
+def requeue(study_id: int) -> Any:
+    model = describe_weights(settings())
+    url = resolve_redis_url(settings())
+    client, dispatcher = (redis_client(url), Dispatcher(url)) if url else (None, None)
+    try:
+        result = requeue_study(_factory(), client, dispatcher, study_id,
+                               input_size=model["input_size"], ttl_s=settings().payload_ttl_s,
+                               thresholds=model["thresholds"])  # fmt: skip
+    except RequeueError as exc:
+        audit("requeue_refused", target=f"study:{study_id}", detail=str(exc))
+        return render_template("error.html", message=str(exc)), 409
+    finally:
+        if dispatcher is not None:
+            dispatcher.close()
+        if client is not None:
+            client.close()
+    images = ",".join(str(i) for i in result["image_ids"])
+    audit("requeue", target=f"study:{study_id}", detail=f"images {images}; sent {result['sent']}")
+    if result["sent"]:
+        flash(
+            f"Study {study_id} requeued: {result['sent']} image(s) sent to the {result['lane']} lane."
+        )
+    else:
+        flash(f"Study {study_id} marked queued; the queue is unreachable, so the reconciler "
+              "will send it when Redis is back.")  # fmt: skip
+    return redirect(url_for("admin.console"))
+
+
+def _factory() -> Any:
+    from flask import current_app
+
+    return current_app.extensions["cxr"]["factory"]
+
+
+@bp.route("/admin/audit")
+@admin_required
+def audit_log() -> Any:
+    page = max(1, request.args.get("page", 1, type=int) or 1)
+    action = request.args.get("action") or None
+    doc = monitor.audit_log(db(), page, AUDIT_PAGE, action)
+    return render_template("admin_audit.html", doc=doc)
+
+
+@bp.route("/api/admin/audit")
+@api_auth_required(scope="admin")
+def audit_json() -> Any:
+    page = max(1, request.args.get("page", 1, type=int) or 1)
+    return jsonify(monitor.audit_log(db(), page, AUDIT_PAGE, request.args.get("action") or None))
 
 
 @bp.route("/admin/waiting")
@@ -38,6 +132,6 @@ def waiting() -> Any:
 
 
 @bp.route("/api/admin/waiting")
-@api_auth_required(role="admin")
+@api_auth_required(scope="admin")
 def waiting_json() -> Any:
     return jsonify(monitor.waiting_times(db(), datetime.now(UTC)))

@@ -11,17 +11,27 @@ from sqlalchemy import text
 
 from dashboard import db, monitor, settings
 from dashboard.auth import api_auth_required
-from pipeline.studies import worklist_document
+from pipeline.studies import FilterError, WorklistFilter, worklist_document
 from pipeline.weights import describe_weights
 
 bp = Blueprint("api", __name__)
 
 
+API_MAX_LIMIT = 1000
+
+
 @bp.route("/api/worklist")
 @api_auth_required
 def worklist() -> Any:
-    limit = request.args.get("limit", type=int)
-    return jsonify(worklist_document(db(), describe_weights(settings()), limit))
+    """The worklist with the page's filters: status, triage, reviewed, date_from, date_to, q."""
+    limit = min(API_MAX_LIMIT, max(1, request.args.get("limit", 100, type=int) or 100))
+    offset = max(0, request.args.get("offset", 0, type=int) or 0)
+    try:
+        filters = WorklistFilter.from_args(request.args)
+    except FilterError as exc:
+        return jsonify(error=str(exc)), 400
+    model = describe_weights(settings())
+    return jsonify(worklist_document(db(), model, limit, filters, offset))
 
 
 @bp.route("/api/monitor")
@@ -71,7 +81,7 @@ class _Collector:
 
 
 @bp.route("/metrics")
-@api_auth_required
+@api_auth_required(scope="metrics")
 def metrics() -> Response:
     registry = CollectorRegistry()
     registry.register(_Collector(monitor.overview(db(), settings())))

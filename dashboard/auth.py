@@ -6,12 +6,32 @@ import functools
 from collections.abc import Callable
 from typing import Any
 
-from flask import Blueprint, flash, g, jsonify, redirect, render_template, request, url_for
+from flask import (
+    Blueprint,
+    current_app,
+    flash,
+    g,
+    jsonify,
+    make_response,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
 from flask_login import current_user, login_required, login_user, logout_user
 
 from dashboard import db
-from pipeline.models import AuditEvent, User
-from pipeline.users import authenticate, user_for_token
+from dashboard.ratelimit import (
+    FAILED,
+    MAX_FAILURES,
+    SUCCEEDED,
+    WINDOW_S,
+    login_target,
+    retry_after_s,
+)
+from pipeline.models import AuditEvent, User, utcnow
+from pipeline.studies import format_wait
+from pipeline.users import authenticate, has_scope, user_for_token
 
 bp = Blueprint("auth", __name__)
 
@@ -50,13 +70,23 @@ def audit(action: str, target: str | None = None, detail: str | None = None) -> 
 @bp.route("/login", methods=["GET", "POST"])
 def login() -> Any:
     if request.method == "POST":
-        username = request.form.get("username", "")
+        username = request.form.get("username", "")[:80]
+        wait = retry_after_s(db(), username, request.remote_addr, utcnow(),
+                             current_app.config.get("LOGIN_MAX_FAILURES", MAX_FAILURES),
+                             current_app.config.get("LOGIN_WINDOW_S", WINDOW_S))  # fmt: skip
+        if wait is not None:
+            flash(f"Too many failed logins for {username} from this address. "
+                  f"Try again in {format_wait(wait + 59)}.", "error")  # fmt: skip
+            response = make_response(render_template("login.html"), 429)
+            response.headers["Retry-After"] = str(wait)
+            return response
         user = authenticate(db(), username, request.form.get("password", ""))
         if user is None:
+            audit(FAILED, target=login_target(username))
             flash("Wrong username or password.", "error")
             return render_template("login.html"), 401
         login_user(LoginUser(user))
-        audit("login")
+        audit(SUCCEEDED, target=login_target(username))
         target = request.args.get("next", "")
         # Only local paths: never redirect a login to another site.
         if not target.startswith("/") or target.startswith("//"):
@@ -73,11 +103,12 @@ def logout() -> Any:
     return redirect(url_for("auth.login"))
 
 
-def api_auth_required(view: Callable[..., Any] | None = None, *, role: str | None = None) -> Any:
-    """Allow a logged-in session or an ``Authorization: Bearer <token>`` header.
+def api_auth_required(view: Callable[..., Any] | None = None, *, scope: str = "read") -> Any:
+    """Allow a logged-in session or an ``Authorization: Bearer <token>`` header with ``scope``.
 
-    With ``role``, other roles get 403. Use bare (``@api_auth_required``) or with a role
-    (``@api_auth_required(role="admin")``).
+    No credentials: 401. Credentials whose role lacks the scope (a feed token reading the
+    worklist, a radiologist reading admin JSON): 403. Use bare (``@api_auth_required``, scope
+    ``read``) or with a scope (``@api_auth_required(scope="admin")``).
     """
 
     def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -94,10 +125,11 @@ def api_auth_required(view: Callable[..., Any] | None = None, *, role: str | Non
                 user_role = current_user.role
             else:
                 return jsonify(error="authentication required: log in or send a bearer token"), 401
-            if role is not None and user_role != role:
-                return jsonify(error=f"{role} role required"), 403
+            if not has_scope(user_role, scope):
+                return jsonify(error=f"this account's role ({user_role}) may not {scope}"), 403
             return fn(*args, **kwargs)
 
+        wrapped.required_scope = scope  # type: ignore[attr-defined]
         return wrapped
 
     return decorate(view) if view is not None else decorate

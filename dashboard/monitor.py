@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC
+import math
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
-from pipeline.models import Batch, Image, Review, Study, as_utc
+from pipeline.models import AuditEvent, Batch, Image, Prediction, Review, Study, User, as_utc
 from pipeline.queue import HEARTBEAT_PREFIX, QUEUES, redis_client
 from pipeline.redis_server import resolve_redis_url
+from pipeline.requeue import requeueable_image_ids
 from pipeline.settings import Settings
+from pipeline.studies import iso
 
 
 def study_counts(session: Session) -> dict[str, int]:
@@ -144,3 +147,105 @@ def waiting_times(session: Session, now: Any) -> dict[str, Any]:
     doc["by_class"] = {name: _wait_stats(hours) for name, hours in by_class.items()}
     doc["as_of"] = now.astimezone(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
     return doc
+
+
+WINDOW_MIN = 60
+
+
+def _minute(dt: datetime) -> datetime:
+    return as_utc(dt).replace(second=0, microsecond=0)
+
+
+def throughput_per_minute(session: Session, now: datetime) -> list[dict[str, Any]]:
+    """Images finished (done or failed) in each of the last 60 minutes, oldest first."""
+    end = _minute(now) + timedelta(minutes=1)
+    start = end - timedelta(minutes=WINDOW_MIN)
+    rows = session.execute(
+        select(Image.done_at, Image.status)
+        .where(Image.done_at >= start, Image.status.in_(("done", "failed")))
+    )  # fmt: skip
+    done, failed = [0] * WINDOW_MIN, [0] * WINDOW_MIN
+    for done_at, status in rows:
+        slot = int((_minute(done_at) - start).total_seconds() // 60)
+        if 0 <= slot < WINDOW_MIN:
+            (done if status == "done" else failed)[slot] += 1
+    return [{"minute": iso(start + timedelta(minutes=i)), "done": done[i], "failed": failed[i]}
+            for i in range(WINDOW_MIN)]  # fmt: skip
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0-100): always a value that was observed."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
+
+
+def latency_last_hour(session: Session, now: datetime) -> dict[str, Any]:
+    """Ingest-to-result latency of the images finished in the last hour: n, p50, p95 (ms)."""
+    since = now - timedelta(minutes=WINDOW_MIN)
+    values = [float(v) for v in session.scalars(
+        select(Image.latency_ms).where(Image.done_at >= since, Image.latency_ms.is_not(None)))]  # fmt: skip
+    p50, p95 = percentile(values, 50), percentile(values, 95)
+    return {"n": len(values), "p50_ms": None if p50 is None else round(p50, 1),
+            "p95_ms": None if p95 is None else round(p95, 1)}  # fmt: skip
+
+
+def problem_studies(session: Session, limit: int = 50) -> list[dict[str, Any]]:
+    """Failed and rejected studies, newest first, with their reasons and whether re-runnable."""
+    rows = session.scalars(
+        select(Study).where(Study.status.in_(("failed", "rejected")))
+        .order_by(Study.updated_at.desc(), Study.id.desc()).limit(limit)
+    ).all()  # fmt: skip
+    rerun = requeueable_image_ids(session, [s.id for s in rows])
+    return [{"id": s.id, "status": s.status, "reason": s.reason, "source": s.source,
+             "accession_number": s.accession_number, "received_at": iso(s.received_at),
+             "requeueable": s.status == "failed" and bool(rerun.get(s.id))} for s in rows]  # fmt: skip
+
+
+def database_counts(session: Session) -> dict[str, int]:
+    """Rows per table, for a sense of size."""
+    tables = {"studies": Study.id, "images": Image.id, "predictions": Prediction.id,
+              "batches": Batch.id, "reviews": Review.id, "users": User.id,
+              "audit_events": AuditEvent.id}  # fmt: skip
+    return {name: int(session.scalar(select(func.count(col))) or 0) for name, col in tables.items()}
+
+
+def console(session: Session, settings: Settings, model: dict[str, Any], now: datetime) -> dict:
+    """The admin console's document: queues, throughput, latency, workers, problems, model."""
+    minutes = throughput_per_minute(session, now)
+    return {
+        "as_of": iso(now),
+        "queues": queue_depths(settings),
+        "workers": workers_alive(settings),
+        "throughput": {"per_minute": minutes, "last_hour": sum(m["done"] for m in minutes)},
+        "latency": latency_last_hour(session, now),
+        "studies": study_counts(session),
+        "images": image_counts(session),
+        "problems": problem_studies(session),
+        "model": {k: model[k] for k in ("version", "arch", "trained", "thresholds", "file")},
+        "database": database_counts(session),
+    }
+
+
+def audit_log(
+    session: Session, page: int = 1, per_page: int = 50, action: str | None = None
+) -> dict[str, Any]:
+    """Audit events newest first, one page at a time, with the account's name."""
+    query = select(AuditEvent, User.username).outerjoin(User, User.id == AuditEvent.user_id)
+    count = select(func.count(AuditEvent.id))
+    if action:
+        query, count = (
+            query.where(AuditEvent.action == action),
+            count.where(AuditEvent.action == action),
+        )
+    total = int(session.scalar(count) or 0)
+    rows = session.execute(
+        query.order_by(AuditEvent.id.desc()).limit(per_page).offset((page - 1) * per_page)
+    )
+    events = [{"id": e.id, "at": iso(e.created_at), "user": name, "action": e.action,
+               "target": e.target, "detail": e.detail, "remote_addr": e.remote_addr}
+              for e, name in rows]  # fmt: skip
+    actions = sorted(session.scalars(select(AuditEvent.action).distinct()))
+    return {"page": page, "per_page": per_page, "total": total, "action": action,
+            "pages": max(1, -(-total // per_page)), "actions": actions, "events": events}  # fmt: skip

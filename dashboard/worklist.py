@@ -1,110 +1,80 @@
-"""The radiologist's pages: the worklist, a study, its images and CAM overlays."""
+"""The radiologist's worklist: filters, search, pagination, and rows that refresh themselves.
+
+Filtering, search and order live in ``pipeline.studies`` (shared with ``GET /api/worklist``);
+this module only renders. ``/worklist/rows`` returns the table body alone, which the page's
+script fetches every few seconds so new studies appear without a reload.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from flask import Blueprint, Response, abort, flash, redirect, render_template, request, url_for
-from flask_login import current_user, login_required
-from sqlalchemy import func, select
+from flask import Blueprint, current_app, render_template, request
+from flask_login import login_required
 
 from dashboard import db, settings
-from dashboard.auth import audit
-from pipeline import imaging, render
-from pipeline.models import Image, Prediction, Review, Study, User
-from pipeline.reviews import ReviewError, record_review, reviewed_study_ids
-from pipeline.studies import worklist_query
+from pipeline.reviews import reviewed_study_ids
+from pipeline.studies import (
+    STATUSES,
+    TRIAGE_FILTERS,
+    FilterError,
+    WorklistFilter,
+    format_wait,
+    waiting_seconds,
+    worklist_count,
+    worklist_query,
+)
 from pipeline.weights import describe_weights
 
 bp = Blueprint("worklist", __name__)
 PAGE_SIZE = 50
+REFRESH_S = 10
 
 
 def model_info() -> dict[str, Any]:
     return describe_weights(settings())
 
 
+def _page_size() -> int:
+    return int(current_app.config.get("WORKLIST_PAGE_SIZE", PAGE_SIZE))
+
+
+def _rows(filters: WorklistFilter, page: int) -> dict[str, Any]:
+    """Everything the table body needs for one page."""
+    size = _page_size()
+    studies = db().scalars(worklist_query(size, (page - 1) * size, filters)).all()
+    total = worklist_count(db(), filters)
+    reviewed = reviewed_study_ids(db(), [s.id for s in studies])
+    waits = {s.id: format_wait(waiting_seconds(s)) for s in studies if s.id not in reviewed}
+    return {"studies": studies, "reviewed": reviewed, "waits": waits, "total": total,
+            "page": page, "pages": max(1, -(-total // size)), "filters": filters}  # fmt: skip
+
+
+def _parse() -> tuple[WorklistFilter, int, str | None]:
+    page = max(1, request.args.get("page", 1, type=int) or 1)
+    try:
+        return WorklistFilter.from_args(request.args), page, None
+    except FilterError as exc:
+        return WorklistFilter(), page, str(exc)
+
+
 @bp.route("/")
 @login_required
 def index() -> Any:
-    page = max(1, request.args.get("page", 1, type=int))
-    studies = db().scalars(worklist_query(PAGE_SIZE, (page - 1) * PAGE_SIZE)).all()
-    total = db().scalar(select(func.count(Study.id))) or 0
-    reviewed = reviewed_study_ids(db(), [s.id for s in studies])
-    return render_template(
-        "worklist.html",
-        reviewed=reviewed,
-        studies=studies,
-        page=page,
-        total=total,
-        pages=max(1, -(-total // PAGE_SIZE)),
-        model=model_info(),
-    )
+    filters, page, error = _parse()
+    context = _rows(filters, page)
+    refresh = current_app.config.get("WORKLIST_REFRESH_S", REFRESH_S)
+    html = render_template("worklist.html", model=model_info(), error=error, refresh_s=refresh,
+                           statuses=STATUSES, triage_filters=TRIAGE_FILTERS, **context)  # fmt: skip
+    return html, 400 if error else 200
 
 
-@bp.route("/studies/<int:study_id>")
+@bp.route("/worklist/rows")
 @login_required
-def study(study_id: int) -> Any:
-    row = db().get(Study, study_id) or abort(404)
-    images = db().scalars(select(Image).where(Image.study_id == study_id).order_by(Image.id)).all()
-    predictions = {
-        p.image_id: p
-        for p in db().scalars(
-            select(Prediction).where(Prediction.image_id.in_([i.id for i in images]))
-        )
-    }
-    reviews = db().execute(
-        select(Review, User.username).join(User, User.id == Review.user_id)
-        .where(Review.study_id == study_id).order_by(Review.id)
-    ).all()  # fmt: skip
-    audit("view_study", target=f"study:{study_id}")
-    return render_template("study.html", study=row, images=images, predictions=predictions,
-                           reviews=reviews, model=model_info())  # fmt: skip
-
-
-@bp.route("/studies/<int:study_id>/review", methods=["POST"])
-@login_required
-def review(study_id: int) -> Any:
-    action = request.form.get("action", "")
-    try:
-        record_review(db(), study_id, current_user.id, action, request.form.get("comment"))
-    except ReviewError as exc:
-        db().rollback()
-        return render_template("error.html", message=str(exc)), 400
-    db().commit()
-    audit("review", target=f"study:{study_id}", detail=action)
-    flash({"read": "Marked read.", "agree": "Recorded: you agree with the AI.",
-           "disagree": "Recorded: you disagree with the AI."}[action])  # fmt: skip
-    return redirect(url_for("worklist.study", study_id=study_id))
-
-
-def _image_or_404(image_id: int) -> Image:
-    img = db().get(Image, image_id)
-    if img is None or img.preview is None:
-        abort(404)
-    return img
-
-
-@bp.route("/images/<int:image_id>/preview.jpg")
-@login_required
-def preview(image_id: int) -> Response:
-    img = _image_or_404(image_id)
-    return Response(img.preview, mimetype="image/jpeg", headers={"Cache-Control": "private"})
-
-
-@bp.route("/images/<int:image_id>/overlay.png")
-@login_required
-def overlay(image_id: int) -> Response:
-    img = _image_or_404(image_id)
-    pred = db().scalars(
-        select(Prediction)
-        .where(Prediction.image_id == image_id)
-        .order_by(Prediction.created_at.desc())
-    ).first() or abort(404)
-    alpha = min(1.0, max(0.0, request.args.get("alpha", 0.45, type=float)))
-    png = render.overlay_png(
-        imaging.decode_preview(img.preview),
-        render.cam_array(pred.cam, pred.cam_h, pred.cam_w),
-        alpha,
-    )
-    return Response(png, mimetype="image/png", headers={"Cache-Control": "private"})
+def rows() -> Any:
+    filters, page, error = _parse()
+    if error:
+        return error, 400
+    context = _rows(filters, page)
+    html = render_template("_worklist_rows.html", **context)
+    return html, 200, {"X-Total-Count": str(context["total"]), "Cache-Control": "no-store"}

@@ -26,7 +26,17 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 # Final states: a study or image in one of these is never picked up again by the reconciler.
 FINAL_STATES = ("done", "failed", "rejected", "skipped")
 ACTIVE_STATES = ("received", "queued", "processing")
-ROLES = ("radiologist", "admin")
+# People log in with a password; machine accounts (feed, monitor) only hold an API token.
+ROLES = ("radiologist", "admin", "feed", "monitor")
+PERSON_ROLES = ("radiologist", "admin")
+# What each role may do. A feed token can send studies and nothing else; a monitoring token
+# can read /metrics and nothing else.
+SCOPES: dict[str, frozenset[str]] = {
+    "admin": frozenset({"read", "review", "admin", "ingest", "metrics"}),
+    "radiologist": frozenset({"read", "review"}),
+    "feed": frozenset({"ingest"}),
+    "monitor": frozenset({"metrics"}),
+}
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",

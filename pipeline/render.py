@@ -25,22 +25,37 @@ def _colormap(x: np.ndarray) -> np.ndarray:
     return (stops[lo] * (1 - frac) + stops[lo + 1] * frac).astype(np.uint8)
 
 
-def overlay_png(preview: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> bytes:
-    """Blend the ReLU'd, max-normalised CAM over the greyscale image; return PNG bytes."""
-    h, w = preview.shape
+def _heat(cam: np.ndarray, w: int, h: int) -> np.ndarray:
+    """The ReLU'd, max-normalised CAM upsampled to w x h, in [0, 1]."""
     heat = np.maximum(cam, 0.0)
     peak = float(heat.max())
     heat = heat / peak if peak > 0 else heat
     heat_img = PILImage.fromarray((heat * 255).astype(np.uint8)).resize(
         (w, h), PILImage.Resampling.BICUBIC
     )
-    heat_up = np.asarray(heat_img, dtype=np.float32) / 255.0
+    return np.asarray(heat_img, dtype=np.float32) / 255.0
+
+
+def overlay_png(preview: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> bytes:
+    """Blend the ReLU'd, max-normalised CAM over the greyscale image; return PNG bytes."""
+    h, w = preview.shape
+    heat_up = _heat(cam, w, h)
     colour = _colormap(heat_up).astype(np.float32)
     grey = np.repeat(preview[..., None], 3, axis=2).astype(np.float32)
     weight = (alpha * heat_up)[..., None]
     out = (grey * (1 - weight) + colour * weight).clip(0, 255).astype(np.uint8)
     buf = io.BytesIO()
     PILImage.fromarray(out, mode="RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def heatmap_png(cam: np.ndarray, width: int, height: int) -> bytes:
+    """The CAM alone as RGBA (alpha = strength): laid over the image in the browser, where
+    CSS opacity gives the same blend as ``overlay_png`` and a slider can change it instantly."""
+    heat_up = _heat(cam, width, height)
+    rgba = np.dstack([_colormap(heat_up), (heat_up * 255).astype(np.uint8)])
+    buf = io.BytesIO()
+    PILImage.fromarray(rgba, mode="RGBA").save(buf, format="PNG")
     return buf.getvalue()
 
 

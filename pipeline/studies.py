@@ -1,16 +1,26 @@
-"""A study's state and priority, derived from its images."""
+"""A study's state and priority, derived from its images; the worklist query and its filters.
+
+The worklist page, ``GET /api/worklist`` and ``cxr-triage worklist`` share one query, so the
+order (priority desc, unscored last, then arrival asc, then id) and the filters cannot drift.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import ColumnElement, Select, and_, exists, func, or_, select
 from sqlalchemy.orm import Session
 
 from pipeline import triage
-from pipeline.models import Image, Prediction, Study, as_utc, utcnow
+from pipeline.models import Image, Prediction, Review, Study, as_utc, utcnow
+
+STATUSES = ("received", "queued", "processing", "done", "failed", "rejected", "skipped")
+TRIAGE_FILTERS = (*triage.CLASSES, "none")  # "none": not scored (yet, or never)
+MAX_SEARCH = 64  # the accession number and patient id columns are String(64)
+_UNSCORED_LAST = func.coalesce(Study.priority, -1.0)
 
 
 def refresh_study(session: Session, study: Study, thresholds: Mapping[str, float]) -> None:
@@ -58,13 +68,129 @@ def open_image_count(session: Session, image_ids: list[int]) -> int:
     return int(session.scalar(query) or 0)
 
 
-def worklist_query(limit: int | None = None, offset: int = 0) -> Select[Study]:
-    """Studies by priority desc (unscored last), then arrival asc."""
-    unscored_last = func.coalesce(Study.priority, -1.0)
-    query = select(Study).order_by(unscored_last.desc(), Study.received_at.asc(), Study.id.asc())
+class FilterError(ValueError):
+    """A worklist filter that cannot be applied; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class WorklistFilter:
+    """What a radiologist narrowed the worklist to; empty means everything."""
+
+    statuses: tuple[str, ...] = ()
+    triage_classes: tuple[str, ...] = ()
+    reviewed: bool | None = None
+    date_from: date | None = None  # received on or after this UTC day
+    date_to: date | None = None  # received on or before this UTC day
+    search: str | None = None  # accession number or patient id: exact or prefix
+    params: dict[str, str] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, str]) -> WorklistFilter:
+        """Read ``status``, ``triage``, ``reviewed``, ``date_from``, ``date_to`` and ``q``."""
+        statuses = _choices(args.get("status", ""), STATUSES, "status")
+        classes = _choices(args.get("triage", ""), TRIAGE_FILTERS, "triage")
+        reviewed_raw = (args.get("reviewed") or "").strip().lower()
+        if reviewed_raw not in ("", "yes", "no"):
+            raise FilterError("reviewed must be yes or no")
+        search = (args.get("q") or "").strip() or None
+        if search is not None and len(search) > MAX_SEARCH:
+            raise FilterError(f"search is longer than {MAX_SEARCH} characters")
+        date_from, date_to = _day(args, "date_from"), _day(args, "date_to")
+        if date_from and date_to and date_from > date_to:
+            raise FilterError("date_from is after date_to")
+        keys = ("status", "triage", "reviewed", "date_from", "date_to", "q")
+        params = {k: str(args[k]).strip() for k in keys if str(args.get(k) or "").strip()}
+        return cls(statuses, classes, {"": None, "yes": True, "no": False}[reviewed_raw],
+                   date_from, date_to, search, params)  # fmt: skip
+
+    def conditions(self) -> list[ColumnElement[bool]]:
+        """SQL conditions on ``Study`` for these filters."""
+        where: list[ColumnElement[bool]] = []
+        if self.statuses:
+            where.append(Study.status.in_(self.statuses))
+        if self.triage_classes:
+            named = [c for c in self.triage_classes if c != "none"]
+            parts = [Study.triage_class.in_(named)] if named else []
+            if "none" in self.triage_classes:
+                parts.append(Study.triage_class.is_(None))
+            where.append(or_(*parts))
+        if self.reviewed is not None:
+            has_review = exists().where(Review.study_id == Study.id)
+            where.append(has_review if self.reviewed else ~has_review)
+        if self.date_from:
+            where.append(Study.received_at >= datetime.combine(self.date_from, time(), UTC))
+        if self.date_to:
+            end = datetime.combine(self.date_to + timedelta(days=1), time(), UTC)
+            where.append(Study.received_at < end)
+        if self.search:
+            where.append(or_(_prefix(Study.accession_number, self.search),
+                             _prefix(Study.patient_id, self.search)))  # fmt: skip
+        return where
+
+
+def _choices(raw: str, allowed: tuple[str, ...], name: str) -> tuple[str, ...]:
+    values = tuple(v.strip().lower() for v in str(raw).split(",") if v.strip())
+    unknown = [v for v in values if v not in allowed]
+    if unknown:
+        raise FilterError(f"unknown {name} {unknown[0]!r}; use one of {', '.join(allowed)}")
+    return values
+
+
+def _day(args: Mapping[str, str], name: str) -> date | None:
+    raw = (args.get(name) or "").strip()
+    if not raw:
+        return None
+    try:
+        return date.fromisoformat(raw)
+    except ValueError:
+        raise FilterError(f"{name} must be a date like 2026-11-22, not {raw!r}") from None
+
+
+def _prefix(column: Any, text: str) -> ColumnElement[bool]:
+    """Exact-or-prefix match as a range on the column's index (``LIKE`` often skips it)."""
+    upper = text[:-1] + chr(ord(text[-1]) + 1)
+    # The range finds candidates through the B-tree index; startswith keeps the match exact
+    # under any collation.
+    return and_(column >= text, column < upper, column.startswith(text, autoescape=True))
+
+
+def worklist_query(
+    limit: int | None = None, offset: int = 0, filters: WorklistFilter | None = None
+) -> Select[Study]:
+    """Studies by priority desc (unscored last), then arrival asc, then id."""
+    query = select(Study).order_by(_UNSCORED_LAST.desc(), Study.received_at.asc(), Study.id.asc())
+    if filters is not None:
+        query = query.where(*filters.conditions())
     if limit:
         query = query.limit(limit).offset(offset)
     return query
+
+
+def worklist_count(session: Session, filters: WorklistFilter | None = None) -> int:
+    """How many studies the filters select."""
+    query = select(func.count(Study.id))
+    if filters is not None:
+        query = query.where(*filters.conditions())
+    return int(session.scalar(query) or 0)
+
+
+def neighbour_ids(
+    session: Session, study: Study, filters: WorklistFilter | None = None
+) -> tuple[int | None, int | None]:
+    """The studies before and after this one in worklist order under the same filters."""
+    p, received = _UNSCORED_LAST, Study.received_at
+    mine_p = -1.0 if study.priority is None else study.priority
+    later = or_(p < mine_p, and_(p == mine_p, received > study.received_at),
+                and_(p == mine_p, received == study.received_at, Study.id > study.id))  # fmt: skip
+    earlier = or_(p > mine_p, and_(p == mine_p, received < study.received_at),
+                  and_(p == mine_p, received == study.received_at, Study.id < study.id))  # fmt: skip
+    where = filters.conditions() if filters is not None else []
+    nxt = session.scalar(worklist_query(1).where(later, *where).with_only_columns(Study.id))
+    prev = session.scalar(
+        select(Study.id).where(earlier, *where)
+        .order_by(p.asc(), received.desc(), Study.id.desc()).limit(1)
+    )  # fmt: skip
+    return prev, nxt
 
 
 def iso(dt: datetime | None) -> str | None:
@@ -74,9 +200,9 @@ def iso(dt: datetime | None) -> str | None:
     return as_utc(dt).astimezone(UTC).replace(tzinfo=None).isoformat(timespec="seconds") + "Z"
 
 
-def study_summary(study: Study) -> dict[str, object]:
+def study_summary(study: Study, reviewed: bool | None = None) -> dict[str, object]:
     """The stable JSON form of a study used by the CLI and the API (no patient name)."""
-    return {
+    doc: dict[str, object] = {
         "id": study.id,
         "status": study.status,
         "reason": study.reason,
@@ -90,14 +216,44 @@ def study_summary(study: Study) -> dict[str, object]:
         "received_at": iso(study.received_at),
         "done_at": iso(study.done_at),
     }
+    if reviewed is not None:
+        doc["reviewed"] = reviewed
+    return doc
 
 
 def worklist_document(
-    session: Session, model: Mapping[str, object], limit: int | None
+    session: Session,
+    model: Mapping[str, object],
+    limit: int | None,
+    filters: WorklistFilter | None = None,
+    offset: int = 0,
 ) -> dict[str, Any]:
     """The worklist JSON shared by ``cxr-triage worklist --json`` and ``GET /api/worklist``."""
-    studies = session.scalars(worklist_query(limit)).all()
+    from pipeline.reviews import reviewed_study_ids
+
+    studies = session.scalars(worklist_query(limit, offset, filters)).all()
+    reviewed = reviewed_study_ids(session, [s.id for s in studies])
     return {
         "model": {"version": model["version"], "trained": model["trained"]},
-        "studies": [study_summary(s) for s in studies],
+        "total": worklist_count(session, filters),
+        "offset": offset,
+        "limit": limit,
+        "studies": [study_summary(s, s.id in reviewed) for s in studies],
     }
+
+
+def format_wait(seconds: float) -> str:
+    """A waiting time as a radiologist says it: "45 min", "3 h 12 min", "2 d 5 h"."""
+    minutes = max(0, int(seconds // 60))
+    if minutes < 1:
+        return "< 1 min"
+    hours, mins = divmod(minutes, 60)
+    if hours == 0:
+        return f"{mins} min"
+    days, hours = divmod(hours, 24)
+    return f"{days} d {hours} h" if days else f"{hours} h {mins} min"
+
+
+def waiting_seconds(study: Study, now: datetime | None = None) -> float:
+    """Seconds since the study arrived."""
+    return ((now or utcnow()) - as_utc(study.received_at)).total_seconds()

@@ -9,20 +9,27 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from werkzeug.security import check_password_hash, generate_password_hash
 
-from pipeline.models import ROLES, User
+from pipeline.models import PERSON_ROLES, ROLES, SCOPES, User
 
 
 class UserError(ValueError):
     """An account operation that cannot be done; the message says why."""
 
 
-def create_user(session: Session, username: str, password: str, role: str) -> User:
-    """Add an account; usernames are unique, passwords at least 8 characters."""
+def create_user(session: Session, username: str, password: str | None, role: str) -> User:
+    """Add an account; usernames are unique, passwords at least 8 characters.
+
+    Machine accounts (feed, monitor) take no password: they cannot log in, only hold a token.
+    """
     if role not in ROLES:
         raise UserError(f"role must be one of {', '.join(ROLES)}")
     if not username or len(username) > 80:
         raise UserError("username must be 1 to 80 characters")
-    if len(password) < 8:
+    if role not in PERSON_ROLES:
+        if password:
+            raise UserError(f"a {role} account logs in with a token only: give no password")
+        password = secrets.token_urlsafe(32)  # never shown; login is refused anyway
+    if password is None or len(password) < 8:
         raise UserError("password must be at least 8 characters")
     if session.scalars(select(User).where(User.username == username)).first():
         raise UserError(f"user {username!r} already exists")
@@ -35,9 +42,16 @@ def create_user(session: Session, username: str, password: str, role: str) -> Us
 def authenticate(session: Session, username: str, password: str) -> User | None:
     """Return the active user whose password matches, else None."""
     user = session.scalars(select(User).where(User.username == username)).first()
-    if user is None or not user.active or not check_password_hash(user.password_hash, password):
+    if user is None or not user.active or user.role not in PERSON_ROLES:
+        return None
+    if not check_password_hash(user.password_hash, password):
         return None
     return user
+
+
+def has_scope(role: str, scope: str) -> bool:
+    """True when accounts of this role may do ``scope`` (see ``models.SCOPES``)."""
+    return scope in SCOPES.get(role, frozenset())
 
 
 def _token_hash(token: str) -> str:

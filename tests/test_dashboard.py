@@ -13,7 +13,7 @@ from sqlalchemy import select
 from dashboard import create_app
 from pipeline.models import AuditEvent, Image, User
 from pipeline.studies import worklist_query
-from pipeline.users import issue_token
+from pipeline.users import UserError, create_user, issue_token
 from tests.conftest import PASSWORD
 
 
@@ -69,7 +69,11 @@ def test_study_page_image_overlay_and_audit(client, populated) -> None:
     page = client.get(f"/studies/{image.study_id}")
     assert page.status_code == 200
     html = page.get_data(as_text=True)
-    assert f"/images/{image.id}/overlay.png" in html and "PID-0001" in html
+    assert f"/images/{image.id}/cam.png" in html and "PID-0001" in html
+    # The DICOM header fields are shown to the logged-in radiologist, tag by tag.
+    assert re.search(r'data-tag="Modality"><th>Modality</th><td>CR</td>', html)
+    assert re.search(r'data-tag="RequestedProcedurePriority"><th>[^<]+</th><td>STAT</td>', html)
+    assert "This model is untrained" in html
     preview = client.get(f"/images/{image.id}/preview.jpg")
     assert preview.mimetype == "image/jpeg"
     base = PILImage.open(io.BytesIO(preview.data))
@@ -79,6 +83,16 @@ def test_study_page_image_overlay_and_audit(client, populated) -> None:
     assert over.size == base.size and over.mode == "RGB"
     rgb = np.asarray(over, dtype=int)
     assert np.abs(rgb[..., 0] - rgb[..., 2]).mean() > 5  # colour was blended in
+    cam = PILImage.open(io.BytesIO(client.get(f"/images/{image.id}/cam.png").data))
+    assert cam.size == base.size and cam.mode == "RGBA"
+    alpha = np.asarray(cam)[..., 3]
+    assert alpha.max() == 255 and alpha.min() < 64  # opaque where it looked, clear elsewhere
+    # CSS opacity a over the image gives the server-side blend at alpha a (rounding aside).
+    heat = np.asarray(cam, dtype=float)
+    grey = np.asarray(base.convert("L"), dtype=float)[..., None]
+    w = 0.45 * heat[..., 3:] / 255
+    blended = grey * (1 - w) + heat[..., :3] * w
+    assert np.abs(blended - np.asarray(over, dtype=float)).mean() < 3
     with populated() as session:
         events = session.scalars(select(AuditEvent).where(AuditEvent.action == "view_study")).all()
         assert [e.target for e in events] == [f"study:{image.study_id}"]
@@ -98,7 +112,14 @@ def test_api_worklist_with_token_matches_order(client, populated) -> None:
     first = doc["studies"][0]
     assert {"id", "status", "label", "p_abnormal", "priority", "received_at"} <= set(first)
     assert "patient_name" not in first
-    metrics = client.get("/metrics", headers={"Authorization": f"Bearer {token}"})
+    # A radiologist's token reads the worklist, not the metrics; a monitoring token the reverse.
+    assert client.get("/metrics", headers={"Authorization": f"Bearer {token}"}).status_code == 403
+    with populated() as session:
+        monitor_token = issue_token(session, create_user(session, "prom", None, "monitor"))
+        session.commit()
+    as_monitor = {"Authorization": f"Bearer {monitor_token}"}
+    assert client.get("/api/worklist", headers=as_monitor).status_code == 403
+    metrics = client.get("/metrics", headers=as_monitor)
     text = metrics.get_data(as_text=True)
     assert 'cxr_studies{status="done"} 3.0' in text
     assert 'cxr_studies{status="rejected"} 1.0' in text
@@ -110,6 +131,26 @@ def test_api_worklist_with_token_matches_order(client, populated) -> None:
     assert "cxr_batch_size_sum 3.0" in text
     assert "cxr_inference_seconds_count 1.0" in text
     assert "cxr_end_to_end_seconds_count 3.0" in text
+
+
+def test_feed_token_sends_studies_only_and_machine_accounts_cannot_log_in(
+    client, populated
+) -> None:
+    with populated() as session:
+        feed = create_user(session, "modality-1", None, "feed")
+        token = issue_token(session, feed)
+        session.commit()
+        with pytest.raises(UserError, match="token only"):
+            create_user(session, "modality-2", "a password", "feed")
+    as_feed = {"Authorization": f"Bearer {token}"}
+    for url in ("/api/worklist", "/api/monitor", "/metrics", "/api/admin/waiting"):
+        response = client.get(url, headers=as_feed)
+        assert response.status_code == 403, url
+        assert "feed" in response.get_json()["error"]
+    page = client.get("/login").get_data(as_text=True)
+    response = client.post("/login", data={"username": "modality-1", "password": "",
+                                           "csrf_token": csrf_from(page)})  # fmt: skip
+    assert response.status_code == 401
 
 
 def test_review_actions_are_recorded_with_who_and_when(client, populated) -> None:
@@ -145,3 +186,56 @@ def test_review_actions_are_recorded_with_who_and_when(client, populated) -> Non
     worklist = client.get("/").get_data(as_text=True)
     row = re.search(rf'data-study-id="{done.id}".*?</tr>', worklist, re.S).group(0)
     assert '<td class="read">✓</td>' in row
+
+
+def test_operating_point_in_words_from_the_weights_metadata(settings) -> None:
+    from dashboard.words import operating_point
+    from pipeline.settings import SHIPPED_WEIGHTS
+    from pipeline.weights import describe_weights
+
+    shipped = operating_point(describe_weights(settings.with_(weights=SHIPPED_WEIGHTS)))
+    assert shipped["headline"] == (
+        "Flags a film as abnormal when the model's probability of an abnormal finding is at "
+        "least 0.78; urgent from 0.80 and critical from 0.98."
+    )
+    assert shipped["sentences"] == [
+        "On the paediatric test set (624 films never used in training) that catches 99 of 100 "
+        "abnormal films and clears 59 of 100 normal ones.",
+        "On the adult hold-out set (1,006 films never used in training) that catches 88 of 100 "
+        "abnormal films and clears 98 of 100 normal ones.",
+    ]
+    untrained = operating_point(describe_weights(settings))
+    assert "untrained" in untrained["headline"] and untrained["sentences"] == []
+
+
+def test_study_with_several_images_shows_thumbnails(client, populated, settings, tmp_path) -> None:
+    from pydicom.uid import generate_uid
+
+    from pipeline.classifier import Classifier
+    from pipeline.imaging import Limits
+    from pipeline.inference import classify_images
+    from pipeline.ingest import ingest_paths
+    from pipeline.queue import redis_client
+    from tests.conftest import chest_like, dicom_bytes
+
+    uid, folder = generate_uid(), tmp_path / "two"
+    folder.mkdir()
+    (folder / "pa.dcm").write_bytes(dicom_bytes(chest_like(seed=7), study_uid=uid))
+    (folder / "lat.dcm").write_bytes(dicom_bytes(chest_like(seed=8), study_uid=uid, view="LL"))
+    report = ingest_paths(populated, [folder], Limits())
+    by_name = {i.path.rsplit("/", 1)[-1]: i for i in report.items}
+    pa, lat = by_name["pa.dcm"], by_name["lat.dcm"]
+    assert pa.study_id == lat.study_id and lat.status == "skipped"
+    classify_images(populated, redis_client(settings.redis_url),
+                    Classifier(settings.weights, "cpu", 1), [pa.image_id])  # fmt: skip
+    login(client)
+    html = client.get(f"/studies/{pa.study_id}").get_data(as_text=True)
+    thumbs = re.findall(r'class="thumb( current)?" data-image-id="(\d+)"', html)
+    # In image order (lat.dcm was read first); the classified frontal one is shown.
+    assert thumbs == [("", str(lat.image_id)), (" current", str(pa.image_id))]
+    assert f"/images/{pa.image_id}/cam.png" in html and 'id="cam-toggle"' in html
+    other = client.get(f"/studies/{pa.study_id}?image={lat.image_id}").get_data(as_text=True)
+    assert re.search(r'data-tag="ViewPosition"><th>ViewPosition</th><td>LL</td>', other)
+    assert 'id="cam-toggle"' not in other  # a skipped lateral has no CAM
+    assert re.findall(r'class="thumb( current)?" data-image-id="(\d+)"', other)[0] == (
+        " current", str(lat.image_id))  # fmt: skip

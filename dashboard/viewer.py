@@ -1,0 +1,131 @@
+"""The study viewer: one image at display size with its CAM, the study's other images, the
+model's output in words, DICOM details, review actions, and the previous/next study under the
+worklist's current filters. Opening a study is audited.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+from flask import Blueprint, Response, abort, flash, redirect, render_template, request, url_for
+from flask_login import current_user, login_required
+from PIL import Image as PILImage
+from sqlalchemy import select
+
+from dashboard import db, settings
+from dashboard.auth import audit
+from dashboard.words import model_summary, operating_point
+from pipeline import imaging, render
+from pipeline.models import Image, Prediction, Review, Study, User
+from pipeline.reviews import ReviewError, record_review
+from pipeline.studies import FilterError, WorklistFilter, format_wait, neighbour_ids
+from pipeline.studies import waiting_seconds as _waiting_seconds
+from pipeline.weights import describe_weights
+
+bp = Blueprint("viewer", __name__)
+FLASH = {"read": "Marked read.", "agree": "Recorded: you agree with the AI.",
+         "disagree": "Recorded: you disagree with the AI."}  # fmt: skip
+
+
+def _filters() -> WorklistFilter:
+    try:
+        return WorklistFilter.from_args(request.args)
+    except FilterError:
+        return WorklistFilter()  # a stale or hand-edited link still opens the study
+
+
+def _latest_predictions(image_ids: list[int]) -> dict[int, Prediction]:
+    rows = db().scalars(
+        select(Prediction).where(Prediction.image_id.in_(image_ids))
+        .order_by(Prediction.created_at.asc())
+    )  # fmt: skip
+    return {p.image_id: p for p in rows}  # the newest wins
+
+
+@bp.route("/studies/<int:study_id>")
+@login_required
+def study(study_id: int) -> Any:
+    row = db().get(Study, study_id) or abort(404)
+    images = db().scalars(select(Image).where(Image.study_id == study_id).order_by(Image.id)).all()
+    predictions = _latest_predictions([i.id for i in images])
+    wanted = request.args.get("image", type=int)
+    shown = next((i for i in images if i.id == wanted), None) or next(
+        (i for i in images if i.id in predictions), images[0] if images else None
+    )
+    reviews = db().execute(
+        select(Review, User.username).join(User, User.id == Review.user_id)
+        .where(Review.study_id == study_id).order_by(Review.id)
+    ).all()  # fmt: skip
+    filters = _filters()
+    prev_id, next_id = neighbour_ids(db(), row, filters)
+    model = describe_weights(settings())
+    audit("view_study", target=f"study:{study_id}")
+    return render_template(
+        "study.html", study=row, images=images, shown=shown, predictions=predictions,
+        prediction=predictions.get(shown.id) if shown else None, reviews=reviews, model=model,
+        model_summary=model_summary(model), operating=operating_point(model),
+        params=filters.params, prev_id=prev_id, next_id=next_id,
+        waiting=format_wait(_waiting_seconds(row)),
+    )  # fmt: skip
+
+
+@bp.route("/studies/<int:study_id>/review", methods=["POST"])
+@login_required
+def review(study_id: int) -> Any:
+    action = request.form.get("action", "")
+    try:
+        record_review(db(), study_id, current_user.id, action, request.form.get("comment"))
+    except ReviewError as exc:
+        db().rollback()
+        return render_template("error.html", message=str(exc)), 400
+    db().commit()
+    audit("review", target=f"study:{study_id}", detail=action)
+    flash(FLASH[action])
+    return redirect(url_for("viewer.study", study_id=study_id, **_filters().params))
+
+
+def _image_or_404(image_id: int) -> Image:
+    img = db().get(Image, image_id)
+    if img is None or img.preview is None:
+        abort(404)
+    return img
+
+
+def _prediction_or_404(image_id: int) -> Prediction:
+    pred = db().scalars(
+        select(Prediction).where(Prediction.image_id == image_id)
+        .order_by(Prediction.created_at.desc())
+    ).first()  # fmt: skip
+    return pred or abort(404)
+
+
+PRIVATE = {"Cache-Control": "private, max-age=300"}
+
+
+@bp.route("/images/<int:image_id>/preview.jpg")
+@login_required
+def preview(image_id: int) -> Response:
+    img = _image_or_404(image_id)
+    return Response(img.preview, mimetype="image/jpeg", headers=PRIVATE)
+
+
+@bp.route("/images/<int:image_id>/overlay.png")
+@login_required
+def overlay(image_id: int) -> Response:
+    """The image with its CAM blended in (for export and for browsers without the layered view)."""
+    img, pred = _image_or_404(image_id), _prediction_or_404(image_id)
+    alpha = min(1.0, max(0.0, request.args.get("alpha", 0.45, type=float)))
+    png = render.overlay_png(imaging.decode_preview(img.preview),
+                             render.cam_array(pred.cam, pred.cam_h, pred.cam_w), alpha)  # fmt: skip
+    return Response(png, mimetype="image/png", headers=PRIVATE)
+
+
+@bp.route("/images/<int:image_id>/cam.png")
+@login_required
+def cam(image_id: int) -> Response:
+    """The CAM alone, transparent where the model did not look, at the image's display size."""
+    img, pred = _image_or_404(image_id), _prediction_or_404(image_id)
+    w, h = PILImage.open(io.BytesIO(img.preview)).size  # reads the header only
+    png = render.heatmap_png(render.cam_array(pred.cam, pred.cam_h, pred.cam_w), w, h)
+    return Response(png, mimetype="image/png", headers=PRIVATE)
