@@ -3,9 +3,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-LINT_DIRS := pipeline worker dashboard tests migrations $(wildcard bench)
+LINT_DIRS := pipeline worker dashboard tests migrations $(wildcard bench) reliability
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench clean reliability
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/cxr-triage bench
+
+# The full reliability suite (~15 min): SQLite, and PostgreSQL too when one answers there.
+RELIABILITY_PG ?= postgresql://postgres@127.0.0.1:5432/test
+reliability: $(STAMP)
+	$(VENV)/bin/cxr-triage reliability --database-url $(RELIABILITY_PG) --if-reachable
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check $(LINT_DIRS)

@@ -20,12 +20,13 @@ from sqlalchemy import select
 from pipeline import migrate
 from pipeline.db import make_engine, make_session_factory, session_scope
 from pipeline.imaging import Limits
-from pipeline.ingest import IngestReport, enqueue, ingest_paths
-from pipeline.models import FINAL_STATES, Study
+from pipeline.ingest import Enqueuer, IngestReport, ingest_paths
+from pipeline.models import FINAL_STATES, PERSON_ROLES, ROLES, Study
 from pipeline.queue import Dispatcher, redis_client
 from pipeline.reconcile import requeue_stuck
 from pipeline.redis_server import EmbeddedRedis, clear_runtime, resolve_redis_url, write_runtime
 from pipeline.settings import ConfigError, Settings
+from pipeline.sources_cli import source_children
 from pipeline.studies import worklist_document
 from pipeline.supervisor import Supervisor, dashboard_command, worker_command
 from pipeline.users import UserError, create_user, has_users, issue_token
@@ -105,6 +106,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         sup = Supervisor(checks=[embedded.keep_alive] if embedded else [])
         sup.add("worker", worker_command(settings), env)
         sup.add("dashboard", dashboard_command(settings), env)
+        for name, command in source_children(settings):  # watched folder, DICOM listener
+            sup.add(name, command, env)
         # Anything left queued by a standalone ingest or a lost Redis is sent now.
         reconcile_once(settings, redis_url, stuck_after_s=0)
         print(f"cxr-triage is running: open {dashboard_url}  (Ctrl-C stops everything)", flush=True)
@@ -175,9 +178,7 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
         if redis_url is not None:
             client, dispatcher = redis_client(redis_url), Dispatcher(redis_url)
             size, ttl = describe_weights(settings)["input_size"], settings.payload_ttl_s
-
-            def sink(ids: list[int]) -> int:
-                return enqueue(factory, client, dispatcher, ids, size, ttl, lane=args.lane)
+            sink = Enqueuer(factory, client, dispatcher, size, ttl, lane=args.lane)
 
         report = ingest_paths(factory, [Path(p) for p in args.paths], _limits(settings),
                               source="cli", lane=args.lane, sink=sink)  # fmt: skip
@@ -243,7 +244,7 @@ def cmd_users(args: argparse.Namespace, settings: Settings) -> int:
     with session_scope(_factory(settings)) as session:
         if args.users_cmd == "create":
             password = sys.stdin.readline().rstrip("\n") if args.password_stdin else None
-            if not password:
+            if not password and args.role in PERSON_ROLES:
                 raise UserError("give the password on standard input with --password-stdin")
             create_user(session, args.username, password, args.role)
             print(f"created {args.role} {args.username}")
@@ -282,6 +283,9 @@ COMMAND_MODULES: tuple[str, ...] = (
     "pipeline.model_cli",
     "pipeline.simulate_cli",
     "bench.pipeline_bench",
+    "pipeline.sources_cli",
+    "bench.ingest_bench",
+    "reliability.cli",
 )
 
 
@@ -308,7 +312,13 @@ def build_parser() -> argparse.ArgumentParser:
     users_sub = users.add_subparsers(dest="users_cmd", required=True)
     uc = users_sub.add_parser("create", help="add an account")
     uc.add_argument("username")
-    uc.add_argument("--role", choices=("radiologist", "admin"), required=True)
+    uc.add_argument(
+        "--role",
+        choices=ROLES,
+        required=True,
+        help="radiologist, admin (log in); feed (token may only send studies), "
+        "monitor (token may only read /metrics)",
+    )
     uc.add_argument("--password-stdin", action="store_true")
     ut = users_sub.add_parser("token", help="issue a new API token (printed once)")
     ut.add_argument("username")

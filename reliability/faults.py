@@ -1,0 +1,159 @@
+"""Fault scenarios: each sends studies, breaks one part mid-run, and counts what came out.
+
+Every scenario runs on the same live system (one worker, one Redis, one database), one after the
+other, each with its own freshly generated studies, and waits until all of them are final.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from sqlalchemy import func, select
+
+from pipeline.models import Image
+from reliability.metrics import Row, fill, wait_final, work_counters
+from reliability.samples import PhiRegistry, write_studies
+from reliability.sender import CliSender
+from reliability.system import System
+
+log = logging.getLogger(__name__)
+
+
+class SourceUnavailable(RuntimeError):
+    """An ingest path a scenario needs is not part of this checkout yet."""
+
+
+@dataclass
+class Plan:
+    """Sizes of a run: the quick one runs in CI, the full one from ``make reliability``."""
+
+    studies: int = 48
+    outage_s: float = 3.0
+    recover_timeout_s: float = 180.0
+    load_studies: int = 120
+    fuzz_inputs: int = 200
+
+    @classmethod
+    def quick(cls) -> Plan:
+        return cls()
+
+    @classmethod
+    def full(cls) -> Plan:
+        return cls(studies=240, outage_s=10.0, recover_timeout_s=600.0, load_studies=2000,
+                   fuzz_inputs=2000)  # fmt: skip
+
+
+def _count(system: System, ids: list[int], status: str) -> int:
+    assert system.factory is not None
+    with system.factory() as session:
+        return int(
+            session.scalar(
+                select(func.count(Image.id)).where(Image.id.in_(ids), Image.status == status)
+            )
+            or 0
+        )
+
+
+def _wait(predicate: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return False
+
+
+def run_fault(
+    system: System,
+    name: str,
+    plan: Plan,
+    phi: PhiRegistry,
+    offset: int,
+    fault: Callable[[System, CliSender], float],
+    pause_s: float = 0.0,
+) -> Row:
+    """Send plan.studies studies, inject the fault, and count outcomes after recovery."""
+    assert system.factory is not None
+    row = Row(name, system.profile.name)
+    paths = write_studies(system.workdir / "studies" / name, plan.studies, phi, start=offset)
+    before = work_counters(system.factory)
+    sender = CliSender(system, paths, pause_s=pause_s).start()
+    fault_at = fault(system, sender)
+    sender.join(plan.recover_timeout_s)
+    ids = sorted(set(sender.image_ids.values()))
+    finished = wait_final(system.factory, ids, plan.recover_timeout_s)
+    row.recover_s = time.monotonic() - fault_at if finished else None
+    fill(row, system.factory, ids, len(paths), before)
+    row.failures += sender.errors
+    if not finished:
+        row.failures.append(f"not all final after {plan.recover_timeout_s:.0f} s")
+    if sender.retries:
+        row.note = f"sender retried {sender.retries}x"
+    return row
+
+
+def _in_flight(system: System, sender: CliSender, status: str) -> Callable[[], bool]:
+    def check() -> bool:
+        ids = list(sender.image_ids.values())
+        return bool(ids) and _count(system, ids, status) > 0
+
+    return check
+
+
+def kill_worker_mid_batch(system: System, sender: CliSender) -> float:
+    """SIGKILL the worker while a batch is in flight; restart it as ``cxr-triage run`` does."""
+    assert system.worker is not None
+    if not _wait(_in_flight(system, sender, "processing"), 120):
+        raise RuntimeError("never saw a batch in flight")
+    fault_at = time.monotonic()
+    system.worker.kill()
+    system.restart_worker()
+    return fault_at
+
+
+def crash_redis(system: System, sender: CliSender) -> float:
+    """SIGKILL redis-server once some studies are done, and start it again from its AOF."""
+    if not _wait(_in_flight(system, sender, "done"), 120):
+        raise RuntimeError("no study finished before the fault")
+    fault_at = time.monotonic()
+    system.crash_redis()
+    return fault_at
+
+
+def cut_database(outage_s: float) -> Callable[[System, CliSender], float]:
+    """Make PostgreSQL unreachable for everyone (worker, dashboard, ingest) for outage_s."""
+
+    def fault(system: System, sender: CliSender) -> float:
+        if system.proxy is None:
+            raise SourceUnavailable("needs PostgreSQL (--database-url)")
+        if not _wait(lambda: len(sender.image_ids) > 0, 120):
+            raise RuntimeError("nothing was ingested before the fault")
+        fault_at = time.monotonic()
+        system.proxy.down()
+        time.sleep(outage_s)
+        system.proxy.up()
+        return fault_at
+
+    return fault
+
+
+def fault_rows(system: System, plan: Plan, phi: PhiRegistry) -> list[Row]:
+    """Run every fault scenario that applies to this system's profile."""
+    scenarios: list[tuple[str, Callable[[System, CliSender], float], float]] = [
+        ("worker SIGKILL mid-batch", kill_worker_mid_batch, 0.0),
+        (f"redis crash+restart ({system.profile.redis}, AOF)", crash_redis, 0.0),
+        (f"postgresql down {plan.outage_s:.0f} s", cut_database(plan.outage_s), 0.3),
+    ]
+    rows = []
+    for n, (name, fault, pause) in enumerate(scenarios):
+        if "postgresql" in name and system.proxy is None:
+            continue  # SQLite has no server to lose; the PostgreSQL profile runs it
+        try:
+            rows.append(run_fault(system, name, plan, phi, 100_000 * (n + 1), fault, pause))
+        except Exception as exc:
+            log.exception("scenario %s failed", name)
+            rows.append(Row(name, system.profile.name, failures=[f"{type(exc).__name__}: {exc}"]))
+    return rows

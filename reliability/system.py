@@ -1,0 +1,288 @@
+"""The system under test: real Redis, database, Celery worker, dashboard and reconciler.
+
+The harness is its own supervisor (as ``cxr-triage run`` is) so it can kill, cut and restart
+each part on purpose. Every process writes to a log file under the run's directory: the PHI
+scan reads them all at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from pipeline.cli import reconcile_once
+from pipeline.db import make_engine, make_session_factory, session_scope
+from pipeline.migrate import upgrade
+from pipeline.models import PERSON_ROLES, ROLES
+from pipeline.redis_server import EmbeddedRedis, find_redis_server, ping
+from pipeline.settings import PACKAGE_ROOT, Settings
+from pipeline.supervisor import dashboard_command, worker_command
+from pipeline.users import create_user, issue_token
+from pipeline.weights import ensure_weights
+from reliability.tcp_proxy import TcpProxy
+
+log = logging.getLogger(__name__)
+COMPOSE_FILE = PACKAGE_ROOT / "docker-compose.yml"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def compose_redis_flags(compose_file: Path = COMPOSE_FILE) -> list[str]:
+    """The flags docker-compose.yml gives redis-server (its JSON-style ``command`` list)."""
+    lines = compose_file.read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip() == "redis:")
+    for line in lines[start + 1 :]:
+        stripped = line.strip()
+        if stripped.startswith("command:"):
+            command = json.loads(stripped.split(":", 1)[1])
+            if command[0] != "redis-server":
+                raise ValueError(f"unexpected redis command in {compose_file}: {command}")
+            return [str(flag) for flag in command[1:]]
+    raise ValueError(f"no redis command in {compose_file}")
+
+
+class ComposeRedis(EmbeddedRedis):
+    """The same redis-server binary with the production compose file's flags (AOF everysec)."""
+
+    def start(self, timeout: float = 10.0) -> ComposeRedis:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        cmd = [find_redis_server(), *compose_redis_flags(), "--port", str(self.port),
+               "--bind", "127.0.0.1", "--dir", str(self.directory),
+               "--logfile", str(self.directory / "redis.log")]  # fmt: skip
+        self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"redis-server exited at start; see {self.directory}/redis.log")
+            if ping(self.url, timeout=0.2):
+                return self
+            time.sleep(0.02)
+        raise RuntimeError("redis-server with the compose flags did not answer")
+
+
+class Service:
+    """A child process with its own process group and an append-only log file."""
+
+    def __init__(self, name: str, command: list[str], env: dict[str, str], log_path: Path):
+        self.name, self.command, self.env, self.log_path = name, command, env, log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Service:
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(self.command, env=self.env, stdout=out,
+                                         stderr=subprocess.STDOUT, cwd=PACKAGE_ROOT,
+                                         start_new_session=True)  # fmt: skip
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group: no clean-up, no acknowledgements."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+    def stop(self, timeout: float = 20.0) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+
+@dataclass
+class Profile:
+    """A configuration of the system: which database and which Redis flags."""
+
+    name: str
+    database_url: str | None = None  # None: SQLite under the run directory
+    redis: str = "embedded"  # embedded | compose
+
+
+class System:
+    """Start, fault and stop the parts; count nothing (see reliability.metrics)."""
+
+    def __init__(self, profile: Profile, workdir: Path, stuck_after_s: int = 4) -> None:
+        self.profile, self.workdir = profile, workdir
+        self.logs = workdir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        redis_cls = ComposeRedis if profile.redis == "compose" else EmbeddedRedis
+        self.redis: EmbeddedRedis = redis_cls(workdir / "redis")
+        self.proxy: TcpProxy | None = None
+        self.stuck_after_s = stuck_after_s
+        self.settings: Settings | None = None
+        self.worker: Service | None = None
+        self.dashboard: Service | None = None
+        self.scp: Service | None = None
+        self.scp_port = 0
+        # role -> (username, password or None, API token)
+        self.accounts: dict[str, tuple[str, str | None, str]] = {}
+        self.base_url = ""
+        self._stop = threading.Event()
+        self._reconciler: threading.Thread | None = None
+        self.factory: sessionmaker[Session] | None = None
+
+    def _database_url(self) -> str:
+        url = self.profile.database_url
+        if url is None:
+            return f"sqlite:///{self.workdir / 'reliability.db'}"
+        # Everything reaches PostgreSQL through a proxy the harness can cut.
+        host = url.split("@", 1)[-1].split("/", 1)[0]
+        name, _, port = host.partition(":")
+        self.proxy = TcpProxy((name, int(port or 5432))).up()
+        return url.replace(host, f"127.0.0.1:{self.proxy.port}")
+
+    def start(self) -> System:
+        self.redis.start()
+        # The operator's CXR_WEIGHTS (or the shipped model) is used; everything else is private.
+        settings = Settings.from_env().with_(
+            data_dir=self.workdir / "data",
+            database_url=self._database_url(),
+            redis_url=self.redis.url,
+            port=free_port(),
+            batch_size=16,
+            batch_wait_ms=200,
+            stuck_after_s=self.stuck_after_s,
+            max_attempts=6,
+            # Small limits keep the oversized-upload checks cheap; the code paths are the same.
+            max_file_mb=16,
+            max_request_mb=24,
+            torch_threads=1,
+        )
+        settings = settings.with_(weights=ensure_weights(settings))
+        self.settings = settings
+        upgrade(settings.db_url)
+        self.factory = make_session_factory(make_engine(settings.db_url))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
+        env.update(settings.as_env(), PYTHONUNBUFFERED="1")
+        self.worker = Service("worker", worker_command(settings, "reliability"), env,
+                              self.logs / "worker.log")  # fmt: skip
+        self.dashboard = Service("dashboard", dashboard_command(settings), env,
+                                 self.logs / "dashboard.log")  # fmt: skip
+        self.base_url = f"http://127.0.0.1:{settings.port}"
+        self.scp_port = free_port()
+        self.scp = Service("dicom-listen", [sys.executable, "-m", "pipeline.cli", "dicom-listen",
+                           "--port", str(self.scp_port)], env, self.logs / "dicom-listen.log")  # fmt: skip
+        self._create_accounts()
+        self.worker.start()
+        self.dashboard.start()
+        self.scp.start()
+        self.wait_worker_ready()
+        self.wait_dashboard()
+        self.wait_scp()
+        self._reconciler = threading.Thread(target=self._reconcile_loop, daemon=True)
+        self._reconciler.start()
+        return self
+
+    def _reconcile_loop(self) -> None:
+        """What ``cxr-triage run`` does every 60 s, every second here (short stuck timeout)."""
+        assert self.settings is not None
+        while not self._stop.wait(1.0):
+            try:
+                reconcile_once(self.settings, self.redis.url)
+            except Exception as exc:  # Redis or the database down: try again next tick
+                log.info("reconcile skipped: %s", type(exc).__name__)
+
+    def _create_accounts(self) -> None:
+        """One account per role; people get a password, every account a token."""
+        assert self.factory is not None
+        with session_scope(self.factory) as session:
+            for role in ROLES:
+                password = secrets.token_urlsafe(12) if role in PERSON_ROLES else None
+                user = create_user(session, f"reliability-{role}", password, role)
+                self.accounts[role] = (user.username, password, issue_token(session, user))
+
+    def wait_scp(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.scp is not None
+            if not self.scp.alive():
+                raise RuntimeError("dicom-listen exited at start; see " + str(self.scp.log_path))
+            try:
+                socket.create_connection(("127.0.0.1", self.scp_port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise TimeoutError("dicom-listen not accepting connections")
+
+    def wait_worker_ready(self, timeout: float = 120.0) -> None:
+        assert self.worker is not None
+        size = self.worker.log_path.stat().st_size if self.worker.log_path.exists() else 0
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.worker.alive():
+                raise RuntimeError("worker exited at start; see " + str(self.worker.log_path))
+            with open(self.worker.log_path, "rb") as fh:
+                fh.seek(size)
+                if b" ready." in fh.read():
+                    return
+            time.sleep(0.2)
+        raise TimeoutError("worker not ready")
+
+    def wait_dashboard(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(self.base_url + "/healthz", timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError("dashboard not answering /healthz")
+
+    def restart_worker(self) -> None:
+        assert self.worker is not None
+        self.worker.start()
+        self.wait_worker_ready()
+
+    def crash_redis(self) -> None:
+        """SIGKILL redis-server and start it again on the same port from its AOF."""
+        proc = self.redis.process
+        assert proc is not None
+        proc.kill()
+        proc.wait(timeout=10)
+        self.redis.process = None
+        self.redis.start()
+
+    def log_files(self) -> list[Path]:
+        """Every log written by the run (processes, Redis, the harness itself)."""
+        return sorted(p for p in self.workdir.rglob("*.log") if p.is_file())
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._reconciler is not None:
+            self._reconciler.join(timeout=30)
+        for service in (self.scp, self.dashboard, self.worker):
+            if service is not None:
+                service.stop()
+        self.redis.stop()
+        if self.proxy is not None:
+            self.proxy.down()
+
+    def __enter__(self) -> System:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
