@@ -204,7 +204,7 @@ def test_live_study_waits_behind_at_most_one_batch_of_backfill(
 def test_database_outage_is_retried_with_backoff(
     postgres_url, settings, tmp_path, worker_factory
 ) -> None:  # type: ignore[no-untyped-def]
-    from tests.tcp_proxy import TcpProxy
+    from reliability.tcp_proxy import TcpProxy
 
     upgrade(postgres_url)
     proxy = TcpProxy(("127.0.0.1", 5432)).up()
