@@ -21,7 +21,7 @@ from pipeline import imaging
 from pipeline.db import session_scope
 from pipeline.imaging import DecodedImage, Limits, RejectedInput
 from pipeline.models import Image, Study, utcnow
-from pipeline.queue import Dispatcher, delete_payloads, mark_sent, put_payloads
+from pipeline.queue import Dispatcher, delete_payloads, put_payloads
 
 log = logging.getLogger(__name__)
 
@@ -303,13 +303,11 @@ def enqueue(
     ready = [i for i in image_ids if i in found]
     put_payloads(redis_client, {i: imaging.model_input(found[i], input_size) for i in ready}, ttl_s)
     try:
-        sent = dispatcher.send(ready, lane=lane)
+        return dispatcher.send(ready, lane=lane)
     except Exception:
         # A payload is no use without its message; the reconciler re-sends both.
         delete_payloads(redis_client, ready)
         raise
-    mark_sent(redis_client, ready, ttl_s)
-    return sent
 
 
 class Enqueuer:

@@ -6,6 +6,8 @@ in the database whenever Redis has lost it, so Redis holds nothing that cannot b
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -18,11 +20,12 @@ log = logging.getLogger(__name__)
 TASK_CLASSIFY = "cxr.classify_image"
 QUEUES = {"live": "cxr.live", "bulk": "cxr.bulk"}
 PAYLOAD_PREFIX = "cxr:payload:"
-# Set once an image's task message has been published. Redis applies (and its AOF logs)
-# commands in order, so a marker that survived a crash or restart means its message did too;
-# a payload alone does not: the sender may have died, or Redis lost its last second of writes,
-# between the payload and the message.
-SENT_PREFIX = "cxr:sent:"
+# kombu's Redis transport: a reserved, unacknowledged message lives in this hash (delivery tag
+# -> [message, exchange, routing key]) until acked or restored; priority sub-queues are named
+# "<queue><sep><priority>".
+KOMBU_UNACKED_KEY = "unacked"
+KOMBU_PRIORITY_SEP = "\x06\x16"
+KOMBU_PRIORITY_STEPS = (3, 6, 9)
 HEARTBEAT_PREFIX = "cxr:worker:"
 HEARTBEAT_TTL_S = 30
 
@@ -60,29 +63,48 @@ def put_payloads(client: redis.Redis, arrays: Mapping[int, np.ndarray], ttl_s: i
         pipe.execute()
 
 
-def sent_key(image_id: int) -> str:
-    return f"{SENT_PREFIX}{image_id}"
+def _image_id_of(raw: bytes | str) -> int | None:
+    """The image id a raw kombu message (Celery protocol 2 or 1) carries, if it is ours."""
+    try:
+        message = json.loads(raw)
+        if message.get("headers", {}).get("task", TASK_CLASSIFY) != TASK_CLASSIFY:
+            return None
+        body: Any = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        decoded: Any = json.loads(body) if isinstance(body, (bytes, str)) else body
+        args: Any = decoded["args"] if isinstance(decoded, dict) else decoded[0]
+        return int(args[0])
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        return None
 
 
-def mark_sent(client: redis.Redis, image_ids: Sequence[int], ttl_s: int) -> None:
-    """Record that these images' task messages are published."""
-    if not image_ids:
-        return
-    with client.pipeline(transaction=False) as pipe:
-        for image_id in image_ids:
-            pipe.set(sent_key(image_id), b"1", ex=ttl_s)
-        pipe.execute()
+def images_in_flight(client: redis.Redis, page: int = 1000) -> set[int]:
+    """Image ids whose task message is in Redis now: waiting in a lane or held by a worker.
 
-
-def sent_images(client: redis.Redis, image_ids: Sequence[int]) -> set[int]:
-    """Those of these images whose task message is known to be published."""
-    if not image_ids:
-        return set()
-    with client.pipeline(transaction=False) as pipe:
-        for image_id in image_ids:
-            pipe.exists(sent_key(image_id))
-        found = pipe.execute()
-    return {i for i, n in zip(image_ids, found, strict=True) if n}
+    Reads every lane queue (and its priority sub-queues) in pages, then the transport's
+    unacknowledged hash. A message that moves from a queue to a worker during the scan is seen
+    in one or the other, because the queues are read first.
+    """
+    found: set[int] = set()
+    names = [q for name in QUEUES.values()
+             for q in (name, *(f"{name}{KOMBU_PRIORITY_SEP}{p}" for p in KOMBU_PRIORITY_STEPS))]  # fmt: skip
+    for name in names:
+        start = 0
+        while chunk := client.lrange(name, start, start + page - 1):
+            found.update(i for i in map(_image_id_of, chunk) if i is not None)
+            if len(chunk) < page:
+                break
+            start += page
+    for _tag, entry in client.hscan_iter(KOMBU_UNACKED_KEY, count=page):
+        try:
+            raw = json.loads(entry)[0]
+        except (ValueError, IndexError, TypeError):
+            continue
+        image_id = _image_id_of(raw if isinstance(raw, str) else json.dumps(raw))
+        if image_id is not None:
+            found.add(image_id)
+    return found
 
 
 def get_payloads(client: redis.Redis, image_ids: Sequence[int], size: int) -> list[Any]:
@@ -100,9 +122,8 @@ def get_payloads(client: redis.Redis, image_ids: Sequence[int], size: int) -> li
 
 
 def delete_payloads(client: redis.Redis, image_ids: Iterable[int]) -> None:
-    """Drop the payloads (and sent markers) of finished images."""
-    ids = list(image_ids)
-    keys = [payload_key(i) for i in ids] + [sent_key(i) for i in ids]
+    """Drop payloads of finished images."""
+    keys = [payload_key(i) for i in image_ids]
     if keys:
         client.delete(*keys)
 

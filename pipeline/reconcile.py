@@ -16,8 +16,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.db import session_scope
 from pipeline.ingest import enqueue
-from pipeline.models import Image, Study, as_utc, utcnow
-from pipeline.queue import Dispatcher, sent_images
+from pipeline.models import Image, Study, utcnow
+from pipeline.queue import Dispatcher, images_in_flight
 from pipeline.studies import refresh_study
 
 log = logging.getLogger(__name__)
@@ -52,17 +52,12 @@ def requeue_stuck(
                 )
             )
         ).all()
-        # A queued image whose task message is known to be in Redis is waiting in a backlog,
-        # not lost -- unless it has waited so long that its message was probably acked without
-        # a result (a worker that gave up retrying); re-sending that is safe, results are
-        # idempotent. A payload without the sent marker is not enough: its message may never
-        # have been published, or Redis may have lost it in a crash.
-        grace = utcnow() - timedelta(seconds=max(3600.0, 6 * stuck_after_s))
-        waiting = sent_images(
-            redis_client,
-            [img.id for img, _ in rows if img.status != "processing"
-             and img.queued_at is not None and as_utc(img.queued_at) > grace],
-        )  # fmt: skip
+        # A queued image whose task message is in Redis (in a lane, or held by a worker) is
+        # waiting in a backlog, not lost. Neither a payload nor any marker proves that: a sender
+        # can die between payload and message, and kombu takes a message off its queue before
+        # recording it as unacknowledged, so a Redis crash in between loses it. Look.
+        candidates = {img.id for img, _ in rows if img.status != "processing"}
+        waiting = candidates & images_in_flight(redis_client) if candidates else set()
         for img, lane in rows:
             if img.id in waiting:
                 continue

@@ -13,7 +13,7 @@ from sqlalchemy import func, select
 from pipeline.cli import reconcile_once
 from pipeline.db import make_engine, make_session_factory
 from pipeline.models import Image, Prediction, Study
-from pipeline.queue import payload_key, put_payloads, redis_client, sent_key
+from pipeline.queue import payload_key, put_payloads, redis_client
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.e2e
@@ -65,11 +65,11 @@ def test_flushall_loses_nothing_and_nothing_is_doubled(
     assert proc.returncode == 0, proc.stderr
     client = redis.Redis.from_url(settings.redis_url)
     assert client.llen("cxr.live") == 3
-    # A queued image whose message is known to be in Redis is waiting, not lost: not re-sent.
+    # A queued image whose message is in Redis is waiting, not lost: not re-sent.
     assert reconcile_once(settings, settings.redis_url, stuck_after_s=0)["requeued"] == 0
     client.flushall()
     assert reconcile_once(settings, settings.redis_url, stuck_after_s=0)["requeued"] == 3
-    # The re-sent messages are marked sent again, so an immediate second pass sends nothing.
+    # The re-sent messages are in Redis again, so an immediate second pass sends nothing.
     assert reconcile_once(settings, settings.redis_url, stuck_after_s=0)["requeued"] == 0
     worker_factory(settings)
     factory = make_session_factory(make_engine(settings.db_url))
@@ -83,7 +83,7 @@ def test_flushall_loses_nothing_and_nothing_is_doubled(
 def test_a_payload_whose_message_was_never_sent_is_re_sent(
     settings, study_folder, worker_factory
 ) -> None:  # type: ignore[no-untyped-def]
-    # The sender died (or Redis lost its last writes) after the payloads, before the messages.
+    # The sender died after writing the payloads, before publishing the messages.
     offline = settings.with_(redis_url=None)
     assert run_cli(["ingest", str(study_folder), "--json"], offline).returncode == 0
     factory = make_session_factory(make_engine(settings.db_url))
@@ -97,8 +97,34 @@ def test_a_payload_whose_message_was_never_sent_is_re_sent(
     assert client.llen("cxr.live") == 3
     worker_factory(settings)
     assert wait_all_final(factory) == {"done": 3, "rejected": 1}
-    # Finished images leave neither a payload nor a sent marker behind.
-    assert client.exists(*[payload_key(i) for i in queued], *[sent_key(i) for i in queued]) == 0
+    assert client.exists(*[payload_key(i) for i in queued]) == 0  # finished: payloads dropped
+    client.close()
+
+
+def test_a_message_held_by_a_consumer_is_waiting_and_one_lost_in_between_is_re_sent(
+    settings, study_folder, worker_factory
+) -> None:  # type: ignore[no-untyped-def]
+    """kombu takes a message off its queue (BRPOP) and then records it as unacknowledged in a
+    second round trip; a Redis crash between the two loses the message while its payload
+    stays. A message held unacknowledged is in flight; one in neither place is re-sent."""
+    from kombu import Connection
+
+    assert run_cli(["ingest", str(study_folder), "--json"], settings).returncode == 0
+    client = redis_client(settings.redis_url)
+    assert client.llen("cxr.live") == 3
+    with Connection(settings.redis_url) as conn:
+        held = conn.SimpleQueue("cxr.live", no_ack=False).get(timeout=10)  # reserved, not acked
+        assert client.llen("cxr.live") == 2 and client.hlen("unacked") == 1
+        assert reconcile_once(settings, settings.redis_url, stuck_after_s=0)["requeued"] == 0
+        # The crash window: the message is neither queued nor recorded as unacknowledged.
+        client.delete("unacked", "unacked_index")
+        assert reconcile_once(settings, settings.redis_url, stuck_after_s=0)["requeued"] == 1
+        assert held.payload is not None
+    worker_factory(settings)
+    factory = make_session_factory(make_engine(settings.db_url))
+    assert wait_all_final(factory) == {"done": 3, "rejected": 1}
+    with factory() as session:
+        assert session.scalar(select(func.count(Prediction.id))) == 3
     client.close()
 
 
