@@ -133,8 +133,9 @@ def _raster_to_grey(img: PILImage.Image) -> np.ndarray:
         arr = np.asarray(img, dtype=np.float32)
         return _scale_to_uint8(arr, float(arr.min()), float(arr.max()))
     if img.mode in ("RGB", "RGBA", "P", "CMYK", "YCbCr"):
-        rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
-        # Radiographs saved as RGB have equal channels; a photograph or a coloured overlay does not.
+        # Radiographs saved as RGB have equal channels; a photograph or a coloured overlay does
+        # not. Every 4th pixel each way is enough to tell, at a 16th of the cost.
+        rgb = np.asarray(img.convert("RGB"))[::4, ::4].astype(np.int16)
         spread = np.abs(rgb - rgb.mean(axis=2, keepdims=True)).mean()
         if spread > 4.0:
             raise RejectedInput("colour image: a radiograph must be greyscale")
