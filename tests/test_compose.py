@@ -26,6 +26,9 @@ def test_compose_file_validates() -> None:
     devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["capabilities"] == ["gpu"]
     assert services["dashboard"]["command"] == ["cxr-triage", "serve"]
+    assert services["dicom-listen"]["command"][:2] == ["cxr-triage", "dicom-listen"]
+    assert services["dicom-listen"]["ports"][0]["target"] == 11112
+    assert services["watch"]["command"] == ["cxr-triage", "watch", "/incoming"]
     # Without the secrets the file refuses to render, so production cannot start with defaults.
     bare = {k: v for k, v in os.environ.items() if k not in ("POSTGRES_PASSWORD", "CXR_SECRET_KEY")}
     refused = subprocess.run(["docker-compose", "config", "-q"], cwd=REPO, env=bare,
