@@ -39,6 +39,8 @@ def pixel_error_reason(ds: Any, exc: Exception) -> str:
     """A one-line reason for pixel data that cannot be decoded."""
     tsuid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if tsuid is not None and not tsuid.is_transfer_syntax:
+        return f"the file meta names {str(tsuid)[:64]} as its transfer syntax, which is not one"
     if tsuid is not None and tsuid.is_compressed:
         return (f"the {tsuid.name} pixel data cannot be decoded (corrupt, truncated or an "
                 f"unsupported variant): {text.rstrip(':')}")  # fmt: skip

@@ -33,6 +33,10 @@ class RejectedInput(ValueError):
     """The input is not something the model can or should read; the message says why."""
 
 
+class UndecodableInput(RejectedInput):
+    """A parser failed in a way no specific check foresaw; the cause is kept for the fuzz."""
+
+
 @dataclass
 class Limits:
     max_bytes: int = 64 * 1024 * 1024
@@ -85,9 +89,16 @@ def decode_bytes(data: bytes, filename: str, limits: Limits | None = None) -> De
         raise RejectedInput(
             f"the file is {len(data) / 1e6:.1f} MB, over the {limits.max_bytes / 1e6:.0f} MB limit"
         )
-    if looks_like_dicom(data, filename):
-        return _decode_dicom(data, limits)
-    return _decode_raster(data, limits)
+    try:
+        if looks_like_dicom(data, filename):
+            return _decode_dicom(data, limits)
+        return _decode_raster(data, limits)
+    except RejectedInput:
+        raise
+    except Exception as exc:
+        # A parser failing in a way the checks above did not foresee: still the file's fault,
+        # so it is rejected with a reason rather than failing the batch it arrived in.
+        raise UndecodableInput(f"the file cannot be decoded ({type(exc).__name__})") from exc
 
 
 # --------------------------------------------------------------------------- raster
@@ -154,9 +165,15 @@ def _decode_dicom(data: bytes, limits: Limits) -> DecodedImage:
             # pydicom's warnings quote header values, which can be patient data.
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(io.BytesIO(data), force=True)
+            dropped = _drop_unreadable(ds)
             meta = dicom_metadata(ds)
     except (InvalidDicomError, Exception) as exc:
         raise RejectedInput(f"unreadable DICOM file ({type(exc).__name__})") from exc
+    if essential := [t for t in dropped if t.startswith("(0028,") or t == "(7FE0,0010)"]:
+        raise RejectedInput(f"the image description cannot be read: element {essential[0]} "
+                            "is malformed")  # fmt: skip
+    if dropped:
+        meta["UnreadableElements"] = dropped[:20]
     if "PixelData" not in ds and not any(k in meta for k in ("SOPClassUID", "Modality")):
         if data[128:132] == b"DICM":
             raise RejectedInput("corrupt DICOM file: no readable attributes after the header")
@@ -205,6 +222,23 @@ def _decode_dicom(data: bytes, limits: Limits) -> DecodedImage:
         height=rows,
         meta=meta,
     )
+
+
+def _drop_unreadable(ds: Any) -> list[str]:
+    """Remove top-level elements pydicom cannot convert (unknown VR, bad length); name them.
+
+    pydicom converts an element when it is first touched, so one malformed element would
+    otherwise fail the decode wherever it happens to be read. A broken private or descriptive
+    element is dropped and the image still read; a broken image description is rejected.
+    """
+    dropped = []
+    for tag in list(ds.keys()):
+        try:
+            ds[tag]
+        except Exception:
+            dropped.append(f"({tag.group:04X},{tag.element:04X})")
+            del ds[tag]
+    return dropped
 
 
 def dicom_to_uint8(ds: Any, stored: np.ndarray) -> np.ndarray:

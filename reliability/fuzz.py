@@ -1,7 +1,9 @@
 """Fuzz the decoder: mutated real DICOM, JPEG and PNG bytes into ``imaging.decode_bytes``.
 
 Any exception other than ``RejectedInput`` is a failure: a modality's garbage must become a
-recorded reason, never a crash of the process that received it. Hypothesis drives the
+recorded reason, never a crash of the process that received it. So is an input that only the
+decoder's catch-all stopped (``UndecodableInput``): the product survives it, but its reason is
+generic, and the fuzz is here to find those too. Hypothesis drives the
 mutations (flips, truncations, insertions, splices of header and body) from seeds that are
 valid files, so most inputs get past the magic numbers into the parsers.
 """
@@ -14,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.imaging import Limits, RejectedInput, decode_bytes
+from pipeline.imaging import Limits, RejectedInput, UndecodableInput, decode_bytes
 from reliability.corpus import SHARED_DICOM
 from reliability.metrics import Row
 from reliability.samples import PhiRegistry, chest_like, dicom_bytes, jpeg_bytes, png_bytes
@@ -87,6 +89,11 @@ def run_fuzz(n: int, limits: Limits | None = None) -> FuzzResult:
                 warnings.simplefilter("ignore")
                 decode_bytes(sample, filename, limits)
             result.decoded += 1
+        except UndecodableInput as exc:  # survived, but no specific check knew this input
+            cause = exc.__cause__ or exc
+            key = f"{type(cause).__name__}: {str(cause)[:120]} (caught only by the catch-all)"
+            result.unhandled[key] += 1
+            result.example.setdefault(key, sample)
         except RejectedInput:
             result.rejected += 1
         except Exception as exc:  # the finding: recorded, not raised, so the count is exact

@@ -59,3 +59,48 @@ def test_a_non_image_sop_class_is_rejected_by_name() -> None:
     data = _edit(dicom_bytes(), SOPClassUID="1.2.840.10008.5.1.4.1.1.88.11")
     with pytest.raises(RejectedInput, match=r"^not an image: SOP class Basic Text SR Storage"):
         imaging.decode_bytes(data, "sr.dcm")
+
+
+def test_a_file_meta_naming_a_non_transfer_syntax_is_rejected_with_that_reason() -> None:
+    """Found by the decoder fuzz: pydicom raised ValueError("UID is not a transfer syntax")
+    while the reason for the undecodable pixels was being worded."""
+    from reliability.samples import PhiRegistry
+    from reliability.samples import dicom_bytes as sample_dicom
+
+    data = sample_dicom(chest_like(64, seed=1), PhiRegistry().new_patient(1))
+    explicit_le = b"1.2.840.10008.1.2.1\x00"
+    assert explicit_le in data
+    bad = data.replace(explicit_le, b"1.2.840.10008.1.1\x00\x00\x00", 1)  # Verification SOP class
+    with pytest.raises(RejectedInput) as info:
+        imaging.decode_bytes(bad, "x.dcm")
+    assert str(info.value) == (
+        "the file meta names 1.2.840.10008.1.1 as its transfer syntax, which is not one"
+    )
+
+
+def _with_broken_vr(data: bytes, tag_and_vr: bytes) -> bytes:
+    """Overwrite an explicit-VR element's VR with bytes that are no VR at all."""
+    assert data.count(tag_and_vr) == 1
+    return data.replace(tag_and_vr, tag_and_vr[:4] + b"\x55\xd8", 1)
+
+
+def test_a_malformed_private_element_is_dropped_and_named_but_a_malformed_row_count_rejects() -> (
+    None
+):
+    """Found by the decoder fuzz: pydicom converts elements lazily, so an unknown VR raised
+    NotImplementedError wherever the element happened to be read first."""
+    ds = pydicom.dcmread(io.BytesIO(dicom_bytes(chest_like(64, seed=2))))
+    block = ds.private_block(0x0009, "CXR TEST", create=True)
+    block.add_new(0x10, "LO", "vendor note")
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    data = buf.getvalue()
+
+    private = imaging.decode_bytes(_with_broken_vr(data, b"\x09\x00\x10\x10LO"), "p.dcm")
+    assert private.meta["UnreadableElements"] == ["(0009,1010)"]
+    assert private.pixels.shape == (64, 64)
+    with pytest.raises(RejectedInput) as info:
+        imaging.decode_bytes(_with_broken_vr(data, b"\x28\x00\x10\x00US"), "r.dcm")
+    assert (
+        str(info.value) == "the image description cannot be read: element (0028,0010) is malformed"
+    )
