@@ -18,7 +18,7 @@ from pipeline.classifier import BatchOutput, Classifier
 from pipeline.db import session_scope
 from pipeline.models import FINAL_STATES, Batch, Image, Prediction, Study, as_utc, utcnow
 from pipeline.queue import delete_payloads, get_payloads
-from pipeline.studies import refresh_study
+from pipeline.studies import refresh_studies
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +37,19 @@ def claim(factory: sessionmaker[Session], image_ids: list[int]) -> tuple[list[in
     claimed, final = [], []
     with session_scope(factory) as session:
         images = session.scalars(select(Image).where(Image.id.in_(image_ids))).all()
+        now, touched = utcnow(), set()
         for img in images:
             if img.status in FINAL_STATES:
                 final.append(img.id)
                 continue
-            img.status, img.started_at = "processing", utcnow()
+            img.status, img.started_at = "processing", now
             img.attempts = (img.attempts or 0) + 1
-            study = session.get(Study, img.study_id)
-            if study is not None and study.status in ("received", "queued"):
-                study.status = "processing"
+            touched.add(img.study_id)
             claimed.append(img.id)
+        if touched:
+            for study in session.scalars(select(Study).where(Study.id.in_(touched))):
+                if study.status in ("received", "queued"):
+                    study.status = "processing"
     return claimed, final
 
 
@@ -214,5 +217,5 @@ def _write_results(
                               failed=len(result.failed), inference_ms=batch_ms))  # fmt: skip
         session.flush()
         touched = {images[i].study_id for i in ids if i in images}
-        for study in session.scalars(select(Study).where(Study.id.in_(touched))):
-            refresh_study(session, study, classifier.thresholds)
+        studies = session.scalars(select(Study).where(Study.id.in_(touched))).all()
+        refresh_studies(session, studies, classifier.thresholds)

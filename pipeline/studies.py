@@ -6,7 +6,7 @@ order (priority desc, unscored last, then arrival asc, then id) and the filters 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
@@ -25,22 +25,42 @@ _UNSCORED_LAST = func.coalesce(Study.priority, -1.0)
 
 def refresh_study(session: Session, study: Study, thresholds: Mapping[str, float]) -> None:
     """Recompute a study's status, label, p_abnormal and priority from its images."""
-    images = list(session.scalars(select(Image).where(Image.study_id == study.id)))
+    refresh_studies(session, [study], thresholds)
+
+
+def refresh_studies(
+    session: Session, studies: Iterable[Study], thresholds: Mapping[str, float]
+) -> None:
+    """``refresh_study`` for many studies with two queries in all (a worker's batch)."""
+    by_id = {study.id: study for study in studies}
+    if not by_id:
+        return
+    images: dict[int, list[Image]] = {i: [] for i in by_id}
+    for img in session.scalars(select(Image).where(Image.study_id.in_(list(by_id)))):
+        images[img.study_id].append(img)
+    done = [img.id for imgs in images.values() for img in imgs if img.status == "done"]
+    latest: dict[int, Prediction] = {}
+    if done:
+        query = (select(Prediction).where(Prediction.image_id.in_(done))
+                 .order_by(Prediction.created_at.desc(), Prediction.id.desc()))  # fmt: skip
+        for pred in session.scalars(query):
+            latest.setdefault(pred.image_id, pred)
+    for study_id, study in by_id.items():
+        _derive(study, images[study_id], latest, thresholds)
+
+
+def _derive(
+    study: Study,
+    images: list[Image],
+    latest: Mapping[int, Prediction],
+    thresholds: Mapping[str, float],
+) -> None:
     statuses = [img.status for img in images]
     if any(s in ("received", "queued", "processing") for s in statuses):
         study.status = "processing" if "processing" in statuses else "queued"
         return
-    scored: list[tuple[float, Prediction]] = []
-    for img in images:
-        if img.status != "done":
-            continue
-        pred = session.scalars(
-            select(Prediction)
-            .where(Prediction.image_id == img.id)
-            .order_by(Prediction.created_at.desc())
-        ).first()
-        if pred is not None:
-            scored.append((pred.p_abnormal, pred))
+    scored = [(latest[img.id].p_abnormal, latest[img.id]) for img in images
+              if img.status == "done" and img.id in latest]  # fmt: skip
     if scored:
         p, top = max(scored, key=lambda pair: pair[0])
         study.status = "done"
