@@ -1,0 +1,58 @@
+"""The short reliability suite (``cxr-triage reliability --quick``) on a live system.
+
+The same command as ``make reliability`` with smaller counts: every fault, bad-input, load and
+security scenario runs against real processes (worker, dashboard, DICOM listener, Redis, SQLite
+and, when it answers, PostgreSQL behind a TCP proxy the harness cuts). Every row must lose and
+double nothing and meet its documented outcome.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from reliability.pg import reachable
+from tests.conftest import PG_ADMIN_URL, run_cli
+
+pytestmark = pytest.mark.e2e
+
+COMMON = {
+    "worker SIGKILL mid-batch",
+    "bad input corpus (CLI ingest)",
+    "bad HTTP uploads",
+    "dashboard killed+restarted during uploads",
+    "load: 120 studies, HTTP + DICOM at once",
+    "security: routes, CSRF, scopes, PHI in logs, stored names",
+}
+
+
+@pytest.mark.timeout(1500)
+def test_quick_reliability_suite_loses_and_doubles_nothing(settings, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    args = ["reliability", "--quick", "--json", "--workdir", str(tmp_path / "run")]
+    with_pg = reachable(PG_ADMIN_URL) is None
+    if with_pg:
+        args += ["--database-url", PG_ADMIN_URL]
+    proc = run_cli(args, settings, timeout=1400)
+    doc = json.loads(proc.stdout.strip().splitlines()[-1])
+    rows = doc["rows"]
+    bad = [r for r in rows if not r["ok"]]
+    assert not bad, json.dumps(bad, indent=1)
+    assert proc.returncode == 0 and doc["ok"] is True
+    expected = {("decoder fuzz (hypothesis, mutated real files)", "-")}
+    expected |= {(s, "sqlite+embedded") for s in COMMON}
+    expected.add(("redis crash+restart (embedded, AOF)", "sqlite+embedded"))
+    if with_pg:
+        expected |= {(s, "postgresql+compose") for s in COMMON}
+        expected |= {("redis crash+restart (compose, AOF)", "postgresql+compose"),
+                     ("postgresql down 3 s", "postgresql+compose")}  # fmt: skip
+    assert {(r["scenario"], r["profile"]) for r in rows} == expected
+    for row in rows:
+        assert row["lost"] == 0 and row["duplicated"] == 0, row
+        if row["scenario"].startswith(("worker", "redis", "postgresql", "dashboard", "load")):
+            # Every study sent came out final: done (these scenarios send good studies only).
+            assert row["done"] == row["sent"], row
+    fuzz = next(r for r in rows if r["scenario"].startswith("decoder fuzz"))
+    assert fuzz["sent"] == 200 and fuzz["note"] == "0 unhandled exceptions in 200 inputs"
+    security = [r for r in rows if r["scenario"].startswith("security")]
+    assert all("0 with PHI" in r["note"] for r in security), security
