@@ -263,6 +263,15 @@ RASTER_HEADER_KEYS = (
     "InstitutionName",
     "RequestedProcedurePriority",
 )
+# What is kept from a DICOM header: the same, plus what identifies and describes the image.
+DICOM_HEADER_KEYS = (
+    *RASTER_HEADER_KEYS,
+    "SOPInstanceUID",
+    "SOPClassUID",
+    "StudyPriorityID",
+    "PhotometricInterpretation",
+    "BitsStored",
+)
 
 
 # The longest value of each value representation (PS3.5 6.2), so stored columns always fit.
@@ -305,29 +314,8 @@ def header_fields(values: dict[str, Any]) -> dict[str, str]:
 
 def dicom_metadata(ds: Any) -> dict[str, Any]:
     """Extract the header fields the worklist, grouping and dedup need."""
-    keys = (
-        "StudyInstanceUID",
-        "SeriesInstanceUID",
-        "SOPInstanceUID",
-        "SOPClassUID",
-        "AccessionNumber",
-        "PatientID",
-        "PatientName",
-        "PatientSex",
-        "PatientAge",
-        "StudyDate",
-        "StudyTime",
-        "Modality",
-        "BodyPartExamined",
-        "ViewPosition",
-        "InstitutionName",
-        "RequestedProcedurePriority",
-        "StudyPriorityID",
-        "PhotometricInterpretation",
-        "BitsStored",
-    )
     meta: dict[str, Any] = {}
-    for key in keys:
+    for key in DICOM_HEADER_KEYS:
         value = ds.get(key)
         if value is None or value == "":
             continue

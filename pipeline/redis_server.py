@@ -64,10 +64,9 @@ class EmbeddedRedis:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, timeout: float = 10.0) -> EmbeddedRedis:
-        """Start the server and wait until it answers PING."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        cmd = [
+    def command(self) -> list[str]:
+        """The redis-server command line: loopback only, AOF under the directory, no RDB."""
+        return [
             find_redis_server(),
             "--port",
             str(self.port),
@@ -88,7 +87,13 @@ class EmbeddedRedis:
             "--protected-mode",
             "yes",
         ]
-        self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, start_new_session=True)
+
+    def start(self, timeout: float = 10.0) -> EmbeddedRedis:
+        """Start the server and wait until it answers PING."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            self.command(), stdout=subprocess.DEVNULL, start_new_session=True
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

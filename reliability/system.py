@@ -28,7 +28,7 @@ from pipeline.cli import reconcile_once
 from pipeline.db import make_engine, make_session_factory, session_scope
 from pipeline.migrate import upgrade
 from pipeline.models import PERSON_ROLES, ROLES
-from pipeline.redis_server import EmbeddedRedis, find_redis_server, ping
+from pipeline.redis_server import EmbeddedRedis, find_redis_server
 from pipeline.settings import PACKAGE_ROOT, Settings
 from pipeline.supervisor import dashboard_command, worker_command
 from pipeline.users import create_user, issue_token
@@ -62,20 +62,10 @@ def compose_redis_flags(compose_file: Path = COMPOSE_FILE) -> list[str]:
 class ComposeRedis(EmbeddedRedis):
     """The same redis-server binary with the production compose file's flags (AOF everysec)."""
 
-    def start(self, timeout: float = 10.0) -> ComposeRedis:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        cmd = [find_redis_server(), *compose_redis_flags(), "--port", str(self.port),
-               "--bind", "127.0.0.1", "--dir", str(self.directory),
-               "--logfile", str(self.directory / "redis.log")]  # fmt: skip
-        self.process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited at start; see {self.directory}/redis.log")
-            if ping(self.url, timeout=0.2):
-                return self
-            time.sleep(0.02)
-        raise RuntimeError("redis-server with the compose flags did not answer")
+    def command(self) -> list[str]:
+        return [find_redis_server(), *compose_redis_flags(), "--port", str(self.port),
+                "--bind", "127.0.0.1", "--dir", str(self.directory),
+                "--logfile", str(self.directory / "redis.log")]  # fmt: skip
 
 
 class Service:

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from hypothesis import settings as hypothesis_settings
-from PIL import Image as PILImage
 
 from pipeline.classifier import Classifier, create_untrained_weights
 from pipeline.db import make_engine, make_session_factory
@@ -26,6 +25,7 @@ from pipeline.queue import redis_client
 from pipeline.redis_server import EmbeddedRedis
 from pipeline.settings import Settings
 from pipeline.users import create_user
+from reliability import samples
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -193,28 +193,11 @@ def run_cli(
 
 
 def chest_like(size: int = 256, seed: int = 0) -> np.ndarray:
-    """A synthetic frontal chest: bright mediastinum and ribs, dark lung fields (uint8)."""
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:size, 0:size] / size
-    img = 0.75 - 0.45 * (
-        np.exp(-((x - 0.3) ** 2 + (y - 0.5) ** 2) / 0.02)
-        + np.exp(-((x - 0.7) ** 2 + (y - 0.5) ** 2) / 0.02)
-    )
-    img += 0.25 * np.exp(-((x - 0.5) ** 2) / 0.004)
-    img += rng.normal(0, 0.02, img.shape)
-    return (np.clip(img, 0, 1) * 255).astype(np.uint8)
+    """A synthetic frontal chest (the reliability harness's), 256 px by default."""
+    return samples.chest_like(size, seed)
 
 
-def jpeg_bytes(arr: np.ndarray, mode: str = "L") -> bytes:
-    buf = io.BytesIO()
-    PILImage.fromarray(arr).convert(mode).save(buf, format="JPEG", quality=90)
-    return buf.getvalue()
-
-
-def png_bytes(arr: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    PILImage.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
+jpeg_bytes, png_bytes = samples.jpeg_bytes, samples.png_bytes
 
 
 def dicom_bytes(
