@@ -10,6 +10,7 @@ import io
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image as PILImage
@@ -102,10 +103,23 @@ def dicom_bytes(
     ds.Modality = modality
     ds.ViewPosition = "PA"
     ds.BodyPartExamined = "CHEST"
+    set_pixels(ds, values, 12, "MONOCHROME2", samples, frames, pixel_data)
+    if rows_cols:
+        ds.Rows, ds.Columns = rows_cols
+    for tag, (vr, raw) in (raw_elements or {}).items():
+        ds[tag] = RawDataElement(Tag(tag), vr, len(raw), raw, 0, False, True)  # type: ignore[assignment]
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def set_pixels(ds: Any, values: np.ndarray, bits: int, photometric: str, samples: int = 1,
+               frames: int = 1, pixel_data: bool = True) -> None:  # fmt: skip
+    """The image pixel module of a generated radiograph: size, bit depth, frames, pixel data."""
     ds.SamplesPerPixel = samples
-    ds.PhotometricInterpretation = "MONOCHROME2" if samples == 1 else "RGB"
-    ds.Rows, ds.Columns = rows_cols or values.shape
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    ds.PhotometricInterpretation = photometric if samples == 1 else "RGB"
+    ds.Rows, ds.Columns = values.shape
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits, bits - 1, 0
     if frames > 1:
         ds.NumberOfFrames = frames
     if samples > 1:
@@ -114,11 +128,6 @@ def dicom_bytes(
         data = np.repeat(values[..., None], samples, axis=2) if samples > 1 else values
         stacked = np.stack([data] * frames) if frames > 1 else data
         ds.PixelData = np.ascontiguousarray(stacked).tobytes()
-    for tag, (vr, raw) in (raw_elements or {}).items():
-        ds[tag] = RawDataElement(Tag(tag), vr, len(raw), raw, 0, False, True)  # type: ignore[assignment]
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
 
 
 def write_studies(folder: Path, n: int, phi: PhiRegistry, start: int = 0) -> list[Path]:

@@ -25,7 +25,7 @@ from pipeline.queue import redis_client
 from pipeline.redis_server import EmbeddedRedis
 from pipeline.settings import Settings
 from pipeline.users import create_user
-from reliability import samples
+from reliability import samples as samples_module
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -194,10 +194,10 @@ def run_cli(
 
 def chest_like(size: int = 256, seed: int = 0) -> np.ndarray:
     """A synthetic frontal chest (the reliability harness's), 256 px by default."""
-    return samples.chest_like(size, seed)
+    return samples_module.chest_like(size, seed)
 
 
-jpeg_bytes, png_bytes = samples.jpeg_bytes, samples.png_bytes
+jpeg_bytes, png_bytes = samples_module.jpeg_bytes, samples_module.png_bytes
 
 
 def dicom_bytes(
@@ -241,21 +241,9 @@ def dicom_bytes(
     ds.BodyPartExamined = "CHEST"
     if priority:
         ds.RequestedProcedurePriority = priority
-    ds.SamplesPerPixel = samples
-    ds.PhotometricInterpretation = photometric if samples == 1 else "RGB"
-    ds.Rows, ds.Columns = values.shape
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits, bits - 1, 0
+    samples_module.set_pixels(ds, values, bits, photometric, samples, frames, pixel_data)
     if window:
         ds.WindowCenter, ds.WindowWidth = window
-    if frames > 1:
-        ds.NumberOfFrames = frames
-    if samples > 1:
-        ds.PlanarConfiguration = 0
-    if pixel_data:
-        data = np.repeat(values[..., None], samples, axis=2) if samples > 1 else values
-        ds.PixelData = np.ascontiguousarray(
-            np.stack([data] * frames) if frames > 1 else data
-        ).tobytes()
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
