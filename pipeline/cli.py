@@ -28,7 +28,7 @@ from pipeline.redis_server import EmbeddedRedis, clear_runtime, resolve_redis_ur
 from pipeline.settings import ConfigError, Settings
 from pipeline.sources_cli import source_children
 from pipeline.studies import worklist_document
-from pipeline.supervisor import Supervisor, dashboard_command, worker_command
+from pipeline.supervisor import Supervisor, dashboard_command, worker_children
 from pipeline.users import UserError, create_user, has_users, issue_token
 from pipeline.weights import describe_weights, ensure_weights
 
@@ -104,7 +104,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         write_runtime(settings, redis_url, dashboard_url)
         env = _child_env(settings, redis_url)
         sup = Supervisor(checks=[embedded.keep_alive] if embedded else [])
-        sup.add("worker", worker_command(settings), env)
+        for name, command, child_env in worker_children(settings, env):
+            sup.add(name, command, child_env)
         sup.add("dashboard", dashboard_command(settings), env)
         for name, command in source_children(settings):  # watched folder, DICOM listener
             sup.add(name, command, env)
@@ -173,7 +174,8 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
             redis_url = embedded.url
             temp = Supervisor()
             env = _child_env(settings, redis_url)
-            temp.add("worker", worker_command(settings, "cxr-ingest"), env).start()
+            for name, command, child_env in worker_children(settings, env, "cxr-ingest"):
+                temp.add(name, command, child_env).start()
         sink = None
         if redis_url is not None:
             client, dispatcher = redis_client(redis_url), Dispatcher(redis_url)
@@ -276,6 +278,22 @@ def cmd_exec(command: list[str], settings: Settings) -> int:
     return 1  # not reached
 
 
+def cmd_worker(settings: Settings) -> int:
+    """The inference workers of this machine's layout; one process replaces this one."""
+    redis_url = resolve_redis_url(settings)
+    if redis_url is None:
+        raise ConfigError("no Redis: set CXR_REDIS_URL or start `cxr-triage run`")
+    children = worker_children(settings, _child_env(settings, redis_url))
+    if len(children) == 1:
+        _, command, env = children[0]
+        os.execvpe(command[0], command, env)
+    sup = Supervisor()
+    for name, command, env in children:
+        sup.add(name, command, env)
+    sup.run()
+    return 0
+
+
 # Commands that live in their own modules. Each module defines
 # ``register(subparsers) -> None``, adding its parsers with ``set_defaults(handler=fn)`` where
 # ``fn(args, settings) -> int``. Imported only when the CLI builds its parser.
@@ -303,7 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
     wl = sub.add_parser("worklist", help="studies by priority")
     wl.add_argument("--limit", type=int)
     wl.add_argument("--json", action="store_true")
-    sub.add_parser("worker", help="run one inference worker (Celery)")
+    sub.add_parser(
+        "worker",
+        help="run the inference workers (Celery): a process per core on a CPU, one on a GPU",
+    )
     serve = sub.add_parser("serve", help="run the dashboard under gunicorn")
     serve.add_argument("--port", type=int)
     db = sub.add_parser("db", help="database maintenance")
@@ -357,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
             print("database is at the latest schema")
             return 0
         if args.cmd == "worker":
-            return cmd_exec(worker_command(settings), settings)
+            return cmd_worker(settings)
         return cmd_exec(dashboard_command(settings), settings)
     except (ConfigError, UserError) as exc:
         print(f"cxr-triage: {exc}", file=sys.stderr)

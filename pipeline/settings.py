@@ -51,6 +51,8 @@ class Settings:
     max_attempts: int = 3
     payload_ttl_s: int = 7 * 24 * 3600
     torch_threads: int = 0
+    # Inference worker processes; 0: one per core on a CPU (up to 8), one on a GPU.
+    worker_processes: int = 0
     # Sources (issue 3): a watched folder, a DICOM listener (port 0: off), the HTTP body limit.
     watch_dir: Path | None = None
     watch_settle_ms: int = 2000
@@ -112,6 +114,8 @@ class Settings:
         """Refuse configurations that cannot work."""
         if self.batch_size < 1:
             raise ConfigError("CXR_BATCH_SIZE must be at least 1")
+        if self.worker_processes < 0:
+            raise ConfigError("CXR_WORKER_PROCESSES must not be negative")
         if self.batch_wait_ms < 0:
             raise ConfigError("CXR_BATCH_WAIT_MS must not be negative")
         if self.production and not self.secret_key:

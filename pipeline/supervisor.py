@@ -15,6 +15,54 @@ from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
 
+MAX_CPU_WORKERS = 8
+
+
+@dataclass(frozen=True)
+class WorkerLayout:
+    """How the inference work is spread over processes on this machine."""
+
+    device: str  # "cpu", or the accelerator ("cuda", "cuda:1")
+    processes: int
+    threads: int  # torch CPU threads in each process; 0: torch's default
+
+
+def inference_layout(settings: Settings) -> WorkerLayout:
+    """The inference processes to run here and the CPU threads of each.
+
+    On a CPU: one process per core with one thread each (up to 8 processes; beyond 8 cores
+    each gets ``cores // 8`` threads). Independent processes each run whole batches, so a core
+    that ingest or the database borrows for a moment slows one batch. One process with a
+    thread per core instead waits at every operator for its slowest thread, and loses far
+    more (docs/worker.md has the measurements). On a GPU: one process, which keeps it fed.
+    ``CXR_WORKER_PROCESSES`` and ``CXR_TORCH_THREADS`` override either number.
+    """
+    device = settings.device
+    if device == "auto":
+        import torch  # only here: the supervisor does not need torch otherwise
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cpu":
+        return WorkerLayout(device, settings.worker_processes or 1, settings.torch_threads)
+    cores = len(os.sched_getaffinity(0))
+    processes = settings.worker_processes or min(cores, MAX_CPU_WORKERS)
+    threads = settings.torch_threads or max(1, cores // processes)
+    return WorkerLayout(device, processes, threads)
+
+
+def worker_children(
+    settings: Settings, env: dict[str, str], name: str = "cxr-worker"
+) -> list[tuple[str, list[str], dict[str, str]]]:
+    """(name, command, environment) of each inference worker process of the layout."""
+    layout = inference_layout(settings)
+    child_env = {**env, "CXR_DEVICE": layout.device, "CXR_TORCH_THREADS": str(layout.threads)}
+    if layout.processes == 1:
+        return [("worker", worker_command(settings, name), child_env)]
+    return [
+        (f"worker-{k}", worker_command(settings, f"{name}-{k}"), child_env)
+        for k in range(layout.processes)
+    ]
+
 
 def worker_command(settings: Settings, name: str = "cxr-worker") -> list[str]:
     """The Celery inference worker: one process, the model loaded once, live lane first."""

@@ -17,7 +17,9 @@ from pathlib import Path
 import psutil
 import pytest
 
+from pipeline.queue import HEARTBEAT_PREFIX, redis_client
 from pipeline.settings import Settings
+from pipeline.supervisor import inference_layout
 from tests.conftest import REPO, chest_like, png_bytes, run_cli, settings_env
 
 pytestmark = pytest.mark.e2e
@@ -81,11 +83,19 @@ def test_run_serves_supervises_and_stops_cleanly(
                 return False
 
         wait_for(healthy, 120, "the dashboard")
-        wait_for(lambda: celery_children(parent), 60, "the worker")
+        # The machine's worker layout: on this CPU, a process per core, one thread each.
+        layout = inference_layout(settings)
+        workers = wait_for(lambda: (lambda c: c if len(c) == layout.processes else None)(
+            celery_children(parent)), 60, f"{layout.processes} workers")  # fmt: skip
+        assert {p.environ()["CXR_TORCH_THREADS"] for p in workers} == {str(layout.threads)}
         output = Path(log.name).read_text()
         assert "Username: admin   Password: first-admin-password" in output
         runtime = json.loads((settings.data_dir / "runtime.json").read_text())
         assert runtime["redis_url"].startswith("redis://127.0.0.1:")
+        beats = redis_client(runtime["redis_url"])
+        wait_for(lambda: len(beats.keys(HEARTBEAT_PREFIX + "*")) == layout.processes, 60,
+                 "a heartbeat from every worker")  # fmt: skip
+        beats.close()
 
         # `ingest` finds the running system through the data dir.
         ingest_settings = settings.with_(redis_url=None)
@@ -106,14 +116,15 @@ def test_run_serves_supervises_and_stops_cleanly(
         priorities = [s["priority"] for s in api["studies"] if s["priority"] is not None]
         assert len(priorities) == 3 and priorities == sorted(priorities, reverse=True)
 
-        # A worker that dies is restarted.
-        first = celery_children(parent)[0]
+        # A worker that dies is restarted; the others keep running.
+        first, *others = celery_children(parent)
         descendants.update(p.pid for p in parent.children(recursive=True))
         first.kill()
         replaced = wait_for(
-            lambda: [p for p in celery_children(parent) if p.pid != first.pid], 60, "a new worker"
-        )
-        assert replaced[0].pid != first.pid
+            lambda: (lambda c: c if len(c) == layout.processes else None)(
+                [p for p in celery_children(parent) if p.pid != first.pid]), 60, "a new worker"
+        )  # fmt: skip
+        assert {p.pid for p in others} <= {p.pid for p in replaced}
         descendants.update(p.pid for p in parent.children(recursive=True))
 
         # The embedded Redis is brought back on the same port; new work still flows.
