@@ -128,6 +128,30 @@ def _file_key(path: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+@dataclass
+class _Prepared:
+    """One file decoded, before any database work: what its rows need, without the pixels."""
+
+    filename: str
+    key: str
+    decoded: DecodedImage | None
+    reason: str | None
+    preview: bytes | None
+
+
+def _prepare(data: bytes, filename: str, limits: Limits, extra_meta: dict[str, Any]) -> _Prepared:
+    try:
+        decoded = imaging.decode_bytes(data, filename, limits)
+    except RejectedInput as exc:
+        return _Prepared(filename, imaging.content_key(data), None, str(exc), None)
+    if decoded.kind != "dicom":
+        # JPEG/PNG carry no header: a sidecar JSON or the upload form gives their fields.
+        decoded.meta.update(imaging.header_fields(extra_meta))
+    preview = imaging.encode_preview(decoded.pixels)
+    decoded.pixels = decoded.pixels[:0]  # the chunk holds previews, not full images
+    return _Prepared(filename, decoded.dedup_key, decoded, None, preview)
+
+
 def persist_file(
     session: Session,
     data: bytes,
@@ -138,40 +162,115 @@ def persist_file(
     extra_meta: dict[str, Any] | None = None,
 ) -> IngestItem:
     """Decode one file and write its study and image rows (not committed); dedup first."""
-    extra_meta = extra_meta or {}
-    decoded: DecodedImage | None = None
-    try:
-        decoded = imaging.decode_bytes(data, filename, limits)
-        key, reason = decoded.dedup_key, None
-    except RejectedInput as exc:
-        key, reason = imaging.content_key(data), str(exc)
-    existing = _existing(session, key, filename)
-    if existing is not None:
-        return existing
-    if decoded is None:
-        return record_rejection(session, key, filename, reason or "rejected", source, lane)
-    if decoded.kind != "dicom":
-        # JPEG/PNG carry no header: a sidecar JSON or the upload form gives their fields.
-        decoded.meta.update(imaging.header_fields(extra_meta))
-    fields = _study_fields(decoded.meta, extra_meta)
-    study: Study | None = None
-    if fields["study_uid"]:
-        study = session.scalars(select(Study).where(Study.study_uid == fields["study_uid"])).first()
+    return persist_files(session, [(data, filename)], limits, source, lane, extra_meta)[0]
+
+
+def persist_files(
+    session: Session,
+    files: list[tuple[bytes, str]],
+    limits: Limits,
+    source: str = "cli",
+    lane: str = "live",
+    extra_meta: dict[str, Any] | None = None,
+) -> list[IngestItem]:
+    """Decode files and write their study and image rows (not committed), in order.
+
+    The lot costs one dedup query, one study lookup and one flush (multi-row INSERTs),
+    however many files it holds. A file already stored, or earlier in the lot, is reported as
+    a duplicate of that image; images with one StudyInstanceUID share one study.
+    """
+    extra = extra_meta or {}
+    prepared = [_prepare(data, name, limits, extra) for data, name in files]
+    keys = {p.key for p in prepared}
+    known = {
+        row.dedup_key: row
+        for row in session.execute(
+            select(Image.id, Image.study_id, Image.status, Image.reason, Image.dedup_key).where(
+                Image.dedup_key.in_(keys)
+            )
+        )
+    }
+    fields = [_study_fields(p.decoded.meta, extra) if p.decoded else None for p in prepared]
+    uids = {f["study_uid"] for f in fields if f and f["study_uid"]}
+    studies: dict[str, Study] = {}
+    if uids:
+        for found in session.scalars(
+            select(Study).where(Study.study_uid.in_(uids)).order_by(Study.id)
+        ):
+            studies.setdefault(str(found.study_uid), found)  # the oldest, as one lookup finds
+    # dedup key -> the rows written for its first file in this lot
+    written: dict[str, tuple[Image, Study]] = {}
+    plans: list[tuple[_Prepared, Image | None, Study | None]] = []
+    now = utcnow()
+    with session.no_autoflush:
+        for p, f in zip(prepared, fields, strict=True):
+            if p.key in known or p.key in written:
+                plans.append((p, None, None))
+                continue
+            if p.decoded is None or f is None:
+                reason = p.reason or "rejected"
+                study = Study(
+                    source=source, lane=lane, status="rejected", reason=reason, done_at=now
+                )
+                image = Image(study=study, dedup_key=p.key, filename=imaging.storable_name(p.filename),
+                              kind="unknown", status="rejected", reason=reason, done_at=now)  # fmt: skip
+            else:
+                image, study = _new_image(p, p.decoded, f, studies, source, lane)
+            session.add(image)
+            written[p.key] = (image, study)
+            plans.append((p, image, study))
+    session.flush()
+    items = []
+    for p, written_image, written_study in plans:
+        if written_image is None or written_study is None:
+            if p.key in known:
+                row = known[p.key]
+                items.append(IngestItem(p.filename, row.study_id, row.id, row.status, row.reason,
+                                        duplicate=True))  # fmt: skip
+            else:
+                first, _ = written[p.key]
+                items.append(IngestItem(p.filename, first.study_id, first.id, first.status,
+                                        first.reason, duplicate=True))  # fmt: skip
+            continue
+        image, study = written_image, written_study
+        if image.status == "queued":
+            if study.status not in ("processing", "queued"):
+                # A study that was final (its other images skipped) has work again.
+                study.status, study.done_at = "queued", None
+        elif image.status == "skipped" and not _has_other_work(session, study.id, image.id):
+            # The study's only images are skipped: it is final now, not waiting for a worker.
+            study.status, study.reason, study.done_at = "skipped", image.reason, utcnow()
+        item = IngestItem(p.filename, study.id, image.id, image.status, image.reason)
+        if image.status == "queued":
+            item.preview = p.preview
+        items.append(item)
+    return items
+
+
+def _new_image(
+    p: _Prepared,
+    decoded: DecodedImage,
+    fields: dict[str, Any],
+    studies: dict[str, Study],
+    source: str,
+    lane: str,
+) -> tuple[Image, Study]:
+    """The image row of a decoded file, and its study: found by UID, or new."""
+    study = studies.get(fields["study_uid"]) if fields["study_uid"] else None
     if study is None:
-        # Flushed together with its image below: one round of INSERTs per file.
         study = Study(source=source, lane=lane, status="queued", **fields)
-        session.add(study)
+        if fields["study_uid"]:
+            studies[fields["study_uid"]] = study
     reason = decoded.skip_reason  # lateral view or not a chest
     status = "skipped" if reason else "queued"
     meta = decoded.meta
-    preview = imaging.encode_preview(decoded.pixels)
-    # A new study is inserted in the image's flush; an existing one is referred to by id (no
-    # load of its image collection).
+    # A new study is inserted in the same flush; an existing one is referred to by id (no load
+    # of its image collection).
     link: dict[str, Any] = {"study": study} if study.id is None else {"study_id": study.id}
     image = Image(
         **link,
-        dedup_key=key,
-        filename=imaging.storable_name(filename),
+        dedup_key=p.key,
+        filename=imaging.storable_name(p.filename),
         kind=decoded.kind,
         sop_uid=meta.get("SOPInstanceUID"),
         series_uid=meta.get("SeriesInstanceUID"),
@@ -181,25 +280,13 @@ def persist_file(
         width=decoded.width,
         height=decoded.height,
         meta=meta,
-        preview=preview,
+        preview=p.preview,
         status=status,
         reason=reason,
         queued_at=utcnow() if status == "queued" else None,
         done_at=utcnow() if status == "skipped" else None,
     )
-    session.add(image)
-    session.flush()
-    if status == "queued":
-        if study.status not in ("processing", "queued"):
-            # A study that was final (its other images skipped) has work again.
-            study.status, study.done_at = "queued", None
-    elif not _has_other_work(session, study.id, image.id):
-        # The study's only images are skipped: it is final now, not waiting for a worker.
-        study.status, study.reason, study.done_at = status, reason, utcnow()
-    item = IngestItem(filename, study.id, image.id, status, reason)
-    if status == "queued":
-        item.preview = preview
-    return item
+    return image, study
 
 
 def _has_other_work(session: Session, study_id: int, image_id: int) -> bool:
@@ -264,7 +351,7 @@ def ingest_many(
     """
     session = factory()
     try:
-        items = [persist_file(session, data, name, limits, **kwargs) for data, name in files]
+        items = persist_files(session, files, limits, **kwargs)
         session.commit()
         return items
     except (IntegrityError, DataError):

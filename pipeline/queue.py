@@ -7,6 +7,7 @@ in the database whenever Redis has lost it, so Redis holds nothing that cannot b
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 from collections.abc import Iterable, Mapping, Sequence
@@ -128,6 +129,17 @@ def delete_payloads(client: redis.Redis, image_ids: Iterable[int]) -> None:
         client.delete(*keys)
 
 
+def _publish_batch(producer: Any) -> Any:
+    """kombu's publish batch (Redis: one pipelined round trip for a chunk's messages).
+
+    Messages buffered here are sent when the block ends without an error; on an error the
+    unsent ones are dropped and the error propagates, so the caller treats the lot as unsent
+    (their rows stay queued for the reconciler). A kombu without batches publishes one by one.
+    """
+    batch = getattr(producer, "batch", None)
+    return batch() if batch is not None else contextlib.nullcontext()
+
+
 class Dispatcher:
     """Sends classification tasks by name, so pipeline code never imports the worker."""
 
@@ -147,7 +159,7 @@ class Dispatcher:
         """Send one task message per image onto the lane's queue; return how many were sent."""
         queue = QUEUES.get(lane, QUEUES["live"])
         sent = 0
-        with self._app.producer_or_acquire() as producer:
+        with self._app.producer_or_acquire() as producer, _publish_batch(producer):
             for image_id in image_ids:
                 self._app.send_task(
                     TASK_CLASSIFY,

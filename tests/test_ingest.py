@@ -154,3 +154,72 @@ def test_header_control_characters_and_long_values_never_fail_a_chunk(database_u
         assert image.filename == "bad.dcm"
         assert image.meta["AccessionNumber"] == "ACC[31m"
         assert session.scalar(select(func.count(Image.id))) == 3
+
+
+def _statements(engine, action):  # type: ignore[no-untyped-def]
+    """Run action(); return the SQL statements it sent, in order."""
+    from sqlalchemy import event
+
+    seen: list[str] = []
+
+    def record(_conn, _cursor, statement, *_args):  # type: ignore[no-untyped-def]
+        seen.append(statement.split(None, 1)[0].upper())
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        action()
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    return seen
+
+
+def test_a_chunk_costs_the_same_statements_for_two_files_as_for_twelve(database_url) -> None:
+    """Dedup and study lookup are one query each for the lot, and the INSERTs are multi-row
+    where the database can return ids in order (PostgreSQL); every file gets its own rows."""
+    upgrade(database_url)
+    engine = make_engine(database_url)
+    factory = make_session_factory(engine)
+    two = [(dicom_bytes(chest_like(seed=s)), f"{s}.dcm") for s in range(10, 12)]
+    twelve = [(dicom_bytes(chest_like(seed=s)), f"{s}.dcm") for s in range(20, 32)]
+    few = _statements(engine, lambda: ingest_many(factory, two, Limits()))
+    many = _statements(engine, lambda: ingest_many(factory, twelve, Limits()))
+    assert [s for s in many if s != "INSERT"] == [s for s in few if s != "INSERT"]
+    assert few.count("SELECT") == many.count("SELECT") == 2  # dedup keys, study UIDs
+    if database_url.startswith("postgresql"):
+        assert few.count("INSERT") == many.count("INSERT") == 2  # studies, then images
+    else:
+        # SQLite cannot tie new rowids to parameter order: SQLAlchemy inserts row by row.
+        assert (few.count("INSERT"), many.count("INSERT")) == (4, 24)
+    with factory() as session:
+        assert session.scalar(select(func.count(Image.id))) == 14
+        assert session.scalar(select(func.count(Study.id))) == 14
+
+
+def test_a_chunk_with_a_repeated_file_and_a_shared_study(database_url) -> None:
+    """In one chunk: the same file twice is one image and a duplicate of it; two films of one
+    StudyInstanceUID share one study; a file stored before is a duplicate of the stored one."""
+    upgrade(database_url)
+    factory = make_session_factory(make_engine(database_url))
+    uid = generate_uid()
+    stored = dicom_bytes(chest_like(seed=40))
+    [before] = ingest_many(factory, [(stored, "before.dcm")], Limits())
+    again = dicom_bytes(chest_like(seed=41))
+    files = [(again, "a.dcm"), (dicom_bytes(chest_like(seed=42), study_uid=uid), "pa1.dcm"),
+             (again, "a-copy.dcm"), (dicom_bytes(chest_like(seed=43), study_uid=uid), "pa2.dcm"),
+             (stored, "before-copy.dcm"), (b"not an image", "junk.dcm"),
+             (b"not an image", "junk-copy.dcm")]  # fmt: skip
+    items = ingest_many(factory, files, Limits())
+    assert [(i.path, i.status, i.duplicate) for i in items] == [
+        ("a.dcm", "queued", False), ("pa1.dcm", "queued", False), ("a-copy.dcm", "queued", True),
+        ("pa2.dcm", "queued", False), ("before-copy.dcm", "queued", True),
+        ("junk.dcm", "rejected", False), ("junk-copy.dcm", "rejected", True)]  # fmt: skip
+    assert (items[2].image_id, items[2].study_id) == (items[0].image_id, items[0].study_id)
+    assert items[1].study_id == items[3].study_id and items[1].image_id != items[3].image_id
+    assert (items[4].image_id, items[4].study_id) == (before.image_id, before.study_id)
+    assert items[6].image_id == items[5].image_id
+    assert len({i.study_id for i in items}) == 4  # a, the shared study, before, junk
+    with factory() as session:
+        assert session.scalar(select(func.count(Image.id))) == 5  # before, a, pa1, pa2, junk
+        shared = session.scalars(select(Study).where(Study.study_uid == uid)).one()
+        assert shared.status == "queued"
+        assert session.scalar(select(func.count(Image.id)).where(Image.study_id == shared.id)) == 2
