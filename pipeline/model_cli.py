@@ -35,6 +35,8 @@ def register(subparsers: Any) -> None:
     tr.add_argument("--init", help="torchvision-compatible state dict to start from")
     tr.add_argument("--cache-dir", help="folder for decoded-image caches")
     tr.add_argument("--threads", type=int, default=0)
+    tr.add_argument("--amp", choices=("off", "bf16"), default="off",
+                    help="bf16: mixed-precision training (GPUs, CPUs with AMX); weights stay fp32")  # fmt: skip
     tr.add_argument("--out", required=True)
     tr.set_defaults(handler=cmd_train)
 
@@ -83,6 +85,7 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
         resume=args.resume,
         init=args.init,
         cache_dir=args.cache_dir,
+        amp=args.amp,
     )
     _, meta = run(cfg)
     val = meta["metrics"]["validation"]

@@ -103,8 +103,14 @@ def train_epoch(
     norm: tuple[float, float],
     progress: Progress | None = None,
     augment_fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor] = augment,
+    amp: str = "off",
 ) -> list[float]:
-    """Run one pass over images[order] in batches; return the loss of every step."""
+    """Run one pass over images[order] in batches; return the loss of every step.
+
+    ``amp="bf16"`` runs the forward pass under bfloat16 autocast (mixed precision: the weights,
+    gradients and optimizer state stay float32). Fast on GPUs and on CPUs with AMX; on a CPU
+    without it, bf16 is many times slower than float32.
+    """
     device = next(model.parameters()).device
     model.train()
     losses = []
@@ -114,7 +120,8 @@ def train_epoch(
             continue
         x = to_model(augment_fn(images[idx], gen), norm[0], norm[1], device)
         y = labels[idx].to(device)
-        loss = F.cross_entropy(model(x), y)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+            loss = F.cross_entropy(model(x).float(), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

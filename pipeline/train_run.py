@@ -43,6 +43,7 @@ class TrainConfig:
     resume: bool = False
     init: str | None = None
     cache_dir: str | None = None
+    amp: str = "off"  # "bf16": mixed-precision training (GPUs, CPUs with AMX)
     mean: float = 0.5
     std: float = 0.25
     sensitivity: float = 0.95
@@ -137,7 +138,7 @@ def fit(cfg: TrainConfig, data: Prepared) -> tuple[torch.nn.Module, list[dict[st
         t0 = time.perf_counter()
         losses = tr.train_epoch(
             model, opt, sched, data.images["train"], data.labels["train"], order,
-            cfg.batch_size, gen, (cfg.mean, cfg.std), bar,
+            cfg.batch_size, gen, (cfg.mean, cfg.std), bar, amp=cfg.amp,
         )  # fmt: skip
         seconds = time.perf_counter() - t0
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "seconds": seconds,

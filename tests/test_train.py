@@ -82,7 +82,9 @@ def test_split_groups_patients_and_keeps_test_rows() -> None:
     assert 0.14 < held < 0.26
 
 
-def test_a_few_steps_reduce_the_loss() -> None:
+@pytest.mark.parametrize("amp", ["off", "bf16"])
+def test_a_few_steps_reduce_the_loss(amp: str) -> None:
+    """float32, and bf16 mixed precision (the forward in bf16; weights stay float32)."""
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     imgs = np.stack([blob_image(rng, 32, i % 2 == 1)[0] for i in range(32)])
@@ -92,9 +94,10 @@ def test_a_few_steps_reduce_the_loss() -> None:
     order = np.tile(np.arange(32), 4)
     losses = tr.train_epoch(
         model, opt, None, torch.from_numpy(imgs), labels, order, 16, torch.Generator().manual_seed(0),
-        (0.5, 0.25), augment_fn=lambda x, g: x.float().div(255).unsqueeze(1),
+        (0.5, 0.25), augment_fn=lambda x, g: x.float().div(255).unsqueeze(1), amp=amp,
     )  # fmt: skip
     assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:2])
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
 def test_augment_keeps_shape_range_and_is_seeded() -> None:
