@@ -49,7 +49,12 @@ def _child_env(settings: Settings, redis_url: str) -> dict[str, str]:
     return {**os.environ, **resolved.as_env(), "PYTHONUNBUFFERED": "1"}
 
 
-def reconcile_once(settings: Settings, redis_url: str, stuck_after_s: float | None = None) -> dict:
+def reconcile_once(
+    settings: Settings,
+    redis_url: str,
+    stuck_after_s: float | None = None,
+    held_after_s: float | None = None,
+) -> dict:
     """Re-send unfinished work found in the database (see pipeline.reconcile)."""
     model = describe_weights(settings)
     client, dispatcher = redis_client(redis_url), Dispatcher(redis_url)
@@ -63,6 +68,7 @@ def reconcile_once(settings: Settings, redis_url: str, stuck_after_s: float | No
             input_size=model["input_size"],
             ttl_s=settings.payload_ttl_s,
             thresholds=model["thresholds"],
+            held_after_s=held_after_s,
         )
     finally:
         dispatcher.close()

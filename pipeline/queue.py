@@ -10,6 +10,7 @@ import base64
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -25,6 +26,7 @@ PAYLOAD_PREFIX = "cxr:payload:"
 # -> [message, exchange, routing key]) until acked or restored; priority sub-queues are named
 # "<queue><sep><priority>".
 KOMBU_UNACKED_KEY = "unacked"
+KOMBU_UNACKED_INDEX_KEY = "unacked_index"  # delivery tag -> time it was handed to a consumer
 KOMBU_PRIORITY_SEP = "\x06\x16"
 KOMBU_PRIORITY_STEPS = (3, 6, 9)
 HEARTBEAT_PREFIX = "cxr:worker:"
@@ -80,14 +82,25 @@ def _image_id_of(raw: bytes | str) -> int | None:
         return None
 
 
-def images_in_flight(client: redis.Redis, page: int = 1000) -> set[int]:
+def images_in_flight(
+    client: redis.Redis, page: int = 1000, held_at_most_s: float | None = None
+) -> set[int]:
     """Image ids whose task message is in Redis now: waiting in a lane or held by a worker.
 
     Reads every lane queue (and its priority sub-queues) in pages, then the transport's
     unacknowledged hash. A message that moves from a queue to a worker during the scan is seen
     in one or the other, because the queues are read first.
+
+    With ``held_at_most_s``, a message a consumer has held unacknowledged for longer than that
+    does not count: a live worker prefetches one batch and claims it within
+    ``CXR_BATCH_WAIT_MS``, so such a message was held by a worker that died while buffering it,
+    and kombu would hand it out again only after its visibility timeout.
     """
     found: set[int] = set()
+    stale: set[bytes] = set()
+    if held_at_most_s is not None:
+        cutoff = time.time() - held_at_most_s
+        stale = set(client.zrangebyscore(KOMBU_UNACKED_INDEX_KEY, "-inf", cutoff))
     names = [q for name in QUEUES.values()
              for q in (name, *(f"{name}{KOMBU_PRIORITY_SEP}{p}" for p in KOMBU_PRIORITY_STEPS))]  # fmt: skip
     for name in names:
@@ -97,7 +110,9 @@ def images_in_flight(client: redis.Redis, page: int = 1000) -> set[int]:
             if len(chunk) < page:
                 break
             start += page
-    for _tag, entry in client.hscan_iter(KOMBU_UNACKED_KEY, count=page):
+    for tag, entry in client.hscan_iter(KOMBU_UNACKED_KEY, count=page):
+        if tag in stale:
+            continue
         try:
             raw = json.loads(entry)[0]
         except (ValueError, IndexError, TypeError):

@@ -22,6 +22,11 @@ from pipeline.studies import refresh_study
 
 log = logging.getLogger(__name__)
 
+# A live worker claims the messages it holds within CXR_BATCH_WAIT_MS, so one held unclaimed for
+# longer than this belongs to a dead worker. (A retry held through its countdown, at most 60 s,
+# may be sent a second time; the second delivery is skipped at claim.)
+HELD_GRACE_S = 10.0
+
 
 def requeue_stuck(
     factory: sessionmaker[Session],
@@ -33,8 +38,16 @@ def requeue_stuck(
     input_size: int,
     ttl_s: int,
     thresholds: dict[str, float],
+    held_after_s: float | None = None,
 ) -> dict[str, int]:
-    """Re-send images queued or processing for longer than stuck_after_s; fail the exhausted."""
+    """Re-send images queued or processing for longer than stuck_after_s; fail the exhausted.
+
+    A queued image whose message a worker has held, unclaimed, for longer than
+    ``held_after_s`` (default: ``stuck_after_s``, at least ``HELD_GRACE_S``) is re-sent too:
+    its worker died while buffering the batch.
+    """
+    if held_after_s is None:
+        held_after_s = max(stuck_after_s, HELD_GRACE_S)
     cutoff = utcnow() - timedelta(seconds=stuck_after_s)
     resend: dict[str, list[int]] = {"live": [], "bulk": []}
     failed = 0
@@ -57,7 +70,8 @@ def requeue_stuck(
         # can die between payload and message, and kombu takes a message off its queue before
         # recording it as unacknowledged, so a Redis crash in between loses it. Look.
         candidates = {img.id for img, _ in rows if img.status != "processing"}
-        waiting = candidates & images_in_flight(redis_client) if candidates else set()
+        waiting = (candidates & images_in_flight(redis_client, held_at_most_s=held_after_s)
+                   if candidates else set())  # fmt: skip
         for img, lane in rows:
             if img.id in waiting:
                 continue

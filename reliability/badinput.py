@@ -46,7 +46,7 @@ def bad_input_row(system: System, phi: PhiRegistry, timeout: float) -> Row:
         else:
             row.failures.append(f"{case.kind}: expected {case.status} '{case.reason}', "
                                 f"got {status} '{reason[:80]}'")  # fmt: skip
-    for service in (system.worker, system.dashboard):
+    for service in (*system.workers, system.dashboard):
         if service is not None and not service.alive():
             row.failures.append(f"the {service.name} died")
     row.note = f"{matched}/{len(files)} outcomes as documented"

@@ -1,6 +1,6 @@
 """Fault scenarios: each sends studies, breaks one part mid-run, and counts what came out.
 
-Every scenario runs on the same live system (one worker, one Redis, one database), one after the
+Every scenario runs on the same live system (the machine's worker layout, one Redis, one database), one after the
 other, each with its own freshly generated studies, and waits until all of them are final.
 """
 
@@ -104,13 +104,17 @@ def _in_flight(system: System, sender: CliSender, status: str) -> Callable[[], b
 
 
 def kill_worker_mid_batch(system: System, sender: CliSender) -> float:
-    """SIGKILL the worker while a batch is in flight; restart it as ``cxr-triage run`` does."""
-    assert system.worker is not None
+    """SIGKILL a worker while batches are in flight; restart it as ``cxr-triage run`` does.
+
+    Where the layout has several worker processes, the first dies and the others keep working.
+    """
+    worker = system.worker
+    assert worker is not None
     if not _wait(_in_flight(system, sender, "processing"), 120):
         raise RuntimeError("never saw a batch in flight")
     fault_at = time.monotonic()
-    system.worker.kill()
-    system.restart_worker()
+    worker.kill()
+    system.restart_worker(worker)
     return fault_at
 
 

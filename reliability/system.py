@@ -30,7 +30,7 @@ from pipeline.migrate import upgrade
 from pipeline.models import PERSON_ROLES, ROLES
 from pipeline.redis_server import EmbeddedRedis, find_redis_server
 from pipeline.settings import PACKAGE_ROOT, Settings
-from pipeline.supervisor import dashboard_command, worker_command
+from pipeline.supervisor import dashboard_command, worker_children
 from pipeline.users import create_user, issue_token
 from pipeline.weights import ensure_weights
 from reliability.tcp_proxy import TcpProxy
@@ -122,7 +122,8 @@ class System:
         self.proxy: TcpProxy | None = None
         self.stuck_after_s = stuck_after_s
         self.settings: Settings | None = None
-        self.worker: Service | None = None
+        # The inference workers of the machine's layout, as `cxr-triage run` starts them.
+        self.workers: list[Service] = []
         self.dashboard: Service | None = None
         self.scp: Service | None = None
         self.scp_port = 0
@@ -158,7 +159,6 @@ class System:
             # Small limits keep the oversized-upload checks cheap; the code paths are the same.
             max_file_mb=16,
             max_request_mb=24,
-            torch_threads=1,
         )
         settings = settings.with_(weights=ensure_weights(settings))
         self.settings = settings
@@ -166,8 +166,8 @@ class System:
         self.factory = make_session_factory(make_engine(settings.db_url))
         env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
         env.update(settings.as_env(), PYTHONUNBUFFERED="1")
-        self.worker = Service("worker", worker_command(settings, "reliability"), env,
-                              self.logs / "worker.log")  # fmt: skip
+        self.workers = [Service(name, command, child_env, self.logs / f"{name}.log")
+                        for name, command, child_env in worker_children(settings, env, "reliability")]  # fmt: skip
         self.dashboard = Service("dashboard", dashboard_command(settings), env,
                                  self.logs / "dashboard.log")  # fmt: skip
         self.base_url = f"http://127.0.0.1:{settings.port}"
@@ -175,10 +175,13 @@ class System:
         self.scp = Service("dicom-listen", [sys.executable, "-m", "pipeline.cli", "dicom-listen",
                            "--port", str(self.scp_port)], env, self.logs / "dicom-listen.log")  # fmt: skip
         self._create_accounts()
-        self.worker.start()
+        log_sizes = [w.log_path.stat().st_size if w.log_path.exists() else 0 for w in self.workers]
+        for worker in self.workers:
+            worker.start()
         self.dashboard.start()
         self.scp.start()
-        self.wait_worker_ready()
+        for worker, since in zip(self.workers, log_sizes, strict=True):
+            self.wait_worker_ready(worker, since=since)
         self.wait_dashboard()
         self.wait_scp()
         self._reconciler = threading.Thread(target=self._reconcile_loop, daemon=True)
@@ -216,14 +219,19 @@ class System:
                 time.sleep(0.2)
         raise TimeoutError("dicom-listen not accepting connections")
 
-    def wait_worker_ready(self, timeout: float = 120.0) -> None:
-        assert self.worker is not None
-        size = self.worker.log_path.stat().st_size if self.worker.log_path.exists() else 0
+    @property
+    def worker(self) -> Service | None:
+        """The first inference worker: the one fault scenarios kill."""
+        return self.workers[0] if self.workers else None
+
+    def wait_worker_ready(self, worker: Service, since: int, timeout: float = 120.0) -> None:
+        """Wait for "ready." in the worker's log after byte offset ``since``."""
+        size = since
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if not self.worker.alive():
-                raise RuntimeError("worker exited at start; see " + str(self.worker.log_path))
-            with open(self.worker.log_path, "rb") as fh:
+            if not worker.alive():
+                raise RuntimeError("worker exited at start; see " + str(worker.log_path))
+            with open(worker.log_path, "rb") as fh:
                 fh.seek(size)
                 if b" ready." in fh.read():
                     return
@@ -242,10 +250,10 @@ class System:
             time.sleep(0.2)
         raise TimeoutError("dashboard not answering /healthz")
 
-    def restart_worker(self) -> None:
-        assert self.worker is not None
-        self.worker.start()
-        self.wait_worker_ready()
+    def restart_worker(self, worker: Service) -> None:
+        since = worker.log_path.stat().st_size if worker.log_path.exists() else 0
+        worker.start()
+        self.wait_worker_ready(worker, since=since)
 
     def crash_redis(self) -> None:
         """SIGKILL redis-server and start it again on the same port from its AOF."""
@@ -264,7 +272,7 @@ class System:
         self._stop.set()
         if self._reconciler is not None:
             self._reconciler.join(timeout=30)
-        for service in (self.scp, self.dashboard, self.worker):
+        for service in (self.scp, self.dashboard, *self.workers):
             if service is not None:
                 service.stop()
         self.redis.stop()

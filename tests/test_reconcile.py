@@ -128,6 +128,34 @@ def test_a_message_held_by_a_consumer_is_waiting_and_one_lost_in_between_is_re_s
     client.close()
 
 
+def test_a_message_a_dead_worker_held_unclaimed_is_re_sent_after_the_grace(
+    settings, study_folder, worker_factory
+) -> None:  # type: ignore[no-untyped-def]
+    """A worker SIGKILLed while buffering a batch leaves its messages in kombu's unacked hash,
+    never claimed; kombu would hand them out again only after its visibility timeout (at least
+    300 s). Once held longer than the grace they are re-sent, and each image gets one result."""
+    from kombu import Connection
+
+    assert run_cli(["ingest", str(study_folder), "--json"], settings).returncode == 0
+    client = redis_client(settings.redis_url)
+    with Connection(settings.redis_url) as conn:
+        held = conn.SimpleQueue("cxr.live", no_ack=False).get(timeout=10)  # then never acked
+        assert client.hlen("unacked") == 1
+        fresh = reconcile_once(settings, settings.redis_url, stuck_after_s=0, held_after_s=30)
+        assert fresh["requeued"] == 0  # held for less than the grace: a live worker's buffer
+        time.sleep(1.5)
+        stale = reconcile_once(settings, settings.redis_url, stuck_after_s=0, held_after_s=1)
+        assert stale["requeued"] == 1
+        assert held.payload is not None
+        assert client.llen("cxr.live") == 3  # the two never taken, and the re-sent one
+    worker_factory(settings)
+    factory = make_session_factory(make_engine(settings.db_url))
+    assert wait_all_final(factory) == {"done": 3, "rejected": 1}
+    with factory() as session:
+        assert session.scalar(select(func.count(Prediction.id))) == 3
+    client.close()
+
+
 def test_users_cli(settings) -> None:  # type: ignore[no-untyped-def]
     import subprocess
     import sys
