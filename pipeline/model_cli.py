@@ -22,7 +22,7 @@ def register(subparsers: Any) -> None:
     tr.add_argument("--classes", default="normal,pneumonia,covid19")
     tr.add_argument("--label-map", help="SOURCE=class,... (case-insensitive, added to defaults)")
     tr.add_argument("--epochs", type=int, default=10)
-    tr.add_argument("--input-size", type=int, default=128)
+    tr.add_argument("--input-size", type=int, default=224)
     tr.add_argument("--batch-size", type=int, default=32)
     tr.add_argument("--lr", type=float, default=2e-3)
     tr.add_argument("--epoch-size", type=int, default=0, help="images per epoch (0 = all)")

@@ -29,7 +29,7 @@ class TrainConfig:
     arch: str = "resnet18"
     classes: list[str] = field(default_factory=lambda: list(DEFAULT_CLASSES))
     label_map: str | None = None
-    input_size: int = 128
+    input_size: int = 224
     epochs: int = 10
     batch_size: int = 32
     lr: float = 2e-3

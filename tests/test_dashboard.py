@@ -196,13 +196,13 @@ def test_operating_point_in_words_from_the_weights_metadata(settings) -> None:
     shipped = operating_point(describe_weights(settings.with_(weights=SHIPPED_WEIGHTS)))
     assert shipped["headline"] == (
         "Flags a film as abnormal when the model's probability of an abnormal finding is at "
-        "least 0.78; urgent from 0.80 and critical from 0.98."
+        "least 0.87; urgent from 0.90 and critical from 0.96."
     )
     assert shipped["sentences"] == [
         "On the paediatric test set (624 films never used in training) that catches 99 of 100 "
-        "abnormal films and clears 59 of 100 normal ones.",
-        "On the adult hold-out set (1,006 films never used in training) that catches 88 of 100 "
-        "abnormal films and clears 98 of 100 normal ones.",
+        "abnormal films and clears 61 of 100 normal ones.",
+        "On the adult hold-out set (1,006 films never used in training) that catches 86 of 100 "
+        "abnormal films and clears 99 of 100 normal ones.",
     ]
     untrained = operating_point(describe_weights(settings))
     assert "untrained" in untrained["headline"] and untrained["sentences"] == []

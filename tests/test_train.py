@@ -218,3 +218,18 @@ def test_shipped_weights_are_trained_and_ordered() -> None:
     t = meta["thresholds"]
     assert meta["trained"] is True and t["routine"] < t["urgent"] < t["critical"]
     assert meta["metrics"]["validation"]["sensitivity_abnormal"] >= 0.95
+    # The model card's numbers are the file's own: recorded by `evaluate --record`.
+    assert {"paediatric_test", "adult_holdout", "combined_test"} <= set(meta["metrics"])
+    assert meta["metrics"]["adult_holdout"]["n"] == 1006
+
+
+@pytest.mark.skipif(not SHIPPED.exists(), reason="no shipped weights yet")
+def test_shipped_model_reads_224_px_and_maps_a_7x7_cam() -> None:
+    from pipeline.classifier import Classifier
+
+    clf = Classifier(SHIPPED, "cpu", 1)
+    assert clf.input_size == 224 and clf.trained
+    x = np.random.default_rng(0).integers(0, 256, (3, 224, 224), dtype=np.uint8)
+    out = clf.predict(x)
+    assert out.cams.shape == (3, 7, 7) and out.cams.dtype == np.float16
+    assert np.allclose(out.probabilities.sum(axis=1), 1.0, atol=1e-5)
