@@ -330,7 +330,7 @@ def run(
         "ingest_ms_per_image": round(pipe["ingest_ms_per_image"], 2),
         "worker_forward_share": round(pipe["worker_forward_share"], 3),
         "model_only_by_batch": {str(b): round(r, 2) for b, r in model_rates.items()},
-        "model_only_layout": f"{layout.processes} processes x {layout.threads or 'default'} threads",
+        "model_only_layout": _describe(layout),
         "model_only_layout_by_batch": {str(b): round(r, 2) for b, r in layout_rates.items()},
         "model_best": f"{'one process' if best[0] == 'process' else 'layout'}, batch {best_bs}",
         "pipeline_workers": pipe["workers"],
@@ -338,6 +338,12 @@ def run(
         "pipeline_batch_wait_ms": settings.batch_wait_ms,
         "model_version": clf.version,
     }
+
+
+def _describe(layout: WorkerLayout) -> str:
+    procs = f"{layout.processes} process" + ("es" if layout.processes > 1 else "")
+    threads = f"{layout.threads or 'default'} thread" + ("" if layout.threads == 1 else "s")
+    return f"{procs} x {threads}"
 
 
 def cmd_bench(args: Any, settings: Settings) -> int:
