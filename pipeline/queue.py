@@ -100,7 +100,8 @@ def images_in_flight(
     stale: set[bytes] = set()
     if held_at_most_s is not None:
         cutoff = time.time() - held_at_most_s
-        stale = set(client.zrangebyscore(KOMBU_UNACKED_INDEX_KEY, "-inf", cutoff))
+        held: Any = client.zrangebyscore(KOMBU_UNACKED_INDEX_KEY, "-inf", cutoff)
+        stale = {t if isinstance(t, bytes) else str(t).encode() for t in held}
     names = [q for name in QUEUES.values()
              for q in (name, *(f"{name}{KOMBU_PRIORITY_SEP}{p}" for p in KOMBU_PRIORITY_STEPS))]  # fmt: skip
     for name in names:
