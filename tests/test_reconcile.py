@@ -101,6 +101,15 @@ def test_a_payload_whose_message_was_never_sent_is_re_sent(
     client.close()
 
 
+def _all_done_with_one_result_each(settings, worker_factory) -> None:  # type: ignore[no-untyped-def]
+    """Start a worker; the study folder's 3 images end done with one prediction each."""
+    worker_factory(settings)
+    factory = make_session_factory(make_engine(settings.db_url))
+    assert wait_all_final(factory) == {"done": 3, "rejected": 1}
+    with factory() as session:
+        assert session.scalar(select(func.count(Prediction.id))) == 3
+
+
 def test_a_message_held_by_a_consumer_is_waiting_and_one_lost_in_between_is_re_sent(
     settings, study_folder, worker_factory
 ) -> None:  # type: ignore[no-untyped-def]
@@ -120,11 +129,7 @@ def test_a_message_held_by_a_consumer_is_waiting_and_one_lost_in_between_is_re_s
         client.delete("unacked", "unacked_index")
         assert reconcile_once(settings, settings.redis_url, stuck_after_s=0)["requeued"] == 1
         assert held.payload is not None
-    worker_factory(settings)
-    factory = make_session_factory(make_engine(settings.db_url))
-    assert wait_all_final(factory) == {"done": 3, "rejected": 1}
-    with factory() as session:
-        assert session.scalar(select(func.count(Prediction.id))) == 3
+    _all_done_with_one_result_each(settings, worker_factory)
     client.close()
 
 
@@ -148,11 +153,7 @@ def test_a_message_a_dead_worker_held_unclaimed_is_re_sent_after_the_grace(
         assert stale["requeued"] == 1
         assert held.payload is not None
         assert client.llen("cxr.live") == 3  # the two never taken, and the re-sent one
-    worker_factory(settings)
-    factory = make_session_factory(make_engine(settings.db_url))
-    assert wait_all_final(factory) == {"done": 3, "rejected": 1}
-    with factory() as session:
-        assert session.scalar(select(func.count(Prediction.id))) == 3
+    _all_done_with_one_result_each(settings, worker_factory)
     client.close()
 
 

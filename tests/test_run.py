@@ -59,6 +59,16 @@ def celery_children(proc: psutil.Process) -> list[psutil.Process]:
     return running_children(proc, "celery")
 
 
+def wait_for_workers(parent: psutil.Process, n: int, exclude: int | None = None):  # type: ignore[no-untyped-def]
+    """Wait until exactly n Celery processes run under parent (none of them pid exclude)."""
+
+    def exactly() -> list[psutil.Process] | None:
+        found = [p for p in celery_children(parent) if p.pid != exclude]
+        return found if len(found) == n else None
+
+    return wait_for(exactly, 60, f"{n} workers")
+
+
 def test_run_serves_supervises_and_stops_cleanly(
     tmp_path: Path, weights_file, study_folder
 ) -> None:
@@ -85,8 +95,7 @@ def test_run_serves_supervises_and_stops_cleanly(
         wait_for(healthy, 120, "the dashboard")
         # The machine's worker layout: on this CPU, a process per core, one thread each.
         layout = inference_layout(settings)
-        workers = wait_for(lambda: (lambda c: c if len(c) == layout.processes else None)(
-            celery_children(parent)), 60, f"{layout.processes} workers")  # fmt: skip
+        workers = wait_for_workers(parent, layout.processes)
         assert {p.environ()["CXR_TORCH_THREADS"] for p in workers} == {str(layout.threads)}
         output = Path(log.name).read_text()
         assert "Username: admin   Password: first-admin-password" in output
@@ -120,10 +129,7 @@ def test_run_serves_supervises_and_stops_cleanly(
         first, *others = celery_children(parent)
         descendants.update(p.pid for p in parent.children(recursive=True))
         first.kill()
-        replaced = wait_for(
-            lambda: (lambda c: c if len(c) == layout.processes else None)(
-                [p for p in celery_children(parent) if p.pid != first.pid]), 60, "a new worker"
-        )  # fmt: skip
+        replaced = wait_for_workers(parent, layout.processes, exclude=first.pid)
         assert {p.pid for p in others} <= {p.pid for p in replaced}
         descendants.update(p.pid for p in parent.children(recursive=True))
 
@@ -180,8 +186,7 @@ def test_worker_command_runs_three_processes_that_share_the_work_and_stop_togeth
                             stderr=subprocess.STDOUT)  # fmt: skip
     parent = psutil.Process(proc.pid)
     try:
-        workers = wait_for(lambda: (lambda c: c if len(c) == 3 else None)(
-            celery_children(parent)), 60, "3 workers")  # fmt: skip
+        workers = wait_for_workers(parent, 3)
         hostnames = {p.cmdline()[p.cmdline().index("--hostname") + 1] for p in workers}
         assert hostnames == {"cxr-worker-0@%h", "cxr-worker-1@%h", "cxr-worker-2@%h"}
         assert {p.environ()["CXR_TORCH_THREADS"] for p in workers} == {"1"}
