@@ -89,11 +89,13 @@ def time_ingest(paths: list[Path], db_url: str, redis_url: str, settings: Settin
     upgrade(db_url)
     factory = make_session_factory(make_engine(db_url))
     client, dispatcher = redis_client(redis_url), Dispatcher(redis_url)
-    size = describe_weights(settings)["input_size"]
+    model = describe_weights(settings)
+    size, preprocess = model["input_size"], model["preprocess"]
     try:
 
         def sink(ids: list[int]) -> int:
-            return enqueue(factory, client, dispatcher, ids, size, settings.payload_ttl_s)
+            return enqueue(factory, client, dispatcher, ids, size, settings.payload_ttl_s,
+                           preprocess=preprocess)  # fmt: skip
 
         start = time.perf_counter()
         report = ingest_paths(factory, paths, Limits(), source="bench", sink=sink)

@@ -40,6 +40,7 @@ from pipeline.imaging import Limits
 from pipeline.ingest import Enqueuer, ingest_paths
 from pipeline.migrate import upgrade
 from pipeline.models import Batch, Image
+from pipeline.preprocess import model_input_from_grey
 from pipeline.queue import Dispatcher, redis_client
 from pipeline.redis_server import EmbeddedRedis
 from pipeline.settings import Settings
@@ -140,7 +141,10 @@ def _send(settings: Settings, factory: Any, paths: list[Path], size: int) -> lis
     client = redis_client(settings.redis_url or "")
     dispatcher = Dispatcher(settings.redis_url or "")
 
-    sink = Enqueuer(factory, client, dispatcher, size, 3600)
+    from pipeline.weights import describe_weights
+
+    preprocess = describe_weights(settings)["preprocess"]
+    sink = Enqueuer(factory, client, dispatcher, size, 3600, preprocess=preprocess)
     try:
         report = ingest_paths(factory, paths, Limits(), source="bench", sink=sink,
                               chunk=settings.batch_size)  # fmt: skip
@@ -248,7 +252,7 @@ def naive_app(clf: Classifier, db_path: Path) -> Any:
     @app.post("/predict")
     def predict() -> Any:
         img = PILImage.open(io.BytesIO(request.get_data())).convert("L")
-        arr = np.asarray(img.resize((clf.input_size, clf.input_size)), dtype=np.uint8)
+        arr = model_input_from_grey(np.asarray(img), clf.input_size, clf.preprocess)
         out = clf.predict(arr[None])
         label = clf.classes[int(out.cam_index[0])]
         with lock:
@@ -303,7 +307,7 @@ def run(
         workdir = Path(tmp)
         paths = bench_images(WARMUP + n + latency_n, workdir / "images")
         warm, timed, extra = paths[:WARMUP], paths[WARMUP : WARMUP + n], paths[WARMUP + n :]
-        inputs = np.stack([load_one(p, clf.input_size) for p in timed])
+        inputs = np.stack([load_one(p, clf.input_size, clf.preprocess) for p in timed])
         model_rates = measure_model(clf, inputs)
         layout = inference_layout(settings)
         layout_rates = (measure_model_layout(weights, layout, inputs, workdir)

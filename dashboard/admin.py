@@ -81,7 +81,8 @@ def requeue(study_id: int) -> Any:
     try:
         result = requeue_study(_factory(), client, dispatcher, study_id,
                                input_size=model["input_size"], ttl_s=settings().payload_ttl_s,
-                               thresholds=model["thresholds"])  # fmt: skip
+                               thresholds=model["thresholds"],
+                               preprocess=model["preprocess"])  # fmt: skip
     except RequeueError as exc:
         audit("requeue_refused", target=f"study:{study_id}", detail=str(exc))
         return render_template("error.html", message=str(exc)), 409

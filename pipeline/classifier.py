@@ -32,13 +32,59 @@ class WeightsError(Exception):
     """The weights file is missing, unreadable or inconsistent."""
 
 
-def build_model(arch: str, num_classes: int) -> torch.nn.Module:
-    """Create an untrained torchvision ResNet with a num_classes linear head."""
+HEADS = ("softmax", "abnormal")
+
+
+def build_model(arch: str, num_outputs: int, layer4_stride: int = 2) -> torch.nn.Module:
+    """Create an untrained torchvision ResNet with a num_outputs linear head.
+
+    ``layer4_stride=1`` keeps layer4 at layer3's resolution: a CAM grid of input/16 instead of
+    input/32 (8 x 8 at 128 px), at about 1.7x the compute of the standard network.
+    """
     if arch not in ARCHITECTURES:
         raise WeightsError(f"unknown architecture {arch!r}; choose one of {ARCHITECTURES}")
+    if layer4_stride not in (1, 2):
+        raise WeightsError(f"layer4_stride must be 1 or 2, not {layer4_stride}")
     model: Any = getattr(torchvision.models, arch)(weights=None)
-    model.fc = torch.nn.Linear(model.fc.in_features, num_classes)
+    model.fc = torch.nn.Linear(model.fc.in_features, num_outputs)
+    if layer4_stride == 1:
+        block = model.layer4[0]
+        for conv in (block.conv1, getattr(block, "conv2", None)):
+            if conv is not None and conv.stride == (2, 2):
+                conv.stride = (1, 1)
+        block.downsample[0].stride = (1, 1)
     return model
+
+
+def head_outputs(meta: dict[str, Any]) -> int:
+    """Width of the linear head a weights file's metadata describes."""
+    if meta.get("head", "softmax") == "abnormal":
+        return 1 + len(meta.get("findings", []))
+    return len(meta["classes"])
+
+
+def build_from_meta(meta: dict[str, Any]) -> torch.nn.Module:
+    """The untrained network a weights file's metadata describes."""
+    return build_model(meta["arch"], head_outputs(meta), int(meta.get("layer4_stride", 2)))
+
+
+def head_probabilities(logits: torch.Tensor, meta: dict[str, Any]) -> torch.Tensor:
+    """N x len(classes) probabilities from the head's logits.
+
+    ``softmax`` head: softmax(logits / T) over the classes. ``abnormal`` head (the triage
+    output): logit 0 is abnormal vs normal, p_abnormal = sigmoid(z0 / T); the other logits
+    share p_abnormal among the findings (softmax), so the classes are
+    [normal, *findings] and p(normal) = 1 - p_abnormal.
+    """
+    t = float(meta.get("temperature", 1.0))
+    if meta.get("head", "softmax") != "abnormal":
+        return torch.softmax(logits / t, dim=1)
+    p_abn = torch.sigmoid(logits[:, :1] / t)
+    if logits.shape[1] > 1:
+        share = p_abn * torch.softmax(logits[:, 1:], dim=1)
+    else:
+        share = p_abn
+    return torch.cat([1.0 - p_abn, share], dim=1)
 
 
 def default_meta(arch: str = "resnet18", classes: tuple[str, ...] = DEFAULT_CLASSES) -> dict:
@@ -120,7 +166,11 @@ class Classifier:
         self.device = choose_device(device)
         if self.device.type == "cpu" and threads > 0:
             torch.set_num_threads(threads)
-        model = build_model(self.meta["arch"], len(self.classes))
+        self.head = str(self.meta.get("head", "softmax"))
+        if self.head not in HEADS:
+            raise WeightsError(f"{weights_path.name}: unknown head {self.head!r}")
+        self.preprocess = str(self.meta.get("preprocess", "resize"))
+        model = build_from_meta(self.meta)
         model.load_state_dict({k: v.float() for k, v in blob["state_dict"].items()})
         model.eval().to(self.device)
         if self.device.type == "cuda":
@@ -141,6 +191,14 @@ class Classifier:
         return m.layer4(m.layer3(m.layer2(m.layer1(x))))
 
     @torch.inference_mode()
+    def pooled_features(self, images: np.ndarray) -> np.ndarray:
+        """The globally pooled penultimate features (N x K) of uint8 N x S x S inputs."""
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(self.device)
+        x = x.float().div_(255.0).sub_(self._mean).div_(self._std).unsqueeze(1)
+        feats = self._features(x.expand(-1, 3, -1, -1))
+        return torch.flatten(self.model.avgpool(feats), 1).float().cpu().numpy()
+
+    @torch.inference_mode()
     def predict(self, images: np.ndarray) -> BatchOutput:
         """Classify a batch of uint8 N x S x S images; CAM for each predicted class."""
         start = time.perf_counter()
@@ -155,10 +213,16 @@ class Classifier:
             feats = self._features(x)
             logits = self.model.fc(torch.flatten(self.model.avgpool(feats), 1))
         feats, logits = feats.float(), logits.float()
-        probs = torch.softmax(logits / self.temperature, dim=1)
+        probs = head_probabilities(logits, self.meta)
         idx = probs.argmax(dim=1)
         # CAM_c(h, w) = sum_k w_{c,k} * f_k(h, w): one matmul over the batch, no second pass.
-        weights = self.model.fc.weight.float()[idx]  # N x K
+        fc = self.model.fc.weight.float()
+        if self.head == "abnormal":
+            # the abnormal logit's map: evidence for abnormal, or against it for a normal call
+            sign = torch.where(idx == 0, -1.0, 1.0).unsqueeze(1)
+            weights = sign * fc[0].unsqueeze(0)
+        else:
+            weights = fc[idx]  # N x K
         cams = torch.einsum("nk,nkhw->nhw", weights, feats)
         return BatchOutput(
             probabilities=probs.cpu().numpy().astype(np.float32),

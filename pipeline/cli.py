@@ -69,6 +69,7 @@ def reconcile_once(
             ttl_s=settings.payload_ttl_s,
             thresholds=model["thresholds"],
             held_after_s=held_after_s,
+            preprocess=model["preprocess"],
         )
     finally:
         dispatcher.close()
@@ -185,8 +186,9 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
         sink = None
         if redis_url is not None:
             client, dispatcher = redis_client(redis_url), Dispatcher(redis_url)
-            size, ttl = describe_weights(settings)["input_size"], settings.payload_ttl_s
-            sink = Enqueuer(factory, client, dispatcher, size, ttl, lane=args.lane)
+            model, ttl = describe_weights(settings), settings.payload_ttl_s
+            sink = Enqueuer(factory, client, dispatcher, model["input_size"], ttl, lane=args.lane,
+                            preprocess=model["preprocess"])  # fmt: skip
 
         report = ingest_paths(factory, [Path(p) for p in args.paths], _limits(settings),
                               source="cli", lane=args.lane, sink=sink)  # fmt: skip

@@ -16,10 +16,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from pipeline.imaging import RASTER_SUFFIXES, decode_bytes, encode_preview, model_input
+from pipeline.imaging import RASTER_SUFFIXES, decode_bytes, decode_preview, encode_preview
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,11 @@ DEFAULT_LABEL_MAP = {
     "covid19": "covid19",
     "covid-19": "covid19",
     "covid": "covid19",
+    "abnormal": "abnormal",
 }
+# What a model with an abnormal-vs-normal head learns from each source label: abnormal or not,
+# and the finding where the source names one the model has a class for.
+ABNORMAL_LABEL = "abnormal"
 
 
 class DatasetError(ValueError):
@@ -48,6 +53,7 @@ class Sample:
     key: str  # path relative to the collection root: stable across machines
     group: str  # patient id when known, else the key
     split: str  # the CSV's split column, lower case, or ""
+    finding: str = ""  # the CSV's finding column (e.g. "Effusion|Nodule"), or ""
 
 
 def parse_label_map(text: str | None) -> dict[str, str]:
@@ -103,7 +109,8 @@ def _read_csv(csv_path: Path) -> list[Sample]:
             rel = row["path"]
             group = row.get("patient_id") or rel
             split = row.get("split", "").lower()
-            samples.append(Sample(root / rel, row["label"], root.name, rel, group, split))
+            finding = row.get("finding", "")
+            samples.append(Sample(root / rel, row["label"], root.name, rel, group, split, finding))
     return samples
 
 
@@ -157,33 +164,60 @@ def select(
     return [s for s, sp in zip(samples, splits, strict=True) if sp == subset]
 
 
-def load_one(path: Path, size: int) -> np.ndarray:
+def load_one(path: Path, size: int, preprocess: str = "resize") -> np.ndarray:
     """Return the uint8 size x size model input the running system would build for a file."""
+    return load_located(path, size, preprocess)[0]
+
+
+def load_located(path: Path, size: int, preprocess: str = "resize") -> tuple[np.ndarray, Any]:
+    """The model input and where the preprocessing found the lungs (pipeline.preprocess)."""
+    from pipeline.preprocess import preprocess as run_preprocess
+
     decoded = decode_bytes(path.read_bytes(), path.name)
-    return model_input(encode_preview(decoded.pixels), size)
+    grey = decode_preview(encode_preview(decoded.pixels))
+    return run_preprocess(grey, size, preprocess)
 
 
-def load_images(paths: Sequence[Path], size: int, threads: int = 2) -> np.ndarray:
-    """Load many files into an N x size x size uint8 array (PIL releases the GIL)."""
+def load_images(
+    paths: Sequence[Path], size: int, threads: int = 2, preprocess: str = "resize"
+) -> np.ndarray:
+    """Load many files into an N x size x size uint8 array (PIL and OpenCV release the GIL)."""
+    return load_images_located(paths, size, threads, preprocess)[0]
+
+
+def load_images_located(
+    paths: Sequence[Path], size: int, threads: int = 2, preprocess: str = "resize"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Images, lung masks (N x size x size bool) and whether the lungs were found, per file."""
     out = np.zeros((len(paths), size, size), dtype=np.uint8)
+    masks = np.zeros((len(paths), size, size), dtype=bool)
+    found = np.zeros(len(paths), dtype=bool)
 
     def work(i: int) -> None:
-        out[i] = load_one(paths[i], size)
+        out[i], loc = load_located(paths[i], size, preprocess)
+        found[i] = loc.found
+        if loc.lung_mask is not None:
+            masks[i] = loc.lung_mask
 
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
         list(pool.map(work, range(len(paths))))
-    return out
+    return out, masks, found
 
 
-def cached_images(paths: Sequence[Path], size: int, cache_dir: Path | None) -> np.ndarray:
-    """Load images, reusing an .npy cache keyed by the file list and size when given a folder."""
+def cached_images(
+    paths: Sequence[Path], size: int, cache_dir: Path | None, preprocess: str = "resize"
+) -> np.ndarray:
+    """Load images, reusing an .npy cache keyed by the file list, size and preprocessing."""
     if cache_dir is None:
-        return load_images(paths, size)
-    key = hashlib.sha256(("\n".join(map(str, paths)) + f"|{size}").encode()).hexdigest()[:16]
+        return load_images(paths, size, preprocess=preprocess)
+    from pipeline.preprocess import VERSION
+
+    tag = "" if preprocess == "resize" else f"|{preprocess}/{VERSION}"
+    key = hashlib.sha256(("\n".join(map(str, paths)) + f"|{size}{tag}").encode()).hexdigest()[:16]
     cache = cache_dir / f"images-{size}-{key}.npy"
     if cache.exists():
         return np.load(cache)
-    arr = load_images(paths, size)
+    arr = load_images(paths, size, preprocess=preprocess)
     cache_dir.mkdir(parents=True, exist_ok=True)
     np.save(cache, arr)
     return arr

@@ -38,11 +38,18 @@ def upsample_cam(cam: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(img.resize((size, size), PILImage.Resampling.BILINEAR), dtype=np.float32)
 
 
-def cam_lung_stats(cams: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per CAM: whether its upsampled peak lies in the lung fields, and its mass fraction there."""
-    mask = lung_mask(size)
+def cam_lung_stats(
+    cams: np.ndarray, size: int, masks: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per CAM: whether its upsampled peak lies in the lung fields, and its mass fraction there.
+
+    ``masks`` (N x size x size) are the lungs the preprocessing found on each input; an empty
+    mask (lungs not found) falls back to the fixed lung-field boxes.
+    """
+    boxes = lung_mask(size)
     peaks, mass = np.zeros(len(cams), bool), np.zeros(len(cams))
     for i, cam in enumerate(cams):
+        mask = boxes if masks is None or not masks[i].any() else masks[i]
         up = upsample_cam(cam, size)
         r, c = np.unravel_index(int(np.argmax(up)), up.shape)
         peaks[i] = mask[r, c]
@@ -71,10 +78,11 @@ def run_evaluation(
     report: Path | None = None,
     predictions_out: Path | None = None,
     device: str = "auto",
+    source_probe: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a weights file on labelled images; optionally write PNGs and a predictions CSV."""
-    clf = Classifier(weights, device=device)
-    split = clf.meta.get("training_data", {}).get("split", {})
+    blob_meta = Classifier(weights, device="cpu").meta
+    split = blob_meta.get("training_data", {}).get("split", {})
     samples = ds.select(
         ds.read_datasets(data),
         subset,
@@ -84,37 +92,91 @@ def run_evaluation(
     )
     if not samples:
         raise ds.DatasetError(f"no images in subset {subset!r} of {', '.join(map(str, data))}")
+    result = evaluate_samples(samples, weights, label_map, report, predictions_out, device,
+                              source_probe)  # fmt: skip
+    result["subset"] = subset
+    return result
+
+
+def evaluate_samples(
+    samples: list[ds.Sample],
+    weights: Path,
+    label_map: str | None = None,
+    report: Path | None = None,
+    predictions_out: Path | None = None,
+    device: str = "auto",
+    source_probe: bool = False,
+) -> dict[str, Any]:
+    """Score samples through the production Classifier: overall, and per source.
+
+    ``source_probe``: also fit a linear probe on the model's pooled penultimate features to
+    tell the sources apart (pipeline.model_shortcuts.source_probe).
+    """
+    clf = Classifier(weights, device=device)
     lmap = ds.parse_label_map(label_map)
-    mapped = [ds.map_label(s.label, lmap, clf.classes) for s in samples]
-    label_index = np.array([clf.classes.index(m) if m else -1 for m in mapped])
+    targets = [*clf.classes, ds.ABNORMAL_LABEL]
+    mapped = [ds.map_label(s.label, lmap, targets) for s in samples]
+    label_index = np.array([clf.classes.index(m) if m in clf.classes else -1 for m in mapped])
     abnormal = np.array(
         [(m or s.label.lower()) != "normal" for s, m in zip(samples, mapped, strict=True)]
     )
     log.info("evaluating %d images (%s)", len(samples), dict(Counter(s.label for s in samples)))
-    images = ds.load_images([s.path for s in samples], clf.input_size)
+    images, masks, found = ds.load_images_located(
+        [s.path for s in samples], clf.input_size, preprocess=clf.preprocess
+    )
     probs, cams = predict_all(clf, images)
     result = ev.summarize(probs, label_index, abnormal, clf.classes, clf.thresholds["routine"])
     p_abn = 1.0 - probs[:, clf.classes.index("normal")]
     pred = probs.argmax(axis=1)
     flagged = pred != clf.classes.index("normal")
-    peaks, mass = cam_lung_stats(cams[flagged], clf.input_size)
+    peaks, mass = cam_lung_stats(
+        cams, clf.input_size, masks if clf.preprocess != "resize" else None
+    )
+    sources = np.array([s.source for s in samples])
+    per_source = {}
+    for name in sorted({s.source for s in samples}):  # str keys: the file loads weights_only
+        here = sources == name
+        fl = here & flagged
+        per_source[name] = {
+            "n": int(here.sum()),
+            "labels": dict(Counter(s.label for s, h in zip(samples, here, strict=True) if h)),
+            "auc_abnormal": ev.auc(p_abn[here], abnormal[here]),
+            "cam_peak_in_lungs": float(peaks[fl].mean()) if fl.any() else float("nan"),
+            "abnormal_predictions": int(fl.sum()),
+            "lungs_found": float(found[here].mean()),
+        }
     result.update(
         {
             "weights": clf.version,
-            "subset": subset,
             "thresholds": clf.thresholds,
             "temperature": clf.temperature,
+            "preprocess": clf.preprocess,
             "labels": dict(Counter(s.label for s in samples)),
             "triage": dict(Counter(_triage(p, clf.thresholds) for p in p_abn)),
+            "per_source": per_source,
             "cam": {
                 "abnormal_predictions": int(flagged.sum()),
-                "peak_in_lung_fields": float(peaks.mean()) if len(peaks) else float("nan"),
-                "mass_in_lung_fields": float(mass.mean()) if len(mass) else float("nan"),
+                "peak_in_lung_fields": float(peaks[flagged].mean())
+                if flagged.any()
+                else float("nan"),
+                "mass_in_lung_fields": float(mass[flagged].mean())
+                if flagged.any()
+                else float("nan"),
                 "lung_field_area": float(lung_mask(clf.input_size).mean()),
+                "lung_fields": "the lungs the preprocessing found, else the fixed boxes"
+                if clf.preprocess != "resize"
+                else "fixed boxes",
                 "grid": f"{cams.shape[1]}x{cams.shape[2]}",
             },
         }
     )
+    if source_probe and len(per_source) > 1:
+        from pipeline.model_shortcuts import source_probe as probe_sources
+
+        feats = np.concatenate(
+            [clf.pooled_features(images[i : i + 64]) for i in range(0, len(images), 64)]
+        )
+        result["source_probe"] = probe_sources(feats, [s.source for s in samples])
     if predictions_out is not None:
         write_predictions(predictions_out, samples, abnormal, p_abn, [clf.classes[i] for i in pred])
     if report is not None:
@@ -127,8 +189,9 @@ def run_evaluation(
 def record_metrics(weights: Path, name: str, result: dict[str, Any], command: str) -> None:
     """Store a compact summary of an evaluation in the weights' meta["metrics"][name]."""
     blob = torch.load(weights, map_location="cpu", weights_only=True)
-    keys = ("n", "auc_abnormal", "sensitivity_abnormal", "specificity_abnormal", "accuracy", "ece")
-    summary = {k: result[k] for k in keys} | {"labels": result["labels"], "command": command}
+    keys = ("n", "auc_abnormal", "sensitivity_abnormal", "specificity_abnormal", "accuracy", "ece",
+            "labels", "per_source", "cam", "source_probe")  # fmt: skip
+    summary = {k: result[k] for k in keys if k in result} | {"command": command}
     blob["meta"].setdefault("metrics", {})[name] = summary
     tmp = weights.with_suffix(weights.suffix + ".tmp")
     torch.save(blob, tmp)
@@ -153,3 +216,12 @@ def write_predictions(
         writer.writerow(["path", "label", "abnormal", "p_abnormal", "predicted"])
         for s, a, p, c in zip(samples, abnormal, p_abnormal, predicted, strict=True):
             writer.writerow([str(s.path), s.label, int(a), f"{p:.6f}", c])
+
+
+def record_summary(weights: Path, name: str, summary: dict[str, Any]) -> None:
+    """Store a summary (e.g. the LOSO table) as is in the weights' meta["metrics"][name]."""
+    blob = torch.load(weights, map_location="cpu", weights_only=True)
+    blob["meta"].setdefault("metrics", {})[name] = summary
+    tmp = weights.with_suffix(weights.suffix + ".tmp")
+    torch.save(blob, tmp)
+    tmp.replace(weights)

@@ -363,7 +363,12 @@ def decode_preview(data: bytes) -> np.ndarray:
     return np.asarray(PILImage.open(io.BytesIO(data)).convert("L"), dtype=np.uint8)
 
 
-def model_input(preview: bytes, size: int) -> np.ndarray:
-    """Build the model-ready uint8 size x size image from the stored preview."""
-    img = PILImage.open(io.BytesIO(preview)).convert("L")
-    return np.asarray(img.resize((size, size), PILImage.Resampling.BILINEAR), dtype=np.uint8)
+def model_input(preview: bytes, size: int, preprocess: str = "resize") -> np.ndarray:
+    """Build the model-ready uint8 size x size image from the stored preview.
+
+    ``preprocess`` is the weights' method (``meta["preprocess"]``), applied by the one function
+    training and evaluation use too (pipeline.preprocess).
+    """
+    from pipeline.preprocess import model_input_from_grey
+
+    return model_input_from_grey(decode_preview(preview), size, preprocess)

@@ -54,7 +54,11 @@ def claim(factory: sessionmaker[Session], image_ids: list[int]) -> tuple[list[in
 
 
 def load_inputs(
-    factory: sessionmaker[Session], redis_client: Any, ids: list[int], size: int
+    factory: sessionmaker[Session],
+    redis_client: Any,
+    ids: list[int],
+    size: int,
+    preprocess: str = "resize",
 ) -> tuple[dict[int, np.ndarray], dict[int, str]]:
     """Model inputs from Redis, rebuilt from the stored preview where Redis lost them.
 
@@ -70,7 +74,7 @@ def load_inputs(
                 if preview is None:
                     continue
                 try:
-                    arrays[image_id] = imaging.model_input(preview, size)
+                    arrays[image_id] = imaging.model_input(preview, size, preprocess)
                 except Exception as exc:
                     failures[image_id] = f"stored image cannot be decoded ({type(exc).__name__})"
     inputs = {i: a for i, a in arrays.items() if a is not None}
@@ -110,7 +114,9 @@ def classify_images(
     claimed, result.skipped = claim(factory, sorted(set(image_ids)))
     if not claimed:
         return result
-    inputs, result.failed = load_inputs(factory, redis_client, claimed, classifier.input_size)
+    inputs, result.failed = load_inputs(
+        factory, redis_client, claimed, classifier.input_size, classifier.preprocess
+    )
     ids = [i for i in claimed if i in inputs]
     started = time.perf_counter()
     outputs: dict[int, tuple[BatchOutput, int]] = {}

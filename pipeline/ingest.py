@@ -370,11 +370,12 @@ def enqueue(
     ttl_s: int,
     lane: str = "live",
     previews: Mapping[int, bytes] | None = None,
+    preprocess: str = "resize",
 ) -> int:
     """Put each image's model input in Redis, then send its task; return how many were sent.
 
     The model input is built from the stored preview: from ``previews`` where the caller still
-    holds it, else read back from the database.
+    holds it, else read back from the database, through the weights' ``preprocess``.
     """
     if not image_ids:
         return 0
@@ -388,7 +389,11 @@ def enqueue(
         finally:
             session.close()
     ready = [i for i in image_ids if i in found]
-    put_payloads(redis_client, {i: imaging.model_input(found[i], input_size) for i in ready}, ttl_s)
+    put_payloads(
+        redis_client,
+        {i: imaging.model_input(found[i], input_size, preprocess) for i in ready},
+        ttl_s,
+    )
     try:
         return dispatcher.send(ready, lane=lane)
     except Exception:
@@ -408,13 +413,16 @@ class Enqueuer:
         input_size: int,
         ttl_s: int,
         lane: str = "live",
+        preprocess: str = "resize",
     ) -> None:
         self.factory, self.redis, self.dispatcher = factory, redis_client, dispatcher
         self.input_size, self.ttl_s, self.lane = input_size, ttl_s, lane
+        self.preprocess = preprocess
 
     def __call__(self, image_ids: list[int], previews: Mapping[int, bytes] | None = None) -> int:
         return enqueue(self.factory, self.redis, self.dispatcher, image_ids, self.input_size,
-                       self.ttl_s, lane=self.lane, previews=previews)  # fmt: skip
+                       self.ttl_s, lane=self.lane, previews=previews,
+                       preprocess=self.preprocess)  # fmt: skip
 
 
 def _read_or_reject(

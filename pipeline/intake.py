@@ -76,6 +76,7 @@ class Intake:
         self._client: Any = None
         self._dispatcher: Dispatcher | None = None
         self._input_size: int | None = None
+        self._preprocess = "resize"
 
     def submit(
         self, data: bytes, filename: str, source: str, extra_meta: dict[str, Any] | None = None
@@ -109,7 +110,7 @@ class Intake:
                 assert self._input_size is not None and self._dispatcher is not None
                 return enqueue(self.factory, self._client, self._dispatcher, ids,
                                self._input_size, self.settings.payload_ttl_s,
-                               lane=self.lane)  # fmt: skip
+                               lane=self.lane, preprocess=self._preprocess)  # fmt: skip
             except Exception as exc:
                 # Committed as queued: the reconciler re-sends them from the database.
                 log.warning("could not send %d images (%s); they stay queued", len(ids),
@@ -126,7 +127,8 @@ class Intake:
         if self._input_size is None:
             from pipeline.weights import describe_weights
 
-            self._input_size = int(describe_weights(self.settings)["input_size"])
+            model = describe_weights(self.settings)
+            self._input_size, self._preprocess = int(model["input_size"]), model["preprocess"]
         self._client, self._dispatcher = redis_client(url), Dispatcher(url)
         return True
 

@@ -72,6 +72,50 @@ def probe(features: np.ndarray, target: np.ndarray, seed: int = 0) -> dict[str, 
     }
 
 
+def fit_softmax(
+    x: np.ndarray, y: np.ndarray, classes: int, l2: float = 1e-2, steps: int = 500
+) -> np.ndarray:
+    """Multinomial L2-regularised logistic regression by full-batch gradient descent."""
+    xb = np.column_stack([x, np.ones(len(x))])
+    w = np.zeros((xb.shape[1], classes))
+    onehot = np.eye(classes)[y]
+    for _ in range(steps):
+        z = xb @ w
+        z -= z.max(axis=1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(axis=1, keepdims=True)
+        grad = xb.T @ (p - onehot) / len(y)
+        grad[:-1] += l2 * w[:-1]
+        w -= 1.0 * grad
+    return w
+
+
+def source_probe(features: np.ndarray, sources: list[str], seed: int = 0) -> dict[str, Any]:
+    """How well a linear probe tells the sources apart from features (70/30, balanced).
+
+    Each source contributes the same number of rows (the smallest source's count), so chance
+    is 1 / number of sources. A model that does not encode the source scores near chance.
+    """
+    names = sorted(set(sources))
+    src = np.array([names.index(s) for s in sources])
+    rng = np.random.default_rng(seed)
+    n = min(int((src == k).sum()) for k in range(len(names)))
+    keep = np.concatenate([rng.permutation(np.nonzero(src == k)[0])[:n] for k in range(len(names))])
+    order = rng.permutation(keep)
+    cut = int(0.7 * len(order))
+    tr, te = order[:cut], order[cut:]
+    mu, sd = features[tr].mean(0), features[tr].std(0) + 1e-6
+    w = fit_softmax((features[tr] - mu) / sd, src[tr], len(names))
+    z = np.column_stack([(features[te] - mu) / sd, np.ones(len(te))]) @ w
+    return {
+        "sources": names,
+        "per_source": n,
+        "n_test": int(len(te)),
+        "accuracy": float((z.argmax(axis=1) == src[te]).mean()),
+        "chance": 1.0 / len(names),
+    }
+
+
 def run_probes(csvs: list[Path], per_source: int = 1500, seed: int = 0) -> dict[str, Any]:
     """Probe source separability on all images and on normal images only."""
     samples = ds.read_datasets(csvs)

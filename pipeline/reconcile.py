@@ -39,6 +39,7 @@ def requeue_stuck(
     ttl_s: int,
     thresholds: dict[str, float],
     held_after_s: float | None = None,
+    preprocess: str = "resize",
 ) -> dict[str, int]:
     """Re-send images queued or processing for longer than stuck_after_s; fail the exhausted.
 
@@ -89,7 +90,8 @@ def requeue_stuck(
             resend[lane if lane in resend else "live"].append(img.id)
     sent = 0
     for lane, ids in resend.items():
-        sent += enqueue(factory, redis_client, dispatcher, ids, input_size, ttl_s, lane=lane)
+        sent += enqueue(factory, redis_client, dispatcher, ids, input_size, ttl_s, lane=lane,
+                        preprocess=preprocess)  # fmt: skip
     if sent or failed:
         log.warning("reconciler re-sent %d images and failed %d", sent, failed)
     return {"requeued": sent, "failed": failed}

@@ -93,6 +93,7 @@ def requeue_study(
     input_size: int,
     ttl_s: int,
     thresholds: Mapping[str, float],
+    preprocess: str = "resize",
 ) -> dict[str, Any]:
     """Requeue a failed study: commit the state change first, then send its images once.
 
@@ -103,5 +104,6 @@ def requeue_study(
         image_ids, lane = claim_for_requeue(session, study_id, thresholds)
     sent = 0
     if redis_client is not None and dispatcher is not None:
-        sent = enqueue(factory, redis_client, dispatcher, image_ids, input_size, ttl_s, lane=lane)
+        sent = enqueue(factory, redis_client, dispatcher, image_ids, input_size, ttl_s, lane=lane,
+                       preprocess=preprocess)  # fmt: skip
     return {"study_id": study_id, "image_ids": image_ids, "sent": sent, "lane": lane}

@@ -78,6 +78,79 @@ def augment(
     return ((x - mean) * c + mean + b).clamp(0.0, 1.0)
 
 
+def erase_source_cues(
+    x01: torch.Tensor,
+    gen: torch.Generator,
+    low_res: tuple[int, int] = (32, 96),
+    p_low_res: float = 0.5,
+    gamma: float = 0.35,
+    noise: float = 0.03,
+    p_jpeg: float = 0.3,
+    jpeg_quality: tuple[int, int] = (30, 90),
+) -> torch.Tensor:
+    """Randomise what tells one source from another: resolution, JPEG, gamma and noise.
+
+    x01 is N x 1 x S x S in [0, 1]. Each image, independently: with p_low_res, down-sampled to
+    a side drawn from low_res and up-sampled back (a 64-px source is then not told by its blur);
+    a gamma of exp(U(-gamma, gamma)); Gaussian noise of a standard deviation up to ``noise``;
+    with p_jpeg, a JPEG round trip at a quality drawn from jpeg_quality. Seeded by gen.
+    """
+    import cv2
+
+    n, _, h, w = x01.shape
+    out = x01.clone()
+    side = torch.randint(low_res[0], low_res[1] + 1, (n,), generator=gen)
+    low = torch.rand(n, generator=gen) < p_low_res
+    for i in torch.nonzero(low).flatten().tolist():
+        s = min(int(side[i]), h)
+        small = F.interpolate(out[i : i + 1], size=(s, s), mode="area")
+        out[i : i + 1] = F.interpolate(small, size=(h, w), mode="bilinear", align_corners=False)
+    g = torch.exp((torch.rand(n, 1, 1, 1, generator=gen) * 2 - 1) * gamma)
+    out = out.clamp(1e-4, 1.0) ** g
+    sd = torch.rand(n, 1, 1, 1, generator=gen) * noise
+    out = out + torch.randn(out.shape, generator=gen) * sd
+    out = out.clamp(0.0, 1.0)
+    jpeg = torch.rand(n, generator=gen) < p_jpeg
+    quality = torch.randint(jpeg_quality[0], jpeg_quality[1] + 1, (n,), generator=gen)
+    for i in torch.nonzero(jpeg).flatten().tolist():
+        img = (out[i, 0].numpy() * 255.0).round().astype(np.uint8)
+        ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, int(quality[i])])
+        back = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE) if ok else None
+        if back is not None:
+            out[i, 0] = torch.from_numpy(back.astype(np.float32) / 255.0)
+    return out
+
+
+def augment_sources(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """The geometric and intensity augmentation, then erase_source_cues."""
+    return erase_source_cues(augment(x, gen, scale=(0.85, 1.15), shift=0.06), gen)
+
+
+class GradientReversal(torch.autograd.Function):
+    """Identity forward; the gradient times -weight backward (Ganin & Lempitsky 2015)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: float) -> torch.Tensor:
+        ctx.weight = weight
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return -ctx.weight * grad, None
+
+
+def pooled_features(model: Any, x: torch.Tensor) -> torch.Tensor:
+    """A torchvision ResNet's globally pooled penultimate features (N x K)."""
+    x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+    x = model.layer4(model.layer3(model.layer2(model.layer1(x))))
+    return torch.flatten(model.avgpool(x), 1)
+
+
+def balanced_cells(cells: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Draw size indices with replacement, each cell (e.g. source x label) equally likely."""
+    return balanced_indices(cells, size, rng)
+
+
 def to_model(x01: torch.Tensor, mean: float, std: float, device: torch.device) -> torch.Tensor:
     """Normalise N x 1 x S x S images in [0, 1] and replicate them to three channels."""
     x = ((x01 - mean) / std).expand(-1, 3, -1, -1).to(device)
@@ -86,6 +159,7 @@ def to_model(x01: torch.Tensor, mean: float, std: float, device: torch.device) -
 
 def balanced_indices(labels: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
     """Draw size indices with replacement, each class equally likely."""
+    _, labels = np.unique(labels, return_inverse=True)
     counts = np.bincount(labels)
     weights = 1.0 / counts[labels]
     return rng.choice(len(labels), size=size, replace=True, p=weights / weights.sum())
@@ -104,12 +178,16 @@ def train_epoch(
     progress: Progress | None = None,
     augment_fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor] = augment,
     amp: str = "off",
+    loss_fn: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> list[float]:
     """Run one pass over images[order] in batches; return the loss of every step.
 
     ``amp="bf16"`` runs the forward pass under bfloat16 autocast (mixed precision: the weights,
     gradients and optimizer state stay float32). Fast on GPUs and on CPUs with AMX; on a CPU
     without it, bf16 is many times slower than float32.
+
+    ``loss_fn(model, x, idx)`` computes the loss of the batch of rows ``idx``; by default the
+    cross-entropy of ``model(x)`` against ``labels[idx]``.
     """
     device = next(model.parameters()).device
     model.train()
@@ -119,9 +197,11 @@ def train_epoch(
         if len(idx) < 2:  # BatchNorm cannot train on a single image
             continue
         x = to_model(augment_fn(images[idx], gen), norm[0], norm[1], device)
-        y = labels[idx].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
-            loss = F.cross_entropy(model(x).float(), y)
+            if loss_fn is None:
+                loss = F.cross_entropy(model(x).float(), labels[idx].to(device))
+            else:
+                loss = loss_fn(model, x, idx)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

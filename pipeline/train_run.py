@@ -1,4 +1,22 @@
-"""The ``train`` command's work: data → epochs with checkpoints → calibration → weights file."""
+"""The ``train`` command's work: data → epochs with checkpoints → calibration → weights file.
+
+Two heads:
+
+``abnormal`` (the default, the triage output)
+    Logit 0 is abnormal vs normal, trained with a binary loss on every source. The other
+    logits name the finding (``findings``) and are trained only on abnormal images whose
+    source names one, on *detached* features: the per-class head may not pull source cues
+    (pneumonia only in children, COVID-19 only in one collection) into the backbone.
+    An optional source-adversarial head (gradient reversal, ``adversary`` > 0) penalises
+    features that tell the training sources apart.
+``softmax``
+    One softmax over ``classes`` (models before the abnormal head).
+
+Sampling is balanced by source x label (``balance="source-label"``), so that a source cue
+carries no information about the label in what the network is trained on. With
+``holdout_source`` one source is left out of training and validation altogether and the
+finished file is evaluated on every image of it (leave-one-source-out).
+"""
 
 from __future__ import annotations
 
@@ -17,9 +35,19 @@ import torch.nn.functional as F
 from pipeline import datasets as ds
 from pipeline import evaluate as ev
 from pipeline import train as tr
-from pipeline.classifier import DEFAULT_CLASSES, build_model, choose_device, save_weights
+from pipeline.classifier import (
+    build_model,
+    choose_device,
+    head_outputs,
+    head_probabilities,
+    save_weights,
+)
 
 log = logging.getLogger(__name__)
+
+FINDINGS = ("pneumonia", "covid19", "other")
+OTHER_FINDING = "other"
+FINDING_LOSS_WEIGHT = 0.3
 
 
 @dataclass
@@ -27,9 +55,17 @@ class TrainConfig:
     data: list[str]
     out: str
     arch: str = "resnet18"
-    classes: list[str] = field(default_factory=lambda: list(DEFAULT_CLASSES))
+    head: str = "abnormal"  # "abnormal": binary triage logit + findings; "softmax": legacy
+    findings: list[str] = field(default_factory=lambda: list(FINDINGS))
+    classes: list[str] = field(default_factory=lambda: ["normal", "pneumonia", "covid19"])
     label_map: str | None = None
-    input_size: int = 224
+    input_size: int = 128
+    layer4_stride: int = 1  # 1: an input/16 CAM grid (8 x 8 at 128 px)
+    preprocess: str = "thorax"  # pipeline.preprocess method
+    balance: str = "source-label"  # or "class"
+    augment: str = "sources"  # "sources": geometry + erase_source_cues; "basic": geometry only
+    adversary: float = 0.0  # weight of the source-adversarial head (0: none)
+    holdout_source: str | None = None  # leave this source out; evaluate on it
     epochs: int = 10
     batch_size: int = 32
     lr: float = 2e-3
@@ -48,29 +84,69 @@ class TrainConfig:
     std: float = 0.25
     sensitivity: float = 0.95
 
+    @property
+    def model_classes(self) -> list[str]:
+        """The classes of the weights file: [normal, *findings] for the abnormal head."""
+        return ["normal", *self.findings] if self.head == "abnormal" else list(self.classes)
+
 
 @dataclass
 class Prepared:
     images: dict[str, torch.Tensor]
-    labels: dict[str, torch.Tensor]
+    labels: dict[str, torch.Tensor]  # class index in cfg.model_classes (-1: abnormal, no class)
+    abnormal: dict[str, torch.Tensor]  # 0/1
+    sources: dict[str, torch.Tensor]  # index in source_names
+    source_names: list[str]
     counts: dict[str, Any]
+    holdout: list[ds.Sample] = field(default_factory=list)
+
+
+def target_class(sample: ds.Sample, label_map: dict[str, str], cfg: TrainConfig) -> str | None:
+    """The model class a sample trains as, or None when its label means nothing to the model.
+
+    For the abnormal head a source label of "abnormal" (a finding the source does not name as
+    one of ours) becomes the ``other`` finding.
+    """
+    classes = cfg.model_classes
+    mapped = ds.map_label(sample.label, label_map, [*classes, ds.ABNORMAL_LABEL])
+    if mapped == ds.ABNORMAL_LABEL:
+        return OTHER_FINDING if OTHER_FINDING in classes else None
+    return mapped
+
+
+def select_sources(
+    samples: list[ds.Sample], holdout_source: str | None
+) -> tuple[list[ds.Sample], list[ds.Sample]]:
+    """Split samples into (training sources, the held-out source); an unknown name is an error."""
+    if holdout_source is None:
+        return list(samples), []
+    names = sorted({s.source for s in samples})
+    if holdout_source not in names:
+        raise ds.DatasetError(f"no source named {holdout_source!r}; the data has {names}")
+    if len(names) < 2:
+        raise ds.DatasetError("leaving a source out needs at least two sources")
+    kept = [s for s in samples if s.source != holdout_source]
+    return kept, [s for s in samples if s.source == holdout_source]
 
 
 def prepare(cfg: TrainConfig) -> Prepared:
     """Read, map, split and load the images of the train and val subsets."""
-    samples = ds.read_datasets(Path(p) for p in cfg.data)
+    everything = ds.read_datasets(Path(p) for p in cfg.data)
+    samples, holdout = select_sources(everything, cfg.holdout_source)
     label_map = ds.parse_label_map(cfg.label_map)
+    classes = cfg.model_classes
     splits = ds.assign_split(samples, cfg.val_fraction, cfg.holdout_fraction, cfg.seed)
-    mapped = [ds.map_label(s.label, label_map, cfg.classes) for s in samples]
+    mapped = [target_class(s, label_map, cfg) for s in samples]
     unknown = Counter(s.label for s, m in zip(samples, mapped, strict=True) if m is None)
     if unknown:
         log.warning("ignoring labels outside the classes: %s", dict(unknown))
+    source_names = sorted({s.source for s in samples})
     counts: dict[str, Any] = {}
     for s, sp, m in zip(samples, splits, mapped, strict=True):
         src = counts.setdefault(s.source, {})
         src.setdefault(sp, Counter())[m or s.label] += 1
     counts = {k: {sp: dict(c) for sp, c in v.items()} for k, v in counts.items()}
-    images, labels = {}, {}
+    images, labels, abnormal, sources = {}, {}, {}, {}
     cache = Path(cfg.cache_dir) if cfg.cache_dir else None
     for subset in ("train", "val"):
         keep = [
@@ -79,42 +155,100 @@ def prepare(cfg: TrainConfig) -> Prepared:
         if subset == "train" and not keep:
             raise ds.DatasetError("no training images with a label in the model's classes")
         paths = [samples[i].path for i in keep]
-        log.info("loading %d %s images at %d px", len(paths), subset, cfg.input_size)
-        images[subset] = torch.from_numpy(ds.cached_images(paths, cfg.input_size, cache))
-        y = [cfg.classes.index(mapped[i] or "") for i in keep]
-        labels[subset] = torch.tensor(y, dtype=torch.long)
-    return Prepared(images, labels, counts)
+        log.info("loading %d %s images at %d px (%s)", len(paths), subset, cfg.input_size,
+                 cfg.preprocess)  # fmt: skip
+        arr = ds.cached_images(paths, cfg.input_size, cache, preprocess=cfg.preprocess)
+        images[subset] = torch.from_numpy(arr)
+        labels[subset] = torch.tensor([classes.index(mapped[i] or "") for i in keep])
+        abnormal[subset] = torch.tensor([float(mapped[i] != "normal") for i in keep])
+        sources[subset] = torch.tensor([source_names.index(samples[i].source) for i in keep])
+    return Prepared(images, labels, abnormal, sources, source_names, counts, holdout)
 
 
-def _val_scores(model: torch.nn.Module, data: Prepared, cfg: TrainConfig) -> dict[str, float]:
+def val_scores(model: torch.nn.Module, data: Prepared, cfg: TrainConfig) -> dict[str, Any]:
+    """Validation loss and AUC: pooled, per source, and the mean over sources (selection)."""
     if len(data.labels["val"]) == 0:
         return {"val_loss": float("nan"), "val_auc_abnormal": float("nan")}
     logits = tr.predict_logits(model, data.images["val"], (cfg.mean, cfg.std))
-    y = data.labels["val"].numpy()
-    loss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(y)))
-    p_abn = 1.0 - ev.softmax(logits)[:, cfg.classes.index("normal")]
-    return {"val_loss": loss, "val_auc_abnormal": ev.auc(p_abn, y != cfg.classes.index("normal"))}
+    abnormal = data.abnormal["val"].numpy() > 0.5
+    if cfg.head == "abnormal":
+        z = torch.from_numpy(logits[:, 0])
+        loss = float(F.binary_cross_entropy_with_logits(z, data.abnormal["val"]))
+        score = logits[:, 0]
+    else:
+        y = torch.from_numpy(data.labels["val"].numpy())
+        loss = float(F.cross_entropy(torch.from_numpy(logits), y))
+        score = 1.0 - ev.softmax(logits)[:, cfg.classes.index("normal")]
+    src = data.sources["val"].numpy()
+    per_source = {
+        name: ev.auc(score[src == k], abnormal[src == k])
+        for k, name in enumerate(data.source_names)
+    }
+    usable = [v for v in per_source.values() if not np.isnan(v)]
+    return {
+        "val_loss": loss,
+        "val_auc_pooled": ev.auc(score, abnormal),
+        "val_auc_by_source": per_source,
+        "val_auc_abnormal": float(np.mean(usable)) if usable else ev.auc(score, abnormal),
+    }
 
 
-def _better(a: dict[str, float], b: dict[str, float] | None) -> bool:
+def _better(a: dict[str, Any], b: dict[str, Any] | None) -> bool:
     if b is None:
         return True
     key = lambda m: (np.nan_to_num(m["val_auc_abnormal"], nan=0.0), -m["val_loss"])  # noqa: E731
     return key(a) >= key(b)
 
 
+def make_loss(cfg: TrainConfig, data: Prepared, adversary: torch.nn.Module | None) -> Any:
+    """The batch loss of the configured head (see the module docstring)."""
+    if cfg.head != "abnormal":
+        return None
+    labels, abnormal, sources = data.labels["train"], data.abnormal["train"], data.sources["train"]
+
+    def loss_fn(model: Any, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        device = x.device
+        feats = tr.pooled_features(model, x).float()
+        w, b = model.fc.weight.float(), model.fc.bias.float()
+        z = feats @ w[0] + b[0]
+        loss = F.binary_cross_entropy_with_logits(z, abnormal[idx].to(device))
+        find = labels[idx].to(device) - 1  # class index 1.. are the findings
+        known = find >= 0
+        if known.any() and w.shape[0] > 1:
+            zf = feats.detach()[known] @ w[1:].T + b[1:]
+            loss = loss + FINDING_LOSS_WEIGHT * F.cross_entropy(zf, find[known])
+        if adversary is not None:
+            reversed_feats = tr.GradientReversal.apply(feats, cfg.adversary)
+            loss = loss + F.cross_entropy(adversary(reversed_feats), sources[idx].to(device))
+        return loss
+
+    return loss_fn
+
+
 def fit(cfg: TrainConfig, data: Prepared) -> tuple[torch.nn.Module, list[dict[str, Any]]]:
     """Train for cfg.epochs with a checkpoint after each; return the best model by validation."""
     torch.manual_seed(cfg.seed)
     device = choose_device(cfg.device)
-    model = build_model(cfg.arch, len(cfg.classes))
+    meta = {"arch": cfg.arch, "head": cfg.head, "classes": cfg.model_classes,
+            "findings": cfg.findings}  # fmt: skip
+    model = build_model(cfg.arch, head_outputs(meta), cfg.layer4_stride)
     if cfg.init:
         tr.load_init(model, Path(cfg.init))
     model = model.to(device).to(memory_format=torch.channels_last)
+    adversary = None
+    params = list(model.parameters())
+    if cfg.adversary > 0 and cfg.head == "abnormal" and len(data.source_names) > 1:
+        features: int = model.fc.in_features  # type: ignore[union-attr,assignment]
+        adversary = torch.nn.Sequential(
+            torch.nn.Linear(features, 128),
+            torch.nn.ReLU(),
+            torch.nn.Linear(128, len(data.source_names)),
+        ).to(device)
+        params += list(adversary.parameters())
     n_train = len(data.labels["train"])
     per_epoch = cfg.epoch_size or n_train
     steps = cfg.epochs * len(range(0, per_epoch, cfg.batch_size))
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.15
     )
@@ -125,24 +259,34 @@ def fit(cfg: TrainConfig, data: Prepared) -> tuple[torch.nn.Module, list[dict[st
     if cfg.resume and ckpt_path.exists():
         ck = tr.load_checkpoint(ckpt_path)
         model.load_state_dict(ck["model"])
+        if adversary is not None and ck.get("adversary"):
+            adversary.load_state_dict(ck["adversary"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         history, best, start_epoch = ck["history"], ck["best"], int(ck["epoch"]) + 1
         log.info("resumed from %s after epoch %d", ckpt_path, start_epoch)
-    labels_np = data.labels["train"].numpy()
+    if cfg.balance == "source-label":
+        cells = (data.sources["train"] * 2 + data.abnormal["train"].long()).numpy()
+    else:
+        cells = data.labels["train"].numpy()
+    augment_fn = tr.augment_sources if cfg.augment == "sources" else tr.augment
+    loss_fn = make_loss(cfg, data, adversary)
     for epoch in range(start_epoch, cfg.epochs):
         rng = np.random.default_rng([cfg.seed, epoch])
         gen = torch.Generator().manual_seed(cfg.seed * 10_000 + epoch)
-        order = tr.balanced_indices(labels_np, per_epoch, rng)
+        order = tr.balanced_indices(cells, per_epoch, rng)
         bar = tr.Progress(per_epoch, f"epoch {epoch + 1}/{cfg.epochs}")
         t0 = time.perf_counter()
+        if adversary is not None:
+            adversary.train()
         losses = tr.train_epoch(
             model, opt, sched, data.images["train"], data.labels["train"], order,
-            cfg.batch_size, gen, (cfg.mean, cfg.std), bar, amp=cfg.amp,
+            cfg.batch_size, gen, (cfg.mean, cfg.std), bar, augment_fn=augment_fn, amp=cfg.amp,
+            loss_fn=loss_fn,
         )  # fmt: skip
         seconds = time.perf_counter() - t0
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "seconds": seconds,
-               "images_per_s": per_epoch / seconds, **_val_scores(model, data, cfg)}  # fmt: skip
+               "images_per_s": per_epoch / seconds, **val_scores(model, data, cfg)}  # fmt: skip
         history.append(row)
         log.info(
             "epoch %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
@@ -154,6 +298,7 @@ def fit(cfg: TrainConfig, data: Prepared) -> tuple[torch.nn.Module, list[dict[st
             "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(), "history": history, "best": best,
             "config": dataclasses.asdict(cfg),
+            "adversary": adversary.state_dict() if adversary is not None else None,
         })  # fmt: skip
     if best is not None:
         model.load_state_dict(best["state"])
@@ -165,18 +310,24 @@ def calibrate(model: torch.nn.Module, data: Prepared, cfg: TrainConfig) -> dict[
     model.load_state_dict({k: v.half().to(v.dtype) for k, v in model.state_dict().items()})
     logits = tr.predict_logits(model, data.images["val"], (cfg.mean, cfg.std))
     y = data.labels["val"].numpy()
-    normal = cfg.classes.index("normal")
-    temperature = ev.fit_temperature(logits, y)
-    probs = ev.softmax(logits, temperature)
-    abnormal = y != normal
-    thresholds = ev.choose_thresholds(1.0 - probs[:, normal], abnormal, cfg.sensitivity)
-    metrics = ev.summarize(probs, y, abnormal, cfg.classes, thresholds["routine"])
+    abnormal = data.abnormal["val"].numpy() > 0.5
+    meta = {"head": cfg.head, "temperature": 1.0}
+    if cfg.head == "abnormal":
+        binary = np.stack([np.zeros(len(logits)), logits[:, 0]], axis=1)
+        temperature = ev.fit_temperature(binary, abnormal.astype(int))
+    else:
+        temperature = ev.fit_temperature(logits, y)
+    meta["temperature"] = temperature
+    probs = head_probabilities(torch.from_numpy(logits).float(), meta).numpy()
+    thresholds = ev.choose_thresholds(1.0 - probs[:, 0 if cfg.head == "abnormal" else
+                                      cfg.classes.index("normal")], abnormal, cfg.sensitivity)  # fmt: skip
+    metrics = ev.summarize(probs, y, abnormal, cfg.model_classes, thresholds["routine"])
     return {"temperature": temperature, "thresholds": thresholds, "validation": metrics}
 
 
 def run(cfg: TrainConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Train, calibrate and write the weights file; return the model and its metadata."""
-    if "normal" not in cfg.classes:
+    if "normal" not in cfg.model_classes:
         raise ds.DatasetError("the classes must include 'normal' (p_abnormal = 1 - p(normal))")
     t0 = time.perf_counter()
     data = prepare(cfg)
@@ -185,8 +336,20 @@ def run(cfg: TrainConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
     best_epoch = max(history, key=lambda r: (r["val_auc_abnormal"], -r["val_loss"]))["epoch"]
     meta = {
         "arch": cfg.arch,
-        "classes": list(cfg.classes),
+        "head": cfg.head,
+        "classes": cfg.model_classes,
+        "findings": list(cfg.findings) if cfg.head == "abnormal" else [],
+        "class_meaning": (
+            "p(normal) = 1 - sigmoid(z0 / T): abnormal vs normal, trained on every source; "
+            "the findings share p_abnormal by a head trained only where the source names one "
+            "(pneumonia: kaggle-pneumonia; covid19: covid19-radiography; other: any other "
+            "finding, nih-cxr14-sample)"
+            if cfg.head == "abnormal"
+            else "softmax over the classes"
+        ),
         "input_size": cfg.input_size,
+        "layer4_stride": cfg.layer4_stride,
+        "preprocess": cfg.preprocess,
         "mean": cfg.mean,
         "std": cfg.std,
         "temperature": cal["temperature"],
@@ -198,6 +361,7 @@ def run(cfg: TrainConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
         ),
         "training_data": {
             "sources": data.counts,
+            "held_out_source": cfg.holdout_source,
             "split": {
                 "seed": cfg.seed,
                 "val_fraction": cfg.val_fraction,
@@ -220,4 +384,13 @@ def run(cfg: TrainConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
     }
     save_weights(model, meta, Path(cfg.out))
     log.info("wrote %s (validation AUC %.4f)", cfg.out, cal["validation"]["auc_abnormal"])
+    if data.holdout:
+        from pipeline.evaluate_run import evaluate_samples, record_metrics
+
+        result = evaluate_samples(data.holdout, Path(cfg.out), label_map=cfg.label_map,
+                                  device=cfg.device)  # fmt: skip
+        record_metrics(Path(cfg.out), "held_out_source", result,
+                       f"held out: {cfg.holdout_source} (every image of it)")  # fmt: skip
+        meta["metrics"]["held_out_source"] = result
+        log.info("held-out source %s: AUC %.4f", cfg.holdout_source, result["auc_abnormal"])
     return model, meta

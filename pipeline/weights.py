@@ -39,6 +39,7 @@ def _describe(path: str, mtime: float) -> dict[str, Any]:
         "trained": bool(meta.get("trained", False)),
         "thresholds": meta.get("thresholds"),
         "input_size": int(meta.get("input_size", 224)),
+        "preprocess": str(meta.get("preprocess", "resize")),
         "description": meta.get("description", ""),
         "metrics": meta.get("metrics", {}),
         "file": Path(path).name,

@@ -46,12 +46,14 @@ class CliSender:
     def _ingest_chunk(self, chunk: list[Path]) -> IngestReport:
         settings, factory = self.system.settings, self.system.factory
         assert settings is not None and factory is not None and settings.redis_url
-        size = describe_weights(settings)["input_size"]
+        model = describe_weights(settings)
+        size, preprocess = model["input_size"], model["preprocess"]
         client, dispatcher = redis_client(settings.redis_url), Dispatcher(settings.redis_url)
         try:
 
             def sink(ids: list[int]) -> int:
-                return enqueue(factory, client, dispatcher, ids, size, settings.payload_ttl_s)
+                return enqueue(factory, client, dispatcher, ids, size, settings.payload_ttl_s,
+                               preprocess=preprocess)  # fmt: skip
 
             limits = Limits(settings.max_file_mb * 1024 * 1024, settings.max_pixels,
                             settings.modalities)  # fmt: skip

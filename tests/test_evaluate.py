@@ -114,8 +114,11 @@ def test_evaluate_command_json_predictions_and_report(
     preds, report = tmp_path / "out" / "preds.csv", tmp_path / "report"
     argv = ["evaluate", str(table), "--weights", str(weights), "--json"]
     assert cli.main([*argv, "--predictions-out", str(preds), "--report", str(report)]) == 0
-    out = json.loads(capsys.readouterr().out)
+    stdout = capsys.readouterr().out
+    assert len(stdout.splitlines()) == 1  # --json: exactly one line
+    out = json.loads(stdout)
     assert out["n"] == 9 and set(out["per_class"]) == set(CLASSES)
+    assert list(out["per_source"]) == [tmp_path.name] and out["per_source"][tmp_path.name]["n"] == 9
     assert {"auc_abnormal", "sensitivity_abnormal", "specificity_abnormal", "ece"} <= set(out)
     assert (
         out["per_class"]["normal"]["support"] == 3 and out["per_class"]["covid19"]["support"] == 0

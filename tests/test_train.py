@@ -131,6 +131,24 @@ def test_saved_weights_load_safely_and_reproduce_predictions(tmp_path: Path) -> 
     assert blob["state_dict"]["fc.weight"].dtype == torch.float16
     images = prepare(cfg).images["val"]
     logits = tr.predict_logits(model, images, (cfg.mean, cfg.std))
+    z0 = torch.from_numpy(logits[:, 0]) / meta["temperature"]
+    p_abnormal = torch.sigmoid(z0).numpy()
+    clf = Classifier(Path(cfg.out), device="cpu")
+    got = clf.predict(images.numpy()).probabilities
+    assert clf.classes == ["normal", "pneumonia", "covid19", "other"] == meta["classes"]
+    assert meta["head"] == "abnormal" and meta["preprocess"] == "thorax"
+    np.testing.assert_allclose(got[:, 0], 1 - p_abnormal, atol=1e-3)  # p(normal) = 1 - sigmoid
+    np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-5)  # the findings share the rest
+    assert got.shape[1] == 4 and clf.predict(images.numpy()).cams.shape[1:] == (2, 2)  # 32/16
+
+
+def test_softmax_head_still_trains_and_scores(tmp_path: Path) -> None:
+    """The legacy head (one softmax over the classes) and the whole-film resize."""
+    cfg = tiny_config(tmp_path, head="softmax", preprocess="resize", layer4_stride=2,
+                      balance="class", augment="basic")  # fmt: skip
+    model, meta = run(cfg)
+    images = prepare(cfg).images["val"]
+    logits = tr.predict_logits(model, images, (cfg.mean, cfg.std))
     expected = torch.softmax(torch.from_numpy(logits) / meta["temperature"], 1).numpy()
     got = Classifier(Path(cfg.out), device="cpu").predict(images.numpy()).probabilities
     np.testing.assert_allclose(got, expected, atol=1e-3)
