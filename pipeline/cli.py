@@ -179,7 +179,8 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
             # No running system: bring up a private Redis and one worker for this command.
             embedded = EmbeddedRedis(settings.data_dir / "redis-ingest").start()
             redis_url = embedded.url
-            temp = Supervisor()
+            # Their banners and logs go to a file: stdout is this command's own output.
+            temp = Supervisor(log_path=settings.data_dir / "ingest-workers.log")
             env = _child_env(settings, redis_url)
             for name, command, child_env in worker_children(settings, env, "cxr-ingest"):
                 temp.add(name, command, child_env).start()
@@ -220,6 +221,8 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
             print(f"  rejected {r['path']}: {r['reason']}")
     if not ok:
         print(f"timed out after {args.timeout:.0f} s waiting for results", file=sys.stderr)
+        if temp is not None:
+            print(f"the workers' log: {temp.log_path}", file=sys.stderr)
         return 3
     return 0
 

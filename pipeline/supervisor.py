@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from pipeline.settings import Settings
 
@@ -114,10 +115,21 @@ class Child:
     process: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     started_at: float = 0.0
+    # Where the child's stdout and stderr go; None: the supervisor's stderr. Never its stdout,
+    # which belongs to the command's own output (one line of JSON under --json).
+    log_path: Path | None = None
 
     def start(self) -> None:
         # Own process group: Ctrl-C reaches the supervisor only, which stops children in order.
-        self.process = subprocess.Popen(self.command, env=self.env, start_new_session=True)
+        if self.log_path is None:
+            self.process = subprocess.Popen(
+                self.command, env=self.env, stdout=2, start_new_session=True
+            )
+        else:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.log_path, "ab") as out:
+                self.process = subprocess.Popen(self.command, env=self.env, stdout=out,
+                                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
         self.started_at = time.monotonic()
         log.info("started %s (pid %d)", self.name, self.process.pid)
 
@@ -146,9 +158,11 @@ class Supervisor:
     # Called every loop iteration: keep non-child services (the embedded Redis) alive.
     checks: list[Callable[[], object]] = field(default_factory=list)
     stopping: bool = False
+    # Children's output goes to this file when set, else to the supervisor's stderr.
+    log_path: Path | None = None
 
     def add(self, name: str, command: list[str], env: dict[str, str]) -> Child:
-        child = Child(name, command, env)
+        child = Child(name, command, env, log_path=self.log_path)
         self.children.append(child)
         return child
 
