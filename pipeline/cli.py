@@ -155,6 +155,8 @@ def _ingest_json(settings: Settings, report: IngestReport) -> dict[str, Any]:
                 "id": s.id,
                 "path": i.path,
                 "status": s.status,
+                # Why a study is skipped, rejected or failed: the text the worklist shows.
+                "reason": s.reason,
                 "label": s.label,
                 "p_abnormal": None if s.p_abnormal is None else round(s.p_abnormal, 4),
                 "priority": s.priority,

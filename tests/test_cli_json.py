@@ -86,3 +86,31 @@ def test_simulate_prints_one_line(settings: Settings) -> None:
 def test_bench_ingest_prints_one_line(settings: Settings) -> None:
     doc = one_json_line(run_cli(["bench-ingest", "--n", "2", "--json"], settings))
     assert doc["n"] == 2
+
+
+def test_ingest_json_gives_the_reason_of_every_study_not_done(
+    tmp_path: Path, settings: Settings
+) -> None:
+    """A lateral view is skipped and a corrupt file rejected: each entry says why, in the
+    worklist's words; a queued study has no reason."""
+    alone = settings.with_(redis_url=None)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    (folder / "frontal.dcm").write_bytes(dicom_bytes(chest_like(seed=31)))
+    (folder / "lateral.dcm").write_bytes(dicom_bytes(chest_like(seed=32), view="LL"))
+    (folder / "corrupt.dcm").write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00\x10\x00garbage")
+    doc = one_json_line(run_cli(["ingest", str(folder), "--json"], alone))
+    by_name = {Path(s["path"]).name: s for s in doc["studies"]}
+    assert {n: s["status"] for n, s in by_name.items()} == {
+        "frontal.dcm": "queued",
+        "lateral.dcm": "skipped",
+        "corrupt.dcm": "rejected",
+    }
+    assert by_name["frontal.dcm"]["reason"] is None
+    assert "lateral view (LL)" in by_name["lateral.dcm"]["reason"]
+    assert "DICOM" in by_name["corrupt.dcm"]["reason"]
+    assert by_name["corrupt.dcm"]["reason"] == doc["rejected"][0]["reason"]
+
+    shown = one_json_line(run_cli(["worklist", "--json"], alone))
+    reasons = {s["id"]: s["reason"] for s in shown["studies"]}
+    assert {s["id"]: s["reason"] for s in doc["studies"]} == reasons
