@@ -21,6 +21,7 @@ from pipeline import migrate
 from pipeline.db import make_engine, make_session_factory, session_scope
 from pipeline.imaging import Limits
 from pipeline.ingest import Enqueuer, IngestReport, ingest_paths
+from pipeline.lifetime import RunLock, wait_port_free
 from pipeline.models import FINAL_STATES, PERSON_ROLES, ROLES, Study
 from pipeline.queue import Dispatcher, redis_client
 from pipeline.reconcile import requeue_stuck
@@ -101,16 +102,36 @@ def first_run_admin(settings: Settings) -> None:
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+    # One system per data directory: a second run refuses, naming the pid that holds it.
+    lock = RunLock(settings.data_dir)
+    leftovers = lock.acquire()
+    if leftovers:
+        print(f"stopped processes a cxr-triage run that died left running: pids "
+              f"{', '.join(map(str, leftovers))}", file=sys.stderr)  # fmt: skip
+    try:
+        return _run_system(settings, lock)
+    finally:
+        lock.release()
+
+
+def _run_system(settings: Settings, lock: RunLock) -> int:
+    wait_port_free(settings.host, settings.port)
     migrate.upgrade(settings.db_url)
     first_run_admin(settings)
     model = describe_weights(settings)
     if not model["trained"]:
         print("WARNING: untrained model in use: predictions are random.", file=sys.stderr)
     with system_redis(settings) as (redis_url, embedded):
+
+        def redis_pid() -> int | None:
+            return embedded.process.pid if embedded and embedded.process else None
+
+        lock.record([pid] if (pid := redis_pid()) else [])
         dashboard_url = f"http://{settings.host}:{settings.port}"
         write_runtime(settings, redis_url, dashboard_url)
         env = _child_env(settings, redis_url)
-        sup = Supervisor(checks=[embedded.keep_alive] if embedded else [])
+        sup = Supervisor(checks=[embedded.keep_alive] if embedded else [],
+                         on_pids=lock.record, extra_pids=[redis_pid])  # fmt: skip
         for name, command, child_env in worker_children(settings, env):
             sup.add(name, command, child_env)
         sup.add("dashboard", dashboard_command(settings), env)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import redis
 
+from pipeline.lifetime import die_with_parent
 from pipeline.settings import ConfigError, Settings
 
 log = logging.getLogger(__name__)
@@ -91,8 +92,12 @@ class EmbeddedRedis:
     def start(self, timeout: float = 10.0) -> EmbeddedRedis:
         """Start the server and wait until it answers PING."""
         self.directory.mkdir(parents=True, exist_ok=True)
+        # Killed by the kernel when the process that started it dies, however it dies.
         self.process = subprocess.Popen(
-            self.command(), stdout=subprocess.DEVNULL, start_new_session=True
+            self.command(),
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=die_with_parent(),
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

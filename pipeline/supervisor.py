@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.lifetime import die_with_parent
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -121,15 +122,22 @@ class Child:
 
     def start(self) -> None:
         # Own process group: Ctrl-C reaches the supervisor only, which stops children in order.
-        if self.log_path is None:
-            self.process = subprocess.Popen(
-                self.command, env=self.env, stdout=2, start_new_session=True
-            )
-        else:
+        out = None
+        if self.log_path is not None:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.log_path, "ab") as out:
-                self.process = subprocess.Popen(self.command, env=self.env, stdout=out,
-                                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+            out = open(self.log_path, "ab")
+        try:
+            self.process = subprocess.Popen(
+                self.command,
+                env=self.env,
+                stdout=2 if out is None else out,
+                stderr=None if out is None else subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=die_with_parent(),  # killed by the kernel when the supervisor dies
+            )
+        finally:
+            if out is not None:
+                out.close()
         self.started_at = time.monotonic()
         log.info("started %s (pid %d)", self.name, self.process.pid)
 
@@ -160,6 +168,21 @@ class Supervisor:
     stopping: bool = False
     # Children's output goes to this file when set, else to the supervisor's stderr.
     log_path: Path | None = None
+    # Told the pids of the system's processes whenever they change (the run lock records them,
+    # so that a run after this one died can stop any it left behind).
+    on_pids: Callable[[list[int]], object] | None = None
+    extra_pids: list[Callable[[], int | None]] = field(default_factory=list)
+    _reported: list[int] = field(default_factory=list, repr=False)
+
+    def report_pids(self) -> None:
+        """Tell on_pids the live processes, when they changed since the last report."""
+        if self.on_pids is None:
+            return
+        pids = [c.process.pid for c in self.children if c.process is not None and c.alive()]
+        pids += [pid for extra in self.extra_pids if (pid := extra()) is not None]
+        if sorted(pids) != self._reported:
+            self._reported = sorted(pids)
+            self.on_pids(self._reported)
 
     def add(self, name: str, command: list[str], env: dict[str, str]) -> Child:
         child = Child(name, command, env, log_path=self.log_path)
@@ -190,6 +213,7 @@ class Supervisor:
                 for check in self.checks:
                     if not self.stopping:
                         check()
+                self.report_pids()
                 if tick is not None and time.monotonic() - last_tick >= tick_every:
                     last_tick = time.monotonic()
                     try:

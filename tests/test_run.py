@@ -215,3 +215,91 @@ def test_worker_command_runs_three_processes_that_share_the_work_and_stop_togeth
     time.sleep(0.5)
     assert [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status()
             != psutil.STATUS_ZOMBIE] == []  # fmt: skip
+
+
+def start_run(settings: Settings, log_path: Path) -> subprocess.Popen:
+    """`cxr-triage run` on the settings' data dir with an embedded Redis, output to log_path."""
+    env = settings_env(settings)
+    env.pop("CXR_REDIS_URL", None)
+    with open(log_path, "ab") as log:
+        return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run"], env=env,
+                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+
+
+def wait_serving(settings: Settings, run: subprocess.Popen, log_path: Path) -> None:
+    def healthy() -> bool:
+        assert run.poll() is None, log_path.read_text()[-3000:]
+        try:
+            url = f"http://127.0.0.1:{settings.port}/healthz"
+            return urllib.request.urlopen(url, timeout=2).status == 200
+        except OSError:
+            return False
+
+    wait_for(healthy, 120, "the dashboard")
+
+
+def alive(pids: set[int]) -> set[int]:
+    """Those of pids that are still running (zombies are gone for this purpose)."""
+    out = set()
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                out.add(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def test_killed_run_leaves_nothing_running_and_one_data_dir_has_one_system(
+    tmp_path: Path, weights_file
+) -> None:  # type: ignore[no-untyped-def]
+    """SIGKILL of `run` takes its children with it; the next `run` on the same data dir comes
+    up, stopping what a dead run left; a concurrent second `run` refuses, naming the holder."""
+    from pipeline.lifetime import process_start
+    from pipeline.redis_server import EmbeddedRedis
+
+    settings = Settings(data_dir=tmp_path / "data", weights=weights_file, port=free_port(),
+                        worker_processes=1, torch_threads=1)  # fmt: skip
+    log_path = tmp_path / "run.log"
+    first = start_run(settings, log_path)
+    started: list[subprocess.Popen] = [first]
+    try:
+        wait_serving(settings, first, log_path)
+        parent = psutil.Process(first.pid)
+        wait_for_workers(parent, 1)
+        assert running_children(parent, "redis-server") and running_children(parent, "gunicorn")
+        children = {p.pid for p in parent.children(recursive=True)}
+        assert len(children) >= 4  # redis-server, a worker, gunicorn and its worker
+        first.kill()
+        first.wait(timeout=10)
+        wait_for(lambda: not alive(children), 30, f"the children to go: {alive(children)}")
+
+        # Leftovers a run that died might have left: a process it recorded as its own, and a
+        # redis-server on the data dir's Redis files that no lock file knows of.
+        recorded = subprocess.Popen(["sleep", "600"], start_new_session=True)
+        started.append(recorded)
+        lock = settings.data_dir / "run.lock"
+        lock.write_text(json.dumps({"pid": first.pid,
+                                    "children": [[recorded.pid, process_start(recorded.pid)]]}))  # fmt: skip
+        orphan = EmbeddedRedis(settings.data_dir / "redis").start().process
+        assert orphan is not None
+        started.append(orphan)
+
+        second = start_run(settings, log_path)
+        started.append(second)
+        wait_serving(settings, second, log_path)
+        assert recorded.wait(timeout=30) is not None and orphan.wait(timeout=30) is not None
+        assert f"left running: pids {min(recorded.pid, orphan.pid)}, " in log_path.read_text()
+        assert len(running_children(psutil.Process(second.pid), "redis-server")) == 1
+
+        third = run_cli(["run"], settings.with_(redis_url=None), timeout=120)
+        assert third.returncode == 2, third.stdout + third.stderr
+        assert f"in use by another cxr-triage run (pid {second.pid})" in third.stderr
+        assert second.poll() is None
+        second.send_signal(signal.SIGINT)
+        assert second.wait(timeout=60) == 0, log_path.read_text()[-3000:]
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
