@@ -32,8 +32,10 @@ class BatchResult:
     seconds: float = 0.0
 
 
-def claim(factory: sessionmaker[Session], image_ids: list[int]) -> tuple[list[int], list[int]]:
-    """Mark queued images processing; return (claimed ids, ids already final)."""
+def claim(
+    factory: sessionmaker[Session], image_ids: list[int], worker: str | None = None
+) -> tuple[list[int], list[int]]:
+    """Mark queued images processing by worker; return (claimed ids, ids already final)."""
     claimed, final = [], []
     with session_scope(factory) as session:
         images = session.scalars(select(Image).where(Image.id.in_(image_ids))).all()
@@ -42,7 +44,7 @@ def claim(factory: sessionmaker[Session], image_ids: list[int]) -> tuple[list[in
             if img.status in FINAL_STATES:
                 final.append(img.id)
                 continue
-            img.status, img.started_at = "processing", now
+            img.status, img.started_at, img.worker = "processing", now, worker
             img.attempts = (img.attempts or 0) + 1
             touched.add(img.study_id)
             claimed.append(img.id)
@@ -111,7 +113,7 @@ def classify_images(
 ) -> BatchResult:
     """Classify the given images in one forward pass and persist predictions, CAMs, priorities."""
     result = BatchResult()
-    claimed, result.skipped = claim(factory, sorted(set(image_ids)))
+    claimed, result.skipped = claim(factory, sorted(set(image_ids)), worker)
     if not claimed:
         return result
     inputs, result.failed = load_inputs(

@@ -122,6 +122,9 @@ class Image(Base):
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # The Celery name of the worker that claimed it last: when that worker dies (its supervisor
+    # sees it exit, or its heartbeat stops), what it held is re-sent at once.
+    worker: Mapped[str | None] = mapped_column(String(120))
     done_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # Ingest to result, for the end-to-end latency histogram.
     latency_ms: Mapped[float | None] = mapped_column(Float)
