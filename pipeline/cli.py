@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -24,20 +25,34 @@ from pipeline.ingest import Enqueuer, IngestReport, ingest_paths
 from pipeline.lifetime import RunLock, wait_port_free
 from pipeline.models import FINAL_STATES, PERSON_ROLES, ROLES, Study
 from pipeline.queue import Dispatcher, redis_client
-from pipeline.reconcile import requeue_stuck
+from pipeline.reconcile import requeue_dead_workers, requeue_stuck
 from pipeline.redis_server import EmbeddedRedis, clear_runtime, resolve_redis_url, write_runtime
 from pipeline.settings import ConfigError, Settings
 from pipeline.sources_cli import source_children
 from pipeline.studies import worklist_document
-from pipeline.supervisor import Supervisor, dashboard_command, worker_children
+from pipeline.supervisor import (
+    Child,
+    Supervisor,
+    dashboard_command,
+    worker_children,
+    worker_nodename,
+)
 from pipeline.users import UserError, create_user, has_users, issue_token
 from pipeline.weights import describe_weights, ensure_weights
 
 log = logging.getLogger("cxr-triage")
+# How often `run` (and a multi-process `worker`) looks for workers whose heartbeat expired.
+DEAD_WORKER_CHECK_S = 5.0
+
+
+@cache
+def _factory_for(url: str) -> Any:
+    return make_session_factory(make_engine(url))
 
 
 def _factory(settings: Settings) -> Any:
-    return make_session_factory(make_engine(settings.db_url))
+    # One engine per database for the life of the process: `run` checks every few seconds.
+    return _factory_for(settings.db_url)
 
 
 def _limits(settings: Settings) -> Limits:
@@ -57,10 +72,11 @@ def reconcile_once(
     held_after_s: float | None = None,
 ) -> dict:
     """Re-send unfinished work found in the database (see pipeline.reconcile)."""
+    rescued = rescue_dead_workers(settings, redis_url, held_after_s=held_after_s)
     model = describe_weights(settings)
     client, dispatcher = redis_client(redis_url), Dispatcher(redis_url)
     try:
-        return requeue_stuck(
+        stuck = requeue_stuck(
             _factory(settings),
             client,
             dispatcher,
@@ -75,6 +91,44 @@ def reconcile_once(
     finally:
         dispatcher.close()
         client.close()
+    return {k: rescued[k] + stuck[k] for k in ("requeued", "failed")}
+
+
+def rescue_dead_workers(
+    settings: Settings,
+    redis_url: str,
+    dead: tuple[str, ...] = (),
+    held_after_s: float | None = None,
+) -> dict:
+    """Re-send at once what dead workers held: those named, and any whose heartbeat expired."""
+    model = describe_weights(settings)
+    client, dispatcher = redis_client(redis_url), Dispatcher(redis_url)
+    try:
+        return requeue_dead_workers(
+            _factory(settings),
+            client,
+            dispatcher,
+            max_attempts=settings.max_attempts,
+            input_size=model["input_size"],
+            ttl_s=settings.payload_ttl_s,
+            thresholds=model["thresholds"],
+            dead=dead,
+            preprocess=model["preprocess"],
+            **({} if held_after_s is None else {"held_after_s": held_after_s}),
+        )
+    finally:
+        dispatcher.close()
+        client.close()
+
+
+def watch_workers(sup: Supervisor, settings: Settings, redis_url: str) -> None:
+    """Have sup re-send a worker child's claimed work the moment it exits."""
+
+    def on_exit(child: Child) -> None:
+        if (name := worker_nodename(child.command)) is not None:
+            rescue_dead_workers(settings, redis_url, dead=(name,))
+
+    sup.on_exit = on_exit
 
 
 @contextmanager
@@ -134,6 +188,7 @@ def _run_system(settings: Settings, lock: RunLock) -> int:
                          on_pids=lock.record, extra_pids=[redis_pid])  # fmt: skip
         for name, command, child_env in worker_children(settings, env):
             sup.add(name, command, child_env)
+        watch_workers(sup, settings, redis_url)
         sup.add("dashboard", dashboard_command(settings), env)
         for name, command in source_children(settings):  # watched folder, DICOM listener
             sup.add(name, command, env)
@@ -141,7 +196,8 @@ def _run_system(settings: Settings, lock: RunLock) -> int:
         reconcile_once(settings, redis_url, stuck_after_s=0)
         print(f"cxr-triage is running: open {dashboard_url}  (Ctrl-C stops everything)", flush=True)
         try:
-            sup.run(tick=lambda: reconcile_once(settings, redis_url), tick_every=60)
+            sup.run(tick=lambda: reconcile_once(settings, redis_url), tick_every=60,
+                    ticks=[(DEAD_WORKER_CHECK_S, lambda: rescue_dead_workers(settings, redis_url))])  # fmt: skip
         finally:
             clear_runtime(settings)
     print("cxr-triage stopped.")
@@ -324,6 +380,7 @@ def cmd_worker(settings: Settings) -> int:
     sup = Supervisor()
     for name, command, env in children:
         sup.add(name, command, env)
+    watch_workers(sup, settings, redis_url)
     sup.run()
     return 0
 

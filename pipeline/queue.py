@@ -30,7 +30,9 @@ KOMBU_UNACKED_INDEX_KEY = "unacked_index"  # delivery tag -> time it was handed 
 KOMBU_PRIORITY_SEP = "\x06\x16"
 KOMBU_PRIORITY_STEPS = (3, 6, 9)
 HEARTBEAT_PREFIX = "cxr:worker:"
-HEARTBEAT_TTL_S = 30
+# Each worker process refreshes its key every HEARTBEAT_TTL_S / 3 seconds; a worker whose key
+# has expired is dead (or hung), and the reconciler re-sends what it had claimed.
+HEARTBEAT_TTL_S = 15
 
 
 def lane_queues() -> list[Any]:
@@ -122,6 +124,39 @@ def images_in_flight(
         if image_id is not None:
             found.add(image_id)
     return found
+
+
+def heartbeats(client: redis.Redis, names: Sequence[str]) -> dict[str, float | None]:
+    """Per worker name, when its live process started (its heartbeat's ``since``); None: dead."""
+    if not names:
+        return {}
+    out: dict[str, float | None] = {}
+    for name, raw in zip(
+        names, client.mget([f"{HEARTBEAT_PREFIX}{n}" for n in names]), strict=True
+    ):
+        try:
+            out[name] = float(json.loads(raw).get("since", 0.0)) if raw is not None else None
+        except (ValueError, TypeError, AttributeError):
+            out[name] = 0.0  # a heartbeat without a start time: alive, incarnation unknown
+    return out
+
+
+def messages_held_since(client: redis.Redis, before: float) -> dict[int, float]:
+    """Image id -> when a consumer took its message, for messages held unacked since before."""
+    tags: Any = client.zrangebyscore(KOMBU_UNACKED_INDEX_KEY, "-inf", before, withscores=True)
+    if not tags:
+        return {}
+    entries: Any = client.hmget(KOMBU_UNACKED_KEY, [tag for tag, _ in tags])
+    held: dict[int, float] = {}
+    for (_, taken), entry in zip(tags, entries, strict=True):
+        try:
+            raw = json.loads(entry)[0]
+        except (ValueError, IndexError, TypeError):
+            continue
+        image_id = _image_id_of(raw if isinstance(raw, str) else json.dumps(raw))
+        if image_id is not None:
+            held[image_id] = max(float(taken), held.get(image_id, 0.0))
+    return held
 
 
 def get_payloads(client: redis.Redis, image_ids: Sequence[int], size: int) -> list[Any]:

@@ -2,13 +2,17 @@
 
 Redis may be flushed or restarted and a worker may die holding a batch. The database knows every
 image still ``queued`` or ``processing``; this re-sends those past a timeout and gives up, with a
-reason, after the configured number of attempts.
+reason, after the configured number of attempts. What a dead worker held is re-sent at once
+(``requeue_dead_workers``): its supervisor saw it exit, or its heartbeat expired. The timeout
+is the last resort, for a worker that is alive and does not finish.
 """
 
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+import time
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, or_, select
@@ -16,8 +20,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.db import session_scope
 from pipeline.ingest import enqueue
-from pipeline.models import Image, Study, utcnow
-from pipeline.queue import Dispatcher, images_in_flight
+from pipeline.models import Image, Study, as_utc, utcnow
+from pipeline.queue import Dispatcher, heartbeats, images_in_flight, messages_held_since
 from pipeline.studies import refresh_study
 
 log = logging.getLogger(__name__)
@@ -50,8 +54,6 @@ def requeue_stuck(
     if held_after_s is None:
         held_after_s = max(stuck_after_s, HELD_GRACE_S)
     cutoff = utcnow() - timedelta(seconds=stuck_after_s)
-    resend: dict[str, list[int]] = {"live": [], "bulk": []}
-    failed = 0
     with session_scope(factory) as session:
         rows = session.execute(
             select(Image, Study.lane)
@@ -73,25 +75,122 @@ def requeue_stuck(
         candidates = {img.id for img, _ in rows if img.status != "processing"}
         waiting = (candidates & images_in_flight(redis_client, held_at_most_s=held_after_s)
                    if candidates else set())  # fmt: skip
-        for img, lane in rows:
-            if img.id in waiting:
-                continue
-            if img.attempts >= max_attempts:
-                img.status, img.done_at = "failed", utcnow()
-                img.reason = (
-                    f"gave up after {img.attempts} attempts: the worker did not finish "
-                    "this image (an admin can requeue it)"
-                )
-                failed += 1
-                session.flush()
-                refresh_study(session, session.get(Study, img.study_id), thresholds)  # type: ignore[arg-type]
-                continue
-            img.status, img.queued_at = "queued", utcnow()
-            resend[lane if lane in resend else "live"].append(img.id)
+        resend, failed = _mark_for_resend(
+            session, [(img, lane) for img, lane in rows if img.id not in waiting], max_attempts,
+            thresholds,
+        )  # fmt: skip
+    sent = _send(factory, redis_client, dispatcher, resend, input_size, ttl_s, preprocess)
+    if sent or failed:
+        log.warning("reconciler re-sent %d images and failed %d", sent, failed)
+    return {"requeued": sent, "failed": failed}
+
+
+def _mark_for_resend(
+    session: Session,
+    rows: Iterable[tuple[Image, str]],
+    max_attempts: int,
+    thresholds: Mapping[str, float],
+) -> tuple[dict[str, list[int]], int]:
+    """Move rows back to queued (per lane, to send after commit); fail the exhausted ones."""
+    resend: dict[str, list[int]] = {"live": [], "bulk": []}
+    failed = 0
+    for img, lane in rows:
+        if img.attempts >= max_attempts:
+            img.status, img.done_at = "failed", utcnow()
+            img.reason = (
+                f"gave up after {img.attempts} attempts: the worker did not finish "
+                "this image (an admin can requeue it)"
+            )
+            failed += 1
+            session.flush()
+            refresh_study(session, session.get(Study, img.study_id), thresholds)  # type: ignore[arg-type]
+            continue
+        img.status, img.queued_at, img.worker = "queued", utcnow(), None
+        resend[lane if lane in resend else "live"].append(img.id)
+    return resend, failed
+
+
+def _send(
+    factory: sessionmaker[Session],
+    redis_client: Any,
+    dispatcher: Dispatcher,
+    resend: dict[str, list[int]],
+    input_size: int,
+    ttl_s: int,
+    preprocess: str,
+) -> int:
     sent = 0
     for lane, ids in resend.items():
         sent += enqueue(factory, redis_client, dispatcher, ids, input_size, ttl_s, lane=lane,
                         preprocess=preprocess)  # fmt: skip
+    return sent
+
+
+def expired_claims(
+    claims: Iterable[tuple[int, str, datetime]], beats: Mapping[str, float | None]
+) -> list[int]:
+    """Images whose claiming worker is dead, from (image id, worker, claimed at) and heartbeats.
+
+    A worker is dead when its heartbeat has expired (``beats[worker]`` is None), or when the
+    heartbeat under its name comes from a process started after the claim: the claimer died
+    and was restarted under the same name (a container's restart policy keeps its hostname).
+    """
+    dead = []
+    for image_id, worker, claimed_at in claims:
+        since = beats.get(worker)
+        if since is None or (since > 0 and as_utc(claimed_at).timestamp() < since):
+            dead.append(image_id)
+    return dead
+
+
+def requeue_dead_workers(
+    factory: sessionmaker[Session],
+    redis_client: Any,
+    dispatcher: Dispatcher,
+    *,
+    max_attempts: int,
+    input_size: int,
+    ttl_s: int,
+    thresholds: dict[str, float],
+    dead: Iterable[str] = (),
+    held_after_s: float = HELD_GRACE_S,
+    preprocess: str = "resize",
+) -> dict[str, int]:
+    """Re-send at once what dead workers held, without waiting for the stuck timeout.
+
+    That is: images ``processing`` under a worker named in ``dead`` (its supervisor saw it
+    exit) or whose heartbeat has expired, and images still ``queued`` whose message a worker
+    took more than ``held_after_s`` ago without claiming it (it died while buffering). An
+    image that was finished is ``done`` and never selected, and a second delivery of one that
+    is re-sent is skipped at claim, so no image gets two results.
+    """
+    named = set(dead)
+    held = messages_held_since(redis_client, time.time() - held_after_s)
+    with session_scope(factory) as session:
+        claims: list[tuple[int, str, datetime]] = [
+            (image_id, worker, started_at)
+            for image_id, worker, started_at in session.execute(
+                select(Image.id, Image.worker, Image.started_at).where(
+                    Image.status == "processing", Image.worker.is_not(None)
+                )
+            )
+            if worker is not None and started_at is not None
+        ]
+        ids = {image_id for image_id, worker, _ in claims if worker in named}
+        others = [c for c in claims if c[1] not in named]
+        ids.update(expired_claims(others, heartbeats(redis_client, sorted({c[1] for c in others}))))
+        if held:
+            queued = session.execute(select(Image.id, Image.queued_at).where(
+                Image.id.in_(list(held)), Image.status.in_(("received", "queued"))))  # fmt: skip
+            # Not one re-sent since that worker took it: that one has a fresh message.
+            ids.update(i for i, at in queued if at is None or as_utc(at).timestamp() <= held[i])
+        rows = session.execute(
+            select(Image, Study.lane).join(Study, Study.id == Image.study_id)
+            .where(Image.id.in_(sorted(ids)))
+        ).all() if ids else []  # fmt: skip
+        resend, failed = _mark_for_resend(session, [(i, lane) for i, lane in rows], max_attempts,
+                                          thresholds)  # fmt: skip
+    sent = _send(factory, redis_client, dispatcher, resend, input_size, ttl_s, preprocess)
     if sent or failed:
-        log.warning("reconciler re-sent %d images and failed %d", sent, failed)
+        log.warning("re-sent %d images dead workers held (failed %d)", sent, failed)
     return {"requeued": sent, "failed": failed}

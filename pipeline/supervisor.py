@@ -5,10 +5,11 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,6 +87,16 @@ def worker_command(settings: Settings, name: str = "cxr-worker") -> list[str]:
         "--loglevel",
         "INFO",
     ]
+
+
+def worker_nodename(command: list[str]) -> str | None:
+    """The Celery name a worker command runs under (what it records on the images it claims).
+
+    Celery expands ``%h`` to ``socket.gethostname()``; None for a command that is no worker.
+    """
+    if "celery" not in command or "--hostname" not in command:
+        return None
+    return command[command.index("--hostname") + 1].replace("%h", socket.gethostname())
 
 
 def dashboard_command(settings: Settings) -> list[str]:
@@ -172,6 +183,8 @@ class Supervisor:
     # so that a run after this one died can stop any it left behind).
     on_pids: Callable[[list[int]], object] | None = None
     extra_pids: list[Callable[[], int | None]] = field(default_factory=list)
+    # Called with a child found dead, before it is restarted: re-send what a worker held.
+    on_exit: Callable[[Child], object] | None = None
     _reported: list[int] = field(default_factory=list, repr=False)
 
     def report_pids(self) -> None:
@@ -193,33 +206,54 @@ class Supervisor:
         log.info("received %s; stopping", signal.Signals(signum).name)
         self.stopping = True
 
-    def run(self, tick: Callable[[], object] | None = None, tick_every: float = 60.0) -> None:
-        """Start every child and keep them running until SIGINT or SIGTERM."""
+    def _restart(self, child: Child) -> None:
+        code = child.process.returncode if child.process else None
+        log.warning("%s exited with %s; restarting it", child.name, code)
+        if self.on_exit is not None:
+            # Before the restart: the new process claims nothing under the name until then.
+            try:
+                self.on_exit(child)
+            except Exception:
+                log.exception("re-sending what %s held failed; the heartbeat check retries",
+                              child.name)  # fmt: skip
+        # Back off when a child keeps dying at start (bad config, port taken).
+        if time.monotonic() - child.started_at < 5:
+            time.sleep(2)
+        child.restarts += 1
+        child.start()
+
+    def run(
+        self,
+        tick: Callable[[], object] | None = None,
+        tick_every: float = 60.0,
+        ticks: Sequence[tuple[float, Callable[[], object]]] = (),
+    ) -> None:
+        """Start every child and keep them running until SIGINT or SIGTERM.
+
+        ``tick`` runs every ``tick_every`` seconds, and each of ``ticks`` (every, function)
+        on its own period; a tick that raises is logged and tried again next period.
+        """
+        periodic = [*([(tick_every, tick)] if tick is not None else []), *ticks]
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             for child in self.children:
                 child.start()
-            last_tick = 0.0
+            last = [0.0] * len(periodic)
             while not self.stopping:
                 for child in self.children:
                     if not child.alive() and not self.stopping:
-                        code = child.process.returncode if child.process else None
-                        # Back off when a child keeps dying at start (bad config, port taken).
-                        if time.monotonic() - child.started_at < 5:
-                            time.sleep(2)
-                        log.warning("%s exited with %s; restarting it", child.name, code)
-                        child.restarts += 1
-                        child.start()
+                        self._restart(child)
                 for check in self.checks:
                     if not self.stopping:
                         check()
                 self.report_pids()
-                if tick is not None and time.monotonic() - last_tick >= tick_every:
-                    last_tick = time.monotonic()
-                    try:
-                        tick()
-                    except Exception:
-                        log.exception("periodic reconcile failed; will retry")
+                for n, (every, fn) in enumerate(periodic):
+                    if time.monotonic() - last[n] >= every:
+                        last[n] = time.monotonic()
+                        try:
+                            fn()
+                        except Exception:
+                            log.exception("periodic reconcile failed; will retry")
                 time.sleep(0.5)
         finally:
             self.stop_all()

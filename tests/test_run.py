@@ -303,3 +303,81 @@ def test_killed_run_leaves_nothing_running_and_one_data_dir_has_one_system(
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(timeout=10)
+
+
+def test_a_killed_workers_batch_is_re_sent_at_once_under_the_shipped_defaults(
+    tmp_path: Path, weights_file
+) -> None:  # type: ignore[no-untyped-def]
+    """`run` as `make run` starts it (stuck timeout 600 s, kombu's visibility timeout 300 s):
+    a worker SIGKILLed mid-batch, twice. `run` sees each exit and re-sends what that worker
+    had claimed, so every image ends done, with one prediction, long before either timeout."""
+    from sqlalchemy import func, select
+
+    from pipeline.db import make_engine, make_session_factory
+    from pipeline.models import Image, Prediction
+
+    settings = Settings(data_dir=tmp_path / "data", weights=weights_file, port=free_port())
+    assert (settings.stuck_after_s, settings.batch_size) == (600, 16)  # the shipped defaults
+    log_path = tmp_path / "run.log"
+    run = start_run(settings, log_path)
+    try:
+        wait_serving(settings, run, log_path)
+        parent = psutil.Process(run.pid)
+        layout = inference_layout(settings)
+        wait_for_workers(parent, layout.processes)
+        runtime = json.loads((settings.data_dir / "runtime.json").read_text())
+        beats = redis_client(runtime["redis_url"])
+        wait_for(lambda: len(beats.keys(HEARTBEAT_PREFIX + "*")) == layout.processes, 90,
+                 "a heartbeat from every worker")  # fmt: skip
+        beats.close()
+        folder = tmp_path / "in"
+        folder.mkdir()
+        for seed in range(96):
+            (folder / f"s{seed:03d}.png").write_bytes(png_bytes(chest_like(size=160, seed=seed)))
+        sent = run_cli(["ingest", str(folder), "--json"], settings.with_(redis_url=None))
+        assert sent.returncode == 0 and json.loads(sent.stdout)["accepted"] == 96, sent.stderr
+        factory = make_session_factory(make_engine(settings.db_url))
+
+        def claims() -> list[tuple[int, str]]:
+            with factory() as session:
+                return list(session.execute(select(Image.id, Image.worker).where(
+                    Image.status == "processing", Image.worker.is_not(None))).all())  # fmt: skip
+
+        held: list[int] = []
+        for _ in range(2):
+            node = wait_for(claims, 120, "a batch in flight")[0][1]
+            victim = next(p for p in celery_children(parent) if node.startswith(
+                p.cmdline()[p.cmdline().index("--hostname") + 1].split("@")[0] + "@"))  # fmt: skip
+            victim.suspend()  # frozen: what it holds now is what it dies holding
+            mine = [i for i, w in claims() if w == node]
+            victim.kill()
+            held += mine
+            wait_for_workers(parent, layout.processes, exclude=victim.pid)
+        assert held, "the killed workers held no claimed images"
+
+        def all_final() -> bool:
+            with factory() as session:
+                open_ = session.scalar(select(func.count(Image.id)).where(
+                    Image.status.in_(("received", "queued", "processing"))))  # fmt: skip
+            return open_ == 0
+
+        # Far inside kombu's 300 s visibility timeout and the 600 s stuck timeout.
+        wait_for(all_final, 180, "every image final")
+        with factory() as session:
+            statuses = dict(session.execute(select(Image.status, func.count()).group_by(
+                Image.status)).all())  # fmt: skip
+            per_image = dict(session.execute(select(Prediction.image_id, func.count()).group_by(
+                Prediction.image_id)).all())  # fmt: skip
+            attempts = dict(session.execute(select(Image.id, Image.attempts).where(
+                Image.id.in_(held))).all())  # fmt: skip
+        assert statuses == {"done": 96}
+        assert len(per_image) == 96 and set(per_image.values()) == {1}
+        assert min(attempts.values()) >= 2, attempts  # each killed claim really ran again
+        assert "images dead workers held" in log_path.read_text()
+    finally:
+        run.send_signal(signal.SIGINT)
+        try:
+            assert run.wait(timeout=60) == 0, log_path.read_text()[-3000:]
+        except subprocess.TimeoutExpired:
+            run.kill()
+            raise

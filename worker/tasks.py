@@ -64,13 +64,18 @@ def _quiet_pydicom(**_: Any) -> None:
 def _load_model_at_start(sender: Any = None, **_: Any) -> None:
     runtime = get_runtime()
     name = getattr(sender, "hostname", None) or "worker"
-    threading.Thread(target=_heartbeat, args=(runtime, name), daemon=True).start()
+    # Taken here, before this process consumes anything: every claim it makes is later.
+    since = time.time()
+    threading.Thread(target=_heartbeat, args=(runtime, name, since), daemon=True).start()
 
 
-def _heartbeat(runtime: Runtime, name: str) -> None:
-    # A key with a TTL per live worker: the dashboard counts them ("workers alive").
+def _heartbeat(runtime: Runtime, name: str, since: float) -> None:
+    # A key with a TTL per live worker: the dashboard counts them ("workers alive"), and the
+    # reconciler re-sends what a worker whose key expired had claimed.
+    # "since": when this process started beating. A claim older than that under the same name
+    # was made by a process that died and was restarted under the name (pipeline.reconcile).
     info = json.dumps({"model": runtime.classifier.version, "device": str(runtime.classifier.device),
-                       "batch_size": _settings.batch_size})  # fmt: skip
+                       "batch_size": _settings.batch_size, "since": since})  # fmt: skip
     while True:
         try:
             runtime.redis.set(f"{HEARTBEAT_PREFIX}{name}", info, ex=HEARTBEAT_TTL_S)
