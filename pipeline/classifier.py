@@ -181,6 +181,15 @@ class Classifier:
         self._std = float(np.mean(self.meta.get("std", 0.25)))
         log.info("loaded model %s on %s (trained=%s)", self.version, self.device, self.trained)
 
+    def cam_class(self, index: int) -> str:
+        """What the CAM of a prediction of class ``index`` shows, in words for the viewer.
+
+        The abnormal head's map is that of the abnormal-vs-normal logit, whatever the finding.
+        """
+        if self.head == "abnormal":
+            return "normal" if index == 0 else "abnormal"
+        return self.classes[index]
+
     @property
     def normal_index(self) -> int | None:
         return self.classes.index("normal") if "normal" in self.classes else None
