@@ -17,7 +17,7 @@ from pipeline.models import Image
 from reliability.metrics import Row, fill, wait_final, work_counters
 from reliability.samples import PhiRegistry, write_studies
 from reliability.sender import CliSender
-from reliability.system import System
+from reliability.system import SHIPPED_STUCK_AFTER_S, System
 
 log = logging.getLogger(__name__)
 
@@ -74,17 +74,25 @@ def run_fault(
     offset: int,
     fault: Callable[[System, CliSender], float],
     pause_s: float = 0.0,
+    shipped: bool = False,
 ) -> Row:
-    """Send plan.studies studies, inject the fault, and count outcomes after recovery."""
+    """Send plan.studies studies, inject the fault, and count outcomes after recovery.
+
+    With ``shipped``, the reconciler runs as `cxr-triage run` does with the shipped timeouts.
+    """
     assert system.factory is not None
     row = Row(name, system.profile.name)
     paths = write_studies(system.workdir / "studies" / name, plan.studies, phi, start=offset)
     before = work_counters(system.factory)
-    sender = CliSender(system, paths, pause_s=pause_s).start()
-    fault_at = fault(system, sender)
-    sender.join(plan.recover_timeout_s)
-    ids = sorted(set(sender.image_ids.values()))
-    finished = wait_final(system.factory, ids, plan.recover_timeout_s)
+    system.shipped_timeouts = shipped
+    try:
+        sender = CliSender(system, paths, pause_s=pause_s).start()
+        fault_at = fault(system, sender)
+        sender.join(plan.recover_timeout_s)
+        ids = sorted(set(sender.image_ids.values()))
+        finished = wait_final(system.factory, ids, plan.recover_timeout_s)
+    finally:
+        system.shipped_timeouts = False
     row.recover_s = time.monotonic() - fault_at if finished else None
     fill(row, system.factory, ids, len(paths), before)
     row.failures += sender.errors
@@ -92,6 +100,8 @@ def run_fault(
         row.failures.append(f"not all final after {plan.recover_timeout_s:.0f} s")
     if sender.retries:
         row.note = f"sender retried {sender.retries}x"
+    elif shipped:
+        row.note = f"shipped timeouts (stuck {SHIPPED_STUCK_AFTER_S} s)"
     return row
 
 
@@ -114,6 +124,7 @@ def kill_worker_mid_batch(system: System, sender: CliSender) -> float:
         raise RuntimeError("never saw a batch in flight")
     fault_at = time.monotonic()
     worker.kill()
+    system.worker_died(worker)
     system.restart_worker(worker)
     return fault_at
 
@@ -146,17 +157,19 @@ def cut_database(outage_s: float) -> Callable[[System, CliSender], float]:
 
 def fault_rows(system: System, plan: Plan, phi: PhiRegistry) -> list[Row]:
     """Run every fault scenario that applies to this system's profile."""
-    scenarios: list[tuple[str, Callable[[System, CliSender], float], float]] = [
-        ("worker SIGKILL mid-batch", kill_worker_mid_batch, 0.0),
-        (f"redis crash+restart ({system.profile.redis}, AOF)", crash_redis, 0.0),
-        (f"postgresql down {plan.outage_s:.0f} s", cut_database(plan.outage_s), 0.3),
+    # (name, fault, sender's pause between files, under the shipped timeouts)
+    scenarios: list[tuple[str, Callable[[System, CliSender], float], float, bool]] = [
+        ("worker SIGKILL mid-batch", kill_worker_mid_batch, 0.0, True),
+        (f"redis crash+restart ({system.profile.redis}, AOF)", crash_redis, 0.0, False),
+        (f"postgresql down {plan.outage_s:.0f} s", cut_database(plan.outage_s), 0.3, False),
     ]
     rows = []
-    for n, (name, fault, pause) in enumerate(scenarios):
+    for n, (name, fault, pause, shipped) in enumerate(scenarios):
         if "postgresql" in name and system.proxy is None:
             continue  # SQLite has no server to lose; the PostgreSQL profile runs it
         try:
-            rows.append(run_fault(system, name, plan, phi, 100_000 * (n + 1), fault, pause))
+            rows.append(run_fault(system, name, plan, phi, 100_000 * (n + 1), fault, pause,
+                                  shipped))  # fmt: skip
         except Exception as exc:
             log.exception("scenario %s failed", name)
             rows.append(Row(name, system.profile.name, failures=[f"{type(exc).__name__}: {exc}"]))

@@ -24,19 +24,21 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline.cli import reconcile_once
+from pipeline.cli import DEAD_WORKER_CHECK_S, reconcile_once, rescue_dead_workers
 from pipeline.db import make_engine, make_session_factory, session_scope
 from pipeline.migrate import upgrade
 from pipeline.models import PERSON_ROLES, ROLES
 from pipeline.redis_server import EmbeddedRedis, find_redis_server
 from pipeline.settings import PACKAGE_ROOT, Settings
-from pipeline.supervisor import dashboard_command, worker_children
+from pipeline.supervisor import dashboard_command, worker_children, worker_nodename
 from pipeline.users import create_user, issue_token
 from pipeline.weights import ensure_weights
 from reliability.tcp_proxy import TcpProxy
 
 log = logging.getLogger(__name__)
 COMPOSE_FILE = PACKAGE_ROOT / "docker-compose.yml"
+SHIPPED_STUCK_AFTER_S = int(Settings.__dataclass_fields__["stuck_after_s"].default)
+RUN_RECONCILE_EVERY_S = 60.0  # `cxr-triage run`'s full reconciler pass
 
 
 def free_port() -> int:
@@ -121,6 +123,11 @@ class System:
         self.redis: EmbeddedRedis = redis_cls(workdir / "redis")
         self.proxy: TcpProxy | None = None
         self.stuck_after_s = stuck_after_s
+        # True: reconcile as `cxr-triage run` does with the shipped settings (the dead-worker
+        # check every few seconds, a full pass every 60 s with the 600 s stuck timeout), so a
+        # row measures what a department gets. False: a full pass every second with
+        # stuck_after_s.
+        self.shipped_timeouts = False
         self.settings: Settings | None = None
         # The inference workers of the machine's layout, as `cxr-triage run` starts them.
         self.workers: list[Service] = []
@@ -189,13 +196,30 @@ class System:
         return self
 
     def _reconcile_loop(self) -> None:
-        """What ``cxr-triage run`` does every 60 s, every second here (short stuck timeout)."""
+        """What ``cxr-triage run`` does (see ``shipped_timeouts``), or every second here."""
         assert self.settings is not None
+        shipped = self.settings.with_(stuck_after_s=SHIPPED_STUCK_AFTER_S)
+        last_check = last_full = time.monotonic()
         while not self._stop.wait(1.0):
             try:
-                reconcile_once(self.settings, self.redis.url)
+                now = time.monotonic()
+                if not self.shipped_timeouts:
+                    reconcile_once(self.settings, self.redis.url)
+                elif now - last_full >= RUN_RECONCILE_EVERY_S:
+                    last_full = last_check = now
+                    reconcile_once(shipped, self.redis.url)
+                elif now - last_check >= DEAD_WORKER_CHECK_S:
+                    last_check = now
+                    rescue_dead_workers(shipped, self.redis.url)
             except Exception as exc:  # Redis or the database down: try again next tick
                 log.info("reconcile skipped: %s", type(exc).__name__)
+
+    def worker_died(self, worker: Service) -> None:
+        """What ``cxr-triage run`` does when it sees a worker child exit: re-send its claims."""
+        assert self.settings is not None
+        name = worker_nodename(worker.command)
+        if name is not None:
+            rescue_dead_workers(self.settings, self.redis.url, dead=(name,))
 
     def _create_accounts(self) -> None:
         """One account per role; people get a password, every account a token."""
