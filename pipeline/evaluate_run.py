@@ -132,6 +132,7 @@ def evaluate_samples(
     peaks, mass = cam_lung_stats(
         cams, clf.input_size, masks if clf.preprocess != "resize" else None
     )
+    box_peaks, _ = cam_lung_stats(cams, clf.input_size)  # the fixed boxes, for every model
     sources = np.array([s.source for s in samples])
     per_source = {}
     for name in sorted({s.source for s in samples}):  # str keys: the file loads weights_only
@@ -142,6 +143,7 @@ def evaluate_samples(
             "labels": dict(Counter(s.label for s, h in zip(samples, here, strict=True) if h)),
             "auc_abnormal": ev.auc(p_abn[here], abnormal[here]),
             "cam_peak_in_lungs": float(peaks[fl].mean()) if fl.any() else float("nan"),
+            "cam_peak_in_lung_boxes": float(box_peaks[fl].mean()) if fl.any() else float("nan"),
             "abnormal_predictions": int(fl.sum()),
             "lungs_found": float(found[here].mean()),
         }

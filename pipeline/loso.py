@@ -28,6 +28,7 @@ def summarise(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
             "sensitivity_abnormal": result.get("sensitivity_abnormal"),
             "specificity_abnormal": result.get("specificity_abnormal"),
             "cam_peak_in_lungs": own.get("cam_peak_in_lungs", result["cam"]["peak_in_lung_fields"]),
+            "cam_peak_in_lung_boxes": own.get("cam_peak_in_lung_boxes"),
             "lungs_found": own.get("lungs_found"),
             "weights": result.get("weights"),
         }

@@ -65,7 +65,7 @@ def _train_arguments(tr: Any) -> None:
     tr.add_argument("--epochs", type=int, default=d.epochs)
     tr.add_argument("--input-size", type=int, default=d.input_size)
     tr.add_argument("--layer4-stride", type=int, choices=(1, 2), default=d.layer4_stride)
-    tr.add_argument("--preprocess", choices=("thorax", "resize"), default=d.preprocess)
+    tr.add_argument("--preprocess", choices=("lungs", "thorax", "resize"), default=d.preprocess)
     tr.add_argument("--balance", choices=("source-label", "class"), default=d.balance)
     tr.add_argument("--augment", choices=("sources", "basic"), default=d.augment)
     tr.add_argument("--adversary", type=float, default=d.adversary,

@@ -6,6 +6,10 @@ model in production reads exactly what it was trained on. A weights file names i
 
 ``resize``
     The whole film, bilinearly resized to the square input (models before the thorax crop).
+``lungs``
+    ``thorax``, then everything but the found lungs (grown by LUNG_MARGIN, soft-edged) is
+    blacked out, so the network cannot read shoulders, the mediastinum's surroundings, lines,
+    leads or the crop's edges. Where the lungs are not found, the ``thorax`` input is used.
 ``thorax``
     What identifies a source is removed before the network sees it:
 
@@ -43,7 +47,7 @@ import cv2
 import numpy as np
 from PIL import Image as PILImage
 
-METHODS = ("resize", "thorax")
+METHODS = ("resize", "thorax", "lungs")
 VERSION = 2  # of the thorax method; part of the training cache key
 READ_SIDE = 64  # the crop is read at this many pixels across, whatever the film's resolution
 WORK_SIDE = 96  # the localiser's working resolution: cheap, and enough for lung-sized regions
@@ -52,6 +56,7 @@ FALLBACK_BOX = (0.06, 0.94, 0.08, 0.92)  # rows, cols of the trimmed film when l
 LOCAL_BLOCK = 31  # adaptive threshold window on the working copy (a third of it)
 LOCAL_OFFSET = 4  # grey levels below the local mean
 DARK_PERCENTILE = 65  # and below this percentile of the whole film
+LUNG_MARGIN = 0.04  # "lungs": the found lungs grown by this fraction of the side stay visible
 CLAHE_CLIP = 2.0
 CLAHE_TILES = 4
 
@@ -109,8 +114,23 @@ def preprocess(
             int(bc0 * ww) : max(int(bc1 * ww), int(bc0 * ww) + 1),
         ]
         mask = cv2.resize(sub.astype(np.uint8), (size, size), interpolation=cv2.INTER_NEAREST) > 0
+    if method == "lungs" and mask is not None:
+        out, mask = mask_outside_lungs(out, mask)
     film_box = ((r0 + y0) / h, (r0 + y1) / h, (c0 + x0) / w, (c0 + x1) / w)
     return out, Localisation(film_box, found, mask)
+
+
+def mask_outside_lungs(img: np.ndarray, lungs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Black out what is not lung: the found lungs grown by LUNG_MARGIN, with a soft edge.
+
+    Returns the masked input and the region the network still sees (the grown lungs).
+    """
+    side = img.shape[0]
+    grow = max(1, int(round(LUNG_MARGIN * side)))
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1))
+    seen = cv2.dilate(lungs.astype(np.uint8), kernel)
+    soft = cv2.GaussianBlur(seen.astype(np.float32), (0, 0), max(1.0, grow / 2)) * seen
+    return (img.astype(np.float32) * soft).round().astype(np.uint8), seen > 0
 
 
 def equalise(img: np.ndarray) -> np.ndarray:

@@ -150,8 +150,8 @@ def test_pure_deterministic_and_shared_with_the_running_system() -> None:
 
 
 def test_unknown_method_is_a_clear_error() -> None:
-    with pytest.raises(pp.PreprocessError, match="unknown preprocessing 'lungs'"):
-        pp.preprocess(np.zeros((10, 10), np.uint8), 8, "lungs")
+    with pytest.raises(pp.PreprocessError, match="unknown preprocessing 'heart'"):
+        pp.preprocess(np.zeros((10, 10), np.uint8), 8, "heart")
 
 
 def test_trim_borders_drops_flat_padding_only() -> None:
@@ -161,3 +161,15 @@ def test_trim_borders_drops_flat_padding_only() -> None:
     r0, r1, c0, c1 = pp.trim_borders(padded)
     assert abs(r0 - 20) <= 2 and abs(r1 - 220) <= 2 and abs(c0 - 30) <= 2 and abs(c1 - 230) <= 2
     assert pp.trim_borders(film) == (0, 200, 0, 200)  # a film without padding keeps its edges
+
+
+def test_lungs_method_blacks_out_all_but_the_grown_lungs() -> None:
+    film, _ = phantom(np.random.default_rng(6))
+    thorax, tloc = pp.preprocess(film, 128, "thorax")
+    lungs, loc = pp.preprocess(film, 128, "lungs")
+    assert loc.found and loc.lung_mask is not None and tloc.lung_mask is not None
+    assert loc.lung_mask.sum() > tloc.lung_mask.sum()  # the seen region is the grown lungs
+    outside = ~loc.lung_mask
+    assert outside.any() and lungs[outside].max() == 0  # nothing outside is left to read
+    inner = cv2.erode(tloc.lung_mask.astype(np.uint8), np.ones((9, 9), np.uint8)).astype(bool)
+    assert np.array_equal(lungs[inner], thorax[inner])  # the lungs themselves are unchanged
