@@ -223,7 +223,15 @@ class Classifier:
             logits = self.model.fc(torch.flatten(self.model.avgpool(feats), 1))
         feats, logits = feats.float(), logits.float()
         probs = head_probabilities(logits, self.meta)
-        idx = probs.argmax(dim=1)
+        if self.head == "abnormal":
+            # the call follows the operating point: abnormal from the routine threshold, then
+            # the likeliest finding (an argmax over [normal, *findings] splits p_abnormal)
+            flagged = (1.0 - probs[:, 0]) >= float(self.thresholds.get("routine", 0.5))
+            idx = torch.where(
+                flagged, 1 + probs[:, 1:].argmax(dim=1), torch.zeros_like(flagged, dtype=torch.long)
+            )
+        else:
+            idx = probs.argmax(dim=1)
         # CAM_c(h, w) = sum_k w_{c,k} * f_k(h, w): one matmul over the batch, no second pass.
         fc = self.model.fc.weight.float()
         if self.head == "abnormal":

@@ -60,14 +60,15 @@ def cam_lung_stats(
 
 def predict_all(
     clf: Classifier, images: np.ndarray, batch: int = 64
-) -> tuple[np.ndarray, np.ndarray]:
-    """Return probabilities (N x C) and CAMs of the predicted class for uint8 images."""
-    probs, cams = [], []
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Probabilities (N x C), the CAMs of the model's calls and the calls, for uint8 images."""
+    probs, cams, calls = [], [], []
     for start in range(0, len(images), batch):
         out = clf.predict(images[start : start + batch])
         probs.append(out.probabilities)
         cams.append(out.cams)
-    return np.concatenate(probs), np.concatenate(cams)
+        calls.append(out.cam_index)
+    return np.concatenate(probs), np.concatenate(cams), np.concatenate(calls)
 
 
 def run_evaluation(
@@ -124,11 +125,11 @@ def evaluate_samples(
     images, masks, found = ds.load_images_located(
         [s.path for s in samples], clf.input_size, preprocess=clf.preprocess
     )
-    probs, cams = predict_all(clf, images)
+    probs, cams, calls = predict_all(clf, images)
     result = ev.summarize(probs, label_index, abnormal, clf.classes, clf.thresholds["routine"])
     p_abn = 1.0 - probs[:, clf.classes.index("normal")]
-    pred = probs.argmax(axis=1)
-    flagged = pred != clf.classes.index("normal")
+    pred = calls
+    flagged = pred != clf.classes.index("normal")  # the model's call, as the worklist shows it
     peaks, mass = cam_lung_stats(
         cams, clf.input_size, masks if clf.preprocess != "resize" else None
     )

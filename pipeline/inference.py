@@ -151,7 +151,7 @@ def _prediction_row(
         p_abnormal=p,
         triage_class=cls,
         priority=triage.priority_score(p, classifier.thresholds),
-        cam_class=classifier.classes[int(out.cam_index[n])],
+        cam_class=classifier.cam_class(int(out.cam_index[n])),
         cam=np.ascontiguousarray(cam, dtype=np.float16).tobytes(),
         cam_h=int(cam.shape[0]),
         cam_w=int(cam.shape[1]),
