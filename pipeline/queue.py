@@ -10,6 +10,7 @@ import base64
 import contextlib
 import json
 import logging
+import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -191,11 +192,17 @@ def _publish_batch(producer: Any) -> Any:
     return batch() if batch is not None else contextlib.nullcontext()
 
 
+_CELERY_IMPORT = threading.Lock()
+
+
 class Dispatcher:
     """Sends classification tasks by name, so pipeline code never imports the worker."""
 
     def __init__(self, broker_url: str) -> None:
-        from celery import Celery  # a producer only; the worker defines the task
+        # celery's package swaps itself for a lazy module on first import; two threads importing
+        # it at once can see it half made ("cannot import name 'Celery'"), so one at a time
+        with _CELERY_IMPORT:
+            from celery import Celery  # a producer only; the worker defines the task
 
         self.broker_url = broker_url
         self._app = Celery("cxr_triage_producer", broker=broker_url, set_as_current=False)
