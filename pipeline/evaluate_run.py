@@ -82,8 +82,8 @@ def run_evaluation(
     source_probe: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a weights file on labelled images; optionally write PNGs and a predictions CSV."""
-    blob_meta = Classifier(weights, device="cpu").meta
-    split = blob_meta.get("training_data", {}).get("split", {})
+    meta = torch.load(weights, map_location="cpu", weights_only=True).get("meta", {})
+    split = meta.get("training_data", {}).get("split", {})
     samples = ds.select(
         ds.read_datasets(data),
         subset,

@@ -117,14 +117,19 @@ def images_in_flight(
     for tag, entry in client.hscan_iter(KOMBU_UNACKED_KEY, count=page):
         if tag in stale:
             continue
-        try:
-            raw = json.loads(entry)[0]
-        except (ValueError, IndexError, TypeError):
-            continue
-        image_id = _image_id_of(raw if isinstance(raw, str) else json.dumps(raw))
+        image_id = _image_id_of_unacked(entry)
         if image_id is not None:
             found.add(image_id)
     return found
+
+
+def _image_id_of_unacked(entry: Any) -> int | None:
+    """The image id of an entry of kombu's unacked hash, or None when it is not ours."""
+    try:
+        raw = json.loads(entry)[0]
+    except (ValueError, IndexError, TypeError):
+        return None
+    return _image_id_of(raw if isinstance(raw, str) else json.dumps(raw))
 
 
 def heartbeats(client: redis.Redis, names: Sequence[str]) -> dict[str, float | None]:
@@ -150,11 +155,7 @@ def messages_held_since(client: redis.Redis, before: float) -> dict[int, float]:
     entries: Any = client.hmget(KOMBU_UNACKED_KEY, [tag for tag, _ in tags])
     held: dict[int, float] = {}
     for (_, taken), entry in zip(tags, entries, strict=True):
-        try:
-            raw = json.loads(entry)[0]
-        except (ValueError, IndexError, TypeError):
-            continue
-        image_id = _image_id_of(raw if isinstance(raw, str) else json.dumps(raw))
+        image_id = _image_id_of_unacked(entry)
         if image_id is not None:
             held[image_id] = max(float(taken), held.get(image_id, 0.0))
     return held
