@@ -179,6 +179,8 @@ def train_epoch(
     augment_fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor] = augment,
     amp: str = "off",
     loss_fn: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    alt_images: torch.Tensor | None = None,
+    alt_share: float = 0.0,
 ) -> list[float]:
     """Run one pass over images[order] in batches; return the loss of every step.
 
@@ -188,6 +190,9 @@ def train_epoch(
 
     ``loss_fn(model, x, idx)`` computes the loss of the batch of rows ``idx``; by default the
     cross-entropy of ``model(x)`` against ``labels[idx]``.
+
+    With ``alt_images`` (the same films, another preprocessing), each image of a batch is taken
+    from it with probability ``alt_share``.
     """
     device = next(model.parameters()).device
     model.train()
@@ -196,7 +201,11 @@ def train_epoch(
         idx = torch.from_numpy(order[start : start + batch_size])
         if len(idx) < 2:  # BatchNorm cannot train on a single image
             continue
-        x = to_model(augment_fn(images[idx], gen), norm[0], norm[1], device)
+        batch = images[idx]
+        if alt_images is not None and alt_share > 0:
+            swap = torch.rand(len(idx), generator=gen) < alt_share
+            batch = torch.where(swap.view(-1, *([1] * (batch.dim() - 1))), alt_images[idx], batch)
+        x = to_model(augment_fn(batch, gen), norm[0], norm[1], device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
             if loss_fn is None:
                 loss = F.cross_entropy(model(x).float(), labels[idx].to(device))

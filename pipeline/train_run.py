@@ -65,6 +65,7 @@ class TrainConfig:
     balance: str = "source-label"  # or "class"
     augment: str = "sources"  # "sources": geometry + erase_source_cues; "basic": geometry only
     adversary: float = 0.0  # weight of the source-adversarial head (0: none)
+    mix_lungs: float = 0.0  # "thorax": this share of training images see the lungs only
     holdout_source: str | None = None  # leave this source out; evaluate on it
     epochs: int = 10
     batch_size: int = 32
@@ -99,6 +100,7 @@ class Prepared:
     source_names: list[str]
     counts: dict[str, Any]
     holdout: list[ds.Sample] = field(default_factory=list)
+    lungs_only: torch.Tensor | None = None  # the train images as "lungs" (cfg.mix_lungs)
 
 
 def target_class(sample: ds.Sample, label_map: dict[str, str], cfg: TrainConfig) -> str | None:
@@ -147,6 +149,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
         src.setdefault(sp, Counter())[m or s.label] += 1
     counts = {k: {sp: dict(c) for sp, c in v.items()} for k, v in counts.items()}
     images, labels, abnormal, sources = {}, {}, {}, {}
+    lungs_only = None
     cache = Path(cfg.cache_dir) if cfg.cache_dir else None
     for subset in ("train", "val"):
         keep = [
@@ -162,7 +165,13 @@ def prepare(cfg: TrainConfig) -> Prepared:
         labels[subset] = torch.tensor([classes.index(mapped[i] or "") for i in keep])
         abnormal[subset] = torch.tensor([float(mapped[i] != "normal") for i in keep])
         sources[subset] = torch.tensor([source_names.index(samples[i].source) for i in keep])
-    return Prepared(images, labels, abnormal, sources, source_names, counts, holdout)
+        if subset == "train" and cfg.mix_lungs > 0 and cfg.preprocess == "thorax":
+            log.info("loading the %d train images again as lungs only", len(paths))
+            lungs_only = torch.from_numpy(
+                ds.cached_images(paths, cfg.input_size, cache, preprocess="lungs")
+            )
+    return Prepared(images, labels, abnormal, sources, source_names, counts, holdout,
+                    lungs_only)  # fmt: skip
 
 
 def val_scores(model: torch.nn.Module, data: Prepared, cfg: TrainConfig) -> dict[str, Any]:
@@ -282,7 +291,7 @@ def fit(cfg: TrainConfig, data: Prepared) -> tuple[torch.nn.Module, list[dict[st
         losses = tr.train_epoch(
             model, opt, sched, data.images["train"], data.labels["train"], order,
             cfg.batch_size, gen, (cfg.mean, cfg.std), bar, augment_fn=augment_fn, amp=cfg.amp,
-            loss_fn=loss_fn,
+            loss_fn=loss_fn, alt_images=data.lungs_only, alt_share=cfg.mix_lungs,
         )  # fmt: skip
         seconds = time.perf_counter() - t0
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "seconds": seconds,

@@ -100,6 +100,36 @@ def test_a_few_steps_reduce_the_loss(amp: str) -> None:
     assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_alt_images_replace_the_configured_share_of_each_batch(share: float) -> None:
+    """--mix-lungs: each image comes from the other preprocessing with probability ``share``."""
+    images = torch.zeros(64, 8, 8, dtype=torch.uint8)  # "thorax"
+    alt = torch.full((64, 8, 8), 200, dtype=torch.uint8)  # the same films, "lungs"
+    seen: list[torch.Tensor] = []
+
+    def loss_fn(model: torch.nn.Module, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        seen.append(x.detach().flatten(1).mean(1))
+        return model(x).sum() * 0.0
+
+    model = build_model("resnet18", 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    tr.train_epoch(
+        model, opt, None, images, torch.zeros(64, dtype=torch.long), np.tile(np.arange(64), 4), 32,
+        torch.Generator().manual_seed(1), (0.5, 0.25),
+        augment_fn=lambda x, g: x.float().div(255).unsqueeze(1), loss_fn=loss_fn,
+        alt_images=alt, alt_share=share,
+    )  # fmt: skip
+    means = torch.cat(seen)
+    assert len(means) == 256
+    from_alt = means > 0  # 0 -> (0 - 0.5) / 0.25 = -2; 200/255 -> about 1.1
+    bright = (200 / 255 - 0.5) / 0.25
+    assert bool(((means + 2.0).abs().lt(1e-4) | (means - bright).abs().lt(1e-4)).all())
+    if share in (0.0, 1.0):
+        assert int(from_alt.sum()) == int(share * 256)
+    else:
+        assert 90 <= int(from_alt.sum()) <= 166  # binomial(256, 0.5): mean 128, sd 8
+
+
 def test_augment_keeps_shape_range_and_is_seeded() -> None:
     x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (4, 40, 40), dtype=np.uint8))
     a = tr.augment(x, torch.Generator().manual_seed(3))
