@@ -115,13 +115,23 @@ class Profile:
 class System:
     """Start, fault and stop the parts; count nothing (see reliability.metrics)."""
 
-    def __init__(self, profile: Profile, workdir: Path, stuck_after_s: int = 4) -> None:
+    def __init__(self, profile: Profile, workdir: Path, stuck_after_s: int = 4,
+                 data_root: Path | None = None, partitionable: bool = False) -> None:  # fmt: skip
         self.profile, self.workdir = profile, workdir
+        # Where the data lives (SQLite, the data dir, Redis's files): a small mount for the
+        # disk-full row, else the run directory. Logs stay under workdir.
+        self.data_root = data_root or workdir
         self.logs = workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
         redis_cls = ComposeRedis if profile.redis == "compose" else EmbeddedRedis
-        self.redis: EmbeddedRedis = redis_cls(workdir / "redis")
+        self.redis: EmbeddedRedis = redis_cls(self.data_root / "redis")
         self.proxy: TcpProxy | None = None
+        # With partitionable: the workers reach Redis, and the dashboard the database (a
+        # server only), each through a proxy of their own that a partition row cuts.
+        self.partitionable = partitionable
+        self.worker_redis_proxy: TcpProxy | None = None
+        self.dashboard_db_proxy: TcpProxy | None = None
+        self.extra_env: dict[str, str] = {}  # added to every child's environment
         self.stuck_after_s = stuck_after_s
         # True: reconcile as `cxr-triage run` does with the shipped settings (the dead-worker
         # check every few seconds, a full pass every 60 s with the 600 s stuck timeout), so a
@@ -144,7 +154,7 @@ class System:
     def _database_url(self) -> str:
         url = self.profile.database_url
         if url is None:
-            return f"sqlite:///{self.workdir / 'reliability.db'}"
+            return f"sqlite:///{self.data_root / 'reliability.db'}"
         # Everything reaches PostgreSQL through a proxy the harness can cut.
         host = url.split("@", 1)[-1].split("/", 1)[0]
         name, _, port = host.partition(":")
@@ -155,7 +165,7 @@ class System:
         self.redis.start()
         # The operator's CXR_WEIGHTS (or the shipped model) is used; everything else is private.
         settings = Settings.from_env().with_(
-            data_dir=self.workdir / "data",
+            data_dir=self.data_root / "data",
             database_url=self._database_url(),
             redis_url=self.redis.url,
             port=free_port(),
@@ -172,10 +182,11 @@ class System:
         upgrade(settings.db_url)
         self.factory = make_session_factory(make_engine(settings.db_url))
         env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
-        env.update(settings.as_env(), PYTHONUNBUFFERED="1")
+        env.update(settings.as_env(), PYTHONUNBUFFERED="1", **self.extra_env)
+        worker_env, dashboard_env = self._partitionable_envs(env)
         self.workers = [Service(name, command, child_env, self.logs / f"{name}.log")
-                        for name, command, child_env in worker_children(settings, env, "reliability")]  # fmt: skip
-        self.dashboard = Service("dashboard", dashboard_command(settings), env,
+                        for name, command, child_env in worker_children(settings, worker_env, "reliability")]  # fmt: skip
+        self.dashboard = Service("dashboard", dashboard_command(settings), dashboard_env,
                                  self.logs / "dashboard.log")  # fmt: skip
         self.base_url = f"http://127.0.0.1:{settings.port}"
         self.scp_port = free_port()
@@ -194,6 +205,23 @@ class System:
         self._reconciler = threading.Thread(target=self._reconcile_loop, daemon=True)
         self._reconciler.start()
         return self
+
+    def _partitionable_envs(self, env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+        """The workers' and the dashboard's environments: through their own proxies if asked."""
+        assert self.settings is not None and self.settings.redis_url
+        if not self.partitionable:
+            return env, env
+        self.worker_redis_proxy = TcpProxy(("127.0.0.1", self.redis.port)).up()
+        worker_env = {**env, "CXR_REDIS_URL": f"redis://127.0.0.1:{self.worker_redis_proxy.port}/0"}
+        dashboard_env = env
+        if self.profile.database_url is not None:
+            upstream = self.profile.database_url.split("@", 1)[-1].split("/", 1)[0]
+            name, _, port = upstream.partition(":")
+            self.dashboard_db_proxy = TcpProxy((name, int(port or 5432))).up()
+            host = self.settings.db_url.split("@", 1)[-1].split("/", 1)[0]
+            dashboard_env = {**env, "CXR_DATABASE_URL": self.settings.db_url.replace(
+                host, f"127.0.0.1:{self.dashboard_db_proxy.port}")}  # fmt: skip
+        return worker_env, dashboard_env
 
     def _reconcile_loop(self) -> None:
         """What ``cxr-triage run`` does (see ``shipped_timeouts``), or every second here."""
@@ -300,8 +328,9 @@ class System:
             if service is not None:
                 service.stop()
         self.redis.stop()
-        if self.proxy is not None:
-            self.proxy.down()
+        for proxy in (self.proxy, self.worker_redis_proxy, self.dashboard_db_proxy):
+            if proxy is not None:
+                proxy.down()
 
     def __enter__(self) -> System:
         return self.start()

@@ -55,6 +55,7 @@ class TcpProxy:
             except OSError:
                 client.close()
                 continue
+            server.settimeout(None)  # the 5 s was for connecting: idle connections stay open
             with self._lock:
                 self._conns += [client, server]
             for a, b in ((client, server), (server, client)):
