@@ -27,13 +27,12 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image as PILImage
 from sqlalchemy import func, select
 
-from pipeline.classifier import Classifier
 from pipeline.datasets import load_one
 from pipeline.db import make_engine, make_session_factory
 from pipeline.imaging import Limits
@@ -47,6 +46,9 @@ from pipeline.settings import Settings
 from pipeline.studies import open_image_count
 from pipeline.supervisor import WorkerLayout, inference_layout, worker_children
 from pipeline.weights import ensure_weights
+
+if TYPE_CHECKING:  # torch is imported by the commands that run the model, not by the CLI
+    from pipeline.classifier import Classifier
 
 SHARED_CXR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr"
 MODEL_BATCH_SIZES = (1, 8, 16, 32)
@@ -88,6 +90,8 @@ def measure_model(clf: Classifier, inputs: np.ndarray) -> dict[int, float]:
 def _model_child(weights: str, layout: WorkerLayout, inputs_path: str, batch_sizes: tuple[int, ...],
                  barrier: Any, out: Any) -> None:  # fmt: skip
     """One process of the layout: the model alone at each batch size, started with the others."""
+    from pipeline.classifier import Classifier
+
     clf = Classifier(Path(weights), layout.device, layout.threads)
     inputs = np.load(inputs_path)
     for bs in batch_sizes:
@@ -300,6 +304,8 @@ def run(
 
     The pipeline runs at the model's best measured batch size unless pipeline_batch is given.
     """
+    from pipeline.classifier import Classifier
+
     weights = ensure_weights(settings)
     settings = settings.with_(weights=weights)
     clf = Classifier(weights, settings.device, settings.torch_threads)

@@ -8,7 +8,6 @@ CAM (Zhou et al. 2016) = fc weights of a class · layer4 feature maps: no extra 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import time
@@ -20,16 +19,13 @@ import numpy as np
 import torch
 import torchvision
 
+from pipeline.weights import FORMAT, WeightsError, file_sha256
+
 log = logging.getLogger(__name__)
 
-FORMAT = "cxr-triage-weights/1"
 ARCHITECTURES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 DEFAULT_CLASSES = ("normal", "pneumonia", "covid19")
 DEFAULT_THRESHOLDS = {"critical": 0.9, "urgent": 0.7, "routine": 0.4}
-
-
-class WeightsError(Exception):
-    """The weights file is missing, unreadable or inconsistent."""
 
 
 HEADS = ("softmax", "abnormal")
@@ -117,15 +113,6 @@ def create_untrained_weights(path: Path, arch: str = "resnet18", seed: int = 0) 
     meta = default_meta(arch)
     save_weights(build_model(arch, len(meta["classes"])), meta, path)
     return path
-
-
-def file_sha256(path: Path) -> str:
-    """Return the hex sha256 of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def choose_device(requested: str = "auto") -> torch.device:

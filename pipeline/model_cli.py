@@ -51,7 +51,7 @@ def register(subparsers: Any) -> None:
 
 
 def _train_arguments(tr: Any) -> None:
-    from pipeline.train_run import TrainConfig
+    from pipeline.train_config import TrainConfig
 
     d = TrainConfig(data=[], out="")
     tr.add_argument("data", nargs="+", help="folders with a folder per class, or CSVs path,label")
@@ -89,7 +89,7 @@ def _train_arguments(tr: Any) -> None:
 
 
 def _config(args: argparse.Namespace, out: str, holdout: str | None) -> Any:
-    from pipeline.train_run import TrainConfig
+    from pipeline.train_config import TrainConfig
 
     def names(text: str) -> list[str]:
         return [c.strip().lower() for c in text.split(",") if c.strip()]
