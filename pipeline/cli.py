@@ -114,6 +114,7 @@ def rescue_dead_workers(
             thresholds=model["thresholds"],
             dead=dead,
             preprocess=model["preprocess"],
+            hung_after_s=settings.hung_after_s,
             **({} if held_after_s is None else {"held_after_s": held_after_s}),
         )
     finally:

@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -28,30 +28,47 @@ class BatchResult:
     done: list[int] = field(default_factory=list)
     failed: dict[int, str] = field(default_factory=dict)
     skipped: list[int] = field(default_factory=list)  # already final: a redelivery
+    # Computed, but the claim was taken away meanwhile (the worker was judged dead or hung and
+    # its images re-sent, or another delivery claimed them): the result is dropped, unwritten.
+    revoked: list[int] = field(default_factory=list)
     batch_size: int = 0
     seconds: float = 0.0
 
 
 def claim(
     factory: sessionmaker[Session], image_ids: list[int], worker: str | None = None
-) -> tuple[list[int], list[int]]:
-    """Mark queued images processing by worker; return (claimed ids, ids already final)."""
-    claimed, final = [], []
+) -> tuple[dict[int, int], list[int]]:
+    """Mark unfinished images processing by worker; return ({claimed id: attempt}, final ids).
+
+    Each claim is a conditional UPDATE (never of a final image) that counts the attempt; the
+    attempt number, with the worker's name, is the claim's token: only the holder of the
+    current claim may write the image's result (``_write_results``).
+    """
+    claimed: dict[int, int] = {}
     with session_scope(factory) as session:
-        images = session.scalars(select(Image).where(Image.id.in_(image_ids))).all()
-        now, touched = utcnow(), set()
-        for img in images:
-            if img.status in FINAL_STATES:
-                final.append(img.id)
-                continue
-            img.status, img.started_at, img.worker = "processing", now, worker
-            img.attempts = (img.attempts or 0) + 1
-            touched.add(img.study_id)
-            claimed.append(img.id)
+        final = list(session.scalars(select(Image.id).where(
+            Image.id.in_(image_ids), Image.status.in_(FINAL_STATES))))  # fmt: skip
+        rows = session.execute(
+            update(Image)
+            .where(Image.id.in_(image_ids), Image.status.not_in(FINAL_STATES))
+            .values(
+                status="processing",
+                started_at=utcnow(),
+                worker=worker,
+                attempts=func.coalesce(Image.attempts, 0) + 1,
+            )  # fmt: skip
+            .returning(Image.id, Image.attempts, Image.study_id)
+            .execution_options(synchronize_session=False)
+        ).all()
+        claimed = {int(image_id): int(attempt) for image_id, attempt, _ in rows}
+        touched = {study_id for _, _, study_id in rows}
         if touched:
-            for study in session.scalars(select(Study).where(Study.id.in_(touched))):
-                if study.status in ("received", "queued"):
-                    study.status = "processing"
+            session.execute(
+                update(Study)
+                .where(Study.id.in_(touched), Study.status.in_(("received", "queued")))
+                .values(status="processing")
+                .execution_options(synchronize_session=False)
+            )
     return claimed, final
 
 
@@ -112,10 +129,28 @@ def classify_images(
     worker: str | None = None,
 ) -> BatchResult:
     """Classify the given images in one forward pass and persist predictions, CAMs, priorities."""
+    claims, skipped = claim(factory, sorted(set(image_ids)), worker)
+    result = run_claimed(factory, redis_client, classifier, claims, worker)
+    result.skipped = skipped
+    return result
+
+
+def run_claimed(
+    factory: sessionmaker[Session],
+    redis_client: Any,
+    classifier: Classifier,
+    claims: dict[int, int],
+    worker: str | None = None,
+) -> BatchResult:
+    """The forward pass and the writes of claimed images ({image id: attempt} from ``claim``).
+
+    Results are written only for images whose claim is still this worker's when the batch
+    ends; the others come back in ``revoked``.
+    """
     result = BatchResult()
-    claimed, result.skipped = claim(factory, sorted(set(image_ids)), worker)
-    if not claimed:
+    if not claims:
         return result
+    claimed = sorted(claims)
     inputs, result.failed = load_inputs(
         factory, redis_client, claimed, classifier.input_size, classifier.preprocess
     )
@@ -128,7 +163,7 @@ def classify_images(
         result.failed.update(failures)
     result.seconds = time.perf_counter() - started
     result.batch_size = len(ids)
-    _write_results(factory, classifier, outputs, result, worker)
+    _write_results(factory, classifier, outputs, result, worker, claims)
     delete_payloads(redis_client, [*result.done, *result.failed])
     return result
 
@@ -188,17 +223,46 @@ def _copy(row: Prediction) -> Prediction:
     return Prediction(**{f: getattr(row, f) for f in fields})
 
 
+def _finish(
+    session: Session,
+    image_id: int,
+    worker: str | None,
+    attempt: int,
+    values: dict[str, Any],
+) -> bool:
+    """Make the image final if this worker's claim is still the current one; True if so.
+
+    A conditional UPDATE: a worker that was frozen, judged dead and woke up later finds its
+    image re-queued, claimed by another worker, or final, and changes nothing.
+    """
+    moved = session.execute(
+        update(Image)
+        .where(
+            Image.id == image_id,
+            Image.status == "processing",
+            Image.worker == worker,
+            Image.attempts == attempt,
+        )  # fmt: skip
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+    return bool(moved.rowcount == 1)  # type: ignore[attr-defined]
+
+
 def _write_results(
     factory: sessionmaker[Session],
     classifier: Classifier,
     outputs: dict[int, tuple[BatchOutput, int]],
     result: BatchResult,
     worker: str | None,
+    claims: dict[int, int],
 ) -> None:
+    """Write results of the images this worker still holds; drop the rest as revoked."""
     batch_ms = result.seconds * 1000.0
     with session_scope(factory) as session:
         ids = [*outputs, *result.failed]
-        images = {i.id: i for i in session.scalars(select(Image).where(Image.id.in_(ids)))}
+        received = dict(session.execute(
+            select(Image.id, Image.received_at).where(Image.id.in_(ids))).all())  # fmt: skip
         existing = set(session.scalars(select(Prediction.image_id).where(
             Prediction.image_id.in_(list(outputs)),
             Prediction.model_version == classifier.version)))  # fmt: skip
@@ -208,22 +272,27 @@ def _write_results(
             if isinstance(row, str):
                 result.failed[image_id] = row
                 continue
+            latency = _elapsed_ms(received[image_id], now) if image_id in received else None
+            done = {"status": "done", "reason": None, "done_at": now, "latency_ms": latency}
+            if not _finish(session, image_id, worker, claims[image_id], done):
+                result.revoked.append(image_id)
+                continue
             if image_id not in existing:
                 rows.append(row)
-            img = images[image_id]
-            img.status, img.reason, img.done_at = "done", None, now
-            img.latency_ms = _elapsed_ms(img.received_at, now)
             result.done.append(image_id)
         _insert_predictions(session, rows, classifier.version)
-        for image_id, reason in result.failed.items():
-            failed_img = images.get(image_id)
-            if failed_img is not None:
-                failed_img.status, failed_img.reason, failed_img.done_at = "failed", reason, now
+        for image_id, reason in list(result.failed.items()):
+            failed = {"status": "failed", "reason": reason, "done_at": now}
+            if image_id in received and not _finish(session, image_id, worker,
+                                                    claims[image_id], failed):  # fmt: skip
+                del result.failed[image_id]
+                result.revoked.append(image_id)
         if result.batch_size:
             session.add(Batch(worker=worker, model_version=classifier.version,
                               size=result.batch_size, done=len(result.done),
                               failed=len(result.failed), inference_ms=batch_ms))  # fmt: skip
         session.flush()
-        touched = {images[i].study_id for i in ids if i in images}
+        session.expire_all()  # the conditional UPDATEs bypassed the identity map
+        touched = set(session.scalars(select(Image.study_id).where(Image.id.in_(ids))))
         studies = session.scalars(select(Study).where(Study.id.in_(touched))).all()
         refresh_studies(session, studies, classifier.thresholds)

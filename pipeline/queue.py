@@ -32,7 +32,8 @@ KOMBU_PRIORITY_SEP = "\x06\x16"
 KOMBU_PRIORITY_STEPS = (3, 6, 9)
 HEARTBEAT_PREFIX = "cxr:worker:"
 # Each worker process refreshes its key every HEARTBEAT_TTL_S / 3 seconds; a worker whose key
-# has expired is dead (or hung), and the reconciler re-sends what it had claimed.
+# has expired is dead (or frozen), and the reconciler re-sends what it had claimed. The key also
+# says since when the worker's current batch runs: past CXR_HUNG_AFTER_S the worker is hung.
 HEARTBEAT_TTL_S = 15
 
 
@@ -145,6 +146,30 @@ def heartbeats(client: redis.Redis, names: Sequence[str]) -> dict[str, float | N
         except (ValueError, TypeError, AttributeError):
             out[name] = 0.0  # a heartbeat without a start time: alive, incarnation unknown
     return out
+
+
+def hung_workers(
+    client: redis.Redis, names: Sequence[str], hung_after_s: float, now: float | None = None
+) -> set[str]:
+    """Workers that beat but whose current batch started more than hung_after_s ago.
+
+    Their heartbeat thread is alive while the batch is not (a forward pass that never
+    returns); a process frozen whole stops beating instead, and its key expires.
+    """
+    if not names:
+        return set()
+    now = time.time() if now is None else now
+    hung = set()
+    for name, raw in zip(
+        names, client.mget([f"{HEARTBEAT_PREFIX}{n}" for n in names]), strict=True
+    ):
+        try:
+            busy = json.loads(raw).get("busy_since") if raw is not None else None
+            if busy is not None and now - float(busy) > hung_after_s:
+                hung.add(name)
+        except (ValueError, TypeError, AttributeError):
+            continue
+    return hung
 
 
 def messages_held_since(client: redis.Redis, before: float) -> dict[int, float]:

@@ -21,7 +21,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from pipeline.db import session_scope
 from pipeline.ingest import enqueue
 from pipeline.models import Image, Study, as_utc, utcnow
-from pipeline.queue import Dispatcher, heartbeats, images_in_flight, messages_held_since
+from pipeline.queue import (
+    Dispatcher,
+    heartbeats,
+    hung_workers,
+    images_in_flight,
+    messages_held_since,
+)
 from pipeline.studies import refresh_study
 
 log = logging.getLogger(__name__)
@@ -155,14 +161,17 @@ def requeue_dead_workers(
     dead: Iterable[str] = (),
     held_after_s: float = HELD_GRACE_S,
     preprocess: str = "resize",
+    hung_after_s: float | None = None,
 ) -> dict[str, int]:
     """Re-send at once what dead workers held, without waiting for the stuck timeout.
 
     That is: images ``processing`` under a worker named in ``dead`` (its supervisor saw it
-    exit) or whose heartbeat has expired, and images still ``queued`` whose message a worker
-    took more than ``held_after_s`` ago without claiming it (it died while buffering). An
-    image that was finished is ``done`` and never selected, and a second delivery of one that
-    is re-sent is skipped at claim, so no image gets two results.
+    exit), whose heartbeat has expired (dead or frozen), or whose heartbeat says its batch has
+    run for more than ``hung_after_s`` (hung; None: not checked), and images still ``queued``
+    whose message a worker took more than ``held_after_s`` ago without claiming it (it died
+    while buffering). An image that was finished is ``done`` and never selected, a second
+    delivery of one that is re-sent is skipped at claim, and a hung worker that wakes up finds
+    its claim gone and writes nothing (``pipeline.inference``), so no image gets two results.
     """
     named = set(dead)
     held = messages_held_since(redis_client, time.time() - held_after_s)
@@ -176,6 +185,12 @@ def requeue_dead_workers(
             )
             if worker is not None and started_at is not None
         ]
+        if hung_after_s is not None:
+            hung = hung_workers(redis_client, sorted({c[1] for c in claims}), hung_after_s)
+            if hung:
+                log.warning("%d workers hung (a batch running over %.0f s): re-sending their "
+                            "claims", len(hung), hung_after_s)  # fmt: skip
+            named |= hung
         ids = {image_id for image_id, worker, _ in claims if worker in named}
         others = [c for c in claims if c[1] not in named]
         ids.update(expired_claims(others, heartbeats(redis_client, sorted({c[1] for c in others}))))

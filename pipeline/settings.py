@@ -48,6 +48,8 @@ class Settings:
     max_pixels: int = 40_000_000
     modalities: tuple[str, ...] = ("CR", "DX")
     stuck_after_s: int = 600
+    # A worker whose batch has run this long is hung: its claimed images are re-sent.
+    hung_after_s: int = 30
     max_attempts: int = 3
     payload_ttl_s: int = 7 * 24 * 3600
     torch_threads: int = 0

@@ -10,7 +10,7 @@ from pipeline.imaging import Limits
 from pipeline.inference import _copy, _insert_predictions, classify_images
 from pipeline.ingest import ingest_paths
 from pipeline.migrate import upgrade
-from pipeline.models import Image, Prediction
+from pipeline.models import Image, Prediction, Study
 from pipeline.queue import redis_client
 
 
@@ -56,3 +56,51 @@ def test_concurrent_insert_conflict_keeps_one_row_and_inserts_the_rest(
         per_image = dict(session.execute(
             select(Prediction.image_id, func.count()).group_by(Prediction.image_id)).all())  # fmt: skip
     assert per_image == {i: 1 for i in ids}
+
+
+def test_a_worker_that_wakes_after_its_claims_were_re_sent_writes_nothing(
+    settings, study_folder
+) -> None:  # type: ignore[no-untyped-def]
+    """Worker A claims a batch and freezes; the reconciler re-sends A's claims (its heartbeat
+    stopped). B claims them; A wakes before B writes, then after: A's results are dropped
+    both times, B's stand, and each image has one prediction and keeps B's final state."""
+    from pipeline.cli import rescue_dead_workers
+    from pipeline.inference import claim, run_claimed
+
+    upgrade(settings.db_url)
+    factory = make_session_factory(make_engine(settings.db_url))
+    report = ingest_paths(factory, [study_folder], Limits())
+    ids = sorted(i.image_id for i in report.accepted if i.status == "queued")
+    assert len(ids) == 3
+    clf = Classifier(settings.weights, "cpu", 1)
+    client = redis_client(settings.redis_url)
+
+    def state() -> dict[int, tuple]:  # type: ignore[type-arg]
+        with factory() as session:
+            return {i.id: (i.status, i.worker, i.attempts, i.done_at, i.latency_ms)
+                    for i in session.scalars(select(Image).where(Image.id.in_(ids)))}  # fmt: skip
+
+    frozen, _ = claim(factory, ids, "a@h")
+    assert frozen == {i: 1 for i in ids}
+    # A's heartbeat expired (no key under its name): its claims go back to the queue.
+    assert rescue_dead_workers(settings, settings.redis_url)["requeued"] == 3
+    taken, _ = claim(factory, ids, "b@h")
+    assert taken == {i: 2 for i in ids}
+    early = run_claimed(factory, client, clf, frozen, "a@h")  # A wakes while B computes
+    assert (early.done, early.failed, sorted(early.revoked)) == ([], {}, ids)
+    assert {s[:3] for s in state().values()} == {("processing", "b@h", 2)}
+    b = run_claimed(factory, client, clf, taken, "b@h")
+    assert sorted(b.done) == ids and b.revoked == []
+    finished = state()
+    late = run_claimed(factory, client, clf, frozen, "a@h")  # and once more after B's write
+    assert (late.done, sorted(late.revoked)) == ([], ids)
+    assert state() == finished
+    assert {s[:3] for s in finished.values()} == {("done", "b@h", 2)}
+    with factory() as session:
+        per_image = dict(session.execute(select(Prediction.image_id, func.count()).group_by(
+            Prediction.image_id)).all())  # fmt: skip
+        studies = set(session.scalars(select(Study.status).where(
+            Study.id.in_([i.study_id for i in report.accepted]))))  # fmt: skip
+    assert per_image == {i: 1 for i in ids}
+    assert studies == {"done"}
+    client.close()

@@ -272,3 +272,42 @@ def test_a_dead_worker_that_had_finished_its_batch_has_nothing_re_sent(
     }
     with factory() as session:
         assert session.scalar(select(func.count(Prediction.id))) == 3
+
+
+def test_a_worker_whose_batch_runs_past_the_hung_timeout_has_its_claims_re_sent(
+    settings, study_folder
+) -> None:  # type: ignore[no-untyped-def]
+    """A worker that still beats, but whose heartbeat says its batch started more than
+    CXR_HUNG_AFTER_S ago (a forward pass that never returns), is hung: its claims are re-sent.
+    One whose batch started just now keeps its claims."""
+    from pipeline.cli import rescue_dead_workers
+    from pipeline.models import utcnow
+    from pipeline.queue import HEARTBEAT_PREFIX
+
+    assert settings.hung_after_s == 30  # the shipped default
+    assert (
+        run_cli(["ingest", str(study_folder), "--json"], settings.with_(redis_url=None)).returncode
+        == 0
+    )
+    factory = make_session_factory(make_engine(settings.db_url))
+    with factory() as session:
+        images = list(session.scalars(select(Image).where(Image.status == "queued")))
+        for img, worker in zip(images, ["stalled@h", "working@h", "idle@h"], strict=True):
+            img.status, img.worker, img.started_at, img.attempts = "processing", worker, utcnow(), 1
+        session.commit()
+        ids = [i.id for i in images]
+    client = redis_client(settings.redis_url)
+    start = time.time() - 120
+    for name, busy in (("stalled@h", time.time() - 31), ("working@h", time.time() - 2),
+                       ("idle@h", None)):  # fmt: skip
+        client.set(f"{HEARTBEAT_PREFIX}{name}", json.dumps({"since": start, "busy_since": busy}),
+                   ex=15)  # fmt: skip
+    assert rescue_dead_workers(settings, settings.redis_url)["requeued"] == 1
+    with factory() as session:
+        state = {i.id: (i.status, i.worker) for i in session.scalars(select(Image))
+                 if i.id in ids}  # fmt: skip
+    assert state == {ids[0]: ("queued", None), ids[1]: ("processing", "working@h"),
+                     ids[2]: ("processing", "idle@h")}  # fmt: skip
+    for name in ("stalled@h", "working@h", "idle@h"):
+        client.delete(f"{HEARTBEAT_PREFIX}{name}")
+    client.close()

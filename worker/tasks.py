@@ -39,6 +39,10 @@ class Runtime:
 
 _runtime: Runtime | None = None
 _lock = threading.Lock()
+# When the batch this process is running started (time.time()); None between batches. The
+# heartbeat reports it, so a batch that never returns (a hung forward pass, a stalled disk)
+# is seen as a hung worker although its heartbeat thread still beats (pipeline.reconcile).
+_busy_since: float | None = None
 
 
 def get_runtime() -> Runtime:
@@ -74,11 +78,14 @@ def _heartbeat(runtime: Runtime, name: str, since: float) -> None:
     # reconciler re-sends what a worker whose key expired had claimed.
     # "since": when this process started beating. A claim older than that under the same name
     # was made by a process that died and was restarted under the name (pipeline.reconcile).
-    info = json.dumps({"model": runtime.classifier.version, "device": str(runtime.classifier.device),
-                       "batch_size": _settings.batch_size, "since": since})  # fmt: skip
+    # "busy_since": when the batch now running started (None: idle). A process that is frozen
+    # (SIGSTOP, swapped out) stops beating and its key expires.
+    info = {"model": runtime.classifier.version, "device": str(runtime.classifier.device),
+            "batch_size": _settings.batch_size, "since": since}  # fmt: skip
     while True:
         try:
-            runtime.redis.set(f"{HEARTBEAT_PREFIX}{name}", info, ex=HEARTBEAT_TTL_S)
+            beat = json.dumps({**info, "busy_since": _busy_since})
+            runtime.redis.set(f"{HEARTBEAT_PREFIX}{name}", beat, ex=HEARTBEAT_TTL_S)
         except redis.exceptions.RedisError:
             log.warning("heartbeat: Redis unavailable")
         time.sleep(HEARTBEAT_TTL_S / 3)
@@ -123,12 +130,14 @@ def retry_later(requests: list[SimpleRequest], exc: Exception) -> int:
 )
 def classify_image(requests: list[SimpleRequest]) -> dict[str, int]:
     """Classify a batch of images (one message per image id) in one forward pass."""
+    global _busy_since
     done = failed = 0
     size = _settings.batch_size
     # celery-batches can hand over more than flush_every requests when retried (ETA) messages
     # fall due together (clokep/celery-batches#84): never run a forward pass larger than B.
     for chunk in (requests[i : i + size] for i in range(0, len(requests), size)):
         ids = [int(r.args[0]) for r in chunk if r.args]
+        _busy_since = time.time()
         try:
             runtime = get_runtime()
             worker = chunk[0].hostname if chunk else None
@@ -138,10 +147,15 @@ def classify_image(requests: list[SimpleRequest]) -> dict[str, int]:
         except TRANSIENT_ERRORS as exc:
             retry_later(chunk, exc)
             continue
+        finally:
+            _busy_since = None
         log.info(
             "batch of %d messages: %d done, %d failed, %d already final, forward %.0f ms",
             len(ids), len(result.done), len(result.failed), len(result.skipped),
             result.seconds * 1000,
         )  # fmt: skip
+        if result.revoked:
+            log.warning("%d results dropped: their claims were re-sent while this batch ran "
+                        "(this worker was judged dead or hung)", len(result.revoked))  # fmt: skip
         done, failed = done + len(result.done), failed + len(result.failed)
     return {"done": done, "failed": failed}
