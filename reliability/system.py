@@ -37,7 +37,8 @@ from reliability.tcp_proxy import TcpProxy
 
 log = logging.getLogger(__name__)
 COMPOSE_FILE = PACKAGE_ROOT / "docker-compose.yml"
-SHIPPED_STUCK_AFTER_S = int(Settings.__dataclass_fields__["stuck_after_s"].default)
+SHIPPED = Settings()  # the defaults: what `make run` runs with
+SHIPPED_STUCK_AFTER_S = SHIPPED.stuck_after_s
 RUN_RECONCILE_EVERY_S = 60.0  # `cxr-triage run`'s full reconciler pass
 
 
@@ -115,7 +116,7 @@ class Profile:
 class System:
     """Start, fault and stop the parts; count nothing (see reliability.metrics)."""
 
-    def __init__(self, profile: Profile, workdir: Path, stuck_after_s: int = 4,
+    def __init__(self, profile: Profile, workdir: Path, stuck_after_s: int | None = None,
                  data_root: Path | None = None, partitionable: bool = False) -> None:  # fmt: skip
         self.profile, self.workdir = profile, workdir
         # Where the data lives (SQLite, the data dir, Redis's files): a small mount for the
@@ -132,12 +133,12 @@ class System:
         self.worker_redis_proxy: TcpProxy | None = None
         self.dashboard_db_proxy: TcpProxy | None = None
         self.extra_env: dict[str, str] = {}  # added to every child's environment
-        self.stuck_after_s = stuck_after_s
-        # True: reconcile as `cxr-triage run` does with the shipped settings (the dead-worker
-        # check every few seconds, a full pass every 60 s with the 600 s stuck timeout), so a
-        # row measures what a department gets. False: a full pass every second with
-        # stuck_after_s.
-        self.shipped_timeouts = False
+        self.stuck_after_s = SHIPPED_STUCK_AFTER_S if stuck_after_s is None else stuck_after_s
+        # True (every row): reconcile as `cxr-triage run` does with the shipped settings (the
+        # dead-worker check every 5 s, a full pass every 60 s with the 600 s stuck timeout), so
+        # a row measures what a department gets. False: a full pass every second with
+        # stuck_after_s, for experiments only.
+        self.shipped_timeouts = True
         self.settings: Settings | None = None
         # The inference workers of the machine's layout, as `cxr-triage run` starts them.
         self.workers: list[Service] = []
@@ -169,10 +170,12 @@ class System:
             database_url=self._database_url(),
             redis_url=self.redis.url,
             port=free_port(),
-            batch_size=16,
-            batch_wait_ms=200,
+            # `make run`'s settings, whatever the caller's environment says.
+            batch_size=SHIPPED.batch_size,
+            batch_wait_ms=SHIPPED.batch_wait_ms,
             stuck_after_s=self.stuck_after_s,
-            max_attempts=6,
+            hung_after_s=SHIPPED.hung_after_s,
+            max_attempts=SHIPPED.max_attempts,
             # Small limits keep the oversized-upload checks cheap; the code paths are the same.
             max_file_mb=16,
             max_request_mb=24,
