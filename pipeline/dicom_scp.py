@@ -47,7 +47,7 @@ def _status(code: int, comment: str | None = None) -> Any:
     return status
 
 
-def handle_store(event: Any, intake: Intake) -> Any:
+def handle_store(event: Any, intake: Intake, source: str = "dicom") -> Any:
     """C-STORE: commit the study (or its rejection), then answer."""
     try:
         data = event.encoded_dataset(include_meta=True)
@@ -60,9 +60,9 @@ def handle_store(event: Any, intake: Intake) -> Any:
         if len(data) > intake.limits.max_bytes:
             from pipeline.imaging import content_key
 
-            item = intake.reject_oversize(content_key(data), len(data), filename, "dicom")
+            item = intake.reject_oversize(content_key(data), len(data), filename, source)
         else:
-            item = intake.submit(data, filename, "dicom")
+            item = intake.submit(data, filename, source)
     except Exception as exc:
         log.exception("C-STORE could not be stored (%s)", type(exc).__name__)
         return _status(STATUS_PROCESSING_FAILURE, "storage failed; try again later")

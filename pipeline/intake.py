@@ -24,7 +24,7 @@ from pipeline.redis_server import resolve_redis_url
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
-SOURCES = ("http", "stow", "dicom", "watch")
+SOURCES = ("http", "stow", "dicom", "watch", "pull")
 
 # DICOM failure statuses (PS3.4 Annex B, PS3.7 Annex C), shared by C-STORE and STOW-RS.
 STATUS_OUT_OF_RESOURCES = 0xA700

@@ -61,6 +61,11 @@ class Settings:
     dicom_port: int = 0
     dicom_ae_title: str = "CXRTRIAGE"
     dicom_allowed_aes: tuple[str, ...] = ()
+    # Pull from a PACS that cannot route (``dicom://AE@host:port``; unset: off): every
+    # ``pull_every_s`` seconds, the studies of the last ``pull_since`` (30m, 12h, 2d, 1w).
+    pull_from: str | None = None
+    pull_every_s: int = 300
+    pull_since: str = "1d"
     max_request_mb: int = 512
 
     @classmethod
@@ -120,6 +125,13 @@ class Settings:
             raise ConfigError("CXR_WORKER_PROCESSES must not be negative")
         if self.batch_wait_ms < 0:
             raise ConfigError("CXR_BATCH_WAIT_MS must not be negative")
+        if self.pull_from is not None:
+            from pipeline.pull import parse_node, parse_since
+
+            parse_node(self.pull_from)
+            parse_since(self.pull_since)
+            if self.pull_every_s < 10:
+                raise ConfigError("CXR_PULL_EVERY_S must be at least 10 seconds")
         if self.production and not self.secret_key:
             raise ConfigError("CXR_SECRET_KEY must be set when CXR_PRODUCTION=1")
 

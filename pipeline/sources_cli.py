@@ -31,6 +31,8 @@ def source_children(settings: Settings) -> list[tuple[str, list[str]]]:
         children.append(
             ("dicom-listen", [*cli, "dicom-listen", "--port", str(settings.dicom_port)])
         )
+    if settings.pull_from:
+        children.append(("pull", [*cli, "pull", "--every", str(settings.pull_every_s)]))
     return children
 
 
@@ -92,8 +94,53 @@ def cmd_dicom_listen(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_pull(args: argparse.Namespace, settings: Settings) -> int:
+    import json
+
+    from pipeline.pull import parse_node, parse_since, pull_once
+
+    source = args.source or settings.pull_from
+    if not source:
+        raise ConfigError("name the PACS: --from dicom://AE_TITLE@host:port (or CXR_PULL_FROM)")
+    node = parse_node(source)
+    since_text = args.since or settings.pull_since
+    parse_since(since_text)  # a bad value fails before anything is asked
+    modalities = settings.modalities
+    if args.modality:
+        modalities = tuple(m.strip().upper() for m in args.modality.split(",") if m.strip())
+    migrate.upgrade(settings.db_url)
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    intake = Intake(settings, lane=args.lane)
+    stop = _stop_on_signals() if args.every else threading.Event()
+    status = 0
+    try:
+        while True:
+            try:
+                report = pull_once(intake, node, parse_since(since_text), modalities,
+                                   move_to=args.move_to, calling_ae=args.ae_title)  # fmt: skip
+                doc = report.as_json()
+            except (ConnectionError, OSError, RuntimeError) as exc:
+                doc, status = {"error": f"{type(exc).__name__}: {exc}"}, 2
+            if args.every:
+                log.info("pull from %s: %s", node, doc)
+            elif args.json:
+                print(json.dumps(doc))
+            elif "error" in doc:
+                print(f"cxr-triage pull: {doc['error']}", file=sys.stderr)
+            else:
+                print(f"{doc['studies']} studies, {doc['instances']} instances in "
+                      f"{', '.join(modalities)} since {since_text}: {doc['already_held']} already "
+                      f"held, {doc['retrieved']} retrieved {doc['ingested']}, "
+                      f"{doc['failed']} failed at the PACS")  # fmt: skip
+            if not args.every or stop.wait(args.every):
+                break
+    finally:
+        intake.close()
+    return status if not args.every else 0
+
+
 def register(sub: Any) -> None:
-    """Add the ``watch`` and ``dicom-listen`` commands."""
+    """Add the ``watch``, ``dicom-listen`` and ``pull`` commands."""
     w = sub.add_parser("watch", help="ingest files dropped into a folder")
     w.add_argument("folder")
     w.add_argument("--settle", type=float, default=None,
@@ -107,3 +154,18 @@ def register(sub: Any) -> None:
     d.add_argument("--allow", default=None,
                    help="comma-separated calling AE titles (default CXR_DICOM_ALLOWED_AES: any)")  # fmt: skip
     d.set_defaults(handler=cmd_dicom_listen)
+    p = sub.add_parser("pull", help="query a PACS and ingest the studies not seen yet")
+    p.add_argument("--from", dest="source", default=None, metavar="dicom://AE@HOST:PORT",
+                   help="the PACS (default CXR_PULL_FROM)")  # fmt: skip
+    p.add_argument("--since", default=None,
+                   help="30m, 12h, 2d, 1w or YYYYMMDD (default CXR_PULL_SINCE, 1d)")  # fmt: skip
+    p.add_argument("--modality", default=None,
+                   help="comma-separated modalities (default CXR_MODALITIES: CR,DX)")  # fmt: skip
+    p.add_argument("--move-to", default=None, metavar="AE",
+                   help="retrieve by C-MOVE to this AE (our listener) instead of C-GET")  # fmt: skip
+    p.add_argument("--ae-title", default=None, help="our calling AE (default CXR_DICOM_AE_TITLE)")
+    p.add_argument("--lane", choices=("live", "bulk"), default="live")
+    p.add_argument("--every", type=int, default=0, metavar="SECONDS",
+                   help="repeat every SECONDS until stopped (what `run` starts)")  # fmt: skip
+    p.add_argument("--json", action="store_true", help="one JSON line: what was found and done")
+    p.set_defaults(handler=cmd_pull)
