@@ -25,7 +25,8 @@ from dashboard.auth import api_auth_required
 from dashboard.multipart import BodyTooLarge, MalformedBody, Part, hash_range, split, spooled
 from pipeline.imaging import header_fields
 from pipeline.ingest import IngestItem
-from pipeline.intake import Intake, failure_status
+from pipeline.intake import STATUS_OUT_OF_RESOURCES, Intake, failure_status
+from pipeline.storage import StorageFull, is_storage_full
 
 bp = Blueprint("ingest_api", __name__)
 _intake_lock = threading.Lock()
@@ -72,6 +73,14 @@ class _Refused(Exception):
         self.code, self.reason = code, reason
 
 
+def _storage_full(exc: Exception) -> tuple[Response, int]:
+    """507 Insufficient Storage: nothing of the request was stored; send it again later."""
+    where = exc.where if isinstance(exc, StorageFull) else "the upload spool"
+    response, code = _error(507, str(StorageFull(where)))
+    response.headers["Retry-After"] = "60"
+    return response, code
+
+
 def _limited_body() -> Any:
     limit = settings().max_request_mb * 1024 * 1024
     request.max_content_length = limit  # a larger Content-Length is refused unread (413)
@@ -114,6 +123,10 @@ def post_study() -> Any:
             item = _store(body, files[0], name, "http", header_fields(fields))
     except (_Refused, MalformedBody, BodyTooLarge, RequestEntityTooLarge) as exc:
         return _refusal(exc)
+    except (StorageFull, OSError) as exc:
+        if not is_storage_full(exc):
+            raise
+        return _storage_full(exc)
     doc = {"study_id": item.study_id, "image_id": item.image_id, "status": item.status,
            "duplicate": item.duplicate, "reason": item.reason}  # fmt: skip
     if item.status == "rejected":
@@ -178,17 +191,33 @@ def stow() -> Any:
             parts = split(body, boundary)
             if not parts:
                 raise _Refused(400, "the request holds no DICOM instances")
+            full: StorageFull | None = None
             for number, part in enumerate(parts, 1):
                 head = bytes(body[part.start : min(part.end, part.start + (1 << 16))])
                 sop_class, sop_uid = _uids(head)
-                stored, reason = _stow_part(body, number, part, sop_uid)
+                if full is not None:  # the disk filled on an earlier part: not tried
+                    failed.append(_instance(sop_class, sop_uid, STATUS_OUT_OF_RESOURCES))
+                    continue
+                try:
+                    stored, reason = _stow_part(body, number, part, sop_uid)
+                except StorageFull as exc:
+                    full = exc
+                    failed.append(_instance(sop_class, sop_uid, STATUS_OUT_OF_RESOURCES))
+                    warnings.append(f"part {number} and later: {exc}")
+                    continue
                 if stored:
                     referenced.append(_instance(sop_class, sop_uid))
                     continue
                 failed.append(_instance(sop_class, sop_uid, failure_status(reason)))
                 warnings.append(f"part {number}: {reason}")
+            if full is not None and not referenced:
+                return _storage_full(full)
     except (_Refused, MalformedBody, BodyTooLarge, RequestEntityTooLarge) as exc:
         return _refusal(exc)
+    except OSError as exc:
+        if not is_storage_full(exc):
+            raise
+        return _storage_full(exc)
     doc: dict[str, Any] = {}
     if referenced:
         doc[REFERENCED_SEQ] = {"vr": "SQ", "Value": referenced}

@@ -29,6 +29,7 @@ from pipeline.reconcile import requeue_dead_workers, requeue_stuck
 from pipeline.redis_server import EmbeddedRedis, clear_runtime, resolve_redis_url, write_runtime
 from pipeline.settings import ConfigError, Settings
 from pipeline.sources_cli import source_children
+from pipeline.storage import StorageFull
 from pipeline.studies import worklist_document
 from pipeline.supervisor import (
     Child,
@@ -43,6 +44,7 @@ from pipeline.weights import describe_weights, ensure_weights
 log = logging.getLogger("cxr-triage")
 # How often `run` (and a multi-process `worker`) looks for workers whose heartbeat expired.
 DEAD_WORKER_CHECK_S = 5.0
+EXIT_STORAGE_FULL = 4  # `ingest`: the disk holding the database is full
 
 
 @cache
@@ -254,6 +256,7 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
     embedded: EmbeddedRedis | None = None
     client = dispatcher = None
     ok = True
+    full: StorageFull | None = None
     try:
         if redis_url is None and args.wait:
             # No running system: bring up a private Redis and one worker for this command.
@@ -271,13 +274,16 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
             sink = Enqueuer(factory, client, dispatcher, model["input_size"], ttl, lane=args.lane,
                             preprocess=model["preprocess"])  # fmt: skip
 
-        report = ingest_paths(factory, [Path(p) for p in args.paths], _limits(settings),
-                              source="cli", lane=args.lane, sink=sink)  # fmt: skip
+        try:
+            report = ingest_paths(factory, [Path(p) for p in args.paths], _limits(settings),
+                                  source="cli", lane=args.lane, sink=sink)  # fmt: skip
+        except StorageFull as exc:
+            full, report = exc, exc.report or IngestReport()
         queued = [i for i in report.accepted if i.status == "queued"]
         if redis_url is None and queued:
             print(f"{len(queued)} images queued in the database; no system is running, so they "
                   "will be classified when `cxr-triage run` starts", file=sys.stderr)  # fmt: skip
-        if args.wait and redis_url is not None:
+        if args.wait and redis_url is not None and full is None:
             ids = {i.study_id for i in report.accepted if i.study_id is not None}
             ok = _wait_final(settings, ids, args.timeout)
     finally:
@@ -290,6 +296,11 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
         if embedded is not None:
             embedded.stop()
     doc = _ingest_json(settings, report)
+    if full is not None:
+        # The files stored before the disk filled stand; the rest were not stored at all.
+        doc["error"] = str(full)
+        print(f"cxr-triage: {full}; {doc['accepted']} files were stored before that, "
+              "the rest were not", file=sys.stderr)  # fmt: skip
     if args.json:
         print(json.dumps(doc))
     else:
@@ -299,6 +310,8 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
         )
         for r in doc["rejected"]:
             print(f"  rejected {r['path']}: {r['reason']}")
+    if full is not None:
+        return EXIT_STORAGE_FULL
     if not ok:
         print(f"timed out after {args.timeout:.0f} s waiting for results", file=sys.stderr)
         if temp is not None:

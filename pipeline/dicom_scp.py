@@ -7,7 +7,8 @@ Comment, rather than an anonymous presentation-context rejection it would not lo
 syntaxes offered are those this installation can decode. A C-STORE is answered with Success
 (0x0000) only after its study row is committed; bad input gets a failure status (0xA700 out of
 resources for an oversize file, 0x0122 for a non-image SOP class, 0xC000 cannot understand for
-everything that does not decode), a database failure 0x0110.
+everything that does not decode), a full disk 0xA700 with nothing stored, a database failure
+0x0110.
 """
 
 from __future__ import annotations
@@ -15,8 +16,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pipeline.intake import STATUS_PROCESSING_FAILURE, Intake, failure_status
+from pipeline.intake import (
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_PROCESSING_FAILURE,
+    Intake,
+    failure_status,
+)
 from pipeline.settings import ConfigError, Settings
+from pipeline.storage import StorageFull
 
 log = logging.getLogger(__name__)
 SUCCESS = 0x0000
@@ -63,6 +70,9 @@ def handle_store(event: Any, intake: Intake, source: str = "dicom") -> Any:
             item = intake.reject_oversize(content_key(data), len(data), filename, source)
         else:
             item = intake.submit(data, filename, source)
+    except StorageFull:
+        # Out of resources: the sender keeps the instance and sends it again later.
+        return _status(STATUS_OUT_OF_RESOURCES, "out of resources: disk full; send again later")
     except Exception as exc:
         log.exception("C-STORE could not be stored (%s)", type(exc).__name__)
         return _status(STATUS_PROCESSING_FAILURE, "storage failed; try again later")

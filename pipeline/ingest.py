@@ -9,11 +9,12 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -22,6 +23,7 @@ from pipeline.db import session_scope
 from pipeline.imaging import DecodedImage, Limits, RejectedInput
 from pipeline.models import Image, Study, utcnow
 from pipeline.queue import Dispatcher, delete_payloads, put_payloads
+from pipeline.storage import StorageFull, is_storage_full
 
 log = logging.getLogger(__name__)
 
@@ -301,6 +303,25 @@ def _has_other_work(session: Session, study_id: int, image_id: int) -> bool:
     return found is not None
 
 
+@contextmanager
+def full_disk_refused() -> Iterator[None]:
+    """Turn a database (or spool) write that hit a full disk into ``StorageFull``.
+
+    The transaction it interrupted is rolled back when its session closes: nothing of the
+    file is stored, and the caller says so to the sender.
+    """
+    try:
+        yield
+    except StorageFull:
+        raise
+    except Exception as exc:
+        if is_storage_full(exc):
+            log.error("the disk holding the database is full (%s): refusing new studies until "
+                      "there is space", type(exc).__name__)  # fmt: skip
+            raise StorageFull() from exc
+        raise
+
+
 def ingest_bytes(
     factory: sessionmaker[Session],
     data: bytes,
@@ -311,8 +332,20 @@ def ingest_bytes(
     """Persist one file in its own transaction; a concurrent duplicate is reported as such.
 
     A value the database refuses (a header field it cannot store) rejects this file with the
-    reason; a database that is down raises, so the caller can retry.
+    reason; a database that is down raises, so the caller can retry, and one whose disk is
+    full raises ``StorageFull`` with nothing stored.
     """
+    with full_disk_refused():
+        return _ingest_bytes(factory, data, filename, limits, **kwargs)
+
+
+def _ingest_bytes(
+    factory: sessionmaker[Session],
+    data: bytes,
+    filename: str,
+    limits: Limits,
+    **kwargs: Any,
+) -> IngestItem:
     session = factory()
     try:
         try:
@@ -347,12 +380,14 @@ def ingest_many(
     A unique-key conflict (the same file arriving through another process at the same moment)
     or a value the database refuses rolls the lot back and persists each file in its own
     transaction, where the conflict is reported as a duplicate and the bad file alone is
-    rejected. Other errors (the database down) propagate with nothing committed.
+    rejected. Other errors (the database down) propagate with nothing committed; a full disk
+    as ``StorageFull``.
     """
     session = factory()
     try:
-        items = persist_files(session, files, limits, **kwargs)
-        session.commit()
+        with full_disk_refused():
+            items = persist_files(session, files, limits, **kwargs)
+            session.commit()
         return items
     except (IntegrityError, DataError):
         session.rollback()
@@ -402,6 +437,26 @@ def enqueue(
         raise
 
 
+def mark_unsent(factory: sessionmaker[Session], image_ids: Iterable[int]) -> None:
+    """Record that these committed, queued images' messages could not be sent (Redis down,
+    or refusing writes on a full disk): a queued image without ``queued_at`` is sent by the
+    reconciler's next check instead of waiting out the stuck timeout. Best effort: when the
+    database is unreachable too, the stuck timeout remains."""
+    ids = list(image_ids)
+    if not ids:
+        return
+    try:
+        with session_scope(factory) as session:
+            session.execute(
+                update(Image)
+                .where(Image.id.in_(ids), Image.status == "queued")
+                .values(queued_at=None)
+                .execution_options(synchronize_session=False)
+            )
+    except Exception as exc:
+        log.warning("could not mark %d unsent images (%s)", len(ids), type(exc).__name__)
+
+
 class Enqueuer:
     """A sink for ``ingest_paths``: sends each chunk of queued images to the workers."""
 
@@ -435,7 +490,7 @@ def _read_or_reject(
             # Recorded on a study like any bad input, without reading the file into memory.
             reason = (f"the file is {size / 1e6:.1f} MB, "
                       f"over the {limits.max_bytes / 1e6:.0f} MB limit")  # fmt: skip
-            with session_scope(factory) as session:
+            with full_disk_refused(), session_scope(factory) as session:
                 return record_rejection(session, _file_key(path), path.name, reason, source, lane)
         return path.read_bytes()
     except OSError:
@@ -486,20 +541,27 @@ def ingest_paths(
             except Exception as exc:
                 # The rows are committed as queued: the reconciler sends them later.
                 log.warning("could not send work (%s); it stays queued", type(exc).__name__)
+                mark_unsent(factory, list(queued))
                 sink = None
 
-    for path in iter_input_files(paths):
-        got = _read_or_reject(factory, path, limits, source, lane)
-        if isinstance(got, IngestItem):
-            got.path = str(path)
-            report.items.append(got)
-            continue
-        files.append((got, path.name))
-        names.append(path)
-        held += len(got)
-        if len(files) >= chunk or held >= chunk_bytes:
-            flush()
-    flush()
+    try:
+        for path in iter_input_files(paths):
+            got = _read_or_reject(factory, path, limits, source, lane)
+            if isinstance(got, IngestItem):
+                got.path = str(path)
+                report.items.append(got)
+                continue
+            files.append((got, path.name))
+            names.append(path)
+            held += len(got)
+            if len(files) >= chunk or held >= chunk_bytes:
+                flush()
+        flush()
+    except StorageFull as exc:
+        # What was committed before the disk filled stands (and was sent); the rest was not
+        # stored. The caller reports both.
+        exc.report = report
+        raise
     log.info(
         "ingested %d files: %d accepted, %d duplicates, %d rejected",
         len(report.items),

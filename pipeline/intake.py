@@ -18,7 +18,14 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.db import make_engine, make_session_factory, session_scope
 from pipeline.imaging import Limits
-from pipeline.ingest import IngestItem, enqueue, ingest_bytes, record_rejection
+from pipeline.ingest import (
+    IngestItem,
+    enqueue,
+    full_disk_refused,
+    ingest_bytes,
+    mark_unsent,
+    record_rejection,
+)
 from pipeline.queue import Dispatcher, redis_client
 from pipeline.redis_server import resolve_redis_url
 from pipeline.settings import Settings
@@ -91,7 +98,7 @@ class Intake:
 
     def reject(self, key: str, filename: str, reason: str, source: str) -> IngestItem:
         """Record bytes that were never decoded (too large) as a rejected study."""
-        with session_scope(self.factory) as session:
+        with full_disk_refused(), session_scope(self.factory) as session:
             item = record_rejection(session, key, filename, reason, source, self.lane)
         item.path = filename
         return item
@@ -115,6 +122,7 @@ class Intake:
                 # Committed as queued: the reconciler re-sends them from the database.
                 log.warning("could not send %d images (%s); they stay queued", len(ids),
                             type(exc).__name__)  # fmt: skip
+                mark_unsent(self.factory, ids)
                 self._drop()
                 return 0
 

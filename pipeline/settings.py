@@ -155,6 +155,13 @@ class Settings:
         return self.data_dir / "weights" / "untrained-resnet18.pt"
 
     @property
+    def visibility_timeout_s(self) -> int:
+        """Redis's (kombu's) visibility timeout: an unacknowledged message returns to its queue
+        after this long. Never shorter than the stuck timeout, so kombu does not hand out
+        again what the reconciler still counts as in flight (600 s with the defaults)."""
+        return max(300, self.stuck_after_s)
+
+    @property
     def runtime_file(self) -> Path:
         """Where a running ``cxr-triage run`` records its Redis URL for other commands."""
         return self.data_dir / "runtime.json"

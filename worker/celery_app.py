@@ -39,7 +39,7 @@ def create_celery(settings: Settings | None = None) -> Celery:
             # Poll the queues in the listed order: live before bulk.
             "queue_order_strategy": "priority",
             # An unacknowledged message returns to its queue after this long (a dead worker).
-            "visibility_timeout": max(300, settings.stuck_after_s),
+            "visibility_timeout": settings.visibility_timeout_s,
         },
         broker_connection_retry_on_startup=True,
         worker_hijack_root_logger=False,

@@ -1,0 +1,65 @@
+"""The harness as ``cxr-triage run``'s supervisor: restart any child that exits, as run does.
+
+The fault rows restart what they kill themselves; rows where a child may die of the fault
+(a worker whose Redis refuses writes on a full disk, or that gives up reconnecting) run under
+this loop, with run's policy: re-send a dead worker's claims first, back off 2 s when a child
+died within 5 s of its start.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from reliability.system import Service, System
+
+log = logging.getLogger(__name__)
+
+
+class Supervising:
+    """A thread restarting the system's dead workers, dashboard and DICOM listener."""
+
+    def __init__(self, system: System) -> None:
+        self.system = system
+        self.restarts: dict[str, int] = {}
+        self._started: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> Supervising:
+        now = time.monotonic()
+        self._started = {s.name: now for s in self._children()}
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _children(self) -> list[Service]:
+        s = self.system
+        return [c for c in (*s.workers, s.dashboard, s.scp) if c is not None]
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.5):
+            for child in self._children():
+                if child.alive() or self._stop.is_set():
+                    continue
+                log.warning("%s exited; restarting it as run does", child.name)
+                if child in self.system.workers:
+                    try:
+                        self.system.worker_died(child)
+                    except Exception as exc:  # Redis or the database unavailable: heartbeat
+                        log.info("re-sending %s's claims failed: %s", child.name,
+                                 type(exc).__name__)  # fmt: skip
+                if time.monotonic() - self._started.get(child.name, 0.0) < 5:
+                    time.sleep(2)
+                child.start()
+                self._started[child.name] = time.monotonic()
+                self.restarts[child.name] = self.restarts.get(child.name, 0) + 1
+
+    def summary(self) -> str:
+        if not self.restarts:
+            return "no child exited"
+        return "restarted " + ", ".join(f"{n} {k}x" for n, k in sorted(self.restarts.items()))
