@@ -11,11 +11,13 @@ import argparse
 import logging
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pipeline.settings import ConfigError, Settings
 from reliability.badinput import bad_input_row
+from reliability.diskfull import disk_full_row
 from reliability.faults import Plan, fault_rows
 from reliability.fuzz import fuzz_row
 from reliability.metrics import Row
@@ -57,14 +59,42 @@ def run_profile(profile: Profile, plan: Plan, workdir: Path) -> list[Row]:
     return rows
 
 
+# Rows that start a system of their own (a data dir on a small disk, proxied links, a fresh
+# system whose memory is followed): (workdir name, row function).
+OWN_SYSTEM_ROWS: list[tuple[str, Callable[[Profile, Plan, PhiRegistry, Path], Row]]] = [
+    ("diskfull", disk_full_row),
+]
+
+
+def run_own_system_rows(profile: Profile, plan: Plan, workdir: Path,
+                        postgres_admin_url: str | None = None) -> list[Row]:  # fmt: skip
+    """Each row on a system of its own; on PostgreSQL each in a database of its own."""
+    rows = []
+    for name, row_fn in OWN_SYSTEM_ROWS:
+        try:
+            if postgres_admin_url is None:
+                rows.append(row_fn(profile, plan, PhiRegistry(), workdir / name))
+                continue
+            with temporary_database(postgres_admin_url) as url:
+                own = Profile(profile.name, database_url=url, redis=profile.redis)
+                rows.append(row_fn(own, plan, PhiRegistry(), workdir / name))
+        except Exception as exc:
+            log.exception("row %s could not run", name)
+            rows.append(Row(name, profile.name, failures=[f"{type(exc).__name__}: {exc}"]))
+    return rows
+
+
 def run_suite(plan: Plan, postgres_admin_url: str | None, workdir: Path) -> list[Row]:
     """SQLite first, then PostgreSQL in a database of the run's own; rows in run order."""
     rows = [fuzz_row(plan.fuzz_inputs)]
     rows += run_profile(Profile("sqlite+embedded"), plan, workdir / "sqlite")
+    rows += run_own_system_rows(Profile("sqlite+embedded"), plan, workdir / "sqlite")
     if postgres_admin_url:
+        profile = Profile("postgresql+compose", redis="compose")
         with temporary_database(postgres_admin_url) as url:
-            profile = Profile("postgresql+compose", database_url=url, redis="compose")
+            profile.database_url = url
             rows += run_profile(profile, plan, workdir / "postgresql")
+        rows += run_own_system_rows(profile, plan, workdir / "postgresql", postgres_admin_url)
     return rows
 
 

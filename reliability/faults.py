@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 
 from pipeline.models import Image
+from pipeline.settings import Settings
 from reliability.metrics import Row, fill, wait_final, work_counters
 from reliability.samples import PhiRegistry, write_studies
 from reliability.sender import CliSender
@@ -35,6 +36,14 @@ class Plan:
     recover_timeout_s: float = 180.0
     load_studies: int = 120
     fuzz_inputs: int = 200
+    # reliability.diskfull: the tmpfs's size, and studies sent before the disk fills
+    disk_mb: int = 64
+    disk_studies: int = 24
+    # reliability.partition: how long the links are cut (full: past the visibility timeout)
+    partition_s: float = 20.0
+    # reliability.soak: studies, and the steady rate they are sent at (studies/s)
+    soak_studies: int = 300
+    soak_rate: float = 10.0
 
     @classmethod
     def quick(cls) -> Plan:
@@ -42,8 +51,10 @@ class Plan:
 
     @classmethod
     def full(cls) -> Plan:
+        visibility_s = Settings().visibility_timeout_s  # the shipped default: 600 s
         return cls(studies=240, outage_s=10.0, recover_timeout_s=600.0, load_studies=2000,
-                   fuzz_inputs=2000)  # fmt: skip
+                   fuzz_inputs=2000, disk_studies=96, partition_s=visibility_s + 30.0,
+                   soak_studies=20_000, soak_rate=15.0)  # fmt: skip
 
 
 def _count(system: System, ids: list[int], status: str) -> int:
