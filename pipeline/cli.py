@@ -25,7 +25,7 @@ from pipeline.ingest import Enqueuer, IngestReport, ingest_paths
 from pipeline.lifetime import RunLock, wait_port_free
 from pipeline.models import FINAL_STATES, PERSON_ROLES, ROLES, Study
 from pipeline.queue import Dispatcher, redis_client
-from pipeline.reconcile import requeue_dead_workers, requeue_stuck
+from pipeline.reconcile import redis_restarted, requeue_dead_workers, requeue_stuck
 from pipeline.redis_server import EmbeddedRedis, clear_runtime, resolve_redis_url, write_runtime
 from pipeline.settings import ConfigError, Settings
 from pipeline.sources_cli import source_children
@@ -44,6 +44,10 @@ from pipeline.weights import describe_weights, ensure_weights
 log = logging.getLogger("cxr-triage")
 # How often `run` (and a multi-process `worker`) looks for workers whose heartbeat expired.
 DEAD_WORKER_CHECK_S = 5.0
+# How often `run` makes a full reconciler pass, and the age past which a queued image whose
+# task message is nowhere in Redis is re-sent (its sender died between commit and send).
+RECONCILE_EVERY_S = 10.0
+LOST_MESSAGE_AFTER_S = 10.0
 EXIT_STORAGE_FULL = 4  # `ingest`: the disk holding the database is full
 
 
@@ -73,7 +77,12 @@ def reconcile_once(
     stuck_after_s: float | None = None,
     held_after_s: float | None = None,
 ) -> dict:
-    """Re-send unfinished work found in the database (see pipeline.reconcile)."""
+    """Re-send unfinished work found in the database (see pipeline.reconcile).
+
+    ``processing`` past the stuck timeout, and ``queued`` past ``LOST_MESSAGE_AFTER_S`` (or
+    the stuck timeout, if shorter) with no task message in Redis.
+    """
+    stuck_s = settings.stuck_after_s if stuck_after_s is None else stuck_after_s
     rescued = rescue_dead_workers(settings, redis_url, held_after_s=held_after_s)
     model = describe_weights(settings)
     client, dispatcher = redis_client(redis_url), Dispatcher(redis_url)
@@ -82,7 +91,8 @@ def reconcile_once(
             _factory(settings),
             client,
             dispatcher,
-            stuck_after_s=settings.stuck_after_s if stuck_after_s is None else stuck_after_s,
+            stuck_after_s=stuck_s,
+            queued_after_s=min(stuck_s, LOST_MESSAGE_AFTER_S),
             max_attempts=settings.max_attempts,
             input_size=model["input_size"],
             ttl_s=settings.payload_ttl_s,
@@ -102,10 +112,21 @@ def rescue_dead_workers(
     dead: tuple[str, ...] = (),
     held_after_s: float | None = None,
 ) -> dict:
-    """Re-send at once what dead workers held: those named, and any whose heartbeat expired."""
+    """Re-send at once what dead workers held: those named, and any whose heartbeat expired.
+
+    When Redis is another process than at the last check (it crashed and was restarted), the
+    queued images whose messages it lost are re-sent too.
+    """
     model = describe_weights(settings)
     client, dispatcher = redis_client(redis_url), Dispatcher(redis_url)
     try:
+        if redis_restarted(client, redis_url):
+            log.warning("Redis was restarted: re-sending queued work whose message it lost")
+            requeue_stuck(_factory(settings), client, dispatcher,
+                          stuck_after_s=settings.stuck_after_s, queued_after_s=0,
+                          max_attempts=settings.max_attempts, input_size=model["input_size"],
+                          ttl_s=settings.payload_ttl_s, thresholds=model["thresholds"],
+                          preprocess=model["preprocess"])  # fmt: skip
         return requeue_dead_workers(
             _factory(settings),
             client,
@@ -199,7 +220,7 @@ def _run_system(settings: Settings, lock: RunLock) -> int:
         reconcile_once(settings, redis_url, stuck_after_s=0)
         print(f"cxr-triage is running: open {dashboard_url}  (Ctrl-C stops everything)", flush=True)
         try:
-            sup.run(tick=lambda: reconcile_once(settings, redis_url), tick_every=60,
+            sup.run(tick=lambda: reconcile_once(settings, redis_url), tick_every=RECONCILE_EVERY_S,
                     ticks=[(DEAD_WORKER_CHECK_S, lambda: rescue_dead_workers(settings, redis_url))])  # fmt: skip
         finally:
             clear_runtime(settings)

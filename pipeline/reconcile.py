@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.db import session_scope
@@ -50,16 +50,21 @@ def requeue_stuck(
     thresholds: dict[str, float],
     held_after_s: float | None = None,
     preprocess: str = "resize",
+    queued_after_s: float | None = None,
 ) -> dict[str, int]:
     """Re-send images queued or processing for longer than stuck_after_s; fail the exhausted.
 
     A queued image whose message a worker has held, unclaimed, for longer than
     ``held_after_s`` (default: ``stuck_after_s``, at least ``HELD_GRACE_S``) is re-sent too:
-    its worker died while buffering the batch.
+    its worker died while buffering the batch. ``queued_after_s`` (default: stuck_after_s)
+    is the age past which a queued image with no message in Redis is re-sent.
     """
     if held_after_s is None:
         held_after_s = max(stuck_after_s, HELD_GRACE_S)
     cutoff = utcnow() - timedelta(seconds=stuck_after_s)
+    queued_cutoff = utcnow() - timedelta(
+        seconds=stuck_after_s if queued_after_s is None else queued_after_s
+    )
     with session_scope(factory) as session:
         rows = session.execute(
             select(Image, Study.lane)
@@ -68,7 +73,7 @@ def requeue_stuck(
                 or_(
                     and_(
                         Image.status.in_(("received", "queued")),
-                        or_(Image.queued_at.is_(None), Image.queued_at <= cutoff),
+                        or_(Image.queued_at.is_(None), Image.queued_at <= queued_cutoff),
                     ),
                     and_(Image.status == "processing", Image.started_at <= cutoff),
                 )
@@ -127,9 +132,46 @@ def _send(
 ) -> int:
     sent = 0
     for lane, ids in resend.items():
-        sent += enqueue(factory, redis_client, dispatcher, ids, input_size, ttl_s, lane=lane,
-                        preprocess=preprocess)  # fmt: skip
+        try:
+            sent += enqueue(factory, redis_client, dispatcher, ids, input_size, ttl_s,
+                            lane=lane, preprocess=preprocess)  # fmt: skip
+        except Exception:
+            mark_unsent(factory, ids)  # Redis down or full: the next check tries again
+            raise
     return sent
+
+
+_REDIS_RUN_IDS: dict[str, str] = {}
+
+
+def redis_restarted(redis_client: Any, key: str) -> bool:
+    """True when the Redis server behind key is another process than at the last call.
+
+    A restarted Redis may have lost task messages (the AOF keeps at most the last second's
+    writes, an embedded Redis may keep none): its queued images are looked for at once.
+    """
+    run_id = str(redis_client.info("server").get("run_id", ""))
+    previous = _REDIS_RUN_IDS.get(key)
+    _REDIS_RUN_IDS[key] = run_id
+    return previous is not None and previous != run_id
+
+
+def mark_unsent(factory: sessionmaker[Session], image_ids: Iterable[int]) -> None:
+    """Record that these queued images' messages could not be sent (Redis down or full).
+
+    A queued image with no ``queued_at`` is re-sent by the next dead-worker check (every
+    5 s in ``cxr-triage run``) instead of waiting for the stuck timeout.
+    """
+    ids = list(image_ids)
+    if not ids:
+        return
+    with session_scope(factory) as session:
+        session.execute(
+            update(Image)
+            .where(Image.id.in_(ids), Image.status == "queued")
+            .values(queued_at=None)
+            .execution_options(synchronize_session=False)
+        )
 
 
 def expired_claims(
@@ -194,6 +236,9 @@ def requeue_dead_workers(
         ids = {image_id for image_id, worker, _ in claims if worker in named}
         others = [c for c in claims if c[1] not in named]
         ids.update(expired_claims(others, heartbeats(redis_client, sorted({c[1] for c in others}))))
+        # Committed, but their message could not be sent (mark_unsent): send them now.
+        ids.update(session.scalars(select(Image.id).where(
+            Image.status == "queued", Image.queued_at.is_(None))))  # fmt: skip
         if held:
             queued = session.execute(select(Image.id, Image.queued_at).where(
                 Image.id.in_(list(held)), Image.status.in_(("received", "queued"))))  # fmt: skip

@@ -23,6 +23,7 @@ from reliability.fuzz import fuzz_row
 from reliability.metrics import Row
 from reliability.pg import reachable, temporary_database
 from reliability.report import as_json, markdown
+from reliability.runkill import run_kill_row
 from reliability.samples import PhiRegistry
 from reliability.security import security_row
 from reliability.sources import dashboard_restart_row, http_bad_requests_row, load_row
@@ -63,6 +64,7 @@ def run_profile(profile: Profile, plan: Plan, workdir: Path) -> list[Row]:
 # system whose memory is followed): (workdir name, row function).
 OWN_SYSTEM_ROWS: list[tuple[str, Callable[[Profile, Plan, PhiRegistry, Path], Row]]] = [
     ("diskfull", disk_full_row),
+    ("runkill", run_kill_row),
 ]
 
 

@@ -7,14 +7,18 @@ other, each with its own freshly generated studies, and waits until all of them 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import func, select
 
-from pipeline.models import Image
+from pipeline.models import FINAL_STATES, Batch, Image
 from pipeline.settings import Settings
+from pipeline.supervisor import worker_nodename
 from reliability.metrics import Row, fill, wait_final, work_counters
 from reliability.samples import PhiRegistry, write_studies
 from reliability.sender import CliSender
@@ -85,34 +89,29 @@ def run_fault(
     offset: int,
     fault: Callable[[System, CliSender], float],
     pause_s: float = 0.0,
-    shipped: bool = False,
 ) -> Row:
     """Send plan.studies studies, inject the fault, and count outcomes after recovery.
 
-    With ``shipped``, the reconciler runs as `cxr-triage run` does with the shipped timeouts.
+    The reconciler runs as `cxr-triage run` does with the shipped timeouts (the System's).
     """
     assert system.factory is not None
     row = Row(name, system.profile.name)
     paths = write_studies(system.workdir / "studies" / name, plan.studies, phi, start=offset)
     before = work_counters(system.factory)
-    system.shipped_timeouts = shipped
-    try:
-        sender = CliSender(system, paths, pause_s=pause_s).start()
-        fault_at = fault(system, sender)
-        sender.join(plan.recover_timeout_s)
-        ids = sorted(set(sender.image_ids.values()))
-        finished = wait_final(system.factory, ids, plan.recover_timeout_s)
-    finally:
-        system.shipped_timeouts = False
+    sender = CliSender(system, paths, pause_s=pause_s).start()
+    fault_at = fault(system, sender)
+    sender.join(plan.recover_timeout_s)
+    ids = sorted(set(sender.image_ids.values()))
+    finished = wait_final(system.factory, ids, plan.recover_timeout_s)
     row.recover_s = time.monotonic() - fault_at if finished else None
     fill(row, system.factory, ids, len(paths), before)
     row.failures += sender.errors
     if not finished:
         row.failures.append(f"not all final after {plan.recover_timeout_s:.0f} s")
+    notes = [f"shipped timeouts (stuck {SHIPPED_STUCK_AFTER_S} s)"]
     if sender.retries:
-        row.note = f"sender retried {sender.retries}x"
-    elif shipped:
-        row.note = f"shipped timeouts (stuck {SHIPPED_STUCK_AFTER_S} s)"
+        notes.append(f"sender retried {sender.retries}x")
+    row.note = "; ".join(notes)
     return row
 
 
@@ -168,20 +167,109 @@ def cut_database(outage_s: float) -> Callable[[System, CliSender], float]:
 
 def fault_rows(system: System, plan: Plan, phi: PhiRegistry) -> list[Row]:
     """Run every fault scenario that applies to this system's profile."""
-    # (name, fault, sender's pause between files, under the shipped timeouts)
-    scenarios: list[tuple[str, Callable[[System, CliSender], float], float, bool]] = [
-        ("worker SIGKILL mid-batch", kill_worker_mid_batch, 0.0, True),
-        (f"redis crash+restart ({system.profile.redis}, AOF)", crash_redis, 0.0, False),
-        (f"postgresql down {plan.outage_s:.0f} s", cut_database(plan.outage_s), 0.3, False),
+    # (name, fault, sender's pause between files)
+    scenarios: list[tuple[str, Callable[[System, CliSender], float], float]] = [
+        ("worker SIGKILL mid-batch", kill_worker_mid_batch, 0.0),
+        (f"redis crash+restart ({system.profile.redis}, AOF)", crash_redis, 0.0),
+        (f"postgresql down {plan.outage_s:.0f} s", cut_database(plan.outage_s), 0.3),
     ]
     rows = []
-    for n, (name, fault, pause, shipped) in enumerate(scenarios):
+    for n, (name, fault, pause) in enumerate(scenarios):
         if "postgresql" in name and system.proxy is None:
             continue  # SQLite has no server to lose; the PostgreSQL profile runs it
         try:
-            rows.append(run_fault(system, name, plan, phi, 100_000 * (n + 1), fault, pause,
-                                  shipped))  # fmt: skip
+            rows.append(run_fault(system, name, plan, phi, 100_000 * (n + 1), fault, pause))
         except Exception as exc:
             log.exception("scenario %s failed", name)
             rows.append(Row(name, system.profile.name, failures=[f"{type(exc).__name__}: {exc}"]))
+    rows.append(hung_worker_row(system, plan, phi, 100_000 * (len(scenarios) + 1)))
     return rows
+
+
+HUNG_ROW = "worker hung (SIGSTOP mid-batch), woken after its batch was re-run"
+
+
+def _claims_of(system: System, worker: str) -> list[int]:
+    assert system.factory is not None
+    with system.factory() as session:
+        return list(session.scalars(select(Image.id).where(
+            Image.status == "processing", Image.worker == worker)))  # fmt: skip
+
+
+def hung_worker_row(system: System, plan: Plan, phi: PhiRegistry, offset: int) -> Row:
+    """SIGSTOP a worker holding a claimed batch; SIGCONT it once another worker re-ran it.
+
+    The frozen process stops beating; under the shipped settings its heartbeat expires
+    (15 s TTL) and the 5 s dead-worker check re-sends its claims, which the other worker runs.
+    Woken, the frozen worker finishes its forward pass and finds its claims gone: it must
+    write no result, change no final state and leave nothing ``processing``.
+    """
+    worker = system.worker
+    assert worker is not None and worker.proc is not None and system.factory is not None
+    name = worker_nodename(worker.command)
+    assert name is not None
+    seen: dict[str, Any] = {}
+
+    def freeze(system: System, sender: CliSender) -> float:
+        if not _wait(lambda: bool(_claims_of(system, name)), 120):
+            raise RuntimeError("the worker never held a claimed batch")
+        assert worker.proc is not None
+        seen["sender"] = sender
+        os.killpg(worker.proc.pid, signal.SIGSTOP)
+        fault_at = time.monotonic()
+        seen["held"] = held = _claims_of(system, name)
+        # Its batch is re-run elsewhere: every image it held ends final, by another worker.
+        assert system.factory is not None
+        if not _wait(lambda: _count_final(system, held) == len(held), plan.recover_timeout_s):
+            os.killpg(worker.proc.pid, signal.SIGCONT)
+            raise RuntimeError("the frozen worker's batch was not re-run")
+        seen["rerun_s"] = time.monotonic() - fault_at
+        seen["before_wake"] = _final_state(system, held)
+        os.killpg(worker.proc.pid, signal.SIGCONT)
+        return fault_at
+
+    before = work_counters(system.factory)
+    dropped_before = _dropped(system)
+    row = run_fault(system, HUNG_ROW, plan, phi, offset, freeze)
+    held = seen.get("held", [])
+    if not held:
+        return row
+    # The woken worker finishes its batch: wait for it to commit (or drop) what it computed.
+    woken = _wait(lambda: _dropped(system) > dropped_before, 60)
+    after = _final_state(system, held)
+    if after != seen["before_wake"]:
+        changed = sum(1 for i in held if after.get(i) != seen["before_wake"].get(i))
+        row.failures.append(f"the woken worker changed {changed} final states")
+    if any(w == name for _, w in after.values()):
+        row.failures.append("a result of the frozen worker was written after its claims went")
+    if not worker.alive():
+        row.failures.append("the woken worker died")
+    sender: CliSender = seen["sender"]
+    # Counted again now that the woken worker's batch is over: a late write would show here.
+    fill(row, system.factory, sorted(set(sender.image_ids.values())), len(sender.paths), before)
+    row.note = (f"{len(held)} claimed images re-run elsewhere {seen['rerun_s']:.1f} s after "
+                f"SIGSTOP; woken, it dropped {_dropped(system) - dropped_before} results "
+                f"{'' if woken else '(none seen) '}and wrote none; shipped timeouts")  # fmt: skip
+    return row
+
+
+def _count_final(system: System, ids: list[int]) -> int:
+    assert system.factory is not None
+    with system.factory() as session:
+        return int(session.scalar(select(func.count(Image.id)).where(
+            Image.id.in_(ids), Image.status.in_(FINAL_STATES))) or 0)  # fmt: skip
+
+
+def _final_state(system: System, ids: list[int]) -> dict[int, tuple[str, str | None]]:
+    assert system.factory is not None
+    with system.factory() as session:
+        return {i: (st, w) for i, st, w in session.execute(
+            select(Image.id, Image.status, Image.worker).where(Image.id.in_(ids)))}  # fmt: skip
+
+
+def _dropped(system: System) -> int:
+    """Results computed and dropped so far: batch images neither written done nor failed."""
+    assert system.factory is not None
+    with system.factory() as session:
+        return int(session.scalar(select(func.coalesce(
+            func.sum(Batch.size - Batch.done - Batch.failed), 0))) or 0)  # fmt: skip

@@ -24,7 +24,12 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline.cli import DEAD_WORKER_CHECK_S, reconcile_once, rescue_dead_workers
+from pipeline.cli import (
+    DEAD_WORKER_CHECK_S,
+    RECONCILE_EVERY_S,
+    reconcile_once,
+    rescue_dead_workers,
+)
 from pipeline.db import make_engine, make_session_factory, session_scope
 from pipeline.migrate import upgrade
 from pipeline.models import PERSON_ROLES, ROLES
@@ -39,7 +44,7 @@ log = logging.getLogger(__name__)
 COMPOSE_FILE = PACKAGE_ROOT / "docker-compose.yml"
 SHIPPED = Settings()  # the defaults: what `make run` runs with
 SHIPPED_STUCK_AFTER_S = SHIPPED.stuck_after_s
-RUN_RECONCILE_EVERY_S = 60.0  # `cxr-triage run`'s full reconciler pass
+RUN_RECONCILE_EVERY_S = RECONCILE_EVERY_S  # `cxr-triage run`'s full reconciler pass
 
 
 def free_port() -> int:
