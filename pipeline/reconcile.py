@@ -15,11 +15,11 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.db import session_scope
-from pipeline.ingest import enqueue
+from pipeline.ingest import enqueue, mark_unsent
 from pipeline.models import Image, Study, as_utc, utcnow
 from pipeline.queue import (
     Dispatcher,
@@ -154,24 +154,6 @@ def redis_restarted(redis_client: Any, key: str) -> bool:
     previous = _REDIS_RUN_IDS.get(key)
     _REDIS_RUN_IDS[key] = run_id
     return previous is not None and previous != run_id
-
-
-def mark_unsent(factory: sessionmaker[Session], image_ids: Iterable[int]) -> None:
-    """Record that these queued images' messages could not be sent (Redis down or full).
-
-    A queued image with no ``queued_at`` is re-sent by the next dead-worker check (every
-    5 s in ``cxr-triage run``) instead of waiting for the stuck timeout.
-    """
-    ids = list(image_ids)
-    if not ids:
-        return
-    with session_scope(factory) as session:
-        session.execute(
-            update(Image)
-            .where(Image.id.in_(ids), Image.status == "queued")
-            .values(queued_at=None)
-            .execution_options(synchronize_session=False)
-        )
 
 
 def expired_claims(
