@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
-from flask import Flask, g
+import sqlalchemy.exc
+from flask import Flask, g, jsonify, request
 from flask_login import LoginManager
 from flask_wtf import CSRFProtect
 from sqlalchemy.orm import Session
@@ -12,6 +14,7 @@ from sqlalchemy.orm import Session
 from pipeline.db import make_engine, make_session_factory
 from pipeline.models import User
 from pipeline.settings import Settings
+from pipeline.storage import is_storage_full
 
 csrf = CSRFProtect()
 login_manager = LoginManager()
@@ -59,6 +62,25 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     app.register_blueprint(ingest_api.bp)
     csrf.exempt(ingest_api.bp)  # bearer tokens only (ingest_api.bearer_only); no cookies
+
+    @app.errorhandler(sqlalchemy.exc.OperationalError)
+    @app.errorhandler(sqlalchemy.exc.InterfaceError)
+    def _database_unavailable(exc: sqlalchemy.exc.DBAPIError) -> Any:
+        # The database unreachable (a restart, a partition) or its disk full: a sender or a
+        # browser is told to come back, not handed a 500 and a traceback in the log per request.
+        if is_storage_full(exc):
+            code, text = 507, "the disk holding the database is full; try again later"
+        else:
+            code, text = 503, "the database is unavailable; try again shortly"
+        logging.getLogger(__name__).warning("%s %s: %d (%s)", request.method, request.path,
+                                            code, type(exc.orig).__name__)  # fmt: skip
+        if request.path.startswith(("/api/", "/dicomweb/", "/metrics", "/healthz")):
+            response = jsonify(error=text)
+        else:
+            response = app.response_class(text + "\n", mimetype="text/plain")
+        response.status_code = code
+        response.headers["Retry-After"] = "60" if code == 507 else "5"
+        return response
 
     @app.teardown_appcontext
     def _close_session(_exc: BaseException | None) -> None:

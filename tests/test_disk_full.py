@@ -137,3 +137,14 @@ def test_cli_ingest_exits_4_with_a_message_and_one_json_line(full_disk, tmp_path
     assert proc.returncode == 0, proc.stderr[-2000:]
     doc = json.loads(proc.stdout)
     assert doc["accepted"] + doc["duplicates"] == 40 and doc["duplicates"] == images
+
+
+def test_an_unreachable_database_is_503_with_retry_after_not_500(settings: Settings) -> None:
+    """The dashboard cut off from its database (a partition): come back later, no traceback."""
+    unreachable = settings.with_(database_url="postgresql://postgres@127.0.0.1:1/none")
+    client = create_app({"CXR_SETTINGS": unreachable, "TESTING": True}).test_client()
+    body, ctype = _form("a.dcm", dicom_bytes(chest_like(seed=7)))
+    resp = client.post("/api/studies", data=body, headers={
+        "Content-Type": ctype, "Authorization": "Bearer not-checked-without-a-database"})  # fmt: skip
+    assert resp.status_code == 503 and resp.headers["Retry-After"] == "5"
+    assert "database is unavailable" in resp.get_json()["error"]
