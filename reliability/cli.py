@@ -21,11 +21,13 @@ from reliability.diskfull import disk_full_row
 from reliability.faults import Plan, fault_rows
 from reliability.fuzz import fuzz_row
 from reliability.metrics import Row
+from reliability.partition import partition_row
 from reliability.pg import reachable, temporary_database
 from reliability.report import as_json, markdown
 from reliability.runkill import run_kill_row
 from reliability.samples import PhiRegistry
 from reliability.security import security_row
+from reliability.soak import soak_row
 from reliability.sources import dashboard_restart_row, http_bad_requests_row, load_row
 from reliability.system import Profile, System
 
@@ -64,6 +66,8 @@ def run_profile(profile: Profile, plan: Plan, workdir: Path) -> list[Row]:
 # system whose memory is followed): (workdir name, row function).
 OWN_SYSTEM_ROWS: list[tuple[str, Callable[[Profile, Plan, PhiRegistry, Path], Row]]] = [
     ("diskfull", disk_full_row),
+    ("partition", partition_row),
+    ("soak", soak_row),
     ("runkill", run_kill_row),
 ]
 

@@ -46,8 +46,8 @@ class Plan:
     # reliability.partition: how long the links are cut (full: past the visibility timeout)
     partition_s: float = 20.0
     # reliability.soak: studies, and the steady rate they are sent at (studies/s)
-    soak_studies: int = 300
-    soak_rate: float = 10.0
+    soak_studies: int = 200
+    soak_rate: float = 15.0
 
     @classmethod
     def quick(cls) -> Plan:
@@ -58,7 +58,7 @@ class Plan:
         visibility_s = Settings().visibility_timeout_s  # the shipped default: 600 s
         return cls(studies=240, outage_s=10.0, recover_timeout_s=600.0, load_studies=2000,
                    fuzz_inputs=2000, disk_studies=96, partition_s=visibility_s + 30.0,
-                   soak_studies=20_000, soak_rate=15.0)  # fmt: skip
+                   soak_studies=20_000, soak_rate=20.0)  # fmt: skip
 
 
 def _count(system: System, ids: list[int], status: str) -> int:

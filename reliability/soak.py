@@ -1,0 +1,295 @@
+"""The soak: many studies at a steady rate over HTTP and DICOM on a fresh system.
+
+A system of its own (shipped settings, run's restart policy) receives ``Plan.soak_studies``
+studies at ``Plan.soak_rate`` per second: two thirds uploaded over HTTP (two connections), one
+third by C-STORE (one association), each sent at its scheduled time, generated as it goes
+(nothing written to disk first). The row reports throughput, p50/p95 latency (received to
+result, the image's ``latency_ms``), and the resident memory (RSS, a process with its children)
+of every process at the start (after the first 5 % of the studies), the middle and the end:
+Redis, each worker, the dashboard (gunicorn, its workers included), the DICOM listener and
+the harness process that runs the reconciler as ``run`` does.
+
+The bound the row checks (documented in the README): from the middle to the end no product
+process grows by more than ``GROWTH_BOUND`` of its middle RSS plus ``GROWTH_SLACK_MB``. The
+start-to-middle rise is warm-up (allocator arenas, the model's buffers, SQLite's cache) and
+is reported, not bounded. The harness process is reported only: it also holds the senders.
+
+Then the reconciler's cost: the wall time of one full pass (``reconcile_once`` with the
+shipped settings) over the database the soak left, and over the same studies turned into a
+backlog (every soak image ``queued`` as if the workers were behind; their states are put back
+after the timing). Each is the median of three passes.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import statistics
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+from sqlalchemy import select, update
+
+from pipeline.cli import reconcile_once
+from pipeline.models import Image, utcnow
+from reliability.metrics import Row, fill, wait_final, work_counters
+from reliability.netsend import PROCESSING_FAILURE, upload
+from reliability.samples import PhiRegistry, chest_like, dicom_bytes, png_bytes
+from reliability.supervise import Supervising
+from reliability.system import Profile, System
+
+log = logging.getLogger(__name__)
+GROWTH_BOUND = 0.25  # of the middle RSS
+GROWTH_SLACK_MB = 32.0
+
+
+def _rss_mb(pid: int) -> float:
+    """RSS of a process and its descendants, in MB; 0 when it is gone."""
+    try:
+        proc = psutil.Process(pid)
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            continue
+    return total / 1e6
+
+
+def memory(system: System) -> dict[str, float]:
+    """Process name -> RSS in MB, now."""
+    out: dict[str, float] = {}
+    if system.redis.process is not None:
+        out["redis"] = _rss_mb(system.redis.process.pid)
+    for svc in (*system.workers, system.dashboard, system.scp):
+        if svc is not None and svc.proc is not None:
+            out[svc.name] = _rss_mb(svc.proc.pid)
+    out["harness+reconciler"] = psutil.Process(os.getpid()).memory_info().rss / 1e6
+    return out
+
+
+class PacedSender:
+    """Send studies number ``start + k*step`` at ``t0 + k/rate`` over HTTP or C-STORE."""
+
+    def __init__(self, system: System, kind: str, numbers: list[int], rate: float,
+                 phi: PhiRegistry, give_up_after_s: float) -> None:  # fmt: skip
+        self.system, self.kind, self.numbers, self.rate = system, kind, numbers, rate
+        self.phi, self.give_up_after_s = phi, give_up_after_s
+        self.image_ids: list[int] = []
+        self.sop_uids: list[str] = []
+        self.sent = 0
+        self.retries = 0
+        self.errors: list[str] = []
+        self.late_s = 0.0  # how far behind its schedule the sender fell, at most
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self, t0: float) -> PacedSender:
+        self.t0 = t0
+        self._thread.start()
+        return self
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def _study(self, n: int) -> tuple[str, bytes]:
+        arr = chest_like(seed=n)
+        if self.kind == "http" and n % 2:
+            return f"soak-{n}.png", png_bytes(arr)
+        return f"soak-{n}.dcm", dicom_bytes(arr, self.phi.new_patient(n))
+
+    def _run(self) -> None:
+        if self.kind == "http":
+            self._run_http()
+        else:
+            self._run_scp()
+
+    def _wait_turn(self, k: int) -> None:
+        due = self.t0 + k / self.rate
+        now = time.monotonic()
+        if due > now:
+            time.sleep(due - now)
+        else:
+            self.late_s = max(self.late_s, now - due)
+
+    def _run_http(self) -> None:
+        token = self.system.accounts["feed"][2]
+        for k, n in enumerate(self.numbers):
+            self._wait_turn(k)
+            name, data = self._study(n)
+            deadline = time.monotonic() + self.give_up_after_s
+            while True:
+                try:
+                    status, doc = upload(self.system.base_url, token, name, data)
+                except OSError as exc:
+                    status, doc = 0, {"error": type(exc).__name__}
+                if status in (200, 202) and doc.get("image_id"):
+                    self.image_ids.append(int(doc["image_id"]))
+                    self.sent += 1
+                    break
+                if 400 <= status < 500 or time.monotonic() > deadline:
+                    self.errors.append(f"{name}: HTTP {status} {doc.get('error', '')}"[:120])
+                    break
+                self.retries += 1
+                time.sleep(0.3)
+
+    def _run_scp(self) -> None:
+        import pydicom
+        from pynetdicom import AE, StoragePresentationContexts
+
+        ae = AE(ae_title="RELIABILITY")
+        ae.requested_contexts = StoragePresentationContexts
+        assoc = None
+        try:
+            for k, n in enumerate(self.numbers):
+                self._wait_turn(k)
+                _, data = self._study(n)
+                ds = pydicom.dcmread(io.BytesIO(data))
+                deadline = time.monotonic() + self.give_up_after_s
+                while True:
+                    if assoc is None or not assoc.is_established:
+                        assoc = ae.associate("127.0.0.1", self.system.scp_port,
+                                             ae_title="CXRTRIAGE")  # fmt: skip
+                    code = (
+                        getattr(assoc.send_c_store(ds), "Status", None)
+                        if assoc.is_established
+                        else None
+                    )
+                    if code is not None and code != PROCESSING_FAILURE:
+                        if code == 0:
+                            self.sop_uids.append(str(ds.SOPInstanceUID))
+                            self.sent += 1
+                        else:
+                            self.errors.append(f"C-STORE {n}: status 0x{code:04X}")
+                        break
+                    if time.monotonic() > deadline:
+                        self.errors.append(f"C-STORE {n}: never stored")
+                        break
+                    self.retries += 1
+                    time.sleep(0.3)
+        finally:
+            if assoc is not None and assoc.is_established:
+                assoc.release()
+
+
+def _pass_s(system: System) -> float:
+    """Median wall time of three full reconciler passes with the shipped settings."""
+    assert system.settings is not None
+    times = []
+    for _ in range(3):
+        started = time.perf_counter()
+        reconcile_once(system.settings, system.redis.url)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def reconciler_cost(system: System, ids: list[int]) -> tuple[float, float]:
+    """(pass seconds over the soak's database, pass seconds with its studies as a backlog)."""
+    assert system.factory is not None
+    settled = _pass_s(system)
+    with system.factory() as session:
+        saved = session.execute(select(Image.id, Image.status, Image.queued_at)
+                                .where(Image.id.in_(ids))).all()  # fmt: skip
+        session.execute(update(Image).where(Image.id.in_(ids))
+                        .values(status="queued", queued_at=utcnow())
+                        .execution_options(synchronize_session=False))  # fmt: skip
+        session.commit()
+    try:
+        backlog = _pass_s(system)  # the passes run within seconds: no queued image is old yet
+    finally:
+        with system.factory() as session:
+            for status in {s for _, s, _ in saved}:
+                chosen = [i for i, s, _ in saved if s == status]
+                for start in range(0, len(chosen), 5000):
+                    session.execute(update(Image).where(Image.id.in_(chosen[start : start + 5000]))
+                                    .values(status=status)
+                                    .execution_options(synchronize_session=False))  # fmt: skip
+            session.commit()
+    return settled, backlog
+
+
+def _fmt(mem: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.0f}" for k, v in mem.items())
+
+
+def soak_row(profile: Profile, plan: Any, phi: PhiRegistry, workdir: Path) -> Row:
+    """Plan.soak_studies at Plan.soak_rate/s over HTTP and DICOM; memory and reconciler cost."""
+    n, rate = plan.soak_studies, plan.soak_rate
+    row = Row(f"soak: {n} studies at {rate:.0f}/s, HTTP + DICOM", profile.name)
+    workdir.mkdir(parents=True, exist_ok=True)
+    system = System(profile, workdir)
+    supervisor: Supervising | None = None
+    try:
+        system.start()
+        supervisor = Supervising(system).__enter__()
+        assert system.factory is not None
+        before = work_counters(system.factory)
+        numbers = list(range(2_000_000, 2_000_000 + n))
+        http_a, http_b, scp_n = numbers[0::3], numbers[1::3], numbers[2::3]
+        give_up = plan.recover_timeout_s
+        senders = [PacedSender(system, "http", http_a, rate / 3, phi, give_up),
+                   PacedSender(system, "http", http_b, rate / 3, phi, give_up),
+                   PacedSender(system, "scp", scp_n, rate / 3, phi, give_up)]  # fmt: skip
+        t0 = time.monotonic()
+        for s in senders:
+            s.start(t0)
+        samples: dict[str, dict[str, float]] = {}
+        for label, share in (("start", 0.05), ("middle", 0.5)):
+            while sum(s.sent for s in senders) < n * share and any(
+                    s._thread.is_alive() for s in senders):  # fmt: skip
+                time.sleep(0.5)
+            samples[label] = memory(system)
+        for s in senders:
+            s.join(n / rate + give_up)
+        sent_s = time.monotonic() - t0
+        with system.factory() as session:
+            sops = [u for s in senders for u in s.sop_uids]
+            scp_ids = [i for start in range(0, len(sops), 5000) for i in session.scalars(
+                select(Image.id).where(Image.sop_uid.in_(sops[start : start + 5000])))]  # fmt: skip
+        ids = sorted({*(i for s in senders for i in s.image_ids), *scp_ids})
+        finished = wait_final(system.factory, ids, plan.recover_timeout_s)
+        total_s = time.monotonic() - t0
+        samples["end"] = memory(system)
+        fill(row, system.factory, ids, n, before)
+        row.recover_s = total_s
+        for s in senders:
+            row.failures += s.errors[:3]
+        if not finished:
+            row.failures.append("not all final")
+        if row.done != row.sent:
+            row.failures.append(f"{row.sent - row.done} studies not done")
+        with system.factory() as session:
+            latencies = sorted(float(x) / 1000 for x in session.scalars(
+                select(Image.latency_ms).where(Image.id.in_(ids), Image.latency_ms.is_not(None)))
+                if x is not None)  # fmt: skip
+        p50 = statistics.median(latencies) if latencies else 0.0
+        p95 = latencies[int(0.95 * (len(latencies) - 1))] if latencies else 0.0
+        grown = []
+        for name, middle in samples["middle"].items():
+            end = samples["end"].get(name, 0.0)
+            if name != "harness+reconciler" and end > middle * (1 + GROWTH_BOUND) + GROWTH_SLACK_MB:
+                grown.append(f"{name} grew {middle:.0f} -> {end:.0f} MB")
+        row.failures += grown
+        settled_s, backlog_s = reconciler_cost(system, ids)
+        late = max(s.late_s for s in senders)
+        row.note = (f"{n / total_s:.1f} studies/s end to end, sent at {n / sent_s:.1f}/s "
+                    f"(at most {late:.1f} s behind schedule); latency p50 {p50:.1f} s, p95 "
+                    f"{p95:.1f} s; RSS MB start: {_fmt(samples['start'])}; middle: "
+                    f"{_fmt(samples['middle'])}; end: {_fmt(samples['end'])}; bound middle->end "
+                    f"+{GROWTH_BOUND:.0%} +{GROWTH_SLACK_MB:.0f} MB; reconciler pass "
+                    f"{settled_s * 1000:.0f} ms over {len(ids)} done, {backlog_s * 1000:.0f} ms "
+                    f"with {len(ids)} queued; {supervisor.summary()}")  # fmt: skip
+    except Exception as exc:
+        log.exception("soak row failed")
+        row.failures.append(f"{type(exc).__name__}: {exc}")
+    finally:
+        if supervisor is not None:
+            supervisor.__exit__()
+        system.stop()
+    return row
