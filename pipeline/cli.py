@@ -216,6 +216,9 @@ def _run_system(settings: Settings, lock: RunLock) -> int:
         sup.add("dashboard", dashboard_command(settings), env)
         for name, command in source_children(settings):  # watched folder, DICOM listener
             sup.add(name, command, env)
+        from pipeline.outbox_cli import sender_command
+
+        sup.add("send-results", sender_command(settings), env)  # results and alerts out
         # Anything left queued by a standalone ingest or a lost Redis is sent now.
         reconcile_once(settings, redis_url, stuck_after_s=0)
         print(f"cxr-triage is running: open {dashboard_url}  (Ctrl-C stops everything)", flush=True)
@@ -428,6 +431,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "pipeline.simulate_cli",
     "bench.pipeline_bench",
     "pipeline.sources_cli",
+    "pipeline.outbox_cli",
     "bench.ingest_bench",
     "reliability.cli",
 )

@@ -9,6 +9,7 @@ double nothing and meet its documented outcome.
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -46,10 +47,21 @@ def test_quick_reliability_suite_loses_and_doubles_nothing(settings, tmp_path) -
         expected |= {(s, "postgresql+compose") for s in COMMON}
         expected |= {("redis crash+restart (compose, AOF)", "postgresql+compose"),
                      ("postgresql down 3 s", "postgresql+compose")}  # fmt: skip
+    # Rows on a system of their own (reliability.cli.OWN_SYSTEM_ROWS); the disk-full row mounts
+    # a tmpfs, which needs root.
+    own = {"sqlite+embedded": ["partition 20 s: workers-Redis"],
+           "postgresql+compose": ["partition 20 s: workers-Redis, dashboard-database"]}  # fmt: skip
+    if os.geteuid() == 0:
+        own["sqlite+embedded"].append("disk full (64 MB tmpfs: data dir, SQLite, Redis AOF, spool)")
+        own["postgresql+compose"].append("disk full (64 MB tmpfs: data dir, Redis AOF, spool)")
+    for profile in ["sqlite+embedded"] + (["postgresql+compose"] if with_pg else []):
+        expected |= {(s, profile) for s in own[profile]}
+        expected.add(("soak: 200 studies at 15/s, HTTP + DICOM", profile))
     assert {(r["scenario"], r["profile"]) for r in rows} == expected
     for row in rows:
         assert row["lost"] == 0 and row["duplicated"] == 0, row
-        if row["scenario"].startswith(("worker", "redis", "postgresql", "dashboard", "load")):
+        if row["scenario"].startswith(("worker", "redis", "postgresql", "dashboard", "load",
+                                       "disk full", "partition", "soak")):  # fmt: skip
             # Every study sent came out final: done (these scenarios send good studies only).
             assert row["done"] == row["sent"], row
     fuzz = next(r for r in rows if r["scenario"].startswith("decoder fuzz"))
