@@ -271,6 +271,12 @@ DICOM_HEADER_KEYS = (
     "StudyPriorityID",
     "PhotometricInterpretation",
     "BitsStored",
+    # Copied into the results sent back to the PACS (pipeline.results_dicom).
+    "PatientBirthDate",
+    "IssuerOfPatientID",
+    "StudyID",
+    "StudyDescription",
+    "ReferringPhysicianName",
 )
 
 

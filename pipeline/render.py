@@ -36,16 +36,20 @@ def _heat(cam: np.ndarray, w: int, h: int) -> np.ndarray:
     return np.asarray(heat_img, dtype=np.float32) / 255.0
 
 
-def overlay_png(preview: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> bytes:
-    """Blend the ReLU'd, max-normalised CAM over the greyscale image; return PNG bytes."""
+def overlay_rgb(preview: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarray:
+    """Blend the ReLU'd, max-normalised CAM over the greyscale image; return RGB uint8."""
     h, w = preview.shape
     heat_up = _heat(cam, w, h)
     colour = _colormap(heat_up).astype(np.float32)
     grey = np.repeat(preview[..., None], 3, axis=2).astype(np.float32)
     weight = (alpha * heat_up)[..., None]
-    out = (grey * (1 - weight) + colour * weight).clip(0, 255).astype(np.uint8)
+    return (grey * (1 - weight) + colour * weight).clip(0, 255).astype(np.uint8)
+
+
+def overlay_png(preview: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> bytes:
+    """``overlay_rgb`` as PNG bytes."""
     buf = io.BytesIO()
-    PILImage.fromarray(out, mode="RGB").save(buf, format="PNG")
+    PILImage.fromarray(overlay_rgb(preview, cam, alpha), mode="RGB").save(buf, format="PNG")
     return buf.getvalue()
 
 

@@ -1,0 +1,173 @@
+"""``cxr-triage send-results``: the sender loop (a child of ``cxr-triage run``).
+
+Each pass syncs the environment's destinations (every minute), queues what finished studies
+owe (``pipeline.outbox.queue_results``), then sends what is due, recording each object's
+outcome the moment it is known. It needs only the database: Redis may be down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+import time
+from collections import defaultdict
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from pipeline import migrate
+from pipeline.db import make_engine, make_session_factory, session_scope
+from pipeline.destinations import DestinationError, sync_env
+from pipeline.models import Destination, OutboxItem, ResultObject
+from pipeline.outbox import ModelInfo, Outcome, claim_due, policy, queue_results, record
+from pipeline.settings import Settings
+
+log = logging.getLogger(__name__)
+SYNC_EVERY_S = 60.0
+
+
+def model_info(settings: Settings) -> ModelInfo:
+    """The loaded weights' version, name and ranking policy (read without torch)."""
+    from pipeline.weights import describe_weights, read_meta
+
+    model = describe_weights(settings)
+    meta = read_meta(settings.weights_path)
+    temperature = meta.get("temperature")
+    version, params = policy(model, float(temperature) if temperature is not None else None)
+    return ModelInfo(str(model["version"]), f"cxr-triage {model.get('arch') or 'model'}",
+                     version, params)  # fmt: skip
+
+
+def send_pass(factory: sessionmaker[Session], settings: Settings) -> dict[str, int]:
+    """Send every due outbox row once; return counts by outcome."""
+    from pipeline import senders
+
+    counts: dict[str, int] = defaultdict(int)
+    with session_scope(factory) as session:
+        claimed = claim_due(session)
+    if not claimed:
+        return dict(counts)
+
+    def report(item_id: int, outcome: Outcome) -> None:
+        with session_scope(factory) as s:
+            counts[record(s, item_id, outcome)] += 1
+        if not outcome.ok:
+            log.warning("outbox item %d not delivered: %s", item_id, outcome.error)
+
+    by_dest: dict[int, list[int]] = defaultdict(list)
+    with session_scope(factory) as session:
+        for item in session.query(OutboxItem).filter(OutboxItem.id.in_(claimed)):
+            by_dest[item.destination_id].append(item.id)
+    for dest_id, item_ids in by_dest.items():
+        with session_scope(factory) as session:
+            dest = session.get(Destination, dest_id)
+            assert dest is not None
+            session.expunge(dest)
+            payloads: list[tuple[int, str, ResultObject, bytes]] = []
+            for item_id in item_ids:
+                row = session.get(OutboxItem, item_id)
+                obj = session.get(ResultObject, row.object_id) if row else None
+                if obj is None:
+                    continue
+                try:
+                    payloads.append((item_id, obj.kind, obj, senders.build_payload(session, obj)))
+                except (LookupError, ValueError, KeyError) as exc:
+                    payloads.append((item_id, "error", obj, str(exc).encode()))
+            for *_, obj, _ in payloads:
+                session.expunge(obj)
+        _send_destination(settings, dest, payloads, report)
+    return dict(counts)
+
+
+def _send_destination(settings: Settings, dest: Destination,
+                      payloads: list[tuple[int, str, ResultObject, bytes]], report: Any) -> None:  # fmt: skip
+    from pipeline import senders
+
+    good = []
+    for item_id, kind, obj, data in payloads:
+        if kind == "error":
+            report(item_id, Outcome(False, f"cannot build: {data.decode()}", transient=False))
+        else:
+            good.append((item_id, obj, data))
+    try:
+        if dest.kind == "dicom":
+            senders.send_dicom(settings, dest, [(i, d) for i, _, d in good], report)
+        elif dest.kind == "dicomweb":
+            for item_id, obj, data in good:
+                study_uid = obj.snapshot["study_instance_uid"]
+                senders.send_stow(settings, dest, study_uid, item_id, data, report)
+        elif dest.kind == "webhook":
+            for item_id, _, data in good:
+                senders.send_webhook(settings, dest, item_id, data, report)
+        elif dest.kind == "mllp":
+            for item_id, obj, _ in good:
+                senders.send_mllp(dest, item_id, senders.oru_message(obj), report)
+    except DestinationError as exc:  # e.g. a secret that no longer decrypts
+        for item_id, _, _ in good:
+            report(item_id, Outcome(False, str(exc)))
+
+
+class Sender:
+    """The loop's state: the session factory, the model it reports, when it last synced."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine = make_engine(settings.db_url)
+        self.factory = make_session_factory(self.engine)
+        self.model = model_info(settings)
+        self.synced = 0.0
+
+    def once(self) -> dict[str, Any]:
+        """One pass: sync (when due), queue, send."""
+        if time.monotonic() - self.synced >= SYNC_EVERY_S or not self.synced:
+            with session_scope(self.factory) as session:
+                sync_env(session, self.settings)
+            self.synced = time.monotonic()
+        queued = queue_results(self.factory, self.model)
+        sent = send_pass(self.factory, self.settings)
+        return {"queued": queued, "sent": sent}
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def cmd_send_results(args: argparse.Namespace, settings: Settings) -> int:
+    migrate.upgrade(settings.db_url)
+    sender = Sender(settings)
+    try:
+        if args.once:
+            print(json.dumps(sender.once()) if args.json else sender.once(), flush=True)
+            return 0
+        stop = threading.Event()
+        import signal
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        print(f"sending results every {args.every:g} s (Ctrl-C stops)", file=sys.stderr,
+              flush=True)  # fmt: skip
+        while not stop.is_set():
+            try:
+                sender.once()
+            except Exception:  # the database away: log and try again next pass
+                log.exception("send-results pass failed; will retry")
+            stop.wait(args.every)
+    finally:
+        sender.close()
+    return 0
+
+
+def sender_command(settings: Settings) -> list[str]:
+    """The ``send-results`` child of ``cxr-triage run``."""
+    return [sys.executable, "-m", "pipeline.cli", "send-results"]
+
+
+def register(sub: Any) -> None:
+    """Add ``send-results`` to the CLI."""
+    p = sub.add_parser("send-results", help="send SR, CAM captures and alerts to destinations")
+    p.add_argument("--once", action="store_true", help="one pass, then exit")
+    p.add_argument("--every", type=float, default=2.0, help="seconds between passes (2)")
+    p.add_argument("--json", action="store_true", help="with --once: one line of JSON")
+    p.set_defaults(handler=cmd_send_results)
