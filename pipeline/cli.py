@@ -219,6 +219,9 @@ def _run_system(settings: Settings, lock: RunLock) -> int:
         from pipeline.outbox_cli import sender_command
 
         sup.add("send-results", sender_command(settings), env)  # results and alerts out
+        from pipeline.outbox_cli import sender_command
+
+        sup.add("send-results", sender_command(settings), env)  # results and alerts out
         # Anything left queued by a standalone ingest or a lost Redis is sent now.
         reconcile_once(settings, redis_url, stuck_after_s=0)
         print(f"cxr-triage is running: open {dashboard_url}  (Ctrl-C stops everything)", flush=True)
@@ -431,6 +434,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "pipeline.simulate_cli",
     "bench.pipeline_bench",
     "pipeline.sources_cli",
+    "pipeline.outbox_cli",
     "pipeline.outbox_cli",
     "bench.ingest_bench",
     "reliability.cli",
