@@ -56,18 +56,18 @@ LAYOUT_BATCH_SIZES = (8, 16, 32)
 WARMUP = 32  # images sent through the pipeline before timing
 
 
-def bench_images(n: int, folder: Path) -> list[Path]:
+def bench_images(n: int, folder: Path, tag: str = "bench") -> list[Path]:
     """n distinct radiographs: real ones from ../shared/data when present, else generated."""
     folder.mkdir(parents=True, exist_ok=True)
     sources = sorted(SHARED_CXR.glob("*/*/*.jp*g")) + sorted(SHARED_CXR.glob("*/*/*/*.jp*g"))
     out = []
     rng = np.random.default_rng(0)
     for i in range(n):
-        dest = folder / f"bench-{i:05d}.jpg"
+        dest = folder / f"{tag}-{i:05d}.jpg"
         if sources:
             data = sources[(i * 7919) % len(sources)].read_bytes()
             # A distinct byte string per copy, so dedup never short-cuts the pipeline.
-            dest.write_bytes(data + f"bench{i}".encode())
+            dest.write_bytes(data + f"{tag}{i}".encode())
         else:
             arr = rng.integers(0, 255, (512, 512), dtype=np.uint8)
             PILImage.fromarray(arr).save(dest, format="JPEG", quality=90)
@@ -88,13 +88,13 @@ def measure_model(clf: Classifier, inputs: np.ndarray) -> dict[int, float]:
 
 
 def _model_child(weights: str, layout: WorkerLayout, inputs_path: str, batch_sizes: tuple[int, ...],
-                 barrier: Any, out: Any) -> None:  # fmt: skip
+                 barrier: Any, out: Any, runtime: str = "eager") -> None:  # fmt: skip
     """One process of the layout: the model alone at each batch size, started with the others."""
     from pipeline.classifier import Classifier
 
-    clf = Classifier(Path(weights), layout.device, layout.threads)
     inputs = np.load(inputs_path)
     for bs in batch_sizes:
+        clf = Classifier(Path(weights), layout.device, layout.threads, runtime, batch_size=bs)
         clf.predict(inputs[:bs])  # warm-up at this shape
         barrier.wait()
         start = time.monotonic()
@@ -104,7 +104,7 @@ def _model_child(weights: str, layout: WorkerLayout, inputs_path: str, batch_siz
 
 
 def measure_model_layout(
-    weights: Path, layout: WorkerLayout, inputs: np.ndarray, workdir: Path
+    weights: Path, layout: WorkerLayout, inputs: np.ndarray, workdir: Path, runtime: str = "eager"
 ) -> dict[int, float]:
     """Images/s of the model alone in the workers' layout: its processes all at once."""
     ctx = multiprocessing.get_context("spawn")
@@ -112,7 +112,8 @@ def measure_model_layout(
     np.save(path, inputs)
     barrier, out = ctx.Barrier(layout.processes), ctx.Queue()
     procs = [ctx.Process(target=_model_child,
-                         args=(str(weights), layout, str(path), LAYOUT_BATCH_SIZES, barrier, out))
+                         args=(str(weights), layout, str(path), LAYOUT_BATCH_SIZES, barrier, out,
+                               runtime))
              for _ in range(layout.processes)]  # fmt: skip
     for proc in procs:
         proc.start()
@@ -174,6 +175,31 @@ def measure_ingest(
     return (time.perf_counter() - start) * 1000.0 / len(paths)
 
 
+def _cli(settings: Settings, workdir: Path, args: list[str]) -> tuple[float, dict[str, Any]]:
+    """Seconds of one `cxr-triage` command as a user runs it (start-up included), and its JSON."""
+    script = Path(sys.executable).with_name("cxr-triage")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "pipeline.cli"]
+    env = {**os.environ, **settings.with_(data_dir=workdir).as_env()}
+    start = time.perf_counter()
+    proc = subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=900)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"cxr-triage {args[0]} failed: {proc.stderr[-1500:]}")
+    return elapsed, json.loads(proc.stdout)
+
+
+def measure_ingest_wait(settings: Settings, workdir: Path, n: int) -> dict[str, float]:
+    """`cxr-triage ingest DIR --wait` of n new radiographs into the running system, and the
+    start-up of a command that does not run the network (`worklist`)."""
+    folder = workdir / "ingest-wait"
+    bench_images(n, folder, tag="wait")
+    startup_s, _ = _cli(settings, workdir, ["worklist", "--json", "--limit", "1"])
+    wait_s, doc = _cli(settings, workdir, ["ingest", str(folder), "--wait", "--json"])
+    if doc["done"] != n:
+        raise RuntimeError(f"ingest --wait: {doc['done']} of {n} done")
+    return {"ingest_wait_s": wait_s, "startup_s": startup_s}
+
+
 def measure_pipeline(
     base: Settings,
     paths: list[Path],
@@ -227,6 +253,7 @@ def measure_pipeline(
         _wait_done(factory, latency_ids, 300)
         with factory() as session:
             lat = sorted(session.scalars(select(Image.latency_ms).where(Image.id.in_(latency_ids))))
+        user = measure_ingest_wait(settings, workdir, len(timed))
     finally:
         for worker in workers:
             worker.terminate()
@@ -241,6 +268,7 @@ def measure_pipeline(
         "worker_forward_share": forward_share,
         "latency_p50_ms": statistics.median(lat),
         "latency_p95_ms": lat[min(len(lat) - 1, int(round(0.95 * (len(lat) - 1))))],
+        **user,
     }
 
 
@@ -299,24 +327,39 @@ def run(
     latency_n: int = 30,
     rate_hz: float = 2.0,
     pipeline_batch: int | None = None,
+    runtimes: bool = True,
+    choose_runtime: bool = False,
 ) -> dict[str, Any]:
-    """Run all three measurements on the same n images; return the --json document.
+    """Run all the measurements on the same n images; return the --json document.
 
-    The pipeline runs at the model's best measured batch size unless pipeline_batch is given.
+    First every runtime of the model side by side (``runtimes``; ``choose_runtime`` records
+    the fastest that passes for the workers' ``CXR_RUNTIME=auto``), then the model alone, the
+    pipeline and the naive endpoint with the settings as they are (the default: auto). The
+    pipeline runs at the model's best measured batch size unless pipeline_batch is given.
     """
+    from bench.runtimes_bench import choose, compare_runtimes
     from pipeline.classifier import Classifier
+    from pipeline.runtimes import write_choice
 
     weights = ensure_weights(settings)
     settings = settings.with_(weights=weights)
-    clf = Classifier(weights, settings.device, settings.torch_threads)
+    # The naive endpoint is the seed tutorials' pattern: eager PyTorch, one image per request.
+    eager = Classifier(weights, settings.device, settings.torch_threads)
+    runtime_rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="cxr-bench-") as tmp:
         workdir = Path(tmp)
         paths = bench_images(WARMUP + n + latency_n, workdir / "images")
         warm, timed, extra = paths[:WARMUP], paths[WARMUP : WARMUP + n], paths[WARMUP + n :]
-        inputs = np.stack([load_one(p, clf.input_size, clf.preprocess) for p in timed])
-        model_rates = measure_model(clf, inputs)
+        inputs = np.stack([load_one(p, eager.input_size, eager.preprocess) for p in timed])
         layout = inference_layout(settings)
-        layout_rates = (measure_model_layout(weights, layout, inputs, workdir)
+        if runtimes and eager.device.type == "cpu":
+            runtime_rows = compare_runtimes(weights, layout, inputs, workdir)
+            if choose_runtime:
+                write_choice(weights, eager.sha256, choose(runtime_rows), runtime_rows)
+        clf = Classifier(weights, settings.device, settings.torch_threads, settings.runtime,
+                         batch_size=settings.batch_size)  # fmt: skip
+        model_rates = measure_model(clf, inputs)
+        layout_rates = (measure_model_layout(weights, layout, inputs, workdir, clf.runtime)
                         if layout.processes > 1 else {})  # fmt: skip
         # The ceiling: the fastest the model alone ran, in whichever layout.
         candidates = {("process", b): r for b, r in model_rates.items()}
@@ -324,7 +367,7 @@ def run(
         best = max(candidates, key=lambda k: candidates[k])
         best_bs = best[1]
         settings = settings.with_(batch_size=pipeline_batch or best_bs)
-        naive = measure_naive(clf, timed, workdir)
+        naive = measure_naive(eager, timed, workdir)
         pipe = measure_pipeline(settings, warm + timed, extra, workdir, rate_hz, clf.input_size)
     model_best = candidates[best]
     return {
@@ -335,6 +378,10 @@ def run(
         "naive_img_s": round(naive, 2),
         "pipeline_vs_model": round(pipe["img_s"] / model_best, 3),
         "pipeline_vs_naive": round(pipe["img_s"] / naive, 3),
+        "runtime": clf.runtime,
+        "ingest_wait_s": round(pipe["ingest_wait_s"], 2),
+        "naive_s_same_images": round(len(timed) / naive, 2),
+        "startup_s": round(pipe["startup_s"], 2),
         "latency_p50_ms": round(pipe["latency_p50_ms"], 1),
         "latency_p95_ms": round(pipe["latency_p95_ms"], 1),
         "ingest_ms_per_image": round(pipe["ingest_ms_per_image"], 2),
@@ -347,6 +394,7 @@ def run(
         "pipeline_batch_size": settings.batch_size,
         "pipeline_batch_wait_ms": settings.batch_wait_ms,
         "model_version": clf.version,
+        "runtimes": runtime_rows,
     }
 
 
@@ -360,13 +408,20 @@ def cmd_bench(args: Any, settings: Settings) -> int:
     """Handler of `cxr-triage bench`."""
     if args.batch_wait_ms is not None:
         settings = settings.with_(batch_wait_ms=args.batch_wait_ms)
-    doc = run(args.n, settings, args.latency_n, args.rate, pipeline_batch=args.batch_size)
+    doc = run(args.n, settings, args.latency_n, args.rate, pipeline_batch=args.batch_size,
+              runtimes=not args.no_runtimes, choose_runtime=args.choose_runtime)  # fmt: skip
     keys = ("device", "n", "model_only_img_s", "pipeline_img_s", "naive_img_s",
-            "pipeline_vs_model", "pipeline_vs_naive", "latency_p50_ms", "latency_p95_ms")  # fmt: skip
+            "pipeline_vs_model", "pipeline_vs_naive", "latency_p50_ms", "latency_p95_ms",
+            "runtime", "ingest_wait_s", "naive_s_same_images", "startup_s", "runtimes")  # fmt: skip
     if args.json:
         print(json.dumps({k: doc[k] for k in keys}))
-    else:
-        for key, value in doc.items():
+        return 0
+    from bench.runtimes_bench import table
+
+    if doc["runtimes"]:
+        print(table(doc["runtimes"]))
+    for key, value in doc.items():
+        if key != "runtimes":
             print(f"{key:24} {value}")
     return 0
 
@@ -381,6 +436,9 @@ def register(sub: Any) -> None:
     p.add_argument("--batch-wait-ms", type=int, default=None)
     p.add_argument("--latency-n", type=int, default=30)
     p.add_argument("--rate", type=float, default=2.0, help="studies/s for the latency run")
+    p.add_argument("--no-runtimes", action="store_true", help="skip the runtime comparison")
+    p.add_argument("--choose-runtime", action="store_true",
+                   help="record the fastest runtime that passes, for CXR_RUNTIME=auto")  # fmt: skip
     p.set_defaults(handler=cmd_bench)
 
 

@@ -133,7 +133,14 @@ class BatchOutput:
 class Classifier:
     """A loaded model: load once per process, call ``predict`` per batch."""
 
-    def __init__(self, weights_path: Path, device: str = "auto", threads: int = 0) -> None:
+    def __init__(
+        self,
+        weights_path: Path,
+        device: str = "auto",
+        threads: int = 0,
+        runtime: str = "eager",
+        batch_size: int = 0,
+    ) -> None:
         if not weights_path.exists():
             raise WeightsError(f"weights file not found: {weights_path}")
         try:
@@ -166,7 +173,30 @@ class Classifier:
         self.model: Any = model
         self._mean = float(np.mean(self.meta.get("mean", 0.5)))
         self._std = float(np.mean(self.meta.get("std", 0.25)))
-        log.info("loaded model %s on %s (trained=%s)", self.version, self.device, self.trained)
+        # The CPU forward pass may run elsewhere (pipeline.runtimes); eager is the reference.
+        self.runtime = "eager"
+        self._forward: Any = None
+        if self.device.type == "cpu" and runtime != "eager":
+            self._use_runtime(runtime, weights_path, threads, batch_size)
+        log.info("loaded model %s on %s (trained=%s, runtime %s)", self.version, self.device,
+                 self.trained, self.runtime)  # fmt: skip
+
+    def _use_runtime(self, requested: str, weights_path: Path, threads: int, batch: int) -> None:
+        from pipeline import runtimes
+
+        name = runtimes.resolve(requested, weights_path, self.sha256)
+        if name == "eager":
+            return
+        try:
+            self._forward = runtimes.build_forward(
+                name, self.model, self.input_size, runtimes.onnx_dir_for(weights_path),
+                self.sha256, threads or torch.get_num_threads(), pad_to=batch,
+            )  # fmt: skip
+            self.runtime = name
+            self.predict(np.zeros((max(1, batch), self.input_size, self.input_size), np.uint8))
+        except Exception as exc:  # a missing package, a failed export: the reference still runs
+            self._forward, self.runtime = None, "eager"
+            log.warning("runtime %s unavailable, falling back to eager PyTorch: %s", name, exc)
 
     def cam_class(self, index: int) -> str:
         """What the CAM of a prediction of class ``index`` shows, in words for the viewer.
@@ -201,13 +231,16 @@ class Classifier:
         x = torch.from_numpy(np.ascontiguousarray(images))
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
-        x = x.float().div_(255.0).sub_(self._mean).div_(self._std)
-        x = x.unsqueeze(1).expand(-1, 3, -1, -1)
-        if self.device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
-            feats = self._features(x)
-            logits = self.model.fc(torch.flatten(self.model.avgpool(feats), 1))
+        x = x.float().div_(255.0).sub_(self._mean).div_(self._std).unsqueeze(1)
+        if self._forward is not None:
+            feats, logits = self._forward(x)
+        else:
+            x = x.expand(-1, 3, -1, -1)
+            if self.device.type == "cuda":
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
+                feats = self._features(x)
+                logits = self.model.fc(torch.flatten(self.model.avgpool(feats), 1))
         feats, logits = feats.float(), logits.float()
         probs = head_probabilities(logits, self.meta)
         if self.head == "abnormal":

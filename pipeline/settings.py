@@ -53,6 +53,9 @@ class Settings:
     max_attempts: int = 3
     payload_ttl_s: int = 7 * 24 * 3600
     torch_threads: int = 0
+    # Where a CPU worker's forward pass runs (pipeline.runtimes): auto = the runtime the bench
+    # measured best on this CPU for these weights, else eager PyTorch.
+    runtime: str = "auto"
     # Inference worker processes; 0: one per core on a CPU (up to 8), one on a GPU.
     worker_processes: int = 0
     # Sources (issue 3): a watched folder, a DICOM listener (port 0: off), the HTTP body limit.

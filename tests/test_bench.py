@@ -13,12 +13,17 @@ pytestmark = pytest.mark.e2e
 
 def test_bench_json_contract(settings) -> None:  # type: ignore[no-untyped-def]
     proc = run_cli(["bench", "--n", "8", "--latency-n", "3", "--rate", "5", "--json",
-                    "--batch-size", "4", "--batch-wait-ms", "100"], settings, timeout=400)  # fmt: skip
+                    "--batch-size", "4", "--batch-wait-ms", "100", "--no-runtimes"], settings,
+                   timeout=400)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(proc.stdout)
     assert list(doc) == ["device", "n", "model_only_img_s", "pipeline_img_s", "naive_img_s",
                          "pipeline_vs_model", "pipeline_vs_naive", "latency_p50_ms",
-                         "latency_p95_ms"]  # fmt: skip
+                         "latency_p95_ms", "runtime", "ingest_wait_s", "naive_s_same_images",
+                         "startup_s", "runtimes"]  # fmt: skip
+    assert doc["runtime"] == "eager" and doc["runtimes"] == []  # nothing recorded for these weights
+    assert doc["ingest_wait_s"] > 0 and doc["startup_s"] > 0
+    assert doc["naive_s_same_images"] == pytest.approx(8 / doc["naive_img_s"], rel=0.01)
     assert doc["device"] == "cpu" and doc["n"] == 8
     for key in ("model_only_img_s", "pipeline_img_s", "naive_img_s"):
         assert doc[key] > 0

@@ -51,7 +51,8 @@ def get_runtime() -> Runtime:
     with _lock:
         if _runtime is None:
             weights = ensure_weights(_settings)
-            classifier = Classifier(weights, _settings.device, _settings.torch_threads)
+            classifier = Classifier(weights, _settings.device, _settings.torch_threads,
+                                    _settings.runtime, _settings.batch_size)  # fmt: skip
             factory = make_session_factory(make_engine(_settings.db_url))
             url = resolve_redis_url(_settings)
             _runtime = Runtime(classifier, factory, redis_client(url or app.conf.broker_url))
