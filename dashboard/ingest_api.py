@@ -26,6 +26,7 @@ from dashboard.multipart import BodyTooLarge, MalformedBody, Part, hash_range, s
 from pipeline.imaging import header_fields
 from pipeline.ingest import IngestItem
 from pipeline.intake import STATUS_OUT_OF_RESOURCES, Intake, failure_status
+from pipeline.queue import QueueFull
 from pipeline.storage import StorageFull, is_storage_full
 
 bp = Blueprint("ingest_api", __name__)
@@ -81,6 +82,13 @@ def _storage_full(exc: Exception) -> tuple[Response, int]:
     return response, code
 
 
+def _queue_full(exc: QueueFull) -> tuple[Response, int]:
+    """503 Service Unavailable: the work queue is full; nothing was stored; send it again."""
+    response, code = _error(503, str(exc))
+    response.headers["Retry-After"] = "30"
+    return response, code
+
+
 def _limited_body() -> Any:
     limit = settings().max_request_mb * 1024 * 1024
     request.max_content_length = limit  # a larger Content-Length is refused unread (413)
@@ -123,6 +131,8 @@ def post_study() -> Any:
             item = _store(body, files[0], name, "http", header_fields(fields))
     except (_Refused, MalformedBody, BodyTooLarge, RequestEntityTooLarge) as exc:
         return _refusal(exc)
+    except QueueFull as exc:
+        return _queue_full(exc)
     except (StorageFull, OSError) as exc:
         if not is_storage_full(exc):
             raise
@@ -200,6 +210,13 @@ def stow() -> Any:
                     continue
                 try:
                     stored, reason = _stow_part(body, number, part, sop_uid)
+                except QueueFull as exc:
+                    if not referenced:
+                        return _queue_full(exc)
+                    full = StorageFull("the work queue")  # later parts: not tried
+                    failed.append(_instance(sop_class, sop_uid, STATUS_OUT_OF_RESOURCES))
+                    warnings.append(f"part {number} and later: {exc}")
+                    continue
                 except StorageFull as exc:
                     full = exc
                     failed.append(_instance(sop_class, sop_uid, STATUS_OUT_OF_RESOURCES))

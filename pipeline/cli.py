@@ -24,7 +24,7 @@ from pipeline.imaging import Limits
 from pipeline.ingest import Enqueuer, IngestReport, ingest_paths
 from pipeline.lifetime import RunLock, wait_port_free
 from pipeline.models import FINAL_STATES, PERSON_ROLES, ROLES, Study
-from pipeline.queue import Dispatcher, redis_client
+from pipeline.queue import Dispatcher, QueueFull, queue_has_room, redis_client
 from pipeline.reconcile import redis_restarted, requeue_dead_workers, requeue_stuck
 from pipeline.redis_server import EmbeddedRedis, clear_runtime, resolve_redis_url, write_runtime
 from pipeline.settings import ConfigError, Settings
@@ -49,6 +49,7 @@ DEAD_WORKER_CHECK_S = 5.0
 RECONCILE_EVERY_S = 10.0
 LOST_MESSAGE_AFTER_S = 10.0
 EXIT_STORAGE_FULL = 4  # `ingest`: the disk holding the database is full
+EXIT_QUEUE_FULL = 5  # `ingest`: Redis is at its maxmemory and refuses writes
 
 
 @cache
@@ -219,9 +220,6 @@ def _run_system(settings: Settings, lock: RunLock) -> int:
         from pipeline.outbox_cli import sender_command
 
         sup.add("send-results", sender_command(settings), env)  # results and alerts out
-        from pipeline.outbox_cli import sender_command
-
-        sup.add("send-results", sender_command(settings), env)  # results and alerts out
         # Anything left queued by a standalone ingest or a lost Redis is sent now.
         reconcile_once(settings, redis_url, stuck_after_s=0)
         print(f"cxr-triage is running: open {dashboard_url}  (Ctrl-C stops everything)", flush=True)
@@ -283,7 +281,7 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
     embedded: EmbeddedRedis | None = None
     client = dispatcher = None
     ok = True
-    full: StorageFull | None = None
+    full: StorageFull | QueueFull | None = None
     try:
         if redis_url is None and args.wait:
             # No running system: bring up a private Redis and one worker for this command.
@@ -302,9 +300,11 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
                             preprocess=model["preprocess"])  # fmt: skip
 
         try:
+            if client is not None and not queue_has_room(client):
+                raise QueueFull()  # refused before anything is stored
             report = ingest_paths(factory, [Path(p) for p in args.paths], _limits(settings),
                                   source="cli", lane=args.lane, sink=sink)  # fmt: skip
-        except StorageFull as exc:
+        except (StorageFull, QueueFull) as exc:
             full, report = exc, exc.report or IngestReport()
         queued = [i for i in report.accepted if i.status == "queued"]
         if redis_url is None and queued:
@@ -324,7 +324,7 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
             embedded.stop()
     doc = _ingest_json(settings, report)
     if full is not None:
-        # The files stored before the disk filled stand; the rest were not stored at all.
+        # The files stored before the disk (or the queue) filled stand; the rest were not.
         doc["error"] = str(full)
         print(f"cxr-triage: {full}; {doc['accepted']} files were stored before that, "
               "the rest were not", file=sys.stderr)  # fmt: skip
@@ -338,7 +338,7 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
         for r in doc["rejected"]:
             print(f"  rejected {r['path']}: {r['reason']}")
     if full is not None:
-        return EXIT_STORAGE_FULL
+        return EXIT_QUEUE_FULL if isinstance(full, QueueFull) else EXIT_STORAGE_FULL
     if not ok:
         print(f"timed out after {args.timeout:.0f} s waiting for results", file=sys.stderr)
         if temp is not None:
@@ -434,7 +434,6 @@ COMMAND_MODULES: tuple[str, ...] = (
     "pipeline.simulate_cli",
     "bench.pipeline_bench",
     "pipeline.sources_cli",
-    "pipeline.outbox_cli",
     "pipeline.outbox_cli",
     "bench.ingest_bench",
     "reliability.cli",

@@ -22,6 +22,7 @@ from pipeline.intake import (
     Intake,
     failure_status,
 )
+from pipeline.queue import QueueFull
 from pipeline.settings import ConfigError, Settings
 from pipeline.storage import StorageFull
 
@@ -70,6 +71,9 @@ def handle_store(event: Any, intake: Intake, source: str = "dicom") -> Any:
             item = intake.reject_oversize(content_key(data), len(data), filename, source)
         else:
             item = intake.submit(data, filename, source)
+    except QueueFull:
+        # Out of resources: the work queue is full; the sender keeps it and sends it later.
+        return _status(STATUS_OUT_OF_RESOURCES, "out of resources: queue full; send again later")
     except StorageFull:
         # Out of resources: the sender keeps the instance and sends it again later.
         return _status(STATUS_OUT_OF_RESOURCES, "out of resources: disk full; send again later")

@@ -22,7 +22,13 @@ from pipeline import imaging
 from pipeline.db import session_scope
 from pipeline.imaging import DecodedImage, Limits, RejectedInput
 from pipeline.models import Image, Study, utcnow
-from pipeline.queue import Dispatcher, delete_payloads, put_payloads
+from pipeline.queue import (
+    Dispatcher,
+    QueueFull,
+    delete_payloads,
+    is_queue_full,
+    put_payloads,
+)
 from pipeline.storage import StorageFull, is_storage_full
 
 log = logging.getLogger(__name__)
@@ -543,6 +549,8 @@ def ingest_paths(
                 log.warning("could not send work (%s); it stays queued", type(exc).__name__)
                 mark_unsent(factory, list(queued))
                 sink = None
+                if is_queue_full(exc):
+                    raise QueueFull() from exc  # store no more: the sender sends them later
 
     try:
         for path in iter_input_files(paths):
@@ -557,9 +565,9 @@ def ingest_paths(
             if len(files) >= chunk or held >= chunk_bytes:
                 flush()
         flush()
-    except StorageFull as exc:
-        # What was committed before the disk filled stands (and was sent); the rest was not
-        # stored. The caller reports both.
+    except (StorageFull, QueueFull) as exc:
+        # What was committed before the disk (or the work queue) filled stands; the rest was
+        # not stored. The caller reports both.
         exc.report = report
         raise
     log.info(

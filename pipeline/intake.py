@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
 from collections.abc import Iterable
 from typing import IO, Any
 
@@ -26,12 +27,13 @@ from pipeline.ingest import (
     mark_unsent,
     record_rejection,
 )
-from pipeline.queue import Dispatcher, redis_client
+from pipeline.queue import Dispatcher, QueueFull, is_queue_full, queue_has_room, redis_client
 from pipeline.redis_server import resolve_redis_url
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
 SOURCES = ("http", "stow", "dicom", "watch", "pull")
+ROOM_CHECK_S = 1.0  # how often a source asks Redis whether it is full
 
 # DICOM failure statuses (PS3.4 Annex B, PS3.7 Annex C), shared by C-STORE and STOW-RS.
 STATUS_OUT_OF_RESOURCES = 0xA700
@@ -84,11 +86,17 @@ class Intake:
         self._dispatcher: Dispatcher | None = None
         self._input_size: int | None = None
         self._preprocess = "resize"
+        self._checked_at = -ROOM_CHECK_S  # when Redis's memory was last looked at
+        self._full_at = 0.0  # when it was last found full (0: not full)
 
     def submit(
         self, data: bytes, filename: str, source: str, extra_meta: dict[str, Any] | None = None
     ) -> IngestItem:
-        """Decode, commit and send one file; bad input comes back as a rejected item."""
+        """Decode, commit and send one file; bad input comes back as a rejected item.
+
+        Raises ``QueueFull``, with nothing stored, while Redis refuses writes at its maxmemory.
+        """
+        self.check_room()
         item = ingest_bytes(self.factory, data, filename, self.limits, source=source,
                             lane=self.lane, extra_meta=extra_meta)  # fmt: skip
         item.path = filename
@@ -123,8 +131,31 @@ class Intake:
                 log.warning("could not send %d images (%s); they stay queued", len(ids),
                             type(exc).__name__)  # fmt: skip
                 mark_unsent(self.factory, ids)
+                if is_queue_full(exc):
+                    self._full_at = self._checked_at = time.monotonic()  # refuse the next
                 self._drop()
                 return 0
+
+    def check_room(self) -> None:
+        """Raise ``QueueFull`` when Redis refuses writes at its maxmemory (asked at most once
+        a second; Redis down is not full: files are stored and sent when it is back)."""
+        now = time.monotonic()
+        if now - self._checked_at < ROOM_CHECK_S:
+            if self._full_at and now - self._full_at < ROOM_CHECK_S:
+                raise QueueFull()
+            return
+        with self._lock:
+            self._checked_at = now
+            try:
+                if not self._connect():
+                    return
+                room = queue_has_room(self._client)
+            except Exception:  # unreachable: not known to be full
+                self._drop()
+                return
+            self._full_at = 0.0 if room else now
+        if not room:
+            raise QueueFull()
 
     def _connect(self) -> bool:
         if self._dispatcher is not None:

@@ -37,6 +37,46 @@ HEARTBEAT_PREFIX = "cxr:worker:"
 HEARTBEAT_TTL_S = 15
 
 
+class QueueFull(Exception):
+    """Redis is at its ``maxmemory`` and refuses writes (``noeviction``): nothing more can be
+    queued for the workers until they drain it or it is given more memory. Sources refuse new
+    files with a retryable error (HTTP 503, DICOM 0xA700, ``ingest`` exit status 5); what was
+    accepted before stays queued in the database and is sent once there is room."""
+
+    def __init__(self) -> None:
+        super().__init__("the work queue (Redis) is full: it is at its maxmemory and refuses "
+                         "writes; the file was not stored; send it again later")  # fmt: skip
+        self.report: Any = None  # ingest_paths: what was stored before the queue filled
+
+
+def is_queue_full(exc: BaseException | None) -> bool:
+    """True when exc, or an error it wraps, is Redis refusing a write at its maxmemory."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (QueueFull, redis.exceptions.OutOfMemoryError)):
+            return True
+        if str(exc).startswith("OOM command not allowed"):  # as kombu or celery relay it
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def queue_has_room(client: redis.Redis) -> bool:
+    """False when Redis is at its maxmemory with the noeviction policy (writes fail).
+
+    True when Redis does not answer: a source stores the file and it is sent once Redis is back.
+    """
+    try:
+        info: Any = client.info("memory")
+    except redis.exceptions.RedisError:
+        return True
+    limit = int(info.get("maxmemory", 0) or 0)
+    if not limit or info.get("maxmemory_policy", "noeviction") != "noeviction":
+        return True
+    return int(info.get("used_memory", 0)) < limit
+
+
 def lane_queues() -> list[Any]:
     """One direct exchange and routing key per lane, so a message lands in exactly one queue."""
     from kombu import Exchange, Queue
