@@ -57,6 +57,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     app.register_blueprint(viewer.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(admin.bp)
+    from dashboard import destinations_admin
+
+    app.register_blueprint(destinations_admin.bp)  # results to PACS, alerts, the outbox
     csrf.exempt(api.bp)  # token-authenticated machine API; no cookies involved
     from dashboard import ingest_api
 

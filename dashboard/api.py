@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from flask import Blueprint, Response, jsonify, request
@@ -80,9 +81,38 @@ class _Collector:
                          o["end_to_end_seconds"])  # fmt: skip
 
 
+class _OutboxCollector:
+    """Per destination: outbox items by status, the oldest waiting, up or failing."""
+
+    def __init__(self, states: list[dict[str, Any]]) -> None:
+        self.states = states
+
+    def collect(self) -> Any:
+        items = GaugeMetricFamily("cxr_outbox_items", "Outbox items per destination and status",
+                                  labels=["destination", "status"])  # fmt: skip
+        up = GaugeMetricFamily("cxr_destination_up", "1 when the destination's last send "
+                               "succeeded (0: failing, or disabled)", labels=["destination"])  # fmt: skip
+        waiting = GaugeMetricFamily("cxr_outbox_oldest_waiting_seconds", "Age of the oldest "
+                                    "unsent item", labels=["destination"])  # fmt: skip
+        now = datetime.now(UTC)
+        for d in self.states:
+            for status, n in d["counts"].items():
+                items.add_metric([d["name"], status], n)
+            up.add_metric([d["name"]], 1.0 if d["state"] == "ok" else 0.0)
+            if d["oldest_waiting"]:
+                since = datetime.fromisoformat(d["oldest_waiting"].rstrip("Z")).replace(tzinfo=UTC)
+                waiting.add_metric([d["name"]], max(0.0, (now - since).total_seconds()))
+        yield items
+        yield up
+        yield waiting
+
+
 @bp.route("/metrics")
 @api_auth_required(scope="metrics")
 def metrics() -> Response:
+    from pipeline.outbox import destination_states
+
     registry = CollectorRegistry()
     registry.register(_Collector(monitor.overview(db(), settings())))
+    registry.register(_OutboxCollector(destination_states(db())))
     return Response(generate_latest(registry), mimetype="text/plain; version=0.0.4")
