@@ -29,6 +29,9 @@ def test_compose_file_validates() -> None:
     assert services["dicom-listen"]["command"][:2] == ["cxr-triage", "dicom-listen"]
     assert services["dicom-listen"]["ports"][0]["target"] == 11112
     assert services["watch"]["command"] == ["cxr-triage", "watch", "/incoming"]
+    assert services["send-results"]["command"] == ["cxr-triage", "send-results"]
+    assert services["orthanc"]["profiles"] == ["demo"]
+    assert services["orthanc"]["environment"]["DICOM_WEB_PLUGIN_ENABLED"] == "true"
     # Without the secrets the file refuses to render, so production cannot start with defaults.
     bare = {k: v for k, v in os.environ.items() if k not in ("POSTGRES_PASSWORD", "CXR_SECRET_KEY")}
     refused = subprocess.run(["docker-compose", "config", "-q"], cwd=REPO, env=bare,
