@@ -13,7 +13,7 @@ from tests.conftest import chest_like, dicom_bytes, png_bytes, run_cli
 
 # Commands with --json that this file runs, and those too long for the suite (each has its
 # own one-line check where it is tested, or is run by `make bench` / `make reliability`).
-RUN_HERE = {"ingest", "worklist", "simulate", "bench-ingest"}
+RUN_HERE = {"ingest", "worklist", "simulate", "bench-ingest", "send-results"}
 TOO_LONG = {
     "evaluate": "needs a labelled data set and a model; tests/test_evaluate.py",
     "loso": "trains one model per source",
@@ -114,3 +114,10 @@ def test_ingest_json_gives_the_reason_of_every_study_not_done(
     shown = one_json_line(run_cli(["worklist", "--json"], alone))
     reasons = {s["id"]: s["reason"] for s in shown["studies"]}
     assert {s["id"]: s["reason"] for s in doc["studies"]} == reasons
+
+
+def test_send_results_once_prints_one_line(settings: Settings) -> None:
+    """One sender pass with a PACS in the environment that is not there: one JSON line."""
+    env = settings.with_(pacs_destinations="dicom://NOBODY@127.0.0.1:9")
+    doc = one_json_line(run_cli(["send-results", "--once", "--json"], env))
+    assert doc == {"queued": {"studies": 0, "alerts": 0, "outbox": 0}, "sent": {}}
