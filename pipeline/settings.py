@@ -77,14 +77,6 @@ class Settings:
     pacs_token: str | None = None
     alert_destinations: str | None = None
     alert_webhook_secret: str | None = None
-    # Results back to the hospital (pipeline.outbox): PACS destinations
-    # (``dicom://AE@host:port``, ``http(s)://host:port/dicom-web``, comma-separated; a bearer
-    # token for the DICOMweb ones) and critical-alert receivers (``mllp://host:port``,
-    # ``http(s)://`` webhooks signed with the secret). The admin console adds more.
-    pacs_destinations: str | None = None
-    pacs_token: str | None = None
-    alert_destinations: str | None = None
-    alert_webhook_secret: str | None = None
     max_request_mb: int = 512
 
     @classmethod
