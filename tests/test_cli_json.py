@@ -19,6 +19,7 @@ TOO_LONG = {
     "loso": "trains one model per source",
     "bench": "measures the model and the pipeline for minutes",
     "reliability": "starts whole systems for minutes; tests/test_reliability.py",
+    "pull": "needs a PACS: tests/test_pull.py holds it to one line against Orthanc, and when down",
 }
 
 
