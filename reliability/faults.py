@@ -182,7 +182,11 @@ def fault_rows(system: System, plan: Plan, phi: PhiRegistry) -> list[Row]:
         except Exception as exc:
             log.exception("scenario %s failed", name)
             rows.append(Row(name, system.profile.name, failures=[f"{type(exc).__name__}: {exc}"]))
-    rows.append(hung_worker_row(system, plan, phi, 100_000 * (len(scenarios) + 1)))
+    try:
+        rows.append(hung_worker_row(system, plan, phi, 100_000 * (len(scenarios) + 1)))
+    except Exception as exc:
+        log.exception("scenario %s failed", HUNG_ROW)
+        rows.append(Row(HUNG_ROW, system.profile.name, failures=[f"{type(exc).__name__}: {exc}"]))
     from reliability.redisfull import redis_full_rows  # it builds on this module's Plan
 
     rows += redis_full_rows(system, plan, phi)

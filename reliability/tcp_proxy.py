@@ -69,7 +69,15 @@ class TcpProxy:
         except OSError:
             pass
         finally:
+            # shutdown, not just close: the other direction's thread is blocked in recv() on
+            # these sockets, and a plain close() sends no FIN while it is, so the server would
+            # never learn that its client died (PostgreSQL would keep a SIGKILLed worker's
+            # transaction, and its row locks, open).
             for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
                 try:
                     s.close()
                 except OSError:
