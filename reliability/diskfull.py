@@ -35,7 +35,7 @@ from pipeline.settings import PACKAGE_ROOT
 from reliability.metrics import Row, fill, wait_final, work_counters
 from reliability.netsend import HttpSender, ScpSender, post, upload
 from reliability.samples import PhiRegistry, write_studies
-from reliability.supervise import Supervising
+from reliability.supervise import Supervising, phi_in_logs
 from reliability.system import Profile, System
 
 log = logging.getLogger(__name__)
@@ -354,6 +354,7 @@ def disk_full_row(profile: Profile, plan: Any, phi: PhiRegistry, workdir: Path) 
         if supervisor is not None:
             supervisor.__exit__()
         system.stop()
+        row.failures += phi_in_logs(system, phi)
         disk.unmount()
     return row
 

@@ -26,7 +26,7 @@ from pipeline.settings import Settings
 from reliability.metrics import Row, fill, wait_final, work_counters
 from reliability.netsend import HttpSender, ScpSender
 from reliability.samples import PhiRegistry, write_studies
-from reliability.supervise import Supervising
+from reliability.supervise import Supervising, phi_in_logs
 from reliability.system import Profile, System
 
 log = logging.getLogger(__name__)
@@ -118,4 +118,5 @@ def partition_row(profile: Profile, plan: Any, phi: PhiRegistry, workdir: Path) 
         if supervisor is not None:
             supervisor.__exit__()
         system.stop()
+        row.failures += phi_in_logs(system, phi)
     return row

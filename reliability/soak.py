@@ -28,10 +28,13 @@ import os
 import statistics
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import psutil
+import pydicom  # imported here, once: threads importing it at the same moment can see it half made
+from pynetdicom import AE, StoragePresentationContexts
 from sqlalchemy import select, update
 
 from pipeline.cli import reconcile_once
@@ -39,7 +42,7 @@ from pipeline.models import Image, utcnow
 from reliability.metrics import Row, fill, wait_final, work_counters
 from reliability.netsend import PROCESSING_FAILURE, upload
 from reliability.samples import PhiRegistry, chest_like, dicom_bytes, png_bytes
-from reliability.supervise import Supervising
+from reliability.supervise import Supervising, phi_in_logs
 from reliability.system import Profile, System
 
 log = logging.getLogger(__name__)
@@ -105,10 +108,14 @@ class PacedSender:
         return f"soak-{n}.dcm", dicom_bytes(arr, self.phi.new_patient(n))
 
     def _run(self) -> None:
-        if self.kind == "http":
-            self._run_http()
-        else:
-            self._run_scp()
+        try:
+            if self.kind == "http":
+                self._run_http()
+            else:
+                self._run_scp()
+        except Exception as exc:  # a sender that dies is counted, never silently short
+            log.exception("soak sender %s died", self.kind)
+            self.errors.append(f"{self.kind} sender died: {type(exc).__name__}: {exc}")
 
     def _wait_turn(self, k: int) -> None:
         due = self.t0 + k / self.rate
@@ -140,9 +147,6 @@ class PacedSender:
                 time.sleep(0.3)
 
     def _run_scp(self) -> None:
-        import pydicom
-        from pynetdicom import AE, StoragePresentationContexts
-
         ae = AE(ae_title="RELIABILITY")
         ae.requested_contexts = StoragePresentationContexts
         assoc = None
@@ -196,20 +200,18 @@ def reconciler_cost(system: System, ids: list[int]) -> tuple[float, float]:
     with system.factory() as session:
         saved = session.execute(select(Image.id, Image.status, Image.queued_at)
                                 .where(Image.id.in_(ids))).all()  # fmt: skip
+        # Queued "now" as far as the passes can tell (a timestamp ahead of them), so neither
+        # these passes nor the system's own reconciler re-send them while they are timed.
         session.execute(update(Image).where(Image.id.in_(ids))
-                        .values(status="queued", queued_at=utcnow())
+                        .values(status="queued", queued_at=utcnow() + timedelta(hours=1))
                         .execution_options(synchronize_session=False))  # fmt: skip
         session.commit()
     try:
-        backlog = _pass_s(system)  # the passes run within seconds: no queued image is old yet
+        backlog = _pass_s(system)
     finally:
-        with system.factory() as session:
-            for status in {s for _, s, _ in saved}:
-                chosen = [i for i, s, _ in saved if s == status]
-                for start in range(0, len(chosen), 5000):
-                    session.execute(update(Image).where(Image.id.in_(chosen[start : start + 5000]))
-                                    .values(status=status)
-                                    .execution_options(synchronize_session=False))  # fmt: skip
+        with system.factory() as session:  # put every image back as it was (by primary key)
+            session.execute(update(Image), [{"id": i, "status": st, "queued_at": q}
+                                            for i, st, q in saved])  # fmt: skip
             session.commit()
     return settled, backlog
 
@@ -248,6 +250,7 @@ def soak_row(profile: Profile, plan: Any, phi: PhiRegistry, workdir: Path) -> Ro
         for s in senders:
             s.join(n / rate + give_up)
         sent_s = time.monotonic() - t0
+        sent = sum(s.sent for s in senders)
         with system.factory() as session:
             sops = [u for s in senders for u in s.sop_uids]
             scp_ids = [i for start in range(0, len(sops), 5000) for i in session.scalars(
@@ -278,7 +281,7 @@ def soak_row(profile: Profile, plan: Any, phi: PhiRegistry, workdir: Path) -> Ro
         row.failures += grown
         settled_s, backlog_s = reconciler_cost(system, ids)
         late = max(s.late_s for s in senders)
-        row.note = (f"{n / total_s:.1f} studies/s end to end, sent at {n / sent_s:.1f}/s "
+        row.note = (f"{n / total_s:.1f} studies/s end to end, sent at {sent / sent_s:.1f}/s "
                     f"(at most {late:.1f} s behind schedule); latency p50 {p50:.1f} s, p95 "
                     f"{p95:.1f} s; RSS MB start: {_fmt(samples['start'])}; middle: "
                     f"{_fmt(samples['middle'])}; end: {_fmt(samples['end'])}; bound middle->end "
@@ -292,4 +295,5 @@ def soak_row(profile: Profile, plan: Any, phi: PhiRegistry, workdir: Path) -> Ro
         if supervisor is not None:
             supervisor.__exit__()
         system.stop()
+        row.failures += phi_in_logs(system, phi)
     return row

@@ -9,9 +9,11 @@ died within 5 s of its start.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 
+from reliability.samples import PhiRegistry
 from reliability.system import Service, System
 
 log = logging.getLogger(__name__)
@@ -63,3 +65,15 @@ class Supervising:
         if not self.restarts:
             return "no child exited"
         return "restarted " + ", ".join(f"{n} {k}x" for n, k in sorted(self.restarts.items()))
+
+
+def phi_in_logs(system: System, phi: PhiRegistry) -> list[str]:
+    """The row's log files holding any of its fake patient names or ids (one pattern: a row's
+    thousands of patients make the security row's string-by-string search too slow)."""
+    pattern = re.compile(rf"ZZTEST|ZZPID|{re.escape(phi.run_tag)}\d{{5}}")
+    hits = []
+    for path in system.log_files():
+        with open(path, errors="replace") as fh:
+            if any(pattern.search(line) for line in fh):
+                hits.append(f"PHI in {path.relative_to(system.workdir)}")
+    return hits
