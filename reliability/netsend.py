@@ -111,7 +111,9 @@ class HttpSender:
                         self.outcome.image_ids[path] = int(doc["image_id"])
                     return
                 why = f"HTTP {status}: {doc.get('error', '')}"
-            except OSError as exc:  # refused or reset: the dashboard is restarting
+            except (OSError, http.client.HTTPException) as exc:
+                # Refused, reset, or the answer cut off mid-body (IncompleteRead): the dashboard
+                # is restarting. Send again; de-duplication makes a repeat harmless.
                 why = type(exc).__name__
             # A 4xx without an image is the sender's fault: retrying would not help.
             if 400 <= status < 500 or time.monotonic() > deadline:
