@@ -60,6 +60,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from dashboard import destinations_admin
 
     app.register_blueprint(destinations_admin.bp)  # results to PACS, alerts, the outbox
+    from dashboard import performance_admin
+
+    app.register_blueprint(performance_admin.bp)  # live performance against the reads
     csrf.exempt(api.bp)  # token-authenticated machine API; no cookies involved
     from dashboard import ingest_api
 

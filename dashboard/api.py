@@ -107,12 +107,65 @@ class _OutboxCollector:
         yield waiting
 
 
+class _PerformanceCollector:
+    """Live performance per window (7d, 30d, 90d) overall and per institution, modality, view
+    (``pipeline.live_performance``); a value absent where it is undefined (no studies)."""
+
+    RATES = ("sensitivity", "specificity", "ppv", "npv")
+
+    def __init__(self, windows: dict[int, dict[str, Any]]) -> None:
+        self.windows = windows
+
+    def collect(self) -> Any:
+        labels = ["window", "split", "group"]
+        reviewed = GaugeMetricFamily("cxr_live_reviewed", "Scored studies whose ground truth "
+                                     "was recorded in the window", labels=labels)  # fmt: skip
+        abnormal = GaugeMetricFamily("cxr_live_abnormal", "Of those, read abnormal",
+                                     labels=labels)  # fmt: skip
+        auc = GaugeMetricFamily("cxr_live_auc", "AUC against the reads", labels=labels)
+        lo = GaugeMetricFamily("cxr_live_auc_ci_lower", "AUC 95 % interval, lower (DeLong)",
+                               labels=labels)  # fmt: skip
+        hi = GaugeMetricFamily("cxr_live_auc_ci_upper", "AUC 95 % interval, upper (DeLong)",
+                               labels=labels)  # fmt: skip
+        rates = {r: GaugeMetricFamily(f"cxr_live_{r}", f"{r} at a triage threshold",
+                                      labels=[*labels, "threshold"]) for r in self.RATES}  # fmt: skip
+        top = GaugeMetricFamily("cxr_live_top_share", "Share of abnormal reads whose study was "
+                                "urgent or critical when read", labels=labels)  # fmt: skip
+        ece = GaugeMetricFamily("cxr_live_calibration_error", "Expected calibration error "
+                                "(10 bins)", labels=labels)  # fmt: skip
+        for days, doc in sorted(self.windows.items()):
+            groups = [("all", "all", doc["overall"])]
+            groups += [(split, g["group"], g) for split, rows in doc["by"].items() for g in rows]
+            for split, name, g in groups:
+                key = [f"{days}d", split, name]
+                reviewed.add_metric(key, g["reviewed"])
+                abnormal.add_metric(key, g["abnormal"])
+                if g["auc"]["auc"] is not None:
+                    auc.add_metric(key, g["auc"]["auc"])
+                if g["auc"]["ci"]:
+                    lo.add_metric(key, g["auc"]["ci"][0])
+                    hi.add_metric(key, g["auc"]["ci"][1])
+                for threshold, t in g["thresholds"].items():
+                    for r in self.RATES:
+                        if t[r]["value"] is not None:
+                            rates[r].add_metric([*key, threshold], t[r]["value"])
+                if g["top"]["value"] is not None:
+                    top.add_metric(key, g["top"]["value"])
+                if g["calibration"]["ece"] is not None:
+                    ece.add_metric(key, g["calibration"]["ece"])
+        yield from (reviewed, abnormal, auc, lo, hi, *rates.values(), top, ece)
+
+
 @bp.route("/metrics")
 @api_auth_required(scope="metrics")
 def metrics() -> Response:
+    from pipeline.live_performance import live_performance_windows
     from pipeline.outbox import destination_states
 
     registry = CollectorRegistry()
     registry.register(_Collector(monitor.overview(db(), settings())))
     registry.register(_OutboxCollector(destination_states(db())))
+    thresholds = describe_weights(settings()).get("thresholds")
+    registry.register(_PerformanceCollector(
+        live_performance_windows(db(), thresholds, datetime.now(UTC))))  # fmt: skip
     return Response(generate_latest(registry), mimetype="text/plain; version=0.0.4")

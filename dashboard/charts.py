@@ -53,3 +53,50 @@ def throughput_svg(per_minute: list[dict[str, Any]]) -> Markup:
         )
     parts.append("</svg>")
     return Markup("".join(parts))
+
+
+CAL_SIZE, CAL_PAD = 300, 36
+
+
+def reliability_svg(calibration: dict[str, Any], element_id: str = "calibration-chart") -> Markup:
+    """A reliability diagram: per score bin, the observed share abnormal (with its 95 %
+    interval) against the bin's mean score; the diagonal is perfect calibration."""
+    plot = CAL_SIZE - 2 * CAL_PAD
+
+    def x(v: float) -> float:
+        return CAL_PAD + plot * v
+
+    def y(v: float) -> float:
+        return CAL_PAD + plot * (1 - v)
+
+    parts = [
+        f'<svg id="{escape(element_id)}" class="chart calibration" '
+        f'viewBox="0 0 {CAL_SIZE} {CAL_SIZE}" role="img" aria-label="Reliability diagram: '
+        'observed share abnormal against the model score" xmlns="http://www.w3.org/2000/svg">',
+        f'<rect class="frame" x="{CAL_PAD}" y="{CAL_PAD}" width="{plot}" height="{plot}"/>',
+        f'<line class="diagonal" x1="{x(0)}" y1="{y(0)}" x2="{x(1)}" y2="{y(1)}"/>',
+    ]
+    for v in (0.0, 0.5, 1.0):
+        parts.append(f'<text x="{x(v):.0f}" y="{CAL_SIZE - CAL_PAD + 14}" text-anchor="middle" '
+                     f'class="tick">{v:.1f}</text>')  # fmt: skip
+        parts.append(f'<text x="{CAL_PAD - 6}" y="{y(v) + 4:.0f}" text-anchor="end" '
+                     f'class="tick">{v:.1f}</text>')  # fmt: skip
+    parts.append(f'<text x="{CAL_SIZE / 2:.0f}" y="{CAL_SIZE - 6}" text-anchor="middle" '
+                 'class="tick">model score (bin mean)</text>')  # fmt: skip
+    parts.append(f'<text x="12" y="{CAL_SIZE / 2:.0f}" text-anchor="middle" class="tick" '
+                 f'transform="rotate(-90 12 {CAL_SIZE / 2:.0f})">observed abnormal</text>')  # fmt: skip
+    for b in calibration["bins"]:
+        if not b["n"]:
+            continue
+        cx, cy = x(b["mean_score"]), y(b["observed"])
+        lo, hi = b["ci"]
+        label = escape(f"score {b['lo']:.1f}-{b['hi']:.1f}: {b['n']} studies, mean score "
+                       f"{b['mean_score']:.2f}, observed {b['observed']:.2f}")  # fmt: skip
+        parts.append(
+            f'<g class="bin" data-n="{b["n"]}" data-observed="{b["observed"]:.4f}" '
+            f'data-mean-score="{b["mean_score"]:.4f}"><title>{label}</title>'
+            f'<line class="whisker" x1="{cx:.1f}" y1="{y(lo):.1f}" x2="{cx:.1f}" y2="{y(hi):.1f}"/>'
+            f'<circle class="point" cx="{cx:.1f}" cy="{cy:.1f}" r="4"/></g>'
+        )
+    parts.append("</svg>")
+    return Markup("".join(parts))

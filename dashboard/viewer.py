@@ -18,7 +18,7 @@ from dashboard.auth import audit
 from dashboard.words import model_summary, operating_point
 from pipeline import imaging, render
 from pipeline.models import Image, Prediction, Review, Study, User
-from pipeline.reviews import ReviewError, record_review
+from pipeline.reviews import FINDINGS, ReviewError, parse_truth, record_review, truth_words
 from pipeline.studies import FilterError, WorklistFilter, format_wait, neighbour_ids
 from pipeline.studies import waiting_seconds as _waiting_seconds
 from pipeline.weights import describe_weights
@@ -26,6 +26,8 @@ from pipeline.weights import describe_weights
 bp = Blueprint("viewer", __name__)
 FLASH = {"read": "Marked read.", "agree": "Recorded: you agree with the AI.",
          "disagree": "Recorded: you disagree with the AI."}  # fmt: skip
+AGREEMENT = {"read": ".", "agree": "; you agree with the AI.",
+             "disagree": "; you disagree with the AI."}  # fmt: skip
 
 
 def _filters() -> WorklistFilter:
@@ -66,7 +68,7 @@ def study(study_id: int) -> Any:
         prediction=predictions.get(shown.id) if shown else None, reviews=reviews, model=model,
         model_summary=model_summary(model), operating=operating_point(model),
         params=filters.params, prev_id=prev_id, next_id=next_id,
-        waiting=format_wait(_waiting_seconds(row)),
+        waiting=format_wait(_waiting_seconds(row)), findings=FINDINGS,
     )  # fmt: skip
 
 
@@ -75,13 +77,19 @@ def study(study_id: int) -> Any:
 def review(study_id: int) -> Any:
     action = request.form.get("action", "")
     try:
-        record_review(db(), study_id, current_user.id, action, request.form.get("comment"))
+        stated = parse_truth(request.form.get("truth"))
+        review = record_review(db(), study_id, current_user.id, action,
+                               request.form.get("comment"), abnormal=stated,
+                               finding=request.form.get("finding"))  # fmt: skip
     except ReviewError as exc:
         db().rollback()
         return render_template("error.html", message=str(exc)), 400
     db().commit()
-    audit("review", target=f"study:{study_id}", detail=action)
-    flash(FLASH[action])
+    # The truth in words when the radiologist stated it; agree/disagree alone imply it.
+    truth = truth_words(review.abnormal, review.finding) if stated is not None else None
+    audit("review", target=f"study:{study_id}",
+          detail=review.action if truth is None else f"{review.action}; {truth}")  # fmt: skip
+    flash(FLASH[review.action] if truth is None else f"Recorded: {truth}{AGREEMENT[review.action]}")
     return redirect(url_for("viewer.study", study_id=study_id, **_filters().params))
 
 

@@ -435,6 +435,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "bench.pipeline_bench",
     "pipeline.sources_cli",
     "pipeline.outbox_cli",
+    "pipeline.labels_cli",
     "bench.ingest_bench",
     "reliability.cli",
 )

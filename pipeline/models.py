@@ -191,15 +191,25 @@ class User(Base):
 
 
 class Review(Base):
-    """A radiologist's action on a study: read, agree or disagree with the model."""
+    """A radiologist's action on a study (read, agree or disagree with the model), or an
+    outcome imported from the RIS; either may carry the ground truth (``pipeline.reviews``)."""
 
     __tablename__ = "reviews"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    # A console read: the radiologist; a RIS import: the account that ran it.
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
-    action: Mapped[str] = mapped_column(String(16))
+    action: Mapped[str] = mapped_column(String(16))  # read | agree | disagree | import
     comment: Mapped[str | None] = mapped_column(Text)
+    # Ground truth: None when the read said nothing about the finding ("mark read").
+    abnormal: Mapped[bool | None] = mapped_column()
+    finding: Mapped[str | None] = mapped_column(String(32))  # pipeline.reviews.FINDINGS
+    source: Mapped[str] = mapped_column(String(16), default="console")  # console | ris
+    # The model's call on the study when the truth was recorded.
+    model_class: Mapped[str | None] = mapped_column(String(16))
+    model_p: Mapped[float | None] = mapped_column(Float)
+    model_version: Mapped[str | None] = mapped_column(String(80))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     study: Mapped[Study] = relationship(back_populates="reviews")
