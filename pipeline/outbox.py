@@ -4,10 +4,12 @@
 ``done`` study (finished after a destination was added) that has no result objects for its
 current model and films gets them (an SR, one capture per scored DICOM film, an alert when
 critical), each with its SOP Instance UID fixed once, and one ``outbox`` row per destination
-that wants it. ``claim_due`` hands rows to a sender under a lease; ``record`` writes the
-outcome. A row that was sent is never picked again; one whose sender died before recording
-is picked again when its lease ends and the SAME object (same UID, same bytes) is sent again,
-which a PACS stores as the instance it already has.
+that wants it. ``claim_due`` hands rows to a sender under a lease; ``renew`` extends it while
+the sender works through them; ``record`` writes the outcome. Each claim increments the row's
+``attempts``, which fences it: a sender whose lease lapsed and whose row was claimed again by
+another can neither renew nor record it. A row that was sent is never picked again; one whose
+sender died before recording is picked again when its lease ends and the SAME object (same
+UID, same bytes) is sent again, which a PACS stores as the instance it already has.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from pipeline import triage
 from pipeline.db import session_scope
 from pipeline.destinations import ALERT_KINDS, PACS_KINDS
 from pipeline.models import (
+    AuditEvent,
     Destination,
     Image,
     OutboxItem,
@@ -42,7 +45,7 @@ log = logging.getLogger(__name__)
 
 BACKOFF_BASE_S = 5.0
 BACKOFF_MAX_S = 600.0
-LEASE_S = 120.0  # a claim not recorded by then is taken to be a dead sender's
+LEASE_S = 120.0  # the default lease of a claim (CXR_OUTBOX_LEASE_S)
 MAX_REJECTIONS = 5  # a destination that answers "no" this many times: failed, resend by hand
 NOT_DICOM = "a JPEG/PNG study has no DICOM study in the PACS to return results to"
 PATIENT_KEYS = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge",
@@ -90,16 +93,21 @@ def _n_done() -> Any:
 
 
 def queue_results(
-    factory: sessionmaker[Session], model: ModelInfo, limit: int = 200
+    factory: sessionmaker[Session],
+    model: ModelInfo,
+    limit: int = 200,
+    kinds: tuple[str, ...] = PACS_KINDS + ALERT_KINDS,
 ) -> dict[str, int]:
-    """Create the result objects and outbox rows still owed; return counts.
+    """Create the result objects and outbox rows still owed to destinations of these
+    ``kinds``; return counts.
 
     Each study's objects are made in a transaction of their own: a concurrent sender that
     made them first wins (unique keys), and this one moves on.
     """
     counts = {"studies": 0, "alerts": 0, "outbox": 0}
     with session_scope(factory) as session:
-        dests = list(session.scalars(select(Destination).where(Destination.enabled.is_(True))))
+        dests = list(session.scalars(select(Destination).where(Destination.enabled.is_(True),
+                                                               Destination.kind.in_(kinds))))  # fmt: skip
         pacs = [d for d in dests if d.kind in PACS_KINDS]
         alerts = [d for d in dests if d.kind in ALERT_KINDS]
         owe_sr: list[int] = []
@@ -247,9 +255,13 @@ def _alert_object(session: Session, study: Study, model: ModelInfo) -> None:
         "study_id": study.id,
         "created_at": utcnow().replace(microsecond=0, tzinfo=None).isoformat() + "Z",
     }
+    uid = str(generate_uid())
     session.add(ResultObject(study_id=study.id, kind="alert", key=f"alert:{study.id}:{mv}",
-                             model_version=mv, uid=str(generate_uid()), snapshot=snapshot))  # fmt: skip
-    session.flush()
+                             model_version=mv, uid=uid, snapshot=snapshot))  # fmt: skip
+    session.flush()  # the unique key first: a concurrent sender's duplicate fails here
+    session.add(AuditEvent(action="alert_raised", target=f"study:{study.id}",
+                           detail=f"critical, priority {snapshot['priority']:.1f}, model {mv}, "
+                                  f"event {uid}"))  # fmt: skip
 
 
 def _fan_out(session: Session, dest: Destination) -> int:
@@ -275,23 +287,52 @@ def _fan_out(session: Session, dest: Destination) -> int:
 # --------------------------------------------------------------------------- sending
 
 
-def claim_due(session: Session, limit: int = 50, now: datetime | None = None) -> list[int]:
-    """Take due rows (pending and due, or a lapsed claim) under a lease; return their ids."""
+def claim_due(
+    session: Session,
+    limit: int = 50,
+    now: datetime | None = None,
+    kinds: tuple[str, ...] | None = None,
+    lease_s: float = LEASE_S,
+) -> dict[int, int]:
+    """Take due rows (pending and due, or a lapsed claim) of enabled destinations (of these
+    ``kinds``) under a lease; return ``{row id: attempts}``, the fence of each claim.
+
+    The UPDATE re-checks "due" on each row it writes, so of two senders selecting the same
+    rows at once only one claims each (PostgreSQL re-evaluates the condition on the row the
+    first committed; SQLite serialises the writers).
+    """
     now = now or utcnow()
     due = or_(and_(OutboxItem.status == "pending", OutboxItem.next_attempt_at <= now),
               and_(OutboxItem.status == "sending", OutboxItem.claimed_until < now))  # fmt: skip
     enabled = select(Destination.id).where(Destination.enabled.is_(True))
+    if kinds is not None:
+        enabled = enabled.where(Destination.kind.in_(kinds))
     ids = session.scalars(select(OutboxItem.id).where(due, OutboxItem.destination_id.in_(enabled))
                           .order_by(OutboxItem.next_attempt_at, OutboxItem.id)
                           .limit(limit)).all()  # fmt: skip
     if not ids:
-        return []
+        return {}
     rows = session.execute(
         update(OutboxItem).where(OutboxItem.id.in_(ids), due)
-        .values(status="sending", claimed_until=now + timedelta(seconds=LEASE_S),
+        .values(status="sending", claimed_until=now + timedelta(seconds=lease_s),
                 attempts=OutboxItem.attempts + 1)
-        .returning(OutboxItem.id).execution_options(synchronize_session=False)).all()  # fmt: skip
-    return sorted(int(r[0]) for r in rows)
+        .returning(OutboxItem.id, OutboxItem.attempts)
+        .execution_options(synchronize_session=False)).all()  # fmt: skip
+    return {int(r[0]): int(r[1]) for r in sorted(rows)}
+
+
+def renew(session: Session, claims: dict[int, int], lease_s: float = LEASE_S,
+          now: datetime | None = None) -> int:  # fmt: skip
+    """Extend the lease of claims still held (same attempt, still sending); return how many."""
+    if not claims:
+        return 0
+    now = now or utcnow()
+    held = or_(*(and_(OutboxItem.id == i, OutboxItem.attempts == a) for i, a in claims.items()))
+    moved = session.execute(
+        update(OutboxItem).where(held, OutboxItem.status == "sending")
+        .values(claimed_until=now + timedelta(seconds=lease_s))
+        .execution_options(synchronize_session=False))  # fmt: skip
+    return int(moved.rowcount)  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -303,17 +344,29 @@ class Outcome:
     transient: bool = True
 
 
-def record(session: Session, item_id: int, outcome: Outcome, now: datetime | None = None) -> str:
-    """Write a send's outcome on its row and its destination; return the new status."""
+def record(session: Session, item_id: int, outcome: Outcome, now: datetime | None = None,
+           attempt: int | None = None) -> str:  # fmt: skip
+    """Write a send's outcome on its row and its destination; return the new status.
+
+    With ``attempt`` (the claim's fence), a row claimed again since is left alone ("gone").
+    A delivered or given-up alert is audited.
+    """
     now = now or utcnow()
-    item = session.get(OutboxItem, item_id)
-    if item is None or item.status != "sending":
+    item = session.get(OutboxItem, item_id, with_for_update=True)
+    if item is None or item.status != "sending" or (attempt is not None
+                                                     and item.attempts != attempt):  # fmt: skip
         return "gone"
     dest = session.get(Destination, item.destination_id)
+    obj = session.get(ResultObject, item.object_id)
+    where = f"{dest.kind} destination {dest.name!r}" if dest is not None else "a destination"
     if outcome.ok:
         item.status, item.sent_at, item.last_error, item.claimed_until = "sent", now, None, None
         if dest is not None:
             dest.last_ok_at = now
+        if obj is not None and obj.kind == "alert":
+            session.add(AuditEvent(action="alert_sent", target=f"study:{obj.study_id}",
+                                   detail=f"event {obj.uid} delivered to {where}, attempt "
+                                          f"{item.attempts}"))  # fmt: skip
         return "sent"
     item.last_error = (outcome.error or "failed")[:2000]
     item.claimed_until = None
@@ -321,6 +374,10 @@ def record(session: Session, item_id: int, outcome: Outcome, now: datetime | Non
         dest.last_error, dest.last_error_at = item.last_error, now
     if not outcome.transient and item.attempts >= MAX_REJECTIONS:
         item.status = "failed"
+        if obj is not None and obj.kind == "alert":
+            session.add(AuditEvent(action="alert_failed", target=f"study:{obj.study_id}",
+                                   detail=f"event {obj.uid} refused by {where} "
+                                          f"{item.attempts} times: {item.last_error}"[:2000]))  # fmt: skip
     else:
         item.status = "pending"
         item.next_attempt_at = now + timedelta(seconds=backoff_s(item.attempts))

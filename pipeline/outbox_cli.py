@@ -2,7 +2,9 @@
 
 Each pass syncs the environment's destinations (every minute), queues what finished studies
 owe (``pipeline.outbox.queue_results``), then sends what is due, recording each object's
-outcome the moment it is known. It needs only the database: Redis may be down.
+outcome the moment it is known and renewing the lease on the rest. Critical alerts have a
+loop of their own (every second), so a slow or hung PACS never holds one back. It needs only
+the database: it opens no connection to Redis, which may be down.
 """
 
 from __future__ import annotations
@@ -20,13 +22,22 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline import migrate
 from pipeline.db import make_engine, make_session_factory, session_scope
-from pipeline.destinations import DestinationError, sync_env
+from pipeline.destinations import ALERT_KINDS, PACS_KINDS, DestinationError, sync_env
 from pipeline.models import Destination, OutboxItem, ResultObject
-from pipeline.outbox import ModelInfo, Outcome, claim_due, policy, queue_results, record
+from pipeline.outbox import (
+    ModelInfo,
+    Outcome,
+    claim_due,
+    policy,
+    queue_results,
+    record,
+    renew,
+)
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
 SYNC_EVERY_S = 60.0
+ALERT_EVERY_S = 1.0
 
 
 def model_info(settings: Settings) -> ModelInfo:
@@ -41,33 +52,45 @@ def model_info(settings: Settings) -> ModelInfo:
                      version, params)  # fmt: skip
 
 
-def send_pass(factory: sessionmaker[Session], settings: Settings) -> dict[str, int]:
-    """Send every due outbox row once; return counts by outcome."""
+def send_pass(factory: sessionmaker[Session], settings: Settings,
+              kinds: tuple[str, ...] | None = None) -> dict[str, int]:  # fmt: skip
+    """Send every due outbox row (of destinations of these ``kinds``) once; return counts by
+    outcome. The claims not yet recorded are renewed at least every third of the lease."""
     from pipeline import senders
 
+    lease_s = float(settings.outbox_lease_s)
     counts: dict[str, int] = defaultdict(int)
     with session_scope(factory) as session:
-        claimed = claim_due(session)
-    if not claimed:
+        claims = claim_due(session, kinds=kinds, lease_s=lease_s)
+    if not claims:
         return dict(counts)
+    held = dict(claims)
+    renewed = [time.monotonic()]
+
+    def keep() -> None:
+        if time.monotonic() - renewed[0] >= lease_s / 3:
+            with session_scope(factory) as s:
+                renew(s, held, lease_s)
+            renewed[0] = time.monotonic()
 
     def report(item_id: int, outcome: Outcome) -> None:
         with session_scope(factory) as s:
-            counts[record(s, item_id, outcome)] += 1
+            counts[record(s, item_id, outcome, attempt=held.pop(item_id, None))] += 1
         if not outcome.ok:
             log.warning("outbox item %d not delivered: %s", item_id, outcome.error)
+        keep()
 
     by_dest: dict[int, list[int]] = defaultdict(list)
     with session_scope(factory) as session:
-        for item in session.query(OutboxItem).filter(OutboxItem.id.in_(claimed)):
+        for item in session.query(OutboxItem).filter(OutboxItem.id.in_(list(claims))):
             by_dest[item.destination_id].append(item.id)
-    for dest_id, item_ids in by_dest.items():
+    for dest_id, item_ids in sorted(by_dest.items()):
         with session_scope(factory) as session:
             dest = session.get(Destination, dest_id)
             assert dest is not None
             session.expunge(dest)
             payloads: list[tuple[int, str, ResultObject, bytes]] = []
-            for item_id in item_ids:
+            for item_id in sorted(item_ids):
                 row = session.get(OutboxItem, item_id)
                 obj = session.get(ResultObject, row.object_id) if row else None
                 if obj is None:
@@ -76,6 +99,7 @@ def send_pass(factory: sessionmaker[Session], settings: Settings) -> dict[str, i
                     payloads.append((item_id, obj.kind, obj, senders.build_payload(session, obj)))
                 except (LookupError, ValueError, KeyError) as exc:
                     payloads.append((item_id, "error", obj, str(exc).encode()))
+                keep()
             for *_, obj, _ in payloads:
                 session.expunge(obj)
         _send_destination(settings, dest, payloads, report)
@@ -110,6 +134,11 @@ def _send_destination(settings: Settings, dest: Destination,
             report(item_id, Outcome(False, str(exc)))
 
 
+def _add(into: dict[str, Any], more: dict[str, int]) -> None:
+    for key, n in more.items():
+        into[key] = into.get(key, 0) + n
+
+
 class Sender:
     """The loop's state: the session factory, the model it reports, when it last synced."""
 
@@ -119,19 +148,58 @@ class Sender:
         self.factory = make_session_factory(self.engine)
         self.model = model_info(settings)
         self.synced = 0.0
+        self.sync_lock = threading.Lock()
+
+    def sync(self) -> None:
+        """Sync the environment's destinations (every minute)."""
+        with self.sync_lock:
+            if time.monotonic() - self.synced >= SYNC_EVERY_S or not self.synced:
+                with session_scope(self.factory) as session:
+                    sync_env(session, self.settings)
+                self.synced = time.monotonic()
+
+    def alerts(self) -> dict[str, Any]:
+        """Queue and send the critical alerts owed (the alert loop's pass)."""
+        self.sync()
+        queued = queue_results(self.factory, self.model, kinds=ALERT_KINDS)
+        return {"queued": queued, "sent": send_pass(self.factory, self.settings, ALERT_KINDS)}
+
+    def results(self) -> dict[str, Any]:
+        """Queue and send the SRs and captures owed (the PACS loop's pass)."""
+        self.sync()
+        queued = queue_results(self.factory, self.model, kinds=PACS_KINDS)
+        return {"queued": queued, "sent": send_pass(self.factory, self.settings, PACS_KINDS)}
 
     def once(self) -> dict[str, Any]:
-        """One pass: sync (when due), queue, send."""
-        if time.monotonic() - self.synced >= SYNC_EVERY_S or not self.synced:
-            with session_scope(self.factory) as session:
-                sync_env(session, self.settings)
-            self.synced = time.monotonic()
-        queued = queue_results(self.factory, self.model)
-        sent = send_pass(self.factory, self.settings)
-        return {"queued": queued, "sent": sent}
+        """One pass of each: alerts first, then the PACS objects; counts added up."""
+        out: dict[str, Any] = {"queued": {}, "sent": {}}
+        for part in (self.alerts(), self.results()):
+            _add(out["queued"], part["queued"])
+            _add(out["sent"], part["sent"])
+        return out
+
+    def loop(self, stop: threading.Event, every: float) -> None:
+        """Until ``stop``: the alert loop in a thread of its own, the PACS loop here."""
+
+        def run(step: Any, pause: float) -> None:
+            while not stop.is_set():
+                try:
+                    step()
+                except Exception:  # the database away: log and try again next pass
+                    log.exception("send-results pass failed; will retry")
+                stop.wait(pause)
+
+        alerts = threading.Thread(target=run, args=(self.alerts, min(every, ALERT_EVERY_S)),
+                                  name="alerts", daemon=True)  # fmt: skip
+        alerts.start()
+        run(self.results, every)
+        alerts.join(TIMEOUT_JOIN_S)
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+TIMEOUT_JOIN_S = 60.0
 
 
 def cmd_send_results(args: argparse.Namespace, settings: Settings) -> int:
@@ -146,14 +214,10 @@ def cmd_send_results(args: argparse.Namespace, settings: Settings) -> int:
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-        print(f"sending results every {args.every:g} s (Ctrl-C stops)", file=sys.stderr,
+        print(f"sending results every {args.every:g} s, alerts every "
+              f"{min(args.every, ALERT_EVERY_S):g} s (Ctrl-C stops)", file=sys.stderr,
               flush=True)  # fmt: skip
-        while not stop.is_set():
-            try:
-                sender.once()
-            except Exception:  # the database away: log and try again next pass
-                log.exception("send-results pass failed; will retry")
-            stop.wait(args.every)
+        sender.loop(stop, args.every)
     finally:
         sender.close()
     return 0

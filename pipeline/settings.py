@@ -77,6 +77,9 @@ class Settings:
     pacs_token: str | None = None
     alert_destinations: str | None = None
     alert_webhook_secret: str | None = None
+    # Seconds a sender's claim on outbox rows lasts unless renewed (it renews while it
+    # works): after a sender is killed, its rows are sent again this long after.
+    outbox_lease_s: int = 120
     max_request_mb: int = 512
 
     @classmethod
@@ -143,6 +146,8 @@ class Settings:
             parse_since(self.pull_since)
             if self.pull_every_s < 10:
                 raise ConfigError("CXR_PULL_EVERY_S must be at least 10 seconds")
+        if self.outbox_lease_s < 2:
+            raise ConfigError("CXR_OUTBOX_LEASE_S must be at least 2 seconds")
         if self.production and not self.secret_key:
             raise ConfigError("CXR_SECRET_KEY must be set when CXR_PRODUCTION=1")
 

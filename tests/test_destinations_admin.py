@@ -6,6 +6,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+import pytest
 from sqlalchemy import select
 
 from dashboard import create_app
@@ -17,6 +18,12 @@ from pipeline.users import create_user
 from tests.conftest import PASSWORD
 from tests.pacs import free_port
 from tests.test_dashboard import csrf_from, login
+
+
+@pytest.fixture
+def settings(settings: Settings, database_url: str) -> Settings:
+    """Every test here runs on SQLite and on PostgreSQL."""
+    return settings.with_(database_url=database_url)
 
 
 def admin(settings: Settings, populated: Any) -> Any:

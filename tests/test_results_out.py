@@ -17,6 +17,7 @@ from sqlalchemy import select
 from pipeline.db import session_scope
 from pipeline.destinations import Spec, apply, parse_url, sync_env
 from pipeline.models import (
+    AuditEvent,
     Destination,
     Image,
     OutboxItem,
@@ -33,6 +34,14 @@ from pipeline.settings import Settings
 from tests import pacs
 
 needs_orthanc = pytest.mark.skipif(pacs.missing() is not None, reason=pacs.missing() or "")
+
+
+@pytest.fixture
+def settings(settings: Settings, request: pytest.FixtureRequest) -> Settings:
+    """A test that also asks for ``database_url`` runs on SQLite and on PostgreSQL."""
+    if "database_url" in request.fixturenames:
+        return settings.with_(database_url=request.getfixturevalue("database_url"))
+    return settings
 
 
 def add_destination(factory: Any, settings: Settings, spec: Spec) -> int:
@@ -139,7 +148,9 @@ def test_sr_and_capture_are_valid_dicom_and_the_same_on_every_build(
         assert "Imaging Measurement Report" in out.stdout and "Abnormal probability" in out.stdout
 
 
-def test_a_second_pass_owes_nothing_new(populated: Any, settings: Settings) -> None:
+def test_a_second_pass_owes_nothing_new(
+    populated: Any, settings: Settings, database_url: str
+) -> None:
     add_destination(populated, settings, parse_url("dicom://PACS@127.0.0.1:1"))
     model = model_info(settings)
     queue_results(populated, model)
@@ -218,7 +229,7 @@ def test_sr_and_capture_arrive_by_cstore_and_stow(
 
 @needs_orthanc
 def test_pacs_down_retries_then_every_object_arrives_once(
-    populated: Any, settings: Settings, orthanc: pacs.OrthancServer
+    populated: Any, settings: Settings, database_url: str, orthanc: pacs.OrthancServer
 ) -> None:
     dest_id = add_destination(populated, settings, dicom_dest(orthanc))
     orthanc.stop()
@@ -254,7 +265,7 @@ def test_pacs_down_retries_then_every_object_arrives_once(
 
 @needs_orthanc
 def test_a_crash_between_send_and_commit_resends_the_same_instance(
-    populated: Any, settings: Settings, orthanc: pacs.OrthancServer
+    populated: Any, settings: Settings, database_url: str, orthanc: pacs.OrthancServer
 ) -> None:
     add_destination(populated, settings, dicom_dest(orthanc))
     queue_results(populated, model_info(settings))
@@ -341,7 +352,9 @@ def make_critical(factory: Any) -> Study:
         return study
 
 
-def test_critical_study_alert_over_mllp_is_acknowledged(populated: Any, settings: Settings) -> None:
+def test_critical_study_alert_over_mllp_is_acknowledged(
+    populated: Any, settings: Settings, database_url: str
+) -> None:
     study = make_critical(populated)
     listener = MllpListener()
     try:
@@ -362,6 +375,17 @@ def test_critical_study_alert_over_mllp_is_acknowledged(populated: Any, settings
     assert "critical" in listener.messages[0] and "90.0" in listener.messages[0]
     assert [i.status for i in outbox(populated)] == ["sent"]
     assert study.triage_class == "critical"
+    # audited: raised and delivered, by the system (no user), with no patient data
+    with populated() as session:
+        alert = session.scalars(select(ResultObject).where(ResultObject.kind == "alert")).one()
+        events = [(e.action, e.target, e.user_id, e.detail or "")
+                  for e in session.scalars(select(AuditEvent).order_by(AuditEvent.id))
+                  if e.action.startswith("alert_")]  # fmt: skip
+    assert [e[:3] for e in events] == [("alert_raised", f"study:{study.id}", None),
+                                       ("alert_sent", f"study:{study.id}", None)]  # fmt: skip
+    assert all(alert.uid in e[3] for e in events)
+    assert "mllp destination" in events[1][3] and "attempt 1" in events[1][3]
+    assert not [e for e in events if "Test^Patient" in e[3] or "PID-0001" in e[3]]
 
 
 def test_critical_alert_webhook_is_signed(populated: Any, settings: Settings) -> None:
