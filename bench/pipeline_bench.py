@@ -40,6 +40,8 @@ from pipeline.ingest import Enqueuer, ingest_paths
 from pipeline.migrate import upgrade
 from pipeline.models import Batch, Image
 from pipeline.preprocess import model_input_from_grey
+from pipeline.profiling import PROCESS, STAGES, difference, per_image
+from pipeline.profiling import read as read_profile
 from pipeline.queue import Dispatcher, redis_client
 from pipeline.redis_server import EmbeddedRedis
 from pipeline.settings import Settings
@@ -54,6 +56,11 @@ SHARED_CXR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr"
 MODEL_BATCH_SIZES = (1, 8, 16, 32)
 LAYOUT_BATCH_SIZES = (8, 16, 32)
 WARMUP = 32  # images sent through the pipeline before timing
+# The profile's stages in pipeline order (pipeline.profiling): ingest in this process, then
+# the workers' (Celery's fetch and decode, the batch wait, the batch's own stages, the acks).
+INGEST_STAGES = ("read", "decode", "preview", "sql", "model_input", "payload", "send")
+WORKER_STAGES = ("idle", "message", "fill", "claim", "load", "forward", "cam", "write",
+                 "cleanup", "task", "ack", "push")  # fmt: skip
 
 
 def bench_images(n: int, folder: Path, tag: str = "bench") -> list[Path]:
@@ -75,15 +82,20 @@ def bench_images(n: int, folder: Path, tag: str = "bench") -> list[Path]:
     return out
 
 
+# CPU milliseconds per image of the model alone, by (layout or one process, batch size)
+MODEL_CPU_MS: dict[tuple[str, int], float] = {}
+
+
 def measure_model(clf: Classifier, inputs: np.ndarray) -> dict[int, float]:
     """Images/s of the forward pass + CAM alone at each batch size."""
     rates = {}
     for bs in MODEL_BATCH_SIZES:
         clf.predict(inputs[:bs])  # warm-up at this shape
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for i in range(0, len(inputs), bs):
             clf.predict(inputs[i : i + bs])
         rates[bs] = len(inputs) / (time.perf_counter() - start)
+        MODEL_CPU_MS["process", bs] = (time.process_time() - cpu) * 1000.0 / len(inputs)
     return rates
 
 
@@ -97,10 +109,10 @@ def _model_child(weights: str, layout: WorkerLayout, inputs_path: str, batch_siz
         clf = Classifier(Path(weights), layout.device, layout.threads, runtime, batch_size=bs)
         clf.predict(inputs[:bs])  # warm-up at this shape
         barrier.wait()
-        start = time.monotonic()
+        start, cpu = time.monotonic(), time.process_time()
         for i in range(0, len(inputs), bs):
             clf.predict(inputs[i : i + bs])
-        out.put((bs, start, time.monotonic(), len(inputs)))
+        out.put((bs, start, time.monotonic(), len(inputs), time.process_time() - cpu))
 
 
 def measure_model_layout(
@@ -127,6 +139,7 @@ def measure_model_layout(
         mine = [r for r in runs if r[0] == bs]
         span = max(r[2] for r in mine) - min(r[1] for r in mine)
         rates[bs] = sum(r[3] for r in mine) / span
+        MODEL_CPU_MS["layout", bs] = sum(r[4] for r in mine) * 1000.0 / sum(r[3] for r in mine)
     return rates
 
 
@@ -234,10 +247,18 @@ def measure_pipeline(
         timed = paths[WARMUP:]
         with factory() as session:
             last_batch = session.scalar(select(func.max(Batch.id))) or 0
+        client = redis_client(redis_server.url)
+        workers_before, ingest_before = read_profile(client), STAGES.snapshot()
+        redis_before, cpu_before = _redis_cpu_ms(client), time.process_time()
         start = time.perf_counter()
         ids = _send(settings, factory, timed, size)
+        ingest_s, ingest_cpu_s = time.perf_counter() - start, time.process_time() - cpu_before
+        ingest_sums = difference(STAGES.snapshot(), ingest_before)
         _wait_done(factory, ids, 1800)
         elapsed = time.perf_counter() - start
+        profile = _profile(client, workers_before, ingest_sums, (ingest_s, ingest_cpu_s),
+                           redis_before, len(ids), elapsed)  # fmt: skip
+        client.close()
         throughput = len(ids) / elapsed
         with factory() as session:
             forward_ms = session.scalar(
@@ -268,7 +289,60 @@ def measure_pipeline(
         "worker_forward_share": forward_share,
         "latency_p50_ms": statistics.median(lat),
         "latency_p95_ms": lat[min(len(lat) - 1, int(round(0.95 * (len(lat) - 1))))],
+        "profile": profile,
         **user,
+    }
+
+
+def _redis_cpu_ms(client: Any) -> float:
+    info = client.info("cpu")
+    return (float(info["used_cpu_user"]) + float(info["used_cpu_sys"])) * 1000.0
+
+
+def _profile(
+    client: Any,
+    workers_before: dict[str, tuple[float, float, float]],
+    ingest: dict[str, tuple[float, float, float]],
+    ingest_total_s: tuple[float, float],
+    redis_before_ms: float,
+    images: int,
+    elapsed_s: float,
+) -> dict[str, Any]:
+    """Per image, where the timed run's time went, from each process's own timers.
+
+    ``ms``: wall milliseconds per image (the workers' summed over the workers); ``cpu_ms``: CPU
+    milliseconds per image. ``other``: the process's total less its timed stages (for a
+    worker, mostly Celery's event loop). The bound is the cores divided by the CPU the
+    pipeline spent per image in all its processes (ingest, workers, Redis).
+    """
+    deadline = time.monotonic() + 15
+    while True:  # each worker pushes its figures right after a batch's acks
+        workers = difference(read_profile(client), workers_before)
+        if workers.get("task", (0, 0, 0))[2] >= images or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    redis_ms = _redis_cpu_ms(client) - redis_before_ms
+    process = workers.pop(PROCESS, (0.0, 0.0, 0.0))
+    ingest_other = (ingest_total_s[0] * 1000.0 - sum(v[0] for v in ingest.values()),
+                    ingest_total_s[1] * 1000.0 - sum(v[1] for v in ingest.values()), 0.0)  # fmt: skip
+    worker_other = (process[0] - sum(v[0] for v in workers.values()),
+                    process[1] - sum(v[1] for v in workers.values()), 0.0)  # fmt: skip
+    n = max(1, images)
+    cpu = {
+        "ingest": round(ingest_total_s[1] * 1000.0 / n, 3),
+        "workers": round(process[1] / n, 3),
+        "redis": round(redis_ms / n, 3),
+    }
+    cpu["total"] = round(sum(cpu.values()), 3)
+    cores = os.cpu_count() or 1
+    return {
+        "images": images,
+        "wall_s": round(elapsed_s, 3),
+        "ingest": per_image({**ingest, "other": ingest_other}, n, (*INGEST_STAGES, "other")),
+        "worker": per_image({**workers, "other": worker_other}, n, (*WORKER_STAGES, "other")),
+        "cpu_ms_per_image": cpu,
+        "cores": cores,
+        "bound_img_s": round(cores * 1000.0 / cpu["total"], 2) if cpu["total"] > 0 else None,
     }
 
 
@@ -395,7 +469,32 @@ def run(
         "pipeline_batch_wait_ms": settings.batch_wait_ms,
         "model_version": clf.version,
         "runtimes": runtime_rows,
+        "profile": _with_model(pipe["profile"], MODEL_CPU_MS.get(best)),
     }
+
+
+def _with_model(profile: dict[str, Any], model_cpu_ms: float | None) -> dict[str, Any]:
+    """The profile, and the most the pipeline can reach of the model alone on these cores:
+    the model's CPU per image over the pipeline's (all of it on the same cores, CPU-bound),
+    whatever share of the machine other jobs took."""
+    total = profile["cpu_ms_per_image"]["total"]
+    ratio = round(model_cpu_ms / total, 3) if model_cpu_ms and total > 0 else None
+    return {**profile, "model_cpu_ms_per_image": round(model_cpu_ms or 0.0, 3),
+            "bound_vs_model": ratio}  # fmt: skip
+
+
+def profile_table(profile: dict[str, Any]) -> str:
+    """The profile as text: per image, wall and CPU milliseconds by stage, then the bound."""
+    lines = [f"{'stage':22} {'ms/image':>9} {'cpu ms/image':>13}"]
+    for group in ("ingest", "worker"):
+        for stage, v in profile[group].items():
+            lines.append(f"{group + ' ' + stage:22} {v['ms']:9.3f} {v['cpu_ms']:13.3f}")
+    cpu = profile["cpu_ms_per_image"]
+    lines.append("cpu ms/image: " + ", ".join(f"{k} {v}" for k, v in cpu.items()))
+    lines.append(f"model alone: {profile['model_cpu_ms_per_image']} cpu ms/image; bound: "
+                 f"{profile['bound_vs_model']} x the model alone, {profile['bound_img_s']} img/s "
+                 f"on {profile['cores']} idle cores")  # fmt: skip
+    return "\n".join(lines)
 
 
 def _describe(layout: WorkerLayout) -> str:
@@ -412,7 +511,8 @@ def cmd_bench(args: Any, settings: Settings) -> int:
               runtimes=not args.no_runtimes, choose_runtime=args.choose_runtime)  # fmt: skip
     keys = ("device", "n", "model_only_img_s", "pipeline_img_s", "naive_img_s",
             "pipeline_vs_model", "pipeline_vs_naive", "latency_p50_ms", "latency_p95_ms",
-            "runtime", "ingest_wait_s", "naive_s_same_images", "startup_s", "runtimes")  # fmt: skip
+            "runtime", "ingest_wait_s", "naive_s_same_images", "startup_s", "runtimes",
+            "profile")  # fmt: skip
     if args.json:
         print(json.dumps({k: doc[k] for k in keys}))
         return 0
@@ -421,8 +521,9 @@ def cmd_bench(args: Any, settings: Settings) -> int:
     if doc["runtimes"]:
         print(table(doc["runtimes"]))
     for key, value in doc.items():
-        if key != "runtimes":
+        if key not in ("runtimes", "profile"):
             print(f"{key:24} {value}")
+    print(profile_table(doc["profile"]))
     return 0
 
 

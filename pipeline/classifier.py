@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torchvision
 
+from pipeline.profiling import STAGES
 from pipeline.weights import FORMAT, WeightsError, file_sha256
 
 log = logging.getLogger(__name__)
@@ -232,16 +233,28 @@ class Classifier:
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
         x = x.float().div_(255.0).sub_(self._mean).div_(self._std).unsqueeze(1)
+        with STAGES.time("forward", len(images)):
+            feats, logits = self._network(x)
+        with STAGES.time("cam", len(images)):
+            return self._outputs(feats.float(), logits.float(), start)
+
+    def _network(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The network on normalised N x 1 x S x S inputs: (layer4 features, logits)."""
         if self._forward is not None:
             feats, logits = self._forward(x)
-        else:
-            x = x.expand(-1, 3, -1, -1)
-            if self.device.type == "cuda":
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
-                feats = self._features(x)
-                logits = self.model.fc(torch.flatten(self.model.avgpool(feats), 1))
-        feats, logits = feats.float(), logits.float()
+            return feats, logits
+        x = x.expand(-1, 3, -1, -1)
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=torch.float16, enabled=self.device.type == "cuda"):
+            feats = self._features(x)
+            logits = self.model.fc(torch.flatten(self.model.avgpool(feats), 1))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()  # so the forward stage's time is the GPU's, not the CAM's
+        return feats, logits
+
+    def _outputs(self, feats: torch.Tensor, logits: torch.Tensor, start: float) -> BatchOutput:
+        """Probabilities, the predicted class and its CAM from the network's outputs."""
         probs = head_probabilities(logits, self.meta)
         if self.head == "abnormal":
             # the call follows the operating point: abnormal from the routine threshold, then

@@ -366,7 +366,9 @@ def encode_preview(pixels: np.ndarray) -> bytes:
 
 def decode_preview(data: bytes) -> np.ndarray:
     """Decode a stored preview back to a uint8 array."""
-    return np.asarray(PILImage.open(io.BytesIO(data)).convert("L"), dtype=np.uint8)
+    img = PILImage.open(io.BytesIO(data))
+    # A stored preview is greyscale already: converting would only copy it.
+    return np.asarray(img if img.mode == "L" else img.convert("L"), dtype=np.uint8)
 
 
 def model_input(preview: bytes, size: int, preprocess: str = "resize") -> np.ndarray:

@@ -6,10 +6,10 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
-from sqlalchemy import func, select, update
+from sqlalchemy import Table, bindparam, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -17,6 +17,7 @@ from pipeline import imaging, triage
 from pipeline.classifier import BatchOutput, Classifier
 from pipeline.db import session_scope
 from pipeline.models import FINAL_STATES, Batch, Image, Prediction, Study, as_utc, utcnow
+from pipeline.profiling import STAGES
 from pipeline.queue import delete_payloads, get_payloads
 from pipeline.studies import refresh_studies
 
@@ -129,7 +130,8 @@ def classify_images(
     worker: str | None = None,
 ) -> BatchResult:
     """Classify the given images in one forward pass and persist predictions, CAMs, priorities."""
-    claims, skipped = claim(factory, sorted(set(image_ids)), worker)
+    with STAGES.time("claim", len(image_ids)):
+        claims, skipped = claim(factory, sorted(set(image_ids)), worker)
     result = run_claimed(factory, redis_client, classifier, claims, worker)
     result.skipped = skipped
     return result
@@ -151,9 +153,10 @@ def run_claimed(
     if not claims:
         return result
     claimed = sorted(claims)
-    inputs, result.failed = load_inputs(
-        factory, redis_client, claimed, classifier.input_size, classifier.preprocess
-    )
+    with STAGES.time("load", len(claimed)):
+        inputs, result.failed = load_inputs(
+            factory, redis_client, claimed, classifier.input_size, classifier.preprocess
+        )
     ids = [i for i in claimed if i in inputs]
     started = time.perf_counter()
     outputs: dict[int, tuple[BatchOutput, int]] = {}
@@ -163,8 +166,10 @@ def run_claimed(
         result.failed.update(failures)
     result.seconds = time.perf_counter() - started
     result.batch_size = len(ids)
-    _write_results(factory, classifier, outputs, result, worker, claims)
-    delete_payloads(redis_client, [*result.done, *result.failed])
+    with STAGES.time("write", len(claimed)):
+        _write_results(factory, classifier, outputs, result, worker, claims)
+    with STAGES.time("cleanup", len(claimed)):
+        delete_payloads(redis_client, [*result.done, *result.failed])
     return result
 
 
@@ -223,30 +228,42 @@ def _copy(row: Prediction) -> Prediction:
     return Prediction(**{f: getattr(row, f) for f in fields})
 
 
-def _finish(
+def _finish_many(
     session: Session,
-    image_id: int,
     worker: str | None,
-    attempt: int,
-    values: dict[str, Any],
-) -> bool:
-    """Make the image final if this worker's claim is still the current one; True if so.
+    claims: dict[int, int],
+    status: str,
+    values: dict[int, dict[str, Any]],
+) -> set[int]:
+    """Make images final where this worker's claim is still the current one; return those.
 
-    A conditional UPDATE: a worker that was frozen, judged dead and woke up later finds its
-    image re-queued, claimed by another worker, or final, and changes nothing.
+    One conditional UPDATE per image, sent in one executemany: a worker that was frozen,
+    judged dead and woke up later finds its images re-queued, claimed by another worker, or
+    final, and changes nothing. Which rows moved is read back in the same transaction: a
+    claim (worker name and attempt number) is held by one batch only, so a row final with
+    this claim's token was made final by this call.
     """
-    moved = session.execute(
-        update(Image)
+    if not values:
+        return set()
+    table = cast(Table, Image.__table__)
+    columns = sorted({c for v in values.values() for c in v})
+    statement = (
+        update(table)
         .where(
-            Image.id == image_id,
-            Image.status == "processing",
-            Image.worker == worker,
-            Image.attempts == attempt,
+            table.c.id == bindparam("k_id"),
+            table.c.status == "processing",
+            table.c.worker.is_not_distinct_from(bindparam("k_worker")),
+            table.c.attempts == bindparam("k_attempt"),
         )  # fmt: skip
-        .values(**values)
-        .execution_options(synchronize_session=False)
+        .values({c: bindparam(f"v_{c}") for c in columns})
     )
-    return bool(moved.rowcount == 1)  # type: ignore[attr-defined]
+    params = [{"k_id": i, "k_worker": worker, "k_attempt": claims[i],
+               **{f"v_{c}": v.get(c) for c in columns}} for i, v in values.items()]  # fmt: skip
+    session.execute(statement, params)
+    rows = session.execute(select(table.c.id, table.c.status, table.c.worker, table.c.attempts)
+                           .where(table.c.id.in_(list(values))))  # fmt: skip
+    return {int(i) for i, st, w, attempt in rows
+            if st == status and w == worker and attempt == claims[int(i)]}  # fmt: skip
 
 
 def _write_results(
@@ -266,25 +283,32 @@ def _write_results(
         existing = set(session.scalars(select(Prediction.image_id).where(
             Prediction.image_id.in_(list(outputs)),
             Prediction.model_version == classifier.version)))  # fmt: skip
-        rows, now = [], utcnow()
+        now = utcnow()
+        scored: dict[int, Prediction] = {}
         for image_id, (out, n) in outputs.items():
             row = _prediction_row(classifier, image_id, out, n, batch_ms, result.batch_size)
             if isinstance(row, str):
                 result.failed[image_id] = row
-                continue
-            latency = _elapsed_ms(received[image_id], now) if image_id in received else None
-            done = {"status": "done", "reason": None, "done_at": now, "latency_ms": latency}
-            if not _finish(session, image_id, worker, claims[image_id], done):
+            else:
+                scored[image_id] = row
+        done = {i: {"status": "done", "reason": None, "done_at": now,
+                    "latency_ms": _elapsed_ms(received[i], now) if i in received else None}
+                for i in scored}  # fmt: skip
+        finished = _finish_many(session, worker, claims, "done", done)
+        rows = []
+        for image_id, row in scored.items():
+            if image_id not in finished:
                 result.revoked.append(image_id)
                 continue
             if image_id not in existing:
                 rows.append(row)
             result.done.append(image_id)
         _insert_predictions(session, rows, classifier.version)
-        for image_id, reason in list(result.failed.items()):
-            failed = {"status": "failed", "reason": reason, "done_at": now}
-            if image_id in received and not _finish(session, image_id, worker,
-                                                    claims[image_id], failed):  # fmt: skip
+        failed = {i: {"status": "failed", "reason": reason, "done_at": now}
+                  for i, reason in result.failed.items() if i in received}  # fmt: skip
+        finished = _finish_many(session, worker, claims, "failed", failed)
+        for image_id in failed:
+            if image_id not in finished:
                 del result.failed[image_id]
                 result.revoked.append(image_id)
         if result.batch_size:

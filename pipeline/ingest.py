@@ -22,6 +22,7 @@ from pipeline import imaging
 from pipeline.db import session_scope
 from pipeline.imaging import DecodedImage, Limits, RejectedInput
 from pipeline.models import Image, Study, utcnow
+from pipeline.profiling import STAGES
 from pipeline.queue import (
     Dispatcher,
     QueueFull,
@@ -149,13 +150,15 @@ class _Prepared:
 
 def _prepare(data: bytes, filename: str, limits: Limits, extra_meta: dict[str, Any]) -> _Prepared:
     try:
-        decoded = imaging.decode_bytes(data, filename, limits)
+        with STAGES.time("decode"):
+            decoded = imaging.decode_bytes(data, filename, limits)
     except RejectedInput as exc:
         return _Prepared(filename, imaging.content_key(data), None, str(exc), None)
     if decoded.kind != "dicom":
         # JPEG/PNG carry no header: a sidecar JSON or the upload form gives their fields.
         decoded.meta.update(imaging.header_fields(extra_meta))
-    preview = imaging.encode_preview(decoded.pixels)
+    with STAGES.time("preview"):
+        preview = imaging.encode_preview(decoded.pixels)
     decoded.pixels = decoded.pixels[:0]  # the chunk holds previews, not full images
     return _Prepared(filename, decoded.dedup_key, decoded, None, preview)
 
@@ -391,7 +394,7 @@ def ingest_many(
     """
     session = factory()
     try:
-        with full_disk_refused():
+        with full_disk_refused(), STAGES.time("sql", len(files)):
             items = persist_files(session, files, limits, **kwargs)
             session.commit()
         return items
@@ -430,13 +433,13 @@ def enqueue(
         finally:
             session.close()
     ready = [i for i in image_ids if i in found]
-    put_payloads(
-        redis_client,
-        {i: imaging.model_input(found[i], input_size, preprocess) for i in ready},
-        ttl_s,
-    )
+    with STAGES.time("model_input", len(ready)):
+        inputs = {i: imaging.model_input(found[i], input_size, preprocess) for i in ready}
+    with STAGES.time("payload", len(ready)):
+        put_payloads(redis_client, inputs, ttl_s)
     try:
-        return dispatcher.send(ready, lane=lane)
+        with STAGES.time("send", len(ready)):
+            return dispatcher.send(ready, lane=lane)
     except Exception:
         # A payload is no use without its message; the reconciler re-sends both.
         delete_payloads(redis_client, ready)
@@ -554,7 +557,8 @@ def ingest_paths(
 
     try:
         for path in iter_input_files(paths):
-            got = _read_or_reject(factory, path, limits, source, lane)
+            with STAGES.time("read"):
+                got = _read_or_reject(factory, path, limits, source, lane)
             if isinstance(got, IngestItem):
                 got.path = str(path)
                 report.items.append(got)

@@ -12,7 +12,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, Select, and_, exists, func, or_, select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, load_only
 
 from pipeline import triage
 from pipeline.models import Image, Prediction, Review, Study, as_utc, utcnow
@@ -36,14 +36,21 @@ def refresh_studies(
     if not by_id:
         return
     images: dict[int, list[Image]] = {i: [] for i in by_id}
-    for img in session.scalars(select(Image).where(Image.study_id.in_(list(by_id)))):
+    # Only what _derive reads: a worker's batch refreshes its studies on every commit, and
+    # whole rows would bring each image's header and each prediction's CAM along.
+    query = select(Image).where(Image.study_id.in_(list(by_id))).options(
+        load_only(Image.id, Image.study_id, Image.status, Image.reason))  # fmt: skip
+    for img in session.scalars(query):
         images[img.study_id].append(img)
     done = [img.id for imgs in images.values() for img in imgs if img.status == "done"]
     latest: dict[int, Prediction] = {}
     if done:
-        query = (select(Prediction).where(Prediction.image_id.in_(done))
+        preds = (select(Prediction).where(Prediction.image_id.in_(done))
+                 .options(load_only(Prediction.id, Prediction.image_id, Prediction.created_at,
+                                    Prediction.p_abnormal, Prediction.label,
+                                    Prediction.model_version))
                  .order_by(Prediction.created_at.desc(), Prediction.id.desc()))  # fmt: skip
-        for pred in session.scalars(query):
+        for pred in session.scalars(preds):
             latest.setdefault(pred.image_id, pred)
     for study_id, study in by_id.items():
         _derive(study, images[study_id], latest, thresholds)

@@ -20,7 +20,7 @@ def test_bench_json_contract(settings) -> None:  # type: ignore[no-untyped-def]
     assert list(doc) == ["device", "n", "model_only_img_s", "pipeline_img_s", "naive_img_s",
                          "pipeline_vs_model", "pipeline_vs_naive", "latency_p50_ms",
                          "latency_p95_ms", "runtime", "ingest_wait_s", "naive_s_same_images",
-                         "startup_s", "runtimes"]  # fmt: skip
+                         "startup_s", "runtimes", "profile"]  # fmt: skip
     assert doc["runtime"] == "eager" and doc["runtimes"] == []  # nothing recorded for these weights
     assert doc["ingest_wait_s"] > 0 and doc["startup_s"] > 0
     assert doc["naive_s_same_images"] == pytest.approx(8 / doc["naive_img_s"], rel=0.01)
@@ -34,3 +34,15 @@ def test_bench_json_contract(settings) -> None:  # type: ignore[no-untyped-def]
         doc["pipeline_img_s"] / doc["naive_img_s"], rel=0.01
     )
     assert 0 < doc["latency_p50_ms"] <= doc["latency_p95_ms"]
+    # The profile: each stage timed in the process that ran it, per image of the timed run.
+    profile = doc["profile"]
+    assert profile["images"] == 8 and profile["cores"] >= 1
+    for stage in ("read", "decode", "preview", "sql", "model_input", "payload", "send"):
+        assert profile["ingest"][stage]["ms"] > 0, stage
+    for stage in ("message", "claim", "load", "forward", "cam", "write", "cleanup", "ack"):
+        assert profile["worker"][stage]["ms"] > 0, stage
+    assert profile["worker"]["forward"]["cpu_ms"] > 0
+    cpu = profile["cpu_ms_per_image"]
+    assert all(cpu[k] > 0 for k in ("ingest", "workers", "redis"))
+    assert cpu["total"] == pytest.approx(cpu["ingest"] + cpu["workers"] + cpu["redis"], abs=0.01)
+    assert profile["bound_img_s"] > 0 and profile["bound_vs_model"] > 0

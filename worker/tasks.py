@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from celery_batches import SimpleRequest
 from pipeline.classifier import Classifier
 from pipeline.db import make_engine, make_session_factory
 from pipeline.inference import classify_images
+from pipeline.profiling import PROCESS, STAGES, push
 from pipeline.queue import HEARTBEAT_PREFIX, HEARTBEAT_TTL_S, QUEUES, TASK_CLASSIFY, redis_client
 from pipeline.redis_server import resolve_redis_url
 from pipeline.settings import Settings
@@ -43,6 +45,9 @@ _lock = threading.Lock()
 # heartbeat reports it, so a batch that never returns (a hung forward pass, a stalled disk)
 # is seen as a hung worker although its heartbeat thread still beats (pipeline.reconcile).
 _busy_since: float | None = None
+# This process's name, and its wall and CPU clocks when it last pushed its profile.
+_name = "worker"
+_profile_clock: tuple[float, float] | None = None
 
 
 def get_runtime() -> Runtime:
@@ -67,8 +72,12 @@ def _quiet_pydicom(**_: Any) -> None:
 
 @signals.worker_ready.connect
 def _load_model_at_start(sender: Any = None, **_: Any) -> None:
+    global _name, _profile_clock
     runtime = get_runtime()
     name = getattr(sender, "hostname", None) or "worker"
+    _name = f"{name}:{os.getpid()}"
+    STAGES.take()  # loading and warming the model is not a batch's work
+    _profile_clock = (time.perf_counter(), time.process_time())
     # Taken here, before this process consumes anything: every claim it makes is later.
     since = time.time()
     threading.Thread(target=_heartbeat, args=(runtime, name, since), daemon=True).start()
@@ -120,8 +129,25 @@ def retry_later(requests: list[SimpleRequest], exc: Exception) -> int:
     return sent
 
 
+class ClassifyBatches(ReconnectSafeBatches):
+    """The classification task's batching: pushes this process's profile after each batch."""
+
+    abstract = True
+
+    def on_flushed(self) -> None:
+        global _profile_clock
+        if _runtime is None or _profile_clock is None:
+            return
+        sums = STAGES.take()
+        wall, cpu = time.perf_counter(), time.process_time()
+        sums[PROCESS] = ((wall - _profile_clock[0]) * 1000.0,
+                         (cpu - _profile_clock[1]) * 1000.0, 0.0)  # fmt: skip
+        _profile_clock = (wall, cpu)
+        push(_runtime.redis, _name, sums)
+
+
 @app.task(
-    base=ReconnectSafeBatches,
+    base=ClassifyBatches,
     name=TASK_CLASSIFY,
     flush_every=_settings.batch_size,
     flush_interval=_settings.batch_wait_ms / 1000.0,
@@ -131,6 +157,11 @@ def retry_later(requests: list[SimpleRequest], exc: Exception) -> int:
 )
 def classify_image(requests: list[SimpleRequest]) -> dict[str, int]:
     """Classify a batch of images (one message per image id) in one forward pass."""
+    with STAGES.time("task", len(requests)):
+        return _classify(requests)
+
+
+def _classify(requests: list[SimpleRequest]) -> dict[str, int]:
     global _busy_since
     done = failed = 0
     size = _settings.batch_size
