@@ -97,9 +97,14 @@ def queue_results(
     model: ModelInfo,
     limit: int = 200,
     kinds: tuple[str, ...] = PACS_KINDS + ALERT_KINDS,
+    done_since: datetime | None = None,
 ) -> dict[str, int]:
     """Create the result objects and outbox rows still owed to destinations of these
     ``kinds``; return counts.
+
+    ``done_since`` limits the search to studies finished since then (the sender's frequent
+    passes; its full pass, at start and every few minutes, has none), so a pass costs what
+    recent work costs, not the whole history.
 
     Each study's objects are made in a transaction of their own: a concurrent sender that
     made them first wins (unique keys), and this one moves on.
@@ -117,6 +122,7 @@ def queue_results(
                                     ResultObject.model_version == Study.model_version,
                                     ResultObject.images == _n_done())  # fmt: skip
             since = min(as_utc(d.created_at) for d in pacs)
+            since = max(since, done_since) if done_since else since
             owe_sr = list(session.scalars(
                 select(Study.id).where(Study.status == "done", Study.done_at >= since, ~has_sr)
                 .order_by(Study.done_at).limit(limit)))  # fmt: skip
@@ -125,6 +131,7 @@ def queue_results(
                                        ResultObject.kind == "alert",
                                        ResultObject.model_version == Study.model_version)  # fmt: skip
             since = min(as_utc(d.created_at) for d in alerts)
+            since = max(since, done_since) if done_since else since
             owe_alert = list(session.scalars(
                 select(Study.id).where(Study.status == "done", Study.triage_class == "critical",
                                        Study.done_at >= since, ~has_alert)

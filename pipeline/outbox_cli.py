@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections import defaultdict
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
@@ -38,6 +39,10 @@ from pipeline.settings import Settings
 log = logging.getLogger(__name__)
 SYNC_EVERY_S = 60.0
 ALERT_EVERY_S = 1.0
+# The frequent passes look at studies finished in the last RECENT_S; a full pass over every
+# finished study runs at start and every FULL_PASS_EVERY_S, for anything older still owed.
+RECENT_S = 600.0
+FULL_PASS_EVERY_S = 300.0
 
 
 def model_info(settings: Settings) -> ModelInfo:
@@ -149,6 +154,7 @@ class Sender:
         self.model = model_info(settings)
         self.synced = 0.0
         self.sync_lock = threading.Lock()
+        self.full_at: dict[str, float] = {}  # loop -> monotonic time of its last full pass
 
     def sync(self) -> None:
         """Sync the environment's destinations (every minute)."""
@@ -158,16 +164,26 @@ class Sender:
                     sync_env(session, self.settings)
                 self.synced = time.monotonic()
 
+    def _done_since(self, loop: str) -> datetime | None:
+        """None (a full pass) at start and every FULL_PASS_EVERY_S, else the recent window."""
+        now = time.monotonic()
+        if loop not in self.full_at or now - self.full_at[loop] >= FULL_PASS_EVERY_S:
+            self.full_at[loop] = now
+            return None
+        return datetime.now(UTC) - timedelta(seconds=RECENT_S)
+
     def alerts(self) -> dict[str, Any]:
         """Queue and send the critical alerts owed (the alert loop's pass)."""
         self.sync()
-        queued = queue_results(self.factory, self.model, kinds=ALERT_KINDS)
+        queued = queue_results(self.factory, self.model, kinds=ALERT_KINDS,
+                               done_since=self._done_since("alerts"))  # fmt: skip
         return {"queued": queued, "sent": send_pass(self.factory, self.settings, ALERT_KINDS)}
 
     def results(self) -> dict[str, Any]:
         """Queue and send the SRs and captures owed (the PACS loop's pass)."""
         self.sync()
-        queued = queue_results(self.factory, self.model, kinds=PACS_KINDS)
+        queued = queue_results(self.factory, self.model, kinds=PACS_KINDS,
+                               done_since=self._done_since("results"))  # fmt: skip
         return {"queued": queued, "sent": send_pass(self.factory, self.settings, PACS_KINDS)}
 
     def once(self) -> dict[str, Any]:

@@ -158,6 +158,31 @@ def test_a_second_pass_owes_nothing_new(
     assert len(objects(populated)) == 4 and len(outbox(populated)) == 2
 
 
+def test_frequent_passes_look_at_recent_studies_and_full_passes_at_all(
+    populated: Any, settings: Settings
+) -> None:
+    """The sender's frequent pass searches the last minutes only; its full pass (at start and
+    every few minutes) finds an older study still owed."""
+    from datetime import UTC, datetime, timedelta
+
+    from pipeline.outbox_cli import Sender
+
+    add_destination(populated, settings, parse_url("dicom://PACS@127.0.0.1:1"))
+    model = model_info(settings)
+    later = datetime.now(UTC) + timedelta(minutes=1)  # every study finished before this
+    assert queue_results(populated, model, done_since=later) == {"studies": 0, "alerts": 0,
+                                                                 "outbox": 0}  # fmt: skip
+    assert queue_results(populated, model)["studies"] == 3
+    sender = Sender(settings)
+    try:
+        assert sender._done_since("results") is None  # the first pass is a full one
+        window = sender._done_since("results")
+        assert window is not None
+        assert timedelta(minutes=9) < datetime.now(UTC) - window < timedelta(minutes=11)
+    finally:
+        sender.close()
+
+
 def test_destination_urls() -> None:
     d = parse_url("dicom://ORTHANC@pacs.example:4242")
     assert (d.kind, d.ae_title, d.host, d.port, d.want_sr, d.want_sc) == (
