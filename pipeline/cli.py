@@ -220,11 +220,21 @@ def _run_system(settings: Settings, lock: RunLock) -> int:
         from pipeline.outbox_cli import sender_command
 
         sup.add("send-results", sender_command(settings), env)  # results and alerts out
-        # Anything left queued by a standalone ingest or a lost Redis is sent now.
-        reconcile_once(settings, redis_url, stuck_after_s=0)
+        first_pass = [True]
+
+        def reconcile() -> None:
+            # The first pass, just after the children start (not before: a restart after a
+            # crash should not wait for it), sends anything left queued by a standalone ingest,
+            # a lost Redis or a run that died, whatever its age.
+            if first_pass:
+                reconcile_once(settings, redis_url, stuck_after_s=0)
+                first_pass.clear()  # done: a pass that raised is tried again next period
+            else:
+                reconcile_once(settings, redis_url)
+
         print(f"cxr-triage is running: open {dashboard_url}  (Ctrl-C stops everything)", flush=True)
         try:
-            sup.run(tick=lambda: reconcile_once(settings, redis_url), tick_every=RECONCILE_EVERY_S,
+            sup.run(tick=reconcile, tick_every=RECONCILE_EVERY_S,
                     ticks=[(DEAD_WORKER_CHECK_S, lambda: rescue_dead_workers(settings, redis_url))])  # fmt: skip
         finally:
             clear_runtime(settings)
