@@ -100,7 +100,8 @@ def run_suite(plan: Plan, postgres_admin_url: str | None, workdir: Path) -> list
         with temporary_database(postgres_admin_url) as url:
             profile.database_url = url
             rows += run_profile(profile, plan, workdir / "postgresql")
-        rows += run_own_system_rows(profile, plan, workdir / "postgresql", postgres_admin_url)
+        if plan.own_rows_on_postgres:
+            rows += run_own_system_rows(profile, plan, workdir / "postgresql", postgres_admin_url)
     return rows
 
 

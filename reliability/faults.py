@@ -48,6 +48,9 @@ class Plan:
     # reliability.soak: studies, and the steady rate they are sent at (studies/s)
     soak_studies: int = 200
     soak_rate: float = 15.0
+    # The rows on a system of their own (disk full, partitions, soak, run killed) on PostgreSQL
+    # too: the full plan; the quick one runs them on SQLite only, to keep `make test` short.
+    own_rows_on_postgres: bool = False
 
     @classmethod
     def quick(cls) -> Plan:
@@ -58,7 +61,7 @@ class Plan:
         visibility_s = Settings().visibility_timeout_s  # the shipped default: 600 s
         return cls(studies=240, outage_s=10.0, recover_timeout_s=600.0, load_studies=2000,
                    fuzz_inputs=2000, disk_studies=96, partition_s=visibility_s + 30.0,
-                   soak_studies=20_000, soak_rate=20.0)  # fmt: skip
+                   soak_studies=20_000, soak_rate=20.0, own_rows_on_postgres=True)  # fmt: skip
 
 
 def _count(system: System, ids: list[int], status: str) -> int:
