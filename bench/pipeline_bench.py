@@ -403,6 +403,7 @@ def run(
     pipeline_batch: int | None = None,
     runtimes: bool = True,
     choose_runtime: bool = False,
+    requantise: bool = False,
 ) -> dict[str, Any]:
     """Run all the measurements on the same n images; return the --json document.
 
@@ -427,7 +428,8 @@ def run(
         inputs = np.stack([load_one(p, eager.input_size, eager.preprocess) for p in timed])
         layout = inference_layout(settings)
         if runtimes and eager.device.type == "cpu":
-            runtime_rows = compare_runtimes(weights, layout, inputs, workdir)
+            runtime_rows = compare_runtimes(weights, layout, inputs, workdir,
+                                            requantise=requantise)  # fmt: skip
             if choose_runtime:
                 write_choice(weights, eager.sha256, choose(runtime_rows), runtime_rows)
         clf = Classifier(weights, settings.device, settings.torch_threads, settings.runtime,
@@ -512,7 +514,8 @@ def cmd_bench(args: Any, settings: Settings) -> int:
     if args.batch_wait_ms is not None:
         settings = settings.with_(batch_wait_ms=args.batch_wait_ms)
     doc = run(args.n, settings, args.latency_n, args.rate, pipeline_batch=args.batch_size,
-              runtimes=not args.no_runtimes, choose_runtime=args.choose_runtime)  # fmt: skip
+              runtimes=not args.no_runtimes, choose_runtime=args.choose_runtime,
+              requantise=args.requantise)  # fmt: skip
     keys = ("device", "n", "model_only_img_s", "pipeline_img_s", "naive_img_s",
             "pipeline_vs_model", "pipeline_vs_naive", "latency_p50_ms", "latency_p95_ms",
             "runtime", "ingest_wait_s", "naive_s_same_images", "startup_s", "runtimes",
@@ -544,6 +547,8 @@ def register(sub: Any) -> None:
     p.add_argument("--no-runtimes", action="store_true", help="skip the runtime comparison")
     p.add_argument("--choose-runtime", action="store_true",
                    help="record the fastest runtime that passes, for CXR_RUNTIME=auto")  # fmt: skip
+    p.add_argument("--requantise", action="store_true",
+                   help="calibrate the int8 model again (drops every CPU's recorded choice)")  # fmt: skip
     p.set_defaults(handler=cmd_bench)
 
 

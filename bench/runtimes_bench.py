@@ -108,10 +108,39 @@ def layout_speed(weights: Path, runtime: str, layout: WorkerLayout, inputs: np.n
     return rates
 
 
+def ensure_int8(weights: Path, fp32: Path, int8: Path, calibration: np.ndarray,
+                requantise: bool = False) -> bool:  # fmt: skip
+    """Calibrate the int8 model unless one is beside the weights; True when one was written.
+
+    Re-calibrating replaces the file that every CPU's recorded choice measured, so those
+    choices are dropped (pipeline.runtimes.forget_choices).
+    """
+    from pipeline import runtimes as rt
+
+    if int8.exists() and not requantise:
+        log.info("int8 model %s kept (calibrated before; --requantise makes a new one)", int8.name)
+        return False
+    replaced = int8.exists()
+    try:
+        rt.quantize_int8(fp32, calibration, int8)
+    except ImportError as exc:
+        log.warning("int8 quantisation needs onnxruntime: %s", exc)
+        return False
+    if replaced:
+        rt.forget_choices(weights)
+    return True
+
+
 def compare_runtimes(weights: Path, layout: WorkerLayout, speed_inputs: np.ndarray,
                      workdir: Path, per_source: int = 100, calibration_n: int = 150,
-                     runtimes: tuple[str, ...] | None = None) -> list[dict[str, Any]]:  # fmt: skip
-    """One row per runtime: img/s, AUC and its delta against float32, CAM agreement, passes."""
+                     runtimes: tuple[str, ...] | None = None,
+                     requantise: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+    """One row per runtime: img/s, AUC and its delta against float32, CAM agreement, passes.
+
+    The int8 model is calibrated once per weights file and kept beside it, so that the record of
+    every CPU measures the same file. ``requantise`` calibrates it again, replacing the file; the
+    other CPUs' records, made on the old one, are then dropped.
+    """
     from pipeline import runtimes as rt
     from pipeline.classifier import Classifier
     from pipeline.datasets import load_images
@@ -129,10 +158,7 @@ def compare_runtimes(weights: Path, layout: WorkerLayout, speed_inputs: np.ndarr
     if not fp32.exists():
         rt.export_onnx(ref.model, ref.input_size, fp32)
     int8 = onnx_dir / f"{ref.sha256[:12]}.int8.onnx"
-    try:
-        rt.quantize_int8(fp32, _normalised(ref, calib), int8)
-    except ImportError as exc:
-        log.warning("int8 quantisation needs onnxruntime: %s", exc)
+    ensure_int8(weights, fp32, int8, _normalised(ref, calib), requantise)
     ref_probs, ref_cams = _predict(ref, test)
     ref_auc = auc(1.0 - ref_probs[:, 0], abnormal)
     ref_peaks = _cam_peaks(ref_cams)

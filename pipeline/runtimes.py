@@ -248,6 +248,15 @@ def write_choice(weights: Path, sha256: str, choice: str, table: list[dict[str, 
     return path
 
 
+def forget_choices(weights: Path) -> None:
+    """Drop every CPU's recorded choice (their int8 measurements were of a replaced file)."""
+    record = read_record(weights)
+    if record.get("cpus"):
+        record["cpus"] = {}
+        record_path(weights).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
+        log.warning("int8 model re-calibrated: the runtime choices of every CPU were dropped")
+
+
 def recorded_choice(weights: Path, sha256: str) -> str | None:
     """The runtime measured best for these weights on this CPU, or None."""
     record = read_record(weights)

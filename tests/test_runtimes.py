@@ -133,3 +133,27 @@ def test_auto_uses_the_choice_recorded_for_this_cpu_and_these_weights(
 def test_unknown_runtime_is_refused(small_weights: Path) -> None:
     with pytest.raises(ValueError, match="unknown runtime 'tensorrt'"):
         rt.resolve("tensorrt", small_weights, "0" * 64)
+
+
+def test_int8_model_is_kept_unless_requantised_and_then_old_choices_go(
+    tmp_path: Path, small_weights: Path, int8_model: Path
+) -> None:
+    from bench.runtimes_bench import ensure_int8
+
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(small_weights.read_bytes())
+    sha = Classifier(weights, "cpu", 1).sha256
+    fp32 = int8_model.with_name(f"{sha[:12]}.onnx")
+    int8 = rt.onnx_dir_for(weights) / int8_model.name
+    int8.parent.mkdir()
+    int8.write_bytes(int8_model.read_bytes())
+    rt.write_choice(weights, sha, "onnxruntime-int8", [{"runtime": "onnxruntime-int8"}])
+    before = int8.read_bytes()
+    calib = ((_images(8, seed=7).astype(np.float32) / 255.0 - 0.5) / 0.25)[:, None]
+    assert ensure_int8(weights, fp32, int8, calib) is False  # another CPU's bench: file kept
+    assert int8.read_bytes() == before
+    assert rt.recorded_choice(weights, sha) == "onnxruntime-int8"
+    assert ensure_int8(weights, fp32, int8, calib, requantise=True) is True
+    assert int8.read_bytes() != before  # new calibration images, new scales
+    assert rt.recorded_choice(weights, sha) is None  # measured on the replaced file: dropped
+    assert rt.read_record(weights)["cpus"] == {}
