@@ -9,7 +9,8 @@ waiting study chosen by the discipline:
 * ``priority``: the highest ``triage.priority_score``, oldest first among ties (the worklist order).
 * ``priority_capped``: as ``priority``, unless taking that study would make a waiting study miss
   the maximum wait ``cap_h``; then the oldest study that must go first. Whenever FIFO meets the
-  cap, this discipline meets it too (an earliest-deadline-first argument; see ``_capped_prefix``).
+  cap, this discipline meets it too (an earliest-deadline-first argument). The rule is
+  ``pipeline.ordering.next_pick``, the one the live worklist orders by.
 * ``priority_ageing``: the product's own ageing term of ``priority_score`` (score rises to 100
   as the wait approaches ``cap_h``), recomputed at every slot.
 
@@ -27,6 +28,7 @@ from statistics import NormalDist
 import numpy as np
 
 from pipeline import triage
+from pipeline.ordering import next_pick
 
 DISCIPLINES = ("fifo", "priority", "priority_capped", "priority_ageing")
 # Relative arrivals per hour of day: a hospital's outpatient day on top of emergency traffic.
@@ -83,17 +85,6 @@ def slots_for(arrivals: np.ndarray, scenario: Scenario) -> np.ndarray:
     return reading_slots(scenario.capacity, scenario.reading_hours, start, until)
 
 
-def _capped_prefix(waiting_arrivals: np.ndarray, later_slots: np.ndarray, cap_h: float) -> int:
-    """How many of the oldest waiting studies may be read now without breaking the cap.
-
-    Read in arrival order from the next slot on, the k-th oldest would be read at
-    ``later_slots[k]``; taking a younger study now pushes every older one back by one slot. The
-    first study for which that would miss its deadline (arrival + cap) bounds the choice.
-    """
-    tight = waiting_arrivals + cap_h < later_slots[: len(waiting_arrivals)]
-    return int(np.argmax(tight)) + 1 if tight.any() else len(waiting_arrivals)
-
-
 def simulate(
     arrivals: np.ndarray,
     scores: np.ndarray,
@@ -132,8 +123,7 @@ def simulate(
                 continue
             idx = np.asarray(waiting)
             if discipline == "priority_capped":
-                allowed = _capped_prefix(arrivals[idx], slots[s + 1 :], float(cap_h or 0))
-                pos = int(np.argmax(scores[idx[:allowed]]))
+                pos = next_pick(scores[idx], arrivals[idx], slots[s + 1 :], float(cap_h or 0))[0]
             else:
                 pos = int(
                     np.argmax(ageing_scores(scores[idx], t - arrivals[idx], float(cap_h or 0)))
