@@ -63,6 +63,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from dashboard import performance_admin
 
     app.register_blueprint(performance_admin.bp)  # live performance against the reads
+    from dashboard import policy_admin
+
+    app.register_blueprint(policy_admin.bp)  # the versioned triage policy
     csrf.exempt(api.bp)  # token-authenticated machine API; no cookies involved
     from dashboard import ingest_api
 

@@ -22,7 +22,7 @@ from pipeline.studies import (
     format_wait,
     waiting_seconds,
     worklist_count,
-    worklist_query,
+    worklist_page,
 )
 from pipeline.weights import describe_weights
 
@@ -42,11 +42,13 @@ def _page_size() -> int:
 def _rows(filters: WorklistFilter, page: int) -> dict[str, Any]:
     """Everything the table body needs for one page."""
     size = _page_size()
-    studies = db().scalars(worklist_query(size, (page - 1) * size, filters)).all()
+    listed = worklist_page(db(), size, (page - 1) * size, filters)
+    studies = listed.studies
     total = worklist_count(db(), filters)
     reviewed = reviewed_study_ids(db(), [s.id for s in studies])
     waits = {s.id: format_wait(waiting_seconds(s)) for s in studies if s.id not in reviewed}
     return {"studies": studies, "reviewed": reviewed, "waits": waits, "total": total,
+            "due": listed.due,
             "page": page, "pages": max(1, -(-total // size)), "filters": filters}  # fmt: skip
 
 

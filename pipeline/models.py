@@ -82,6 +82,8 @@ class Study(Base):
     triage_class: Mapped[str | None] = mapped_column(String(16))
     priority: Mapped[float | None] = mapped_column(Float)
     model_version: Mapped[str | None] = mapped_column(String(80))
+    # The triage policy (pipeline.policy) the study was ranked under; None: before policies.
+    policy_version: Mapped[int | None] = mapped_column(Integer)
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     done_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     updated_at: Mapped[datetime] = mapped_column(
@@ -213,6 +215,19 @@ class Review(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
     study: Mapped[Study] = relationship(back_populates="reviews")
+
+
+class PolicyVersion(Base):
+    """One version of the site's triage policy (pipeline.policy); the highest is in force."""
+
+    __tablename__ = "policies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, unique=True)
+    body: Mapped[str] = mapped_column(Text)  # JSON: pipeline.policy.Policy.body()
+    reason: Mapped[str] = mapped_column(Text)
+    user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class AuditEvent(Base):

@@ -1,7 +1,9 @@
 """A study's state and priority, derived from its images; the worklist query and its filters.
 
-The worklist page, ``GET /api/worklist`` and ``cxr-triage worklist`` share one query, so the
-order (priority desc, unscored last, then arrival asc, then id) and the filters cannot drift.
+The worklist page, ``GET /api/worklist`` and ``cxr-triage worklist`` share one function
+(``worklist_page``), so the order and the filters cannot drift: the studies waiting for a read in
+the reading order of ``pipeline.ordering`` under the site's policy (priority, unless a study
+would wait past the maximum wait), then the rest by priority desc, unscored last, arrival, id.
 """
 
 from __future__ import annotations
@@ -31,10 +33,17 @@ def refresh_study(session: Session, study: Study, thresholds: Mapping[str, float
 def refresh_studies(
     session: Session, studies: Iterable[Study], thresholds: Mapping[str, float]
 ) -> None:
-    """``refresh_study`` for many studies with two queries in all (a worker's batch)."""
+    """``refresh_study`` for many studies with three queries in all (a worker's batch).
+
+    ``thresholds`` are the model's; the site's policy in force (pipeline.policy) may set its
+    own, and its STAT boost; each scored study records the policy version.
+    """
+    from pipeline.policy import active
+
     by_id = {study.id: study for study in studies}
     if not by_id:
         return
+    policy = active(session)
     images: dict[int, list[Image]] = {i: [] for i in by_id}
     # Only what _derive reads: a worker's batch refreshes its studies on every commit, and
     # whole rows would bring each image's header and each prediction's CAM along.
@@ -53,7 +62,8 @@ def refresh_studies(
         for pred in session.scalars(preds):
             latest.setdefault(pred.image_id, pred)
     for study_id, study in by_id.items():
-        _derive(study, images[study_id], latest, thresholds)
+        _derive(study, images[study_id], latest, policy.thresholds_for(thresholds),
+                policy.stat_boost, policy.version)  # fmt: skip
 
 
 def _derive(
@@ -61,6 +71,8 @@ def _derive(
     images: list[Image],
     latest: Mapping[int, Prediction],
     thresholds: Mapping[str, float],
+    stat_boost: float = triage.STAT_BOOST,
+    policy_version: int | None = None,
 ) -> None:
     statuses = [img.status for img in images]
     if any(s in ("received", "queued", "processing") for s in statuses):
@@ -76,7 +88,9 @@ def _derive(
         study.label = top.label
         study.model_version = top.model_version
         study.triage_class = triage.triage_class(p, thresholds)
-        study.priority = triage.priority_score(p, thresholds, study.requested_priority)
+        study.priority = triage.priority_score(p, thresholds, study.requested_priority,
+                                               stat_boost=stat_boost)  # fmt: skip
+        study.policy_version = policy_version
         study.done_at = study.done_at or utcnow()
         return
     for final in ("failed", "skipped", "rejected"):
@@ -201,10 +215,91 @@ def worklist_count(session: Session, filters: WorklistFilter | None = None) -> i
     return int(session.scalar(query) or 0)
 
 
+@dataclass
+class WorklistPage:
+    """One page of the worklist in reading order, and which of its studies are due."""
+
+    studies: list[Study]
+    due: frozenset[int]
+    policy_version: int
+
+
+def _reading_ranks(
+    session: Session, policy: Any, now: datetime
+) -> tuple[list[int], frozenset[int]]:
+    """The ids of every study waiting for a read, in reading order (pipeline.ordering)."""
+    import numpy as np
+
+    from pipeline.ordering import live_reads, reading_order
+    from pipeline.policy import awaiting_read
+
+    rows = session.execute(
+        select(Study.id, Study.priority, Study.received_at).where(awaiting_read())
+        .order_by(Study.received_at.asc(), Study.id.asc())
+    ).all()  # fmt: skip
+    if not rows:
+        return [], frozenset()
+    ids = [r[0] for r in rows]
+    prio = np.array([float(r[1] or 0.0) for r in rows])
+    arrivals = np.array([as_utc(r[2]).timestamp() for r in rows])
+    reads = live_reads(len(rows), now.timestamp(), policy.reads_per_hour)
+    order = reading_order(prio, arrivals, reads, policy.max_wait_s)
+    return [ids[i] for i in order.order], frozenset(ids[i] for i in order.due)
+
+
+def worklist_page(
+    session: Session,
+    limit: int | None,
+    offset: int = 0,
+    filters: WorklistFilter | None = None,
+    policy: Any = None,
+    now: datetime | None = None,
+) -> WorklistPage:
+    """The worklist as the radiologist reads it, under the site's policy (pipeline.policy).
+
+    With a maximum wait in force, the studies waiting for a read come first, in the reading
+    order of ``pipeline.ordering`` (priority, unless a study would wait past the cap); then the
+    rest (reviewed, not yet scored, failed, rejected) in ``worklist_query`` order. Without one,
+    ``worklist_query`` alone (priority desc, unscored last, then arrival).
+    """
+    from pipeline.policy import active, awaiting_read
+
+    policy = policy or active(session)
+    where = filters.conditions() if filters is not None else []
+    if policy.max_wait_s is None:
+        studies = list(session.scalars(worklist_query(limit, offset, filters)))
+        return WorklistPage(studies, frozenset(), policy.version)
+    ranked, due = _reading_ranks(session, policy, now or utcnow())
+    if where:
+        chosen = set(session.scalars(select(Study.id).where(awaiting_read(), *where)))
+        ranked = [i for i in ranked if i in chosen]
+    end = None if limit is None else offset + limit
+    head_ids = ranked[offset:end]
+    by_id = {s.id: s for s in session.scalars(select(Study).where(Study.id.in_(head_ids)))}
+    studies = [by_id[i] for i in head_ids if i in by_id]
+    room = None if limit is None else limit - len(studies)
+    if room is None or room > 0:
+        rest = worklist_query(None, 0, filters).where(~awaiting_read())
+        rest = rest.offset(max(0, offset - len(ranked)))
+        if room is not None:
+            rest = rest.limit(room)
+        studies.extend(session.scalars(rest))
+    return WorklistPage(studies, due & set(head_ids), policy.version)
+
+
 def neighbour_ids(
     session: Session, study: Study, filters: WorklistFilter | None = None
 ) -> tuple[int | None, int | None]:
     """The studies before and after this one in worklist order under the same filters."""
+    from pipeline.policy import active
+
+    policy = active(session)
+    if policy.max_wait_s is not None:
+        order = [s.id for s in worklist_page(session, None, 0, filters, policy).studies]
+        if study.id in order:
+            k = order.index(study.id)
+            return (order[k - 1] if k > 0 else None,
+                    order[k + 1] if k + 1 < len(order) else None)  # fmt: skip
     p, received = _UNSCORED_LAST, Study.received_at
     mine_p = -1.0 if study.priority is None else study.priority
     later = or_(p < mine_p, and_(p == mine_p, received > study.received_at),
@@ -240,6 +335,7 @@ def study_summary(study: Study, reviewed: bool | None = None) -> dict[str, objec
         "accession_number": study.accession_number,
         "requested_priority": study.requested_priority,
         "model_version": study.model_version,
+        "policy_version": study.policy_version,
         "received_at": iso(study.received_at),
         "done_at": iso(study.done_at),
     }
@@ -258,14 +354,17 @@ def worklist_document(
     """The worklist JSON shared by ``cxr-triage worklist --json`` and ``GET /api/worklist``."""
     from pipeline.reviews import reviewed_study_ids
 
-    studies = session.scalars(worklist_query(limit, offset, filters)).all()
-    reviewed = reviewed_study_ids(session, [s.id for s in studies])
+    page = worklist_page(session, limit, offset, filters)
+    reviewed = reviewed_study_ids(session, [s.id for s in page.studies])
     return {
         "model": {"version": model["version"], "trained": model["trained"]},
+        "policy_version": page.policy_version,
         "total": worklist_count(session, filters),
         "offset": offset,
         "limit": limit,
-        "studies": [study_summary(s, s.id in reviewed) for s in studies],
+        "studies": [
+            {**study_summary(s, s.id in reviewed), "due": s.id in page.due} for s in page.studies
+        ],  # fmt: skip
     }
 
 

@@ -7,7 +7,7 @@ Radiologists read this module's rules on the dashboard's "How priority works" pa
   ``critical`` >= t_critical > ``urgent`` >= t_urgent > ``routine`` >= t_routine > ``normal``.
 * Score: each class owns a band (normal 0-25, routine 25-50, urgent 50-75, critical 75-95) and
   the study sits inside its band in proportion to p_abnormal, so the score never contradicts
-  the class. A requested STAT priority adds 20. Ageing adds up to 100 as the wait approaches the
+  the class. A requested STAT priority adds 20 (the site's policy may set another boost). Ageing adds up to 100 as the wait approaches the
   configured maximum, so no study waits past it. The score is capped at 100.
 """
 
@@ -65,6 +65,7 @@ def priority_score(
     requested_priority: str | None = None,
     waited_s: float = 0.0,
     max_wait_s: float | None = None,
+    stat_boost: float = STAT_BOOST,
 ) -> float:
     """Return the 0-100 priority of a study with abnormality probability p."""
     cls = triage_class(p, thresholds)
@@ -73,7 +74,7 @@ def priority_score(
     band_lo, band_hi = BANDS[cls]
     score = band_lo + fraction * (band_hi - band_lo)
     if is_stat(requested_priority):
-        score += STAT_BOOST
+        score += stat_boost
     if max_wait_s and max_wait_s > 0 and waited_s > 0:
         score += 100.0 * min(1.0, waited_s / max_wait_s)
     return round(min(100.0, score), 2)

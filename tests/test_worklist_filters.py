@@ -15,6 +15,7 @@ from sqlalchemy import text
 from werkzeug.serving import make_server
 
 from dashboard import create_app
+from pipeline import policy
 from pipeline.db import make_engine, make_session_factory
 from pipeline.migrate import upgrade
 from pipeline.models import Review, Study
@@ -43,6 +44,7 @@ ROWS = {
 }
 ORDER = [2, 1, 4, 7, 3, 6, 5]  # priority desc, then arrival asc; unscored last
 REVIEWED = {1, 3}
+THRESHOLDS = {"routine": 0.2, "urgent": 0.6, "critical": 0.8}
 
 
 @pytest.fixture
@@ -56,6 +58,10 @@ def worklist_db(database_url: str):  # type: ignore[no-untyped-def]
                               received_at=at, accession_number=acc, patient_id=pid))  # fmt: skip
         session.flush()
         session.add_all(Review(study_id=s, user_id=user.id, action="read") for s in REVIEWED)
+        # These studies waited weeks: under a maximum wait they would be read oldest first
+        # (tests/test_ordering.py). Here the order under test is priority's alone.
+        policy.save(session, {**policy.Policy().body(), "max_wait_h": 0}, user.id,
+                    "priority alone", THRESHOLDS)  # fmt: skip
         session.commit()
     return factory
 

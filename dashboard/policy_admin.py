@@ -1,0 +1,101 @@
+"""Admin: the site's triage policy (pipeline.policy): the one in force, its history, changes.
+
+Every save is a new version with a reason, audited; rollback saves an earlier version's rules as
+a new one. The page shows how many waiting studies a change would move to another triage class
+before it is saved (``preview``), and how many it moved once saved.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flask import Blueprint, flash, jsonify, redirect, render_template, request, url_for
+from flask_login import current_user
+
+from dashboard import db, settings
+from dashboard.admin import admin_required
+from dashboard.auth import api_auth_required, audit
+from pipeline import policy as pol
+from pipeline.weights import describe_weights
+
+bp = Blueprint("policy", __name__)
+
+
+def _model_thresholds() -> dict[str, float]:
+    return dict(describe_weights(settings()).get("thresholds") or {})
+
+
+def _doc() -> dict[str, Any]:
+    return {
+        "active": pol.active(db()).as_dict(),
+        "model_thresholds": _model_thresholds(),
+        "history": [p.as_dict() for p in pol.history(db())],
+    }
+
+
+@bp.route("/admin/policy")
+@admin_required
+def page() -> Any:
+    return render_template("admin_policy.html", doc=_doc())
+
+
+@bp.route("/api/admin/policy")
+@api_auth_required(scope="admin")
+def as_json() -> Any:
+    return jsonify(_doc())
+
+
+def _body(form: Any) -> dict[str, Any]:
+    own = form.get("thresholds") == "own"
+    thresholds = (
+        {k: form.get(f"t_{k}", "") for k in ("routine", "urgent", "critical")} if own else None
+    )
+    return {"thresholds": thresholds, "stat_boost": form.get("stat_boost", ""),
+            "max_wait_h": form.get("max_wait_h", ""),
+            "reads_per_hour": form.get("reads_per_hour", "")}  # fmt: skip
+
+
+def _describe(p: pol.Policy) -> str:
+    t = p.thresholds or "the model's"
+    return (f"thresholds {t}; STAT boost {p.stat_boost:g}; maximum wait {p.max_wait_h:g} h; "
+            f"{p.reads_per_hour:g} reads/h")  # fmt: skip
+
+
+@bp.route("/admin/policy", methods=["POST"])
+@admin_required
+def save() -> Any:
+    body = _body(request.form)
+    try:
+        if request.form.get("preview"):
+            moved = pol.preview(db(), body, _model_thresholds())
+            flash(f"Not saved. Under these rules {moved} waiting stud"
+                  f"{'y' if moved == 1 else 'ies'} would change triage class.")  # fmt: skip
+            return redirect(url_for("policy.page"))
+        new, moved = pol.save(db(), body, current_user.id, request.form.get("reason", ""),
+                              _model_thresholds())  # fmt: skip
+    except pol.PolicyError as exc:
+        db().rollback()
+        flash(f"Policy not saved: {exc}")
+        return redirect(url_for("policy.page"))
+    audit("policy_change", target=f"policy:v{new.version}",
+          detail=f"{_describe(new)}; reason: {new.reason}; {moved} waiting re-classed")  # fmt: skip
+    flash(f"Policy version {new.version} is in force; {moved} waiting stud"
+          f"{'y' if moved == 1 else 'ies'} changed triage class.")  # fmt: skip
+    return redirect(url_for("policy.page"))
+
+
+@bp.route("/admin/policy/<int:version>/rollback", methods=["POST"])
+@admin_required
+def rollback(version: int) -> Any:
+    try:
+        new, moved = pol.rollback(db(), version, current_user.id,
+                                  request.form.get("reason", "") or "rollback",
+                                  _model_thresholds())  # fmt: skip
+    except pol.PolicyError as exc:
+        db().rollback()
+        flash(f"Policy not rolled back: {exc}")
+        return redirect(url_for("policy.page"))
+    audit("policy_rollback", target=f"policy:v{new.version}",
+          detail=f"rules of version {version}: {_describe(new)}; {moved} waiting re-classed")  # fmt: skip
+    flash(f"The rules of version {version} are in force again as version {new.version}.")
+    return redirect(url_for("policy.page"))
