@@ -179,12 +179,14 @@ def print_table(doc: dict[str, Any]) -> None:
     )
     head = "".join(f"{k:>9}" for k in ("mean", "median", "p95", "max"))
     print(f"{'hours':<16} | {'abnormal:':<10}{head} | {'normal:':<10}{head}")
-    for name in sim.DISCIPLINES:
+    for name in (*sim.DISCIPLINES, "oracle", "oracle_capped"):
         cells = [
             "".join(f"{_fmt(doc[name][g][k]):>9}" for k in ("mean_h", "median_h", "p95_h", "max_h"))
             for g in ("abnormal", "normal")
         ]
-        print(f"{name:<16} | {'':<10}{cells[0]} | {'':<10}{cells[1]}")
+        share = doc["achieved_share"].get(name)
+        note = f"  ({100 * share:.0f} % of the oracle's cut)" if share is not None else ""
+        print(f"{name:<16} | {'':<10}{cells[0]} | {'':<10}{cells[1]}{note}")
     if doc["fifo_meets_cap"] is False:
         print(f"note: even FIFO exceeds the {sc['cap_h']:g} h cap: capacity does not allow it")
 

@@ -181,6 +181,27 @@ def test_simulate_synthetic_json_and_plot(bare_settings, tmp_path, capsys) -> No
     assert doc["fifo_meets_cap"] is True
     assert doc["priority_capped"]["normal"]["max_h"] <= 30.0
     assert PILImage.open(io.BytesIO(png.read_bytes())).size == (1040, 384)
+    # The oracle (abnormal first, knowing which are) bounds every order's abnormal mean wait.
+    oracle = doc["oracle"]["abnormal"]["mean_h"]
+    for name in ("fifo", "priority", "priority_capped", "priority_ageing", "oracle_capped"):
+        assert oracle <= doc[name]["abnormal"]["mean_h"] + 1e-9, name
+    share = doc["achieved_share"]
+    assert set(share) == {"priority", "priority_capped", "priority_ageing"}
+    fifo, prio = doc["fifo"]["abnormal"]["mean_h"], doc["priority"]["abnormal"]["mean_h"]
+    assert share["priority"] == round((fifo - prio) / (fifo - oracle), 3)
+    assert 0.0 < share["priority_capped"] <= share["priority"] <= 1.0
+
+
+def test_a_perfect_model_delivers_all_the_oracle_can(bare_settings, capsys) -> None:
+    scenario = sim.Scenario(days=4, warmup_days=1, volume=60, capacity=60, cap_h=30.0)
+    p = np.array([0.95, 0.05] * 50)
+    truth = p > 0.5
+    doc, _ = sim.run_experiment(scenario, p, truth, THR)
+    assert doc["oracle"]["abnormal"] == doc["priority"]["abnormal"]
+    assert doc["oracle_capped"]["abnormal"] == doc["priority_capped"]["abnormal"]
+    assert doc["achieved_share"]["priority"] == 1.0
+    rc, out = run_simulate(["--synthetic", *SMALL], bare_settings, capsys)
+    assert rc == 0 and "oracle_capped" in out and "% of the oracle's cut" in out
 
 
 def test_simulate_reads_an_evaluate_predictions_file(bare_settings, tmp_path, capsys) -> None:
