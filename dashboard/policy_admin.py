@@ -33,10 +33,41 @@ def _doc() -> dict[str, Any]:
     }
 
 
+def _proposal() -> tuple[dict[str, Any] | None, str | None]:
+    """The calibration proposal asked for with ?calibrate=1&since=&target=, or why there is none."""
+    from datetime import UTC, datetime, timedelta
+
+    from pipeline.calibrate import CalibrationError, propose
+
+    if not request.args.get("calibrate"):
+        return None, None
+    try:
+        since_text = request.args.get("since") or ""
+        since = (datetime.strptime(since_text, "%Y-%m-%d").replace(tzinfo=UTC) if since_text
+                 else datetime.now(UTC) - timedelta(days=90))  # fmt: skip
+        target = float(request.args.get("target") or 0.95)
+        return propose(db(), since, datetime.now(UTC), _model_thresholds(), target), None
+    except ValueError as exc:  # CalibrationError is one
+        return None, str(exc) if isinstance(
+            exc, CalibrationError
+        ) else f"not a date or number: {exc}"
+
+
 @bp.route("/admin/policy")
 @admin_required
 def page() -> Any:
-    return render_template("admin_policy.html", doc=_doc())
+    proposal, why_not = _proposal()
+    return render_template("admin_policy.html", doc=_doc(), proposal=proposal, why_not=why_not)
+
+
+@bp.route("/admin/policy/calibration/reject", methods=["POST"])
+@admin_required
+def reject() -> Any:
+    detail = request.form.get("summary", "")[:400]
+    audit("calibration_reject", target="policy",
+          detail=f"{detail}; why: {request.form.get('reason', '').strip()[:200]}")  # fmt: skip
+    flash("Calibration proposal rejected; the policy in force is unchanged.")
+    return redirect(url_for("policy.page"))
 
 
 @bp.route("/api/admin/policy")
@@ -52,13 +83,14 @@ def _body(form: Any) -> dict[str, Any]:
     )
     return {"thresholds": thresholds, "stat_boost": form.get("stat_boost", ""),
             "max_wait_h": form.get("max_wait_h", ""),
-            "reads_per_hour": form.get("reads_per_hour", "")}  # fmt: skip
+            "reads_per_hour": form.get("reads_per_hour", ""),
+            "temperature_scale": form.get("temperature_scale", "1")}  # fmt: skip
 
 
 def _describe(p: pol.Policy) -> str:
     t = p.thresholds or "the model's"
     return (f"thresholds {t}; STAT boost {p.stat_boost:g}; maximum wait {p.max_wait_h:g} h; "
-            f"{p.reads_per_hour:g} reads/h")  # fmt: skip
+            f"{p.reads_per_hour:g} reads/h; temperature x{p.temperature_scale:g}")  # fmt: skip
 
 
 @bp.route("/admin/policy", methods=["POST"])

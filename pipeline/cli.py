@@ -446,6 +446,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "pipeline.sources_cli",
     "pipeline.outbox_cli",
     "pipeline.labels_cli",
+    "pipeline.calibrate_cli",
     "bench.ingest_bench",
     "reliability.cli",
 )

@@ -16,6 +16,9 @@ The rules:
   break it. 0: no cap, priority alone.
 * ``reads_per_hour``: how fast the department reads, which says when each waiting study would be
   read; the cap is judged against those times.
+* ``temperature_scale``: the site's calibration of the model's probability,
+  ``p = sigmoid(logit(p_model) / scale)`` (1: the model's own); the thresholds apply to that p.
+  ``cxr-triage calibrate`` proposes it and the thresholds from the site's reviewed studies.
 
 Every study records the version it was ranked under (``studies.policy_version``) beside the
 model version. Saving a policy re-ranks the studies waiting for a read.
@@ -51,6 +54,7 @@ class Policy:
     stat_boost: float = triage.STAT_BOOST
     max_wait_h: float = DEFAULT_MAX_WAIT_H
     reads_per_hour: float = DEFAULT_READS_PER_HOUR
+    temperature_scale: float = 1.0
     reason: str = "built-in default"
     created_by: str | None = None
     created_at: datetime | None = field(default=None, compare=False)
@@ -58,7 +62,12 @@ class Policy:
     def body(self) -> dict[str, Any]:
         """The rules alone, as stored."""
         return {"thresholds": self.thresholds, "stat_boost": self.stat_boost,
-                "max_wait_h": self.max_wait_h, "reads_per_hour": self.reads_per_hour}  # fmt: skip
+                "max_wait_h": self.max_wait_h, "reads_per_hour": self.reads_per_hour,
+                "temperature_scale": self.temperature_scale}  # fmt: skip
+
+    def p(self, model_p: float) -> float:
+        """The p_abnormal the thresholds apply to: the model's under this site's temperature."""
+        return triage.rescale(model_p, self.temperature_scale)
 
     def thresholds_for(self, model_thresholds: Mapping[str, float]) -> dict[str, float]:
         """The thresholds in force: the policy's own, else the model's."""
@@ -101,14 +110,17 @@ def validate(body: Mapping[str, Any]) -> dict[str, Any]:
         "stat_boost": _number(body, "stat_boost", 0.0, 50.0, "the STAT boost"),
         "max_wait_h": _number(body, "max_wait_h", 0.0, 24.0 * 30, "the maximum wait (hours)"),
         "reads_per_hour": _number(body, "reads_per_hour", 1.0, 1000.0, "reads per hour"),
-    }
+        "temperature_scale": _number({"t": body.get("temperature_scale", 1.0)}, "t", 0.2, 5.0,
+                                     "the temperature scale"),
+    }  # fmt: skip
 
 
 def _from_row(row: PolicyVersion, user: str | None) -> Policy:
     body = json.loads(row.body)
     return Policy(version=row.version, thresholds=body.get("thresholds"),
                   stat_boost=float(body["stat_boost"]), max_wait_h=float(body["max_wait_h"]),
-                  reads_per_hour=float(body["reads_per_hour"]), reason=row.reason,
+                  reads_per_hour=float(body["reads_per_hour"]),
+                  temperature_scale=float(body.get("temperature_scale", 1.0)), reason=row.reason,
                   created_by=user, created_at=row.created_at)  # fmt: skip
 
 
@@ -185,10 +197,11 @@ def rerank_waiting(session: Session, policy: Policy, model_thresholds: Mapping[s
     scored = select(Study).where(awaiting_read(), Study.p_abnormal.is_not(None))
     for study in session.scalars(scored):
         assert study.p_abnormal is not None
-        cls = triage.triage_class(study.p_abnormal, thresholds)
+        p = policy.p(study.p_abnormal)
+        cls = triage.triage_class(p, thresholds)
         moved += cls != study.triage_class
         study.triage_class = cls
-        study.priority = triage.priority_score(study.p_abnormal, thresholds,
+        study.priority = triage.priority_score(p, thresholds,
                                                study.requested_priority,
                                                stat_boost=policy.stat_boost)  # fmt: skip
         study.policy_version = policy.version
@@ -199,7 +212,8 @@ def preview(
     session: Session, body: Mapping[str, Any], model_thresholds: Mapping[str, float]
 ) -> int:
     """How many waiting studies would change triage class under these rules (nothing saved)."""
-    thresholds = Policy(**{**validate(body)}).thresholds_for(model_thresholds)
+    rules = Policy(**validate(body))
+    thresholds = rules.thresholds_for(model_thresholds)
     rows = session.execute(select(Study.p_abnormal, Study.triage_class)
                            .where(awaiting_read(), Study.p_abnormal.is_not(None)))  # fmt: skip
-    return sum(triage.triage_class(float(p or 0.0), thresholds) != cls for p, cls in rows)
+    return sum(triage.triage_class(rules.p(float(p or 0.0)), thresholds) != cls for p, cls in rows)

@@ -63,7 +63,7 @@ def refresh_studies(
             latest.setdefault(pred.image_id, pred)
     for study_id, study in by_id.items():
         _derive(study, images[study_id], latest, policy.thresholds_for(thresholds),
-                policy.stat_boost, policy.version)  # fmt: skip
+                policy.stat_boost, policy.version, policy.temperature_scale)  # fmt: skip
 
 
 def _derive(
@@ -73,6 +73,7 @@ def _derive(
     thresholds: Mapping[str, float],
     stat_boost: float = triage.STAT_BOOST,
     policy_version: int | None = None,
+    temperature_scale: float = 1.0,
 ) -> None:
     statuses = [img.status for img in images]
     if any(s in ("received", "queued", "processing") for s in statuses):
@@ -87,8 +88,9 @@ def _derive(
         study.p_abnormal = p
         study.label = top.label
         study.model_version = top.model_version
-        study.triage_class = triage.triage_class(p, thresholds)
-        study.priority = triage.priority_score(p, thresholds, study.requested_priority,
+        site_p = triage.rescale(p, temperature_scale)
+        study.triage_class = triage.triage_class(site_p, thresholds)
+        study.priority = triage.priority_score(site_p, thresholds, study.requested_priority,
                                                stat_boost=stat_boost)  # fmt: skip
         study.policy_version = policy_version
         study.done_at = study.done_at or utcnow()

@@ -13,6 +13,7 @@ Radiologists read this module's rules on the dashboard's "How priority works" pa
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 
 CLASSES = ("critical", "urgent", "routine", "normal")
@@ -24,6 +25,14 @@ BANDS = {
 }
 STAT_BOOST = 20.0
 STAT_VALUES = {"STAT", "HIGH", "URGENT", "EMERGENCY"}
+
+
+def rescale(p: float, scale: float = 1.0) -> float:
+    """p_abnormal under a site's temperature: sigmoid(logit(p) / scale); 1 leaves it unchanged."""
+    if scale == 1.0:
+        return p
+    q = min(1.0 - 1e-9, max(1e-9, p))
+    return 1.0 / (1.0 + math.exp(-math.log(q / (1.0 - q)) / scale))
 
 
 def p_abnormal(probabilities: Mapping[str, float]) -> float:

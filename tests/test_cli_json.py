@@ -20,6 +20,7 @@ TOO_LONG = {
     "bench": "measures the model and the pipeline for minutes",
     "reliability": "starts whole systems for minutes; tests/test_reliability.py",
     "pull": "needs a PACS: tests/test_pull.py holds it to one line against Orthanc, and when down",
+    "calibrate": "needs reviewed studies: tests/test_calibrate.py, with a proposal and without",
 }
 
 
