@@ -66,6 +66,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from dashboard import policy_admin
 
     app.register_blueprint(policy_admin.bp)  # the versioned triage policy
+    from dashboard import drift_view
+
+    app.register_blueprint(drift_view.bp)  # inputs and scores against the reference
     csrf.exempt(api.bp)  # token-authenticated machine API; no cookies involved
     from dashboard import ingest_api
 

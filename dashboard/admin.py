@@ -50,9 +50,12 @@ def _console() -> dict[str, Any]:
 @bp.route("/admin")
 @admin_required
 def console() -> Any:
+    from dashboard.drift_view import drift_state
+
     doc = _console()
     model = describe_weights(settings())
     return render_template("admin_console.html", doc=doc, model=model, refresh_s=REFRESH_S,
+                           drift=drift_state(),
                            model_summary=model_summary(model),
                            chart=throughput_svg(doc["throughput"]["per_minute"]))  # fmt: skip
 

@@ -156,6 +156,24 @@ class _PerformanceCollector:
         yield from (reviewed, abnormal, auc, lo, hi, *rates.values(), top, ece)
 
 
+class _DriftCollector:
+    """Drift of the recent films against the reference (``pipeline.drift``)."""
+
+    def __init__(self, doc: dict[str, Any]) -> None:
+        self.doc = doc
+
+    def collect(self) -> Any:
+        psi = GaugeMetricFamily("cxr_drift_psi", "Population stability index of the last scored "
+                                "images against the reference", labels=["feature"])  # fmt: skip
+        for name, f in self.doc["features"].items():
+            psi.add_metric([name], f["psi"])
+        alarm = GaugeMetricFamily("cxr_drift_alarm", "1 while a feature's PSI is past the limit "
+                                  f"({self.doc['limit']})")  # fmt: skip
+        alarm.add_metric([], 1.0 if self.doc["alarm"] else 0.0)
+        yield psi
+        yield alarm
+
+
 @bp.route("/metrics")
 @api_auth_required(scope="metrics")
 def metrics() -> Response:
@@ -168,4 +186,7 @@ def metrics() -> Response:
     thresholds = describe_weights(settings()).get("thresholds")
     registry.register(_PerformanceCollector(
         live_performance_windows(db(), thresholds, datetime.now(UTC))))  # fmt: skip
+    from dashboard.drift_view import drift_state
+
+    registry.register(_DriftCollector(drift_state()))
     return Response(generate_latest(registry), mimetype="text/plain; version=0.0.4")

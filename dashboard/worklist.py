@@ -65,8 +65,11 @@ def _parse() -> tuple[WorklistFilter, int, str | None]:
 def index() -> Any:
     filters, page, error = _parse()
     context = _rows(filters, page)
+    from dashboard.drift_view import drift_state
+
     refresh = current_app.config.get("WORKLIST_REFRESH_S", REFRESH_S)
     html = render_template("worklist.html", model=model_info(), error=error, refresh_s=refresh,
+                           drift=drift_state(),
                            statuses=STATUSES, triage_filters=TRIAGE_FILTERS, **context)  # fmt: skip
     return html, 400 if error else 200
 

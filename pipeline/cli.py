@@ -447,6 +447,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "pipeline.outbox_cli",
     "pipeline.labels_cli",
     "pipeline.calibrate_cli",
+    "pipeline.drift_cli",
     "bench.ingest_bench",
     "reliability.cli",
 )

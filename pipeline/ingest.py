@@ -274,7 +274,12 @@ def _new_image(
             studies[fields["study_uid"]] = study
     reason = decoded.skip_reason  # lateral view or not a chest
     status = "skipped" if reason else "queued"
-    meta = decoded.meta
+    # The display image's grey level, for drift (pipeline.drift): a strided sample is enough.
+    sample = decoded.pixels[::4, ::4]
+    meta = dict(decoded.meta)
+    if sample.size:  # a file seen before keeps no pixels here
+        meta["input"] = {"mean": round(float(sample.mean()), 1),
+                         "std": round(float(sample.std()), 1)}  # fmt: skip
     # A new study is inserted in the same flush; an existing one is referred to by id (no load
     # of its image collection).
     link: dict[str, Any] = {"study": study} if study.id is None else {"study_id": study.id}

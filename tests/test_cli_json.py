@@ -21,6 +21,7 @@ TOO_LONG = {
     "reliability": "starts whole systems for minutes; tests/test_reliability.py",
     "pull": "needs a PACS: tests/test_pull.py holds it to one line against Orthanc, and when down",
     "calibrate": "needs reviewed studies: tests/test_calibrate.py, with a proposal and without",
+    "drift-reference": "runs the model on labelled films: tests/test_drift.py",
 }
 
 
