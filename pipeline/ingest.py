@@ -159,6 +159,11 @@ def _prepare(data: bytes, filename: str, limits: Limits, extra_meta: dict[str, A
         decoded.meta.update(imaging.header_fields(extra_meta))
     with STAGES.time("preview"):
         preview = imaging.encode_preview(decoded.pixels)
+    # The display image's grey level, for drift (pipeline.drift): a strided sample is enough.
+    sample = decoded.pixels[::4, ::4]
+    if sample.size:
+        decoded.meta["input"] = {"mean": round(float(sample.mean()), 1),
+                                 "std": round(float(sample.std()), 1)}  # fmt: skip
     decoded.pixels = decoded.pixels[:0]  # the chunk holds previews, not full images
     return _Prepared(filename, decoded.dedup_key, decoded, None, preview)
 
@@ -274,12 +279,7 @@ def _new_image(
             studies[fields["study_uid"]] = study
     reason = decoded.skip_reason  # lateral view or not a chest
     status = "skipped" if reason else "queued"
-    # The display image's grey level, for drift (pipeline.drift): a strided sample is enough.
-    sample = decoded.pixels[::4, ::4]
-    meta = dict(decoded.meta)
-    if sample.size:  # a file seen before keeps no pixels here
-        meta["input"] = {"mean": round(float(sample.mean()), 1),
-                         "std": round(float(sample.std()), 1)}  # fmt: skip
+    meta = decoded.meta
     # A new study is inserted in the same flush; an existing one is referred to by id (no load
     # of its image collection).
     link: dict[str, Any] = {"study": study} if study.id is None else {"study_id": study.id}

@@ -169,3 +169,18 @@ def test_drift_reference_command(settings: Settings, tmp_path: Path) -> None:
     proc = run_cli(["drift-reference", str(root / "labels.csv"), "--subset", "val", "--json"],
                    settings)  # fmt: skip
     assert proc.returncode == 2 and "no images in subset 'val'" in json.loads(proc.stdout)["error"]
+
+
+def test_ingest_records_the_grey_level_drift_reads(settings: Settings, study_folder: Path) -> None:
+    from pipeline.imaging import Limits
+    from pipeline.ingest import ingest_paths
+
+    upgrade(settings.db_url)
+    factory = make_session_factory(make_engine(settings.db_url))
+    report = ingest_paths(factory, [study_folder], Limits())
+    assert report.accepted
+    with factory() as session:
+        rows = [(img.status, img.meta) for img in session.scalars(select(Image))]
+    metas = [m for status, m in rows if status == "queued"]  # the films the model will score
+    assert len(metas) >= 2 and all("input" in m for m in metas), rows
+    assert all(0 < m["input"]["mean"] < 255 and m["input"]["std"] > 0 for m in metas)
