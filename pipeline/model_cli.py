@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,11 @@ log = logging.getLogger(__name__)
 def register(subparsers: Any) -> None:
     """Add the train and evaluate parsers."""
     tr = subparsers.add_parser("train", help="train a classifier on labelled radiographs")
-    _train_arguments(tr)
+    _train_arguments(tr, data_optional=True)
+    tr.add_argument("--from-db", action="store_true",
+                    help="fine-tune the model in use on this site's reviewed studies (with DATA: "
+                         "public data mixed in); writes a candidate, changes nothing live")  # fmt: skip
+    tr.add_argument("--since", metavar="YYYY-MM-DD", help="with --from-db: truth recorded since")
     tr.add_argument("--holdout-source", metavar="NAME",
                     help="leave this source (its folder name) out of training; evaluate on it")  # fmt: skip
     tr.add_argument("--out", required=True)
@@ -50,11 +55,12 @@ def register(subparsers: Any) -> None:
     ev.set_defaults(handler=cmd_evaluate)
 
 
-def _train_arguments(tr: Any) -> None:
+def _train_arguments(tr: Any, data_optional: bool = False) -> None:
     from pipeline.train_config import TrainConfig
 
     d = TrainConfig(data=[], out="")
-    tr.add_argument("data", nargs="+", help="folders with a folder per class, or CSVs path,label")
+    tr.add_argument("data", nargs="*" if data_optional else "+",
+                    help="folders with a folder per class, or CSVs path,label")  # fmt: skip
     tr.add_argument("--arch", default=d.arch)
     tr.add_argument("--head", choices=("abnormal", "softmax"), default=d.head,
                     help="abnormal: a binary triage logit plus a finding head (default)")  # fmt: skip
@@ -120,6 +126,11 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.train_run import run
 
     _torch_threads(args.threads)
+    if args.from_db:
+        return _train_from_db(args, settings)
+    if not args.data:
+        print("cxr-triage train: give DATA (folders or CSVs), or --from-db", file=sys.stderr)
+        return 2
     cfg = _config(args, args.out, args.holdout_source)
     _, meta = run(cfg)
     val = meta["metrics"]["validation"]
@@ -130,6 +141,47 @@ def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     held = meta["metrics"].get("held_out_source")
     if held:
         print(f"held-out source {args.holdout_source}: AUC(abnormal) {held['auc_abnormal']:.4f}")
+    return 0
+
+
+def _train_from_db(args: argparse.Namespace, settings: Settings) -> int:
+    """Export the reviewed studies, then fine-tune the weights in use on them (and DATA)."""
+    import tempfile
+    from datetime import UTC, datetime
+
+    from pipeline import migrate
+    from pipeline.db import make_engine, make_session_factory
+    from pipeline.site_data import SiteDataError, export_reviewed
+    from pipeline.train_run import run
+    from pipeline.weights import ensure_weights
+
+    since = None
+    if args.since:
+        try:
+            since = datetime.strptime(args.since, "%Y-%m-%d").replace(tzinfo=UTC)
+        except ValueError:
+            print(f"cxr-triage train: --since {args.since!r} is not a date", file=sys.stderr)
+            return 2
+    migrate.upgrade(settings.db_url)
+    engine = make_engine(settings.db_url)
+    Path(settings.data_dir).mkdir(parents=True, exist_ok=True)  # the films stay on the site's disk
+    with tempfile.TemporaryDirectory(prefix="cxr-site-", dir=settings.data_dir) as tmp:
+        try:
+            with make_session_factory(engine)() as session:
+                table, counts = export_reviewed(session, Path(tmp), since)
+        except SiteDataError as exc:
+            print(f"cxr-triage train --from-db: {exc}", file=sys.stderr)
+            return 2
+        finally:
+            engine.dispose()
+        args.data = [str(table), *args.data]
+        args.init = args.init or str(ensure_weights(settings))
+        log.info("fine-tuning %s on %s reviewed images of this site", args.init, counts)
+        cfg = _config(args, args.out, None)
+        _, meta = run(cfg)
+    val = meta["metrics"]["validation"]
+    print(f"wrote candidate {args.out} from {counts} reviewed images: validation "
+          f"AUC(abnormal) {val['auc_abnormal']:.4f}; nothing live changed")  # fmt: skip
     return 0
 
 
