@@ -23,6 +23,7 @@ Times are plain numbers in one unit (hours in the simulation, seconds live).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,35 +59,50 @@ class ReadingOrder:
     due: frozenset[int]
 
 
-def reading_order(
+def iter_reading_order(
     priorities: np.ndarray, arrivals: np.ndarray, reads: np.ndarray, cap: float | None
-) -> ReadingOrder:
-    """The whole reading order of the waiting studies: ``next_pick`` at every read.
+) -> Iterator[tuple[int, bool]]:
+    """The reading order of the waiting studies, lazily: (position in the input, due) per read.
 
     ``priorities`` and ``arrivals`` are in arrival order (ties by arrival already broken by the
     caller, e.g. by id); ``reads`` holds the times of the next reads, the first being now: one
-    per study and one more (a study passed over is then read after the last of them).
+    per study and one more (a study passed over is then read after the last of them). Each read
+    costs one pass over the studies left (``next_pick``), so a page of the worklist costs its
+    length in passes, not the backlog's.
     """
     n = len(arrivals)
     if len(priorities) != n or len(reads) < n + 1:
         raise ValueError("one priority per study, and a read time per study and one more")
     prio = np.asarray(priorities, dtype=float)
     arr = np.asarray(arrivals, dtype=float)
-    by_priority = [int(i) for i in np.argsort(-prio, kind="stable")]
+    by_priority = np.argsort(-prio, kind="stable")
     if not cap or n == 0 or bool(np.all(arr + cap >= reads[n - 1])):
-        return ReadingOrder(by_priority, frozenset())  # no deadline can be missed
-    left = list(range(n))
-    order: list[int] = []
-    due: set[int] = set()
+        for i in by_priority:  # no deadline can be missed
+            yield int(i), False
+        return
+    taken = np.zeros(n, dtype=bool)
+    best = 0  # the next untaken study in priority order
     for k in range(n):
-        idx = np.asarray(left)
+        left = np.flatnonzero(~taken)
         # Once no waiting study can miss its deadline even if read last, the rest is priority.
-        if bool(np.all(arr[idx] + cap >= reads[n - 1])):
-            rest = idx[np.argsort(-prio[idx], kind="stable")]
-            order.extend(int(i) for i in rest)
-            break
-        pos, forced = next_pick(prio[idx], arr[idx], reads[k + 1 :], cap)
-        pick = left.pop(pos)
+        if bool(np.all(arr[left] + cap >= reads[n - 1])):
+            for i in left[np.argsort(-prio[left], kind="stable")]:
+                yield int(i), False
+            return
+        pos, _ = next_pick(prio[left], arr[left], reads[k + 1 :], cap)
+        pick = int(left[pos])
+        while taken[by_priority[best]]:
+            best += 1
+        taken[pick] = True
+        yield pick, pick != int(by_priority[best])
+
+
+def reading_order(
+    priorities: np.ndarray, arrivals: np.ndarray, reads: np.ndarray, cap: float | None
+) -> ReadingOrder:
+    """The whole reading order (``iter_reading_order``) and which studies are due."""
+    order, due = [], set()
+    for pick, forced in iter_reading_order(priorities, arrivals, reads, cap):
         order.append(pick)
         if forced:
             due.add(pick)

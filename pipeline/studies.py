@@ -8,7 +8,7 @@ would wait past the maximum wait), then the rest by priority desc, unscored last
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
@@ -226,27 +226,22 @@ class WorklistPage:
     policy_version: int
 
 
-def _reading_ranks(
-    session: Session, policy: Any, now: datetime
-) -> tuple[list[int], frozenset[int]]:
-    """The ids of every study waiting for a read, in reading order (pipeline.ordering)."""
+def _reading(session: Session, policy: Any, now: datetime) -> tuple[list[int], Iterator[tuple[int, bool]]]:  # fmt: skip
+    """The ids of the studies waiting for a read (arrival order) and their lazy reading order."""
     import numpy as np
 
-    from pipeline.ordering import live_reads, reading_order
+    from pipeline.ordering import iter_reading_order, live_reads
     from pipeline.policy import awaiting_read
 
     rows = session.execute(
         select(Study.id, Study.priority, Study.received_at).where(awaiting_read())
         .order_by(Study.received_at.asc(), Study.id.asc())
     ).all()  # fmt: skip
-    if not rows:
-        return [], frozenset()
     ids = [r[0] for r in rows]
     prio = np.array([float(r[1] or 0.0) for r in rows])
     arrivals = np.array([as_utc(r[2]).timestamp() for r in rows])
     reads = live_reads(len(rows), now.timestamp(), policy.reads_per_hour)
-    order = reading_order(prio, arrivals, reads, policy.max_wait_s)
-    return [ids[i] for i in order.order], frozenset(ids[i] for i in order.due)
+    return ids, iter_reading_order(prio, arrivals, reads, policy.max_wait_s)
 
 
 def worklist_page(
@@ -262,7 +257,8 @@ def worklist_page(
     With a maximum wait in force, the studies waiting for a read come first, in the reading
     order of ``pipeline.ordering`` (priority, unless a study would wait past the cap); then the
     rest (reviewed, not yet scored, failed, rejected) in ``worklist_query`` order. Without one,
-    ``worklist_query`` alone (priority desc, unscored last, then arrival).
+    ``worklist_query`` alone (priority desc, unscored last, then arrival). The reading order is
+    followed only as far as the page needs.
     """
     from pipeline.policy import active, awaiting_read
 
@@ -271,22 +267,33 @@ def worklist_page(
     if policy.max_wait_s is None:
         studies = list(session.scalars(worklist_query(limit, offset, filters)))
         return WorklistPage(studies, frozenset(), policy.version)
-    ranked, due = _reading_ranks(session, policy, now or utcnow())
-    if where:
-        chosen = set(session.scalars(select(Study.id).where(awaiting_read(), *where)))
-        ranked = [i for i in ranked if i in chosen]
-    end = None if limit is None else offset + limit
-    head_ids = ranked[offset:end]
+    ids, order = _reading(session, policy, now or utcnow())
+    chosen = (
+        set(session.scalars(select(Study.id).where(awaiting_read(), *where))) if where else None
+    )
+    waiting = len(chosen) if chosen is not None else len(ids)
+    end = waiting if limit is None else min(waiting, offset + limit)
+    head: list[int] = []
+    due: set[int] = set()
+    for pos, forced in order:
+        if len(head) >= end:
+            break
+        sid = ids[pos]
+        if chosen is None or sid in chosen:
+            head.append(sid)
+            if forced:
+                due.add(sid)
+    head_ids = head[offset:end]
     by_id = {s.id: s for s in session.scalars(select(Study).where(Study.id.in_(head_ids)))}
     studies = [by_id[i] for i in head_ids if i in by_id]
     room = None if limit is None else limit - len(studies)
     if room is None or room > 0:
         rest = worklist_query(None, 0, filters).where(~awaiting_read())
-        rest = rest.offset(max(0, offset - len(ranked)))
+        rest = rest.offset(max(0, offset - waiting))
         if room is not None:
             rest = rest.limit(room)
         studies.extend(session.scalars(rest))
-    return WorklistPage(studies, due & set(head_ids), policy.version)
+    return WorklistPage(studies, frozenset(due & set(head_ids)), policy.version)
 
 
 def neighbour_ids(
@@ -297,11 +304,7 @@ def neighbour_ids(
 
     policy = active(session)
     if policy.max_wait_s is not None:
-        order = [s.id for s in worklist_page(session, None, 0, filters, policy).studies]
-        if study.id in order:
-            k = order.index(study.id)
-            return (order[k - 1] if k > 0 else None,
-                    order[k + 1] if k + 1 < len(order) else None)  # fmt: skip
+        return _neighbours_in_reading_order(session, study, filters, policy)
     p, received = _UNSCORED_LAST, Study.received_at
     mine_p = -1.0 if study.priority is None else study.priority
     later = or_(p < mine_p, and_(p == mine_p, received > study.received_at),
@@ -315,6 +318,36 @@ def neighbour_ids(
         .order_by(p.asc(), received.desc(), Study.id.desc()).limit(1)
     )  # fmt: skip
     return prev, nxt
+
+
+def _neighbours_in_reading_order(
+    session: Session, study: Study, filters: WorklistFilter | None, policy: Any
+) -> tuple[int | None, int | None]:
+    """``neighbour_ids`` under a maximum wait: the reading order is followed up to the study."""
+    from pipeline.policy import awaiting_read
+
+    where = filters.conditions() if filters is not None else []
+    ids, order = _reading(session, policy, utcnow())
+    chosen = set(session.scalars(select(Study.id).where(awaiting_read(), *where)))
+    rest_ids = worklist_query().where(~awaiting_read(), *where).with_only_columns(Study.id)
+    waiting = (ids[pos] for pos, _ in order if ids[pos] in chosen)
+    if study.id in chosen:
+        prev: int | None = None
+        for sid in waiting:
+            if sid == study.id:
+                return prev, next(waiting, None) or session.scalar(rest_ids.limit(1))
+            prev = sid
+        return prev, None
+    others = list(session.scalars(rest_ids))
+    if study.id not in others:
+        return None, None
+    k = others.index(study.id)
+    last_waiting = None
+    if k == 0:
+        for last_waiting in waiting:  # noqa: B007 - the last one is the one before the rest
+            pass
+    return (others[k - 1] if k > 0 else last_waiting,
+            others[k + 1] if k + 1 < len(others) else None)  # fmt: skip
 
 
 def iso(dt: datetime | None) -> str | None:

@@ -16,7 +16,7 @@ from pipeline.db import make_engine, make_session_factory
 from pipeline.migrate import upgrade
 from pipeline.models import AuditEvent, PolicyVersion, Review, Study, utcnow
 from pipeline.settings import Settings
-from pipeline.studies import worklist_document, worklist_page
+from pipeline.studies import neighbour_ids, worklist_document, worklist_page
 from pipeline.users import create_user
 from tests.conftest import PASSWORD
 from tests.test_dashboard import csrf_from, login
@@ -109,6 +109,12 @@ def test_live_worklist_reads_an_old_study_in_time_and_marks_it_due(factory: Any)
         second = worklist_page(session, 3, 2)
         assert [s.id for s in first.studies] == [2, 1] and first.due == {1}
         assert [s.id for s in second.studies] == [3, 4, 5] and second.due == frozenset()
+        study = {s.id: s for s in page.studies}
+        assert neighbour_ids(session, study[1]) == (2, 3)
+        assert neighbour_ids(session, study[2]) == (None, 1)
+        assert neighbour_ids(session, study[4]) == (3, 5)  # the last waiting, then the rest
+        assert neighbour_ids(session, study[5]) == (4, 6)
+        assert neighbour_ids(session, study[6]) == (5, None)
         doc = worklist_document(session, {"version": "v", "trained": True}, 10)
         assert [(d["id"], d["due"]) for d in doc["studies"]][:2] == [(2, False), (1, True)]
         assert doc["policy_version"] == 0
@@ -166,3 +172,16 @@ def test_console_saves_audits_and_rolls_back(settings: Settings, factory: Any) -
         assert events == [("policy_change", "policy:v1"), ("policy_rollback", "policy:v2")]
         detail = session.scalar(select(AuditEvent.detail).where(AuditEvent.target == "policy:v1"))
         assert "site thresholds from the first month" in (detail or "")
+
+
+def test_an_overdue_backlog_is_read_oldest_first_page_by_page(factory: Any) -> None:
+    with factory() as session:
+        for i in range(1, 3001):  # 3,000 films, all past 48 h, the newest the most abnormal
+            add(session, i, 0.05 + 0.9 * i / 3000, 100.0 - i / 100)
+        session.commit()
+        first = worklist_page(session, 50, 0)
+        assert [s.id for s in first.studies] == list(range(1, 51))  # oldest first
+        assert first.due == set(range(1, 51))  # each read ahead of a higher priority
+        deep = worklist_page(session, 50, 2950)
+        assert [s.id for s in deep.studies] == list(range(2951, 3001))
+        assert 3000 not in deep.due  # the last one is also the highest priority left
