@@ -79,7 +79,8 @@ class Policy:
 
     def as_dict(self) -> dict[str, Any]:
         doc = asdict(self)
-        doc["created_at"] = self.created_at.isoformat() if self.created_at else None
+        doc["created_at"] = (self.created_at.strftime("%Y-%m-%d %H:%M UTC") if self.created_at
+                             else None)  # fmt: skip
         return doc
 
 

@@ -260,3 +260,39 @@ def test_admin_console_in_the_browser(system, live_server, browser, tmp_path) ->
     assert page.inner_text("#audit tbody tr:first-child td.action") == "login"
     ui.self_contained()
     ui.context.close()
+
+
+def test_admin_changes_the_policy_in_the_browser(system, live_server, browser, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    ui = Page(browser, live_server, tmp_path)
+    page = ui.page
+    ui.login("boss")
+    page.wait_for_selector("#worklist")
+    page.click("#nav-policy")
+    page.wait_for_selector("#active")
+    assert page.get_attribute("#active", "data-version") == "0"
+    assert page.inner_text("#max-wait") == "48 h"
+    page.fill("#policy-form input[name=max_wait_h]", "24")
+    page.fill("#policy-form input[name=reads_per_hour]", "12")
+    page.click("#save-policy")  # no reason: refused, nothing saved
+    page.wait_for_selector(".flash")
+    assert "say why" in page.inner_text(".flash")
+    assert page.get_attribute("#active", "data-version") == "0"
+    page.fill("#policy-form input[name=max_wait_h]", "24")
+    page.fill("#policy-form input[name=reads_per_hour]", "12")
+    page.fill("#policy-form input[name=reason]", "night shift: one radiologist")
+    page.click("#save-policy")
+    page.wait_for_selector('#active[data-version="1"]')
+    assert page.inner_text("#max-wait") == "24 h" and page.inner_text("#reads-per-hour") == "12.0"
+    assert page.inner_text('#history tr[data-version="1"]').count("night shift") == 1
+    page.click("#propose")  # too few reviewed studies here: the page says so
+    page.wait_for_selector("#no-proposal")
+    assert "at least 20 of each" in page.inner_text("#no-proposal")
+    ui.shot("policy.png")
+    page.click("#nav-console")
+    page.wait_for_selector("#drift")
+    assert page.get_attribute("#drift", "data-alarm") == "no"
+    page.click("#nav-audit")
+    page.wait_for_selector("#audit")
+    assert page.inner_text("#audit tbody tr:first-child td.action") == "policy_change"
+    ui.self_contained()
+    ui.context.close()
