@@ -132,12 +132,32 @@ def performance_from_rows(
     }
 
 
+def _in_force(session: Session, model_thresholds: dict[str, float] | None,
+              rows: list[ReviewedStudy]) -> tuple[dict[str, float] | None, list[ReviewedStudy]]:  # fmt: skip
+    """The site's policy applied: its thresholds, and the scores under its temperature."""
+    from dataclasses import replace
+
+    from pipeline.policy import active
+
+    policy = active(session)
+    thresholds = (
+        policy.thresholds_for(model_thresholds or {})
+        if model_thresholds or policy.thresholds
+        else None
+    )
+    if policy.temperature_scale != 1.0:
+        rows = [replace(r, score=None if r.score is None else policy.p(r.score)) for r in rows]
+    return thresholds, rows
+
+
 def live_performance(
     session: Session, thresholds: dict[str, float] | None, now: datetime, days: int
 ) -> dict[str, Any]:
-    """The live performance of the last ``days`` days up to ``now``."""
+    """The live performance of the last ``days`` days up to ``now``, under the policy in force
+    (its thresholds and temperature; ``thresholds`` are the model's)."""
     rows = reviewed_studies(session, now - timedelta(days=days), now + timedelta(seconds=1))
-    return performance_from_rows(rows, thresholds, now, days)
+    in_force, rows = _in_force(session, thresholds, rows)
+    return performance_from_rows(rows, in_force, now, days)
 
 
 def live_performance_windows(
@@ -146,4 +166,5 @@ def live_performance_windows(
     """Every window of ``WINDOWS_DAYS`` from one query (for ``/metrics``)."""
     longest = max(WINDOWS_DAYS)
     rows = reviewed_studies(session, now - timedelta(days=longest), now + timedelta(seconds=1))
-    return {d: performance_from_rows(rows, thresholds, now, d) for d in WINDOWS_DAYS}
+    in_force, rows = _in_force(session, thresholds, rows)
+    return {d: performance_from_rows(rows, in_force, now, d) for d in WINDOWS_DAYS}

@@ -147,6 +147,12 @@ def test_console_proposes_applies_and_rejects(settings: Settings) -> None:
             assert s.policy_version == 1
         actions = [e.action for e in session.scalars(select(AuditEvent).order_by(AuditEvent.id))]
         assert "calibration_reject" in actions and actions[-1] == "policy_change"
+    # Live performance is read under the policy in force: its thresholds, its temperature.
+    perf = client.get("/api/admin/performance?days=30").get_json()
+    assert perf["thresholds"] == now.thresholds
+    routine = perf["overall"]["thresholds"]["routine"]
+    proposed = form_expected(html)
+    assert routine["sensitivity"]["value"] == pytest.approx(proposed, abs=5e-4)
     html = client.get("/admin/policy?calibrate=1&since=2999-01-01").get_data(as_text=True)
     assert 'id="no-proposal"' in html and "0 abnormal and 0 normal" in html
 
@@ -157,3 +163,11 @@ def _hidden(html: str, form_id: str) -> dict[str, str]:
     block = html[html.index(f'id="{form_id}"') :]
     block = block[: block.index("</form>")]
     return dict(re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)"', block))
+
+
+def form_expected(html: str) -> float:
+    """The proposal's expected routine sensitivity, as the page printed it (percent, 1 dp)."""
+    import re
+
+    row = html[html.index('data-threshold="routine"') :]
+    return float(re.search(r"<td>([0-9.]+) %", row).group(1)) / 100  # type: ignore[union-attr]
