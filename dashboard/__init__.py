@@ -69,6 +69,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from dashboard import drift_view
 
     app.register_blueprint(drift_view.bp)  # inputs and scores against the reference
+    from dashboard import models_admin
+
+    app.register_blueprint(models_admin.bp)  # the model registry: shadow, promote, roll back
     csrf.exempt(api.bp)  # token-authenticated machine API; no cookies involved
     from dashboard import ingest_api
 

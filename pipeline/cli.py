@@ -448,6 +448,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "pipeline.labels_cli",
     "pipeline.calibrate_cli",
     "pipeline.drift_cli",
+    "pipeline.registry_cli",
     "bench.ingest_bench",
     "reliability.cli",
 )

@@ -128,13 +128,39 @@ def classify_images(
     classifier: Classifier,
     image_ids: list[int],
     worker: str | None = None,
+    shadow: Classifier | None = None,
 ) -> BatchResult:
-    """Classify the given images in one forward pass and persist predictions, CAMs, priorities."""
+    """Classify the given images in one forward pass and persist predictions, CAMs, priorities.
+
+    With a ``shadow`` model (pipeline.registry), the images done are scored by it too, into
+    ``shadow_predictions`` alone: nothing the worklist reads changes.
+    """
     with STAGES.time("claim", len(image_ids)):
         claims, skipped = claim(factory, sorted(set(image_ids)), worker)
-    result = run_claimed(factory, redis_client, classifier, claims, worker)
+    result = run_claimed(factory, redis_client, classifier, claims, worker, shadow)
     result.skipped = skipped
     return result
+
+
+def _score_shadow(factory: sessionmaker[Session], shadow: Classifier, ids: list[int],
+                  batch: np.ndarray) -> None:  # fmt: skip
+    """The shadow model's p_abnormal for images already done (a failure only logs)."""
+    from pipeline.models import ShadowPrediction
+
+    try:
+        out = shadow.predict(batch)
+        normal = shadow.classes.index("normal")
+        with session_scope(factory) as session:
+            have = set(session.scalars(select(ShadowPrediction.image_id).where(
+                ShadowPrediction.image_id.in_(ids),
+                ShadowPrediction.model_version == shadow.version)))  # fmt: skip
+            session.add_all(
+                ShadowPrediction(image_id=i, model_version=shadow.version,
+                                 p_abnormal=float(1.0 - out.probabilities[k][normal]))
+                for k, i in enumerate(ids) if i not in have
+            )  # fmt: skip
+    except Exception:  # the shadow must never cost a live result
+        log.exception("shadow model %s failed on a batch of %d", shadow.version, len(ids))
 
 
 def run_claimed(
@@ -143,6 +169,7 @@ def run_claimed(
     classifier: Classifier,
     claims: dict[int, int],
     worker: str | None = None,
+    shadow: Classifier | None = None,
 ) -> BatchResult:
     """The forward pass and the writes of claimed images ({image id: attempt} from ``claim``).
 
@@ -168,6 +195,9 @@ def run_claimed(
     result.batch_size = len(ids)
     with STAGES.time("write", len(claimed)):
         _write_results(factory, classifier, outputs, result, worker, claims)
+    if shadow is not None and result.done:
+        done = [i for i in ids if i in set(result.done)]
+        _score_shadow(factory, shadow, done, np.stack([inputs[i] for i in done]))
     with STAGES.time("cleanup", len(claimed)):
         delete_payloads(redis_client, [*result.done, *result.failed])
     return result

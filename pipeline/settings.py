@@ -53,6 +53,8 @@ class Settings:
     max_attempts: int = 3
     payload_ttl_s: int = 7 * 24 * 3600
     torch_threads: int = 0
+    # How often a worker looks at the model registry (pipeline.registry) between batches.
+    registry_check_s: float = 5.0
     # Where a CPU worker's forward pass runs (pipeline.runtimes): auto = the runtime the bench
     # measured best on this CPU for these weights, else eager PyTorch.
     runtime: str = "auto"
@@ -101,7 +103,8 @@ class Settings:
                 continue
             convert = converters.get(f.name)
             if convert is None:
-                convert = int if f.type in ("int", int) else str
+                convert = (int if f.type in ("int", int) else float if f.type in ("float", float)
+                           else str)  # fmt: skip
             try:
                 values[f.name] = convert(raw)
             except ValueError as exc:

@@ -8,6 +8,7 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -32,11 +33,41 @@ _settings: Settings = app.conf.cxr_settings
 
 @dataclass
 class Runtime:
-    """What a worker process loads once: model, database sessions, Redis client."""
+    """What a worker process loads once: model, database sessions, Redis client; the live
+    and shadow models follow the registry (pipeline.registry), looked at between batches."""
 
     classifier: Classifier
     factory: Any
     redis: Any
+    shadow: Classifier | None = None
+    checked: float = 0.0
+
+    def follow_registry(self) -> None:
+        """Load the live and shadow models the registry names (at most every CHECK_S s)."""
+        from pipeline.registry import in_force
+
+        if time.monotonic() - self.checked < _settings.registry_check_s:
+            return
+        self.checked = time.monotonic()
+        with self.factory() as session:
+            live, shadow = in_force(session)
+            live_ref = (live.version, live.path) if live else None
+            shadow_ref = (shadow.version, shadow.path) if shadow else None
+        if live_ref and live_ref[0] != self.classifier.version:
+            log.warning("switching the live model %s -> %s", self.classifier.version, live_ref[0])
+            self.classifier = _load(Path(live_ref[1]))
+        if shadow_ref is None:
+            if self.shadow is not None:
+                log.info("shadow model %s stopped", self.shadow.version)
+            self.shadow = None
+        elif self.shadow is None or self.shadow.version != shadow_ref[0]:
+            log.info("shadow model %s: scoring beside the live model", shadow_ref[0])
+            self.shadow = _load(Path(shadow_ref[1]))
+
+
+def _load(weights: Path) -> Classifier:
+    return Classifier(weights, _settings.device, _settings.torch_threads, _settings.runtime,
+                      _settings.batch_size)  # fmt: skip
 
 
 _runtime: Runtime | None = None
@@ -55,12 +86,15 @@ def get_runtime() -> Runtime:
     global _runtime
     with _lock:
         if _runtime is None:
-            weights = ensure_weights(_settings)
-            classifier = Classifier(weights, _settings.device, _settings.torch_threads,
-                                    _settings.runtime, _settings.batch_size)  # fmt: skip
             factory = make_session_factory(make_engine(_settings.db_url))
             url = resolve_redis_url(_settings)
-            _runtime = Runtime(classifier, factory, redis_client(url or app.conf.broker_url))
+            _runtime = Runtime(_load(ensure_weights(_settings)), factory,
+                               redis_client(url or app.conf.broker_url))  # fmt: skip
+            try:
+                _runtime.follow_registry()
+            except Exception:  # an older database (no registry yet): the settings' weights
+                log.exception("the model registry could not be read; running %s",
+                              _runtime.classifier.version)  # fmt: skip
     return _runtime
 
 
@@ -172,9 +206,16 @@ def _classify(requests: list[SimpleRequest]) -> dict[str, int]:
         _busy_since = time.time()
         try:
             runtime = get_runtime()
+            try:
+                runtime.follow_registry()
+            except TRANSIENT_ERRORS:
+                raise
+            except Exception:  # a registry row this worker cannot load: keep the model it has
+                log.exception("the model registry could not be followed; still running %s",
+                              runtime.classifier.version)  # fmt: skip
             worker = chunk[0].hostname if chunk else None
             result = classify_images(
-                runtime.factory, runtime.redis, runtime.classifier, ids, worker
+                runtime.factory, runtime.redis, runtime.classifier, ids, worker, runtime.shadow
             )
         except TRANSIENT_ERRORS as exc:
             retry_later(chunk, exc)

@@ -1,0 +1,207 @@
+"""The site's model registry: candidates, one shadow, the live model, and the retired ones.
+
+``register`` copies a weights file (a candidate from ``train --from-db``, say) into
+``<data dir>/models/<version>.pt``, where it is never written again, and records it as a
+*candidate*. An admin then, on the console (``/admin/models``), each step audited:
+
+* puts one candidate in **shadow**: the workers score every new image with it too, after the
+  live model, into ``shadow_predictions``; the worklist, the study's class and its priority
+  never read those;
+* compares the two on the studies reviewed since the shadow started (AUC with DeLong intervals,
+  sensitivity and specificity at the policy's routine threshold);
+* **promotes** it: it becomes the live model and the one before is retired; or **discards** it.
+  Any retired version can be promoted again (rollback).
+
+The workers look at the registry between batches (at most every ``CXR_REGISTRY_CHECK_S``
+seconds, default 5) and load
+the live and shadow models it names; a batch runs wholly on one model, its claims fenced as
+always, so a switch loses and doubles nothing, and each result keeps its model version. With no
+live row the weights of the settings (the shipped model) are live.
+"""
+
+from __future__ import annotations
+
+import shutil
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from pipeline.models import Image, ModelVersion, Review, ShadowPrediction, Study, utcnow
+from pipeline.weights import WeightsError, file_sha256, read_meta
+
+STATUSES = ("candidate", "shadow", "live", "retired")
+
+
+class RegistryError(ValueError):
+    """A registry action that cannot be done; the message says why."""
+
+
+def version_of(path: Path) -> tuple[str, str]:
+    """(version, sha256) of a weights file, as the workers name it: ``<arch>-<sha12>``."""
+    try:
+        meta = read_meta(path)
+    except WeightsError as exc:
+        raise RegistryError(str(exc)) from exc
+    sha = file_sha256(path)
+    return f"{meta.get('arch', '?')}-{sha[:12]}", sha
+
+
+def register(session: Session, path: Path, data_dir: Path, user_id: int | None,
+             note: str | None = None) -> ModelVersion:  # fmt: skip
+    """Copy a weights file into the registry as a candidate (an existing version: an error)."""
+    version, sha = version_of(path)
+    if session.scalar(select(ModelVersion.id).where(ModelVersion.version == version)):
+        raise RegistryError(f"{version} is already registered")
+    target = data_dir / "models" / f"{version}.pt"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_suffix(".tmp")
+    shutil.copyfile(path, tmp)
+    tmp.replace(target)
+    row = ModelVersion(version=version, sha256=sha, path=str(target), status="candidate",
+                       note=note, registered_by=user_id)  # fmt: skip
+    session.add(row)
+    session.flush()
+    return row
+
+
+def ensure_live_row(session: Session, shipped: Path) -> ModelVersion:
+    """The live row; the shipped weights are recorded as live the first time one is needed."""
+    live = session.scalars(select(ModelVersion).where(ModelVersion.status == "live")).first()
+    if live is not None:
+        return live
+    version, sha = version_of(shipped)
+    row = session.scalars(select(ModelVersion).where(ModelVersion.version == version)).first()
+    if row is None:
+        row = ModelVersion(version=version, sha256=sha, path=str(shipped), status="live",
+                           note="shipped with cxr-triage")  # fmt: skip
+        session.add(row)
+    row.status = "live"
+    session.flush()
+    return row
+
+
+def _get(session: Session, version: str) -> ModelVersion:
+    row = session.scalars(select(ModelVersion).where(ModelVersion.version == version)).first()
+    if row is None:
+        raise RegistryError(f"no model {version!r} in the registry")
+    return row
+
+
+def start_shadow(
+    session: Session, version: str, user_id: int | None, shipped: Path
+) -> ModelVersion:
+    """Put a candidate (or a retired model) in shadow; the one there before goes back."""
+    ensure_live_row(session, shipped)
+    row = _get(session, version)
+    if row.status not in ("candidate", "retired"):
+        raise RegistryError(f"{version} is {row.status}: only a candidate or a retired model "
+                            "can go into shadow")  # fmt: skip
+    for other in session.scalars(select(ModelVersion).where(ModelVersion.status == "shadow")):
+        other.status, other.changed_by, other.changed_at = "candidate", user_id, utcnow()
+    row.status, row.changed_by, row.changed_at, row.shadow_since = (
+        "shadow",
+        user_id,
+        utcnow(),
+        utcnow(),
+    )
+    session.flush()
+    return row
+
+
+def promote(session: Session, version: str, user_id: int | None, shipped: Path) -> ModelVersion:
+    """Make a model live (a rollback when it was retired); the live one before is retired."""
+    live = ensure_live_row(session, shipped)
+    row = _get(session, version)
+    if row.status == "live":
+        raise RegistryError(f"{version} is already live")
+    if not Path(row.path).is_file():
+        raise RegistryError(f"the file of {version} is missing: {row.path}")
+    live.status, live.changed_by, live.changed_at = "retired", user_id, utcnow()
+    row.status, row.changed_by, row.changed_at = "live", user_id, utcnow()
+    session.flush()
+    return row
+
+
+def discard(session: Session, version: str, user_id: int | None) -> ModelVersion:
+    """Retire a candidate or the shadow model (its file stays, for the record)."""
+    row = _get(session, version)
+    if row.status == "live":
+        raise RegistryError(f"{version} is live: promote another model to replace it")
+    row.status, row.changed_by, row.changed_at = "retired", user_id, utcnow()
+    session.flush()
+    return row
+
+
+def in_force(session: Session) -> tuple[ModelVersion | None, ModelVersion | None]:
+    """The live row (None: the settings' weights) and the shadow row (None: no shadow)."""
+    rows = session.scalars(select(ModelVersion).where(ModelVersion.status.in_(("live", "shadow"))))
+    live = shadow = None
+    for row in rows:
+        if row.status == "live":
+            live = row
+        else:
+            shadow = row
+    return live, shadow
+
+
+def listing(session: Session) -> list[dict[str, Any]]:
+    from pipeline.models import User
+
+    names = {u.id: u.username for u in session.scalars(select(User))}
+    out = []
+    for row in session.scalars(select(ModelVersion).order_by(ModelVersion.registered_at.desc(),
+                                                             ModelVersion.id.desc())):  # fmt: skip
+        out.append({"version": row.version, "status": row.status, "note": row.note,
+                    "registered_by": names.get(row.registered_by or -1),
+                    "registered_at": row.registered_at.isoformat(timespec="minutes"),
+                    "changed_by": names.get(row.changed_by or -1),
+                    "changed_at": row.changed_at.isoformat(timespec="minutes") if row.changed_at else None,
+                    "shadow_since": row.shadow_since.isoformat(timespec="minutes")
+                    if row.shadow_since else None})  # fmt: skip
+    return out
+
+
+def comparison(session: Session, routine_threshold: float | None) -> dict[str, Any] | None:
+    """Live against shadow on the studies reviewed since the shadow started; None: no shadow."""
+    import numpy as np
+
+    from pipeline import performance
+    from pipeline.reviews import latest_truths
+
+    _, shadow = in_force(session)
+    if shadow is None or shadow.shadow_since is None:
+        return None
+    since: datetime = shadow.shadow_since
+    truths = latest_truths(session, since=since)
+    rows = session.execute(
+        select(Study.id, Study.p_abnormal, ShadowPrediction.p_abnormal)
+        .join(Image, Image.study_id == Study.id)
+        .join(ShadowPrediction, ShadowPrediction.image_id == Image.id)
+        .where(Study.id.in_(list(truths)), ShadowPrediction.model_version == shadow.version,
+               Study.p_abnormal.is_not(None))
+    ).all()  # fmt: skip
+    best: dict[int, tuple[float, float]] = {}
+    for sid, live_p, shadow_p in rows:  # a study's score is its highest image's
+        old = best.get(sid, (0.0, 0.0))
+        best[sid] = (float(live_p or 0.0), max(old[1], float(shadow_p)))
+    ids = sorted(best)
+    y = np.array([truths[i].abnormal for i in ids], bool)
+    doc: dict[str, Any] = {"shadow_version": shadow.version, "since": since.isoformat(timespec="minutes"),
+                           "studies": len(ids), "abnormal": int(y.sum())}  # fmt: skip
+    for name, k in (("live", 0), ("shadow", 1)):
+        s = np.array([best[i][k] for i in ids], float)
+        doc[name] = {"auc": performance.auc_delong(s, y)}
+        if routine_threshold is not None and len(ids):
+            r = performance.at_threshold(s, y, routine_threshold)
+            doc[name]["routine"] = {
+                "sensitivity": r["sensitivity"],
+                "specificity": r["specificity"],
+            }
+    return doc
+
+
+def reviewed_since(session: Session, since: datetime) -> int:
+    return len(set(session.scalars(select(Review.study_id).where(Review.created_at >= since))))
