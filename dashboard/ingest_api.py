@@ -140,7 +140,7 @@ def post_study() -> Any:
     doc = {"study_id": item.study_id, "image_id": item.image_id, "status": item.status,
            "duplicate": item.duplicate, "reason": item.reason}  # fmt: skip
     if item.status == "rejected":
-        too_big = failure_status(item.reason) == 0xA700
+        too_big = item.code == "too_large"
         return jsonify(error=item.reason, **doc), (413 if too_big else 422)
     return jsonify(doc), (200 if item.duplicate else 202)
 
@@ -177,12 +177,13 @@ def _instance(sop_class: str | None, sop_uid: str | None, status: int | None = N
     return item
 
 
-def _stow_part(body: Any, number: int, part: Part, sop_uid: str | None) -> tuple[bool, str | None]:
-    """Store one STOW part; (stored, reason). A duplicate counts as stored: it is known."""
+def _stow_part(body: Any, number: int, part: Part,
+               sop_uid: str | None) -> tuple[bool, str | None, str | None]:  # fmt: skip
+    """Store one STOW part; (stored, reason, rejection code). A duplicate counts as stored."""
     if part.content_type not in ("", "application/dicom"):
-        return False, f"part {number} is {part.content_type}, not application/dicom"
+        return False, f"part {number} is {part.content_type}, not application/dicom", None
     item = _store(body, part, f"{sop_uid or f'stow-{number}'}.dcm", "stow", None)
-    return item.status != "rejected", item.reason
+    return item.status != "rejected", item.reason, item.code
 
 
 @bp.post("/dicomweb/studies")
@@ -209,7 +210,7 @@ def stow() -> Any:
                     failed.append(_instance(sop_class, sop_uid, STATUS_OUT_OF_RESOURCES))
                     continue
                 try:
-                    stored, reason = _stow_part(body, number, part, sop_uid)
+                    stored, reason, code = _stow_part(body, number, part, sop_uid)
                 except QueueFull as exc:
                     if not referenced:
                         return _queue_full(exc)
@@ -225,7 +226,7 @@ def stow() -> Any:
                 if stored:
                     referenced.append(_instance(sop_class, sop_uid))
                     continue
-                failed.append(_instance(sop_class, sop_uid, failure_status(reason)))
+                failed.append(_instance(sop_class, sop_uid, failure_status(code)))
                 warnings.append(f"part {number}: {reason}")
             if full is not None and not referenced:
                 return _storage_full(full)

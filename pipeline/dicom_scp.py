@@ -82,7 +82,7 @@ def handle_store(event: Any, intake: Intake, source: str = "dicom") -> Any:
         return _status(STATUS_PROCESSING_FAILURE, "storage failed; try again later")
     if item.status == "rejected":
         log.info("C-STORE rejected into study %s", item.study_id)
-        return _status(failure_status(item.reason), item.reason)
+        return _status(failure_status(item.code), item.reason)
     log.info("C-STORE stored: study %s %s", item.study_id, item.status)
     return _status(SUCCESS)
 

@@ -30,7 +30,18 @@ LATERAL_VIEWS = {"LL", "RL", "LAT", "LATERAL", "LLD", "RLD", "XTABLE"}
 
 
 class RejectedInput(ValueError):
-    """The input is not something the model can or should read; the message says why."""
+    """The input is not something the model can or should read; the message says why (for
+    people) and ``code`` what kind of refusal it is (for protocols: a DICOM failure status)."""
+
+    code = "unreadable"
+
+    def __init__(self, message: str, code: str | None = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+REJECTION_CODES = ("unreadable", "not_an_image", "too_large")
 
 
 class UndecodableInput(RejectedInput):
@@ -87,7 +98,8 @@ def decode_bytes(data: bytes, filename: str, limits: Limits | None = None) -> De
         raise RejectedInput("the file is empty")
     if len(data) > limits.max_bytes:
         raise RejectedInput(
-            f"the file is {len(data) / 1e6:.1f} MB, over the {limits.max_bytes / 1e6:.0f} MB limit"
+            f"the file is {len(data) / 1e6:.1f} MB, over the {limits.max_bytes / 1e6:.0f} MB limit",
+            "too_large",
         )
     try:
         if looks_like_dicom(data, filename):
@@ -181,7 +193,7 @@ def _decode_dicom(data: bytes, limits: Limits) -> DecodedImage:
     modality = (meta.get("Modality") or "").upper()
     non_image = dicom_display.non_image_reason(meta)
     if non_image is not None:
-        raise RejectedInput(non_image)
+        raise RejectedInput(non_image, "not_an_image")
     if "PixelData" not in ds:
         sop = meta.get("SOPClassUID") or "unknown"
         if sop.startswith("1.2.840.10008.5.1.4.1.1.") and modality:

@@ -43,6 +43,8 @@ class IngestItem:
     status: str
     reason: str | None = None
     duplicate: bool = False
+    # Why it was rejected, as a code (imaging.RejectedInput.code); None unless rejected.
+    code: str | None = None
     # The stored preview of a newly queued image, kept so enqueueing need not read it back.
     preview: bytes | None = field(default=None, repr=False, compare=False)
 
@@ -105,14 +107,21 @@ def _existing(session: Session, key: str, filename: str) -> IngestItem | None:
     found = session.scalars(select(Image).where(Image.dedup_key == key)).first()
     if found is None:
         return None
-    return IngestItem(
-        filename, found.study_id, found.id, found.status, found.reason, duplicate=True
-    )
+    return IngestItem(filename, found.study_id, found.id, found.status, found.reason,
+                      duplicate=True, code=_code(found))  # fmt: skip
+
+
+def _code(image: Any) -> str | None:
+    """A rejected image's code, as recorded with it (an Image or a row with status and meta)."""
+    if image.status != "rejected":
+        return None
+    return str((image.meta or {}).get("rejection") or "unreadable")
 
 
 def record_rejection(
-    session: Session, key: str, filename: str, reason: str, source: str, lane: str
-) -> IngestItem:
+    session: Session, key: str, filename: str, reason: str, source: str, lane: str,
+    code: str = "unreadable",
+) -> IngestItem:  # fmt: skip
     """Write a rejected study and image with the reason (not committed); dedup first."""
     existing = _existing(session, key, filename)
     if existing is not None:
@@ -122,10 +131,10 @@ def record_rejection(
     session.add(study)
     session.flush()
     image = Image(study_id=study.id, dedup_key=key, filename=imaging.storable_name(filename), kind="unknown",
-                  status="rejected", reason=reason, done_at=now)  # fmt: skip
+                  status="rejected", reason=reason, done_at=now, meta={"rejection": code})  # fmt: skip
     session.add(image)
     session.flush()
-    return IngestItem(filename, study.id, image.id, "rejected", reason)
+    return IngestItem(filename, study.id, image.id, "rejected", reason, code=code)
 
 
 def _file_key(path: Path) -> str:
@@ -146,6 +155,7 @@ class _Prepared:
     decoded: DecodedImage | None
     reason: str | None
     preview: bytes | None
+    code: str | None = None  # imaging.RejectedInput.code when it was refused
 
 
 def _prepare(data: bytes, filename: str, limits: Limits, extra_meta: dict[str, Any]) -> _Prepared:
@@ -153,7 +163,7 @@ def _prepare(data: bytes, filename: str, limits: Limits, extra_meta: dict[str, A
         with STAGES.time("decode"):
             decoded = imaging.decode_bytes(data, filename, limits)
     except RejectedInput as exc:
-        return _Prepared(filename, imaging.content_key(data), None, str(exc), None)
+        return _Prepared(filename, imaging.content_key(data), None, str(exc), None, exc.code)
     if decoded.kind != "dicom":
         # JPEG/PNG carry no header: a sidecar JSON or the upload form gives their fields.
         decoded.meta.update(imaging.header_fields(extra_meta))
@@ -201,9 +211,9 @@ def persist_files(
     known = {
         row.dedup_key: row
         for row in session.execute(
-            select(Image.id, Image.study_id, Image.status, Image.reason, Image.dedup_key).where(
-                Image.dedup_key.in_(keys)
-            )
+            select(
+                Image.id, Image.study_id, Image.status, Image.reason, Image.dedup_key, Image.meta
+            ).where(Image.dedup_key.in_(keys))
         )
     }
     fields = [_study_fields(p.decoded.meta, extra) if p.decoded else None for p in prepared]
@@ -229,7 +239,8 @@ def persist_files(
                     source=source, lane=lane, status="rejected", reason=reason, done_at=now
                 )
                 image = Image(study=study, dedup_key=p.key, filename=imaging.storable_name(p.filename),
-                              kind="unknown", status="rejected", reason=reason, done_at=now)  # fmt: skip
+                              kind="unknown", status="rejected", reason=reason, done_at=now,
+                              meta={"rejection": p.code or "unreadable"})  # fmt: skip
             else:
                 image, study = _new_image(p, p.decoded, f, studies, source, lane)
             session.add(image)
@@ -242,11 +253,11 @@ def persist_files(
             if p.key in known:
                 row = known[p.key]
                 items.append(IngestItem(p.filename, row.study_id, row.id, row.status, row.reason,
-                                        duplicate=True))  # fmt: skip
+                                        duplicate=True, code=_code(row)))  # fmt: skip
             else:
                 first, _ = written[p.key]
                 items.append(IngestItem(p.filename, first.study_id, first.id, first.status,
-                                        first.reason, duplicate=True))  # fmt: skip
+                                        first.reason, duplicate=True, code=_code(first)))  # fmt: skip
             continue
         image, study = written_image, written_study
         if image.status == "queued":
@@ -256,7 +267,8 @@ def persist_files(
         elif image.status == "skipped" and not _has_other_work(session, study.id, image.id):
             # The study's only images are skipped: it is final now, not waiting for a worker.
             study.status, study.reason, study.done_at = "skipped", image.reason, utcnow()
-        item = IngestItem(p.filename, study.id, image.id, image.status, image.reason)
+        item = IngestItem(p.filename, study.id, image.id, image.status, image.reason,
+                          code=_code(image))  # fmt: skip
         if image.status == "queued":
             item.preview = p.preview
         items.append(item)

@@ -52,14 +52,16 @@ def oversize_reason(size: int, limit: int) -> str:
     return f"the file is {size / 1e6:.1f} MB, over the {limit / 1e6:.0f} MB limit"
 
 
-def failure_status(reason: str | None) -> int:
-    """The DICOM failure status for a rejection reason."""
-    text = reason or ""
-    if text.startswith("not an image"):
-        return STATUS_SOP_CLASS_NOT_SUPPORTED
-    if text.startswith("the file is") and "over the" in text:
-        return STATUS_OUT_OF_RESOURCES
-    return STATUS_CANNOT_UNDERSTAND
+FAILURE_STATUS = {
+    "not_an_image": STATUS_SOP_CLASS_NOT_SUPPORTED,
+    "too_large": STATUS_OUT_OF_RESOURCES,
+    "unreadable": STATUS_CANNOT_UNDERSTAND,
+}
+
+
+def failure_status(code: str | None) -> int:
+    """The DICOM failure status for a rejection code (``imaging.RejectedInput.code``)."""
+    return FAILURE_STATUS.get(code or "unreadable", STATUS_CANNOT_UNDERSTAND)
 
 
 def hash_stream(fh: IO[bytes], chunk: int = 1 << 20) -> tuple[str, int]:
@@ -104,16 +106,18 @@ class Intake:
             self.send([item.image_id])
         return item
 
-    def reject(self, key: str, filename: str, reason: str, source: str) -> IngestItem:
+    def reject(self, key: str, filename: str, reason: str, source: str,
+               code: str = "unreadable") -> IngestItem:  # fmt: skip
         """Record bytes that were never decoded (too large) as a rejected study."""
         with full_disk_refused(), session_scope(self.factory) as session:
-            item = record_rejection(session, key, filename, reason, source, self.lane)
+            item = record_rejection(session, key, filename, reason, source, self.lane, code)
         item.path = filename
         return item
 
     def reject_oversize(self, key: str, size: int, filename: str, source: str) -> IngestItem:
         """Record a file over the size limit, identified by its content hash."""
-        return self.reject(key, filename, oversize_reason(size, self.limits.max_bytes), source)
+        return self.reject(key, filename, oversize_reason(size, self.limits.max_bytes), source,
+                           "too_large")  # fmt: skip
 
     def send(self, image_ids: Iterable[int]) -> int:
         """Send committed images to the workers; on any Redis trouble they stay queued."""

@@ -109,8 +109,14 @@ def test_undecodable_and_non_image_instances_get_failure_statuses(listener) -> N
         status = assoc.send_c_store(report)
         assert status.Status == 0x0122
         assert status.ErrorComment.startswith("not an image: SOP class Basic Text SR Storage")
+        # Sent again: a duplicate keeps its status, from the code recorded with it, not its words.
+        again = assoc.send_c_store(report)
+        assert (again.Status, again.ErrorComment) == (status.Status, status.ErrorComment)
     finally:
         assoc.release()
+    with factory() as session:
+        codes = [i.meta.get("rejection") for i in session.scalars(select(Image).order_by(Image.id))]
+    assert codes == ["unreadable", "unreadable", "not_an_image"]
     with factory() as session:
         studies = session.scalars(select(Study).order_by(Study.id)).all()
     assert [(s.source, s.status) for s in studies] == [("dicom", "rejected")] * 3
@@ -159,3 +165,15 @@ def test_dicom_listen_command_stores_a_real_jpeg2000_chest(settings, tmp_path: P
         out = proc.communicate(timeout=20)[0].decode()
     assert "DICOM listener CXRTRIAGE on port" in out
     assert "RG1" not in out  # nothing from the header reaches the log
+
+
+def test_failure_statuses_come_from_codes_not_words() -> None:
+    from pipeline.imaging import RejectedInput
+    from pipeline.intake import failure_status
+
+    assert failure_status("not_an_image") == 0x0122
+    assert failure_status("too_large") == 0xA700
+    assert failure_status("unreadable") == failure_status(None) == 0xC000
+    # A reason that merely reads like another refusal keeps its own code's status.
+    assert RejectedInput("not an image, says the sender").code == "unreadable"
+    assert RejectedInput("x", "too_large").code == "too_large"
