@@ -29,7 +29,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from pipeline.models import Image, ModelVersion, Review, ShadowPrediction, Study, utcnow
+from pipeline.models import Image, ModelVersion, Review, ShadowPrediction, Study, as_utc, utcnow
 from pipeline.weights import WeightsError, file_sha256, read_meta
 
 STATUSES = ("candidate", "shadow", "live", "retired")
@@ -174,7 +174,7 @@ def comparison(session: Session, routine_threshold: float | None) -> dict[str, A
     _, shadow = in_force(session)
     if shadow is None or shadow.shadow_since is None:
         return None
-    since: datetime = shadow.shadow_since
+    since: datetime = as_utc(shadow.shadow_since)  # SQLite hands back naive UTC
     truths = latest_truths(session, since=since)
     rows = session.execute(
         select(Study.id, Study.p_abnormal, ShadowPrediction.p_abnormal)

@@ -129,6 +129,7 @@ def test_shadow_scores_without_touching_the_worklist(
         session.add_all(Review(study_id=sid, user_id=boss.id, action="read", abnormal=t)
                         for sid, t in truth.items())  # fmt: skip
         session.commit()
+    with factory_b() as session:  # a fresh session: what the database hands back
         doc = registry.comparison(session, 0.5)
         assert doc is not None and doc["shadow_version"] == row.version
         assert doc["studies"] == len(studies) and doc["abnormal"] == sum(truth.values())
