@@ -23,7 +23,7 @@ def _doc() -> dict[str, Any]:
     policy = active(db())
     routine = policy.thresholds_for(model.get("thresholds") or {}).get("routine")
     return {"models": registry.listing(db()), "shipped": model["version"],
-            "comparison": registry.comparison(db(), routine),
+            "comparison": registry.comparison(db(), routine, policy.temperature_scale),
             "policy_version": policy.version}  # fmt: skip
 
 

@@ -164,12 +164,18 @@ def listing(session: Session) -> list[dict[str, Any]]:
     return out
 
 
-def comparison(session: Session, routine_threshold: float | None) -> dict[str, Any] | None:
-    """Live against shadow on the studies reviewed since the shadow started; None: no shadow."""
+def comparison(session: Session, routine_threshold: float | None,
+               temperature_scale: float = 1.0) -> dict[str, Any] | None:  # fmt: skip
+    """Live against shadow on the studies reviewed since the shadow started; None: no shadow.
+
+    Both models' probabilities are read under the policy's temperature before its routine
+    threshold is applied, as the worklist would read them.
+    """
     import numpy as np
 
     from pipeline import performance
     from pipeline.reviews import latest_truths
+    from pipeline.triage import rescale
 
     _, shadow = in_force(session)
     if shadow is None or shadow.shadow_since is None:
@@ -192,7 +198,7 @@ def comparison(session: Session, routine_threshold: float | None) -> dict[str, A
     doc: dict[str, Any] = {"shadow_version": shadow.version, "since": since.isoformat(timespec="minutes"),
                            "studies": len(ids), "abnormal": int(y.sum())}  # fmt: skip
     for name, k in (("live", 0), ("shadow", 1)):
-        s = np.array([best[i][k] for i in ids], float)
+        s = np.array([rescale(best[i][k], temperature_scale) for i in ids], float)
         doc[name] = {"auc": performance.auc_delong(s, y)}
         if routine_threshold is not None and len(ids):
             r = performance.at_threshold(s, y, routine_threshold)
