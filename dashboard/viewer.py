@@ -45,6 +45,21 @@ def _latest_predictions(image_ids: list[int]) -> dict[int, Prediction]:
     return {p.image_id: p for p in rows}  # the newest wins
 
 
+def _operating_in_force(model: dict[str, Any]) -> dict[str, Any]:
+    """The operating point in words, at the thresholds of the site's policy in force."""
+    from pipeline.policy import active
+
+    policy = active(db())
+    if not policy.thresholds:
+        return operating_point(model)
+    words = operating_point({**model, "thresholds": policy.thresholds})
+    scale = ", on probabilities under its temperature" if policy.temperature_scale != 1 else ""
+    # The weights' test-set figures were measured at the weights' thresholds, not these.
+    words["sentences"] = [f"These are this site's thresholds (policy version {policy.version}"
+                          f"{scale}), set from its own reviewed studies."]  # fmt: skip
+    return words
+
+
 @bp.route("/studies/<int:study_id>")
 @login_required
 def study(study_id: int) -> Any:
@@ -66,7 +81,7 @@ def study(study_id: int) -> Any:
     return render_template(
         "study.html", study=row, images=images, shown=shown, predictions=predictions,
         prediction=predictions.get(shown.id) if shown else None, reviews=reviews, model=model,
-        model_summary=model_summary(model), operating=operating_point(model),
+        model_summary=model_summary(model), operating=_operating_in_force(model),
         params=filters.params, prev_id=prev_id, next_id=next_id,
         waiting=format_wait(_waiting_seconds(row)), findings=FINDINGS,
     )  # fmt: skip

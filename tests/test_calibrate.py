@@ -147,6 +147,12 @@ def test_console_proposes_applies_and_rejects(settings: Settings) -> None:
             assert s.policy_version == 1
         actions = [e.action for e in session.scalars(select(AuditEvent).order_by(AuditEvent.id))]
         assert "calibration_reject" in actions and actions[-1] == "policy_change"
+    # The study page says the operating point is the site's (an untrained test model: no numbers).
+    study = client.get("/studies/121").get_data(as_text=True)
+    assert (
+        "this site&#39;s thresholds (policy version 1, on probabilities under its temperature)"
+        in study
+    )
     # Live performance is read under the policy in force: its thresholds, its temperature.
     perf = client.get("/api/admin/performance?days=30").get_json()
     assert perf["thresholds"] == now.thresholds
