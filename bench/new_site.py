@@ -72,13 +72,12 @@ def stage(rows: list[dict[str, str]], folder: Path) -> None:
 
 
 def rates(p: list[float], truth: list[bool], threshold: float) -> dict[str, float | None]:
-    called = [x >= threshold for x in p]
-    tp = sum(c and t for c, t in zip(called, truth, strict=True))
-    tn = sum(not c and not t for c, t in zip(called, truth, strict=True))
-    pos, neg = sum(truth), len(truth) - sum(truth)
+    """Sensitivity and specificity of "abnormal if p >= threshold" (pipeline.performance)."""
+    from pipeline.performance import at_threshold
+
+    r = at_threshold(p, truth, threshold)
     return {"threshold": round(threshold, 4),
-            "sensitivity": round(tp / pos, 4) if pos else None,
-            "specificity": round(tn / neg, 4) if neg else None}  # fmt: skip
+            "sensitivity": r["sensitivity"]["value"], "specificity": r["specificity"]["value"]}  # fmt: skip
 
 
 def _wait_final(factory: Any, accessions: set[str], timeout_s: float = 900) -> None:

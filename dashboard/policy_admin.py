@@ -93,6 +93,12 @@ def _describe(p: pol.Policy) -> str:
             f"{p.reads_per_hour:g} reads/h; temperature x{p.temperature_scale:g}")  # fmt: skip
 
 
+def _refused(what: str, exc: Exception) -> Any:
+    db().rollback()
+    flash(f"{what}: {exc}")
+    return redirect(url_for("policy.page"))
+
+
 @bp.route("/admin/policy", methods=["POST"])
 @admin_required
 def save() -> Any:
@@ -106,9 +112,7 @@ def save() -> Any:
         new, moved = pol.save(db(), body, current_user.id, request.form.get("reason", ""),
                               _model_thresholds())  # fmt: skip
     except pol.PolicyError as exc:
-        db().rollback()
-        flash(f"Policy not saved: {exc}")
-        return redirect(url_for("policy.page"))
+        return _refused("Policy not saved", exc)
     audit("policy_change", target=f"policy:v{new.version}",
           detail=f"{_describe(new)}; reason: {new.reason}; {moved} waiting re-classed")  # fmt: skip
     flash(f"Policy version {new.version} is in force; {moved} waiting stud"
@@ -124,9 +128,7 @@ def rollback(version: int) -> Any:
                                   request.form.get("reason", "") or "rollback",
                                   _model_thresholds())  # fmt: skip
     except pol.PolicyError as exc:
-        db().rollback()
-        flash(f"Policy not rolled back: {exc}")
-        return redirect(url_for("policy.page"))
+        return _refused("Policy not rolled back", exc)
     audit("policy_rollback", target=f"policy:v{new.version}",
           detail=f"rules of version {version}: {_describe(new)}; {moved} waiting re-classed")  # fmt: skip
     flash(f"The rules of version {version} are in force again as version {new.version}.")

@@ -26,7 +26,6 @@ from pipeline import performance
 from pipeline.policy import Policy, active, preview
 
 MIN_EACH = 20  # abnormal and normal reviewed studies needed before anything is proposed
-SCALES = np.exp(np.linspace(math.log(0.2), math.log(5.0), 401))
 
 
 class CalibrationError(ValueError):
@@ -34,17 +33,12 @@ class CalibrationError(ValueError):
 
 
 def fit_scale(p: np.ndarray, abnormal: np.ndarray) -> float:
-    """The temperature scale minimising the NLL of sigmoid(logit(p) / scale) (grid 0.2 to 5)."""
+    """The temperature scale minimising the NLL of sigmoid(logit(p) / scale): the training's
+    own fit (``evaluate.fit_temperature``, grid 0.2 to 5) on the logit of p."""
     q = np.clip(np.asarray(p, float), 1e-6, 1 - 1e-6)
     z = np.log(q / (1 - q))
-    y = np.asarray(abnormal, bool)
-    best, best_nll = 1.0, math.inf
-    for s in SCALES:
-        pr = np.clip(1.0 / (1.0 + np.exp(-z / s)), 1e-12, 1 - 1e-12)
-        nll = float(-np.mean(np.where(y, np.log(pr), np.log(1 - pr))))
-        if nll < best_nll - 1e-12:
-            best, best_nll = float(s), nll
-    return round(best, 3)
+    binary = np.stack([np.zeros(len(z)), z], axis=1)  # as train_run.calibrate fits T
+    return round(ev.fit_temperature(binary, np.asarray(abnormal, bool).astype(int)), 3)
 
 
 def _rates(p: np.ndarray, y: np.ndarray, thresholds: Mapping[str, float]) -> dict[str, Any]:

@@ -139,7 +139,7 @@ def _in_force(session: Session, model_thresholds: dict[str, float] | None,
 
     from pipeline.policy import active
 
-    policy = active(session)
+    policy = active(session, who=False)
     thresholds = (
         policy.thresholds_for(model_thresholds or {})
         if model_thresholds or policy.thresholds

@@ -43,7 +43,7 @@ def refresh_studies(
     by_id = {study.id: study for study in studies}
     if not by_id:
         return
-    policy = active(session)
+    policy = active(session, who=False)
     images: dict[int, list[Image]] = {i: [] for i in by_id}
     # Only what _derive reads: a worker's batch refreshes its studies on every commit, and
     # whole rows would bring each image's header and each prediction's CAM along.
@@ -262,7 +262,7 @@ def worklist_page(
     """
     from pipeline.policy import active, awaiting_read
 
-    policy = policy or active(session)
+    policy = policy or active(session, who=False)
     where = filters.conditions() if filters is not None else []
     if policy.max_wait_s is None:
         studies = list(session.scalars(worklist_query(limit, offset, filters)))
@@ -302,7 +302,7 @@ def neighbour_ids(
     """The studies before and after this one in worklist order under the same filters."""
     from pipeline.policy import active
 
-    policy = active(session)
+    policy = active(session, who=False)
     if policy.max_wait_s is not None:
         return _neighbours_in_reading_order(session, study, filters, policy)
     p, received = _UNSCORED_LAST, Study.received_at
