@@ -22,6 +22,7 @@ from pipeline import migrate
 from pipeline.db import make_engine, make_session_factory, session_scope
 from pipeline.imaging import Limits
 from pipeline.ingest import Enqueuer, IngestReport, ingest_paths
+from pipeline.instances import InstanceStore
 from pipeline.lifetime import RunLock, wait_port_free
 from pipeline.models import FINAL_STATES, PERSON_ROLES, ROLES, Study
 from pipeline.queue import Dispatcher, QueueFull, queue_has_room, redis_client
@@ -235,11 +236,19 @@ def _run_system(settings: Settings, lock: RunLock) -> int:
         print(f"cxr-triage is running: open {dashboard_url}  (Ctrl-C stops everything)", flush=True)
         try:
             sup.run(tick=reconcile, tick_every=RECONCILE_EVERY_S,
-                    ticks=[(DEAD_WORKER_CHECK_S, lambda: rescue_dead_workers(settings, redis_url))])  # fmt: skip
+                    ticks=[(DEAD_WORKER_CHECK_S, lambda: rescue_dead_workers(settings, redis_url)),
+                           (settings.store_expire_every_s, lambda: expire_store(settings))])  # fmt: skip
         finally:
             clear_runtime(settings)
     print("cxr-triage stopped.")
     return 0
+
+
+def expire_store(settings: Settings) -> dict[str, int]:
+    """One retention pass over the instance store (``pipeline.instances.expire``)."""
+    from pipeline.instances import expire
+
+    return expire(_factory(settings), InstanceStore.of(settings), settings)
 
 
 def _wait_final(settings: Settings, study_ids: set[int], timeout: float) -> bool:
@@ -313,7 +322,8 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
             if client is not None and not queue_has_room(client):
                 raise QueueFull()  # refused before anything is stored
             report = ingest_paths(factory, [Path(p) for p in args.paths], _limits(settings),
-                                  source="cli", lane=args.lane, sink=sink)  # fmt: skip
+                                  source="cli", lane=args.lane, sink=sink,
+                                  store=InstanceStore.of(settings))  # fmt: skip
         except (StorageFull, QueueFull) as exc:
             full, report = exc, exc.report or IngestReport()
         queued = [i for i in report.accepted if i.status == "queued"]

@@ -18,9 +18,10 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import DataError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline import imaging
+from pipeline import imaging, instances
 from pipeline.db import session_scope
 from pipeline.imaging import DecodedImage, Limits, RejectedInput
+from pipeline.instances import InstanceStore
 from pipeline.models import Image, Study, utcnow
 from pipeline.profiling import STAGES
 from pipeline.queue import (
@@ -186,9 +187,10 @@ def persist_file(
     source: str = "cli",
     lane: str = "live",
     extra_meta: dict[str, Any] | None = None,
+    store: InstanceStore | None = None,
 ) -> IngestItem:
     """Decode one file and write its study and image rows (not committed); dedup first."""
-    return persist_files(session, [(data, filename)], limits, source, lane, extra_meta)[0]
+    return persist_files(session, [(data, filename)], limits, source, lane, extra_meta, store)[0]
 
 
 def persist_files(
@@ -198,15 +200,21 @@ def persist_files(
     source: str = "cli",
     lane: str = "live",
     extra_meta: dict[str, Any] | None = None,
+    store: InstanceStore | None = None,
 ) -> list[IngestItem]:
     """Decode files and write their study and image rows (not committed), in order.
 
     The lot costs one dedup query, one study lookup and one flush (multi-row INSERTs),
     however many files it holds. A file already stored, or earlier in the lot, is reported as
     a duplicate of that image; images with one StudyInstanceUID share one study.
+
+    With a ``store``, every accepted file is kept there as DICOM (``pipeline.instances``) before
+    the rows are committed, and a study without a StudyInstanceUID is given one.
     """
     extra = extra_meta or {}
     prepared = [_prepare(data, name, limits, extra) for data, name in files]
+    if store is not None and any(p.decoded is not None for p in prepared):
+        store.check_room(session)
     keys = {p.key for p in prepared}
     known = {
         row.dedup_key: row
@@ -233,6 +241,8 @@ def persist_files(
             if p.key in known or p.key in written:
                 plans.append((p, None, None))
                 continue
+            if store is not None and f is not None and not f["study_uid"]:
+                f["study_uid"] = instances.derived_uid("study", p.key)
             if p.decoded is None or f is None:
                 reason = p.reason or "rejected"
                 study = Study(
@@ -247,6 +257,8 @@ def persist_files(
             written[p.key] = (image, study)
             plans.append((p, image, study))
     session.flush()
+    if store is not None:
+        _keep_instances(session, store, files, plans, fields)
     items = []
     for p, written_image, written_study in plans:
         if written_image is None or written_study is None:
@@ -273,6 +285,23 @@ def persist_files(
             item.preview = p.preview
         items.append(item)
     return items
+
+
+def _keep_instances(session: Session, store: InstanceStore, files: list[tuple[bytes, str]],
+                    plans: list[tuple[_Prepared, Image | None, Study | None]],
+                    fields: list[dict[str, Any] | None]) -> None:  # fmt: skip
+    """Keep each new accepted file in the instance store: DICOM as received, else a capture."""
+    with STAGES.time("store", len(files)):
+        for (data, _), (p, image, study), f in zip(files, plans, fields, strict=True):
+            if image is None or study is None or p.decoded is None or f is None:
+                continue  # a duplicate, or rejected: nothing new to keep
+            if p.decoded.kind == "dicom":
+                kind, dicom = "received", data
+            else:
+                kind = "capture"
+                dicom = instances.capture(data, p.decoded.kind, f, p.decoded.meta, p.key)
+            instances.keep(session, store, study, image.id, kind, dicom, f["study_uid"])
+    session.flush()
 
 
 def _new_image(
@@ -533,6 +562,7 @@ def ingest_paths(
     sink: Callable[[list[int]], object] | None = None,
     chunk: int = 16,
     chunk_bytes: int = 64 * 1024 * 1024,
+    store: InstanceStore | None = None,
 ) -> IngestReport:
     """Persist every file under paths; unreadable files are rejected, never fatal.
 
@@ -547,7 +577,8 @@ def ingest_paths(
 
     def flush() -> None:
         nonlocal sink, held
-        items = ingest_many(factory, files, limits, source=source, lane=lane) if files else []
+        items = (ingest_many(factory, files, limits, source=source, lane=lane, store=store)
+                 if files else [])  # fmt: skip
         queued: dict[int, bytes | None] = {}
         for path, item in zip(names, items, strict=True):
             item.path = str(path)

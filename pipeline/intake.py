@@ -27,6 +27,7 @@ from pipeline.ingest import (
     mark_unsent,
     record_rejection,
 )
+from pipeline.instances import InstanceStore
 from pipeline.queue import Dispatcher, QueueFull, is_queue_full, queue_has_room, redis_client
 from pipeline.redis_server import resolve_redis_url
 from pipeline.settings import Settings
@@ -82,6 +83,7 @@ class Intake:
         self.settings = settings
         self.factory = factory or make_session_factory(make_engine(settings.db_url))
         self.limits = limits_of(settings)
+        self.store = InstanceStore.of(settings)
         self.lane = lane
         self._lock = threading.Lock()
         self._client: Any = None
@@ -100,7 +102,7 @@ class Intake:
         """
         self.check_room()
         item = ingest_bytes(self.factory, data, filename, self.limits, source=source,
-                            lane=self.lane, extra_meta=extra_meta)  # fmt: skip
+                            lane=self.lane, extra_meta=extra_meta, store=self.store)  # fmt: skip
         item.path = filename
         if item.status == "queued" and not item.duplicate and item.image_id is not None:
             self.send([item.image_id])

@@ -351,3 +351,34 @@ class OutboxItem(Base):
         UniqueConstraint("object_id", "destination_id"),
         Index("ix_outbox_due", "status", "next_attempt_at"),
     )
+
+
+class Instance(Base):
+    """One DICOM instance in the instance store (``pipeline.instances``): a file as received,
+    the Secondary Capture made at ingest of a JPEG/PNG, or a result object (the CAM capture,
+    the SR) built for the viewer. The row holds what QIDO-RS answers; the file holds the rest."""
+
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
+    image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # received | capture | cam | sr
+    study_uid: Mapped[str] = mapped_column(String(64), index=True)
+    series_uid: Mapped[str] = mapped_column(String(64), index=True)
+    sop_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax: Mapped[str] = mapped_column(String(64))
+    modality: Mapped[str | None] = mapped_column(String(16))
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    series_description: Mapped[str | None] = mapped_column(String(64))
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    rows: Mapped[int | None] = mapped_column(Integer)
+    columns: Mapped[int | None] = mapped_column(Integer)
+    frames: Mapped[int | None] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(Integer)
+    sha256: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(String(400))  # relative to the store's root
+    created_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, index=True
+    )

@@ -83,6 +83,14 @@ class Settings:
     # works): after a sender is killed, its rows are sent again this long after.
     outbox_lease_s: int = 120
     max_request_mb: int = 512
+    # The instance store (pipeline.instances): every accepted DICOM instance as received, under
+    # ``store_dir`` (default: data_dir/instances). Read studies older than the retention are
+    # expired; past the size limit the oldest read studies go first, and once only unread
+    # studies remain new studies are refused with that reason. Unread studies are never expired.
+    store_dir: Path | None = None
+    store_retention_days: int = 30
+    store_max_gb: float = 200.0
+    store_expire_every_s: int = 600
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None, **overrides: Any) -> Settings:
@@ -95,6 +103,7 @@ class Settings:
             "production": _as_bool,
             "modalities": lambda v: tuple(m.strip().upper() for m in v.split(",") if m.strip()),
             "watch_dir": lambda v: Path(v).expanduser().resolve(),
+            "store_dir": lambda v: Path(v).expanduser().resolve(),
             "dicom_allowed_aes": lambda v: tuple(a.strip() for a in v.split(",") if a.strip()),
         }
         for f in fields(cls):
@@ -151,6 +160,10 @@ class Settings:
                 raise ConfigError("CXR_PULL_EVERY_S must be at least 10 seconds")
         if self.outbox_lease_s < 2:
             raise ConfigError("CXR_OUTBOX_LEASE_S must be at least 2 seconds")
+        if self.store_retention_days < 1:
+            raise ConfigError("CXR_STORE_RETENTION_DAYS must be at least 1")
+        if self.store_max_gb <= 0:
+            raise ConfigError("CXR_STORE_MAX_GB must be positive")
         if self.production and not self.secret_key:
             raise ConfigError("CXR_SECRET_KEY must be set when CXR_PRODUCTION=1")
 
@@ -179,6 +192,11 @@ class Settings:
         after this long. Never shorter than the stuck timeout, so kombu does not hand out
         again what the reconciler still counts as in flight (600 s with the defaults)."""
         return max(300, self.stuck_after_s)
+
+    @property
+    def instance_dir(self) -> Path:
+        """The instance store's root."""
+        return self.store_dir or self.data_dir / "instances"
 
     @property
     def runtime_file(self) -> Path:

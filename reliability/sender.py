@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pipeline.imaging import Limits
 from pipeline.ingest import IngestReport, enqueue, ingest_paths
+from pipeline.instances import InstanceStore
 from pipeline.queue import Dispatcher, redis_client
 from pipeline.weights import describe_weights
 from reliability.system import System
@@ -57,7 +58,9 @@ class CliSender:
 
             limits = Limits(settings.max_file_mb * 1024 * 1024, settings.max_pixels,
                             settings.modalities)  # fmt: skip
-            return ingest_paths(factory, chunk, limits, source="cli", sink=sink)
+            return ingest_paths(
+                factory, chunk, limits, source="cli", sink=sink, store=InstanceStore.of(settings)
+            )
         finally:
             dispatcher.close()
             client.close()
