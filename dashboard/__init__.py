@@ -77,6 +77,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
 
     app.register_blueprint(ingest_api.bp)
     csrf.exempt(ingest_api.bp)  # bearer tokens only (ingest_api.bearer_only); no cookies
+    from dashboard import dicomweb
+
+    app.register_blueprint(dicomweb.bp)  # QIDO-RS and WADO-RS over the instance store
 
     @app.errorhandler(sqlalchemy.exc.OperationalError)
     @app.errorhandler(sqlalchemy.exc.InterfaceError)

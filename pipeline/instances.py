@@ -112,6 +112,9 @@ class InstanceStore:
     def open(self, rel: str) -> IO[bytes]:
         return open(self._path(rel), "rb")
 
+    def exists(self, rel: str) -> bool:
+        return self._path(rel).is_file()
+
     def size_of(self, rel: str) -> int:
         return self._path(rel).stat().st_size
 
