@@ -225,7 +225,18 @@ def console(session: Session, settings: Settings, model: dict[str, Any], now: da
         "problems": problem_studies(session),
         "model": {k: model[k] for k in ("version", "arch", "trained", "thresholds", "file")},
         "database": database_counts(session),
+        "store": instance_store(session, settings),
     }
+
+
+def instance_store(session: Session, settings: Settings) -> dict[str, Any]:
+    """The instance store: bytes held against the limit, instances, unread share."""
+    from pipeline.instances import InstanceStore, store_state
+
+    state = store_state(session, InstanceStore.of(settings))
+    state.pop("root")  # a path on the server: not for the page
+    state["retention_days"] = settings.store_retention_days
+    return state
 
 
 def audit_log(

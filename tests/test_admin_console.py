@@ -78,6 +78,8 @@ def test_console_numbers(database_url, settings) -> None:  # type: ignore[no-unt
     assert problems[rejected.id]["reason"] == "corrupt DICOM file"
     assert doc["studies"] == {"done": 11, "failed": 1, "rejected": 1}
     assert doc["database"]["studies"] == 13 and doc["database"]["images"] == 13
+    assert doc["store"]["instances"] == 0 and doc["store"]["bytes"] == 0  # ingested without
+    assert doc["store"]["limit_bytes"] == int(settings.store_max_gb * 1024**3)
     assert doc["model"]["trained"] is False
 
 

@@ -16,6 +16,7 @@ import pydicom
 import pytest
 from sqlalchemy import func, select
 
+from dashboard.monitor import instance_store
 from pipeline.db import make_engine, make_session_factory, session_scope
 from pipeline.imaging import Limits
 from pipeline.ingest import ingest_paths
@@ -79,6 +80,10 @@ def test_received_bytes_are_kept_and_captures_made(database_url: str, tmp_path: 
     _ingest(settings, tmp_path / "again", {"a.dcm": dicom, "b.jpg": jpeg})
     with factory() as session:
         assert session.scalar(select(func.count(Instance.id))) == 3
+        shown = instance_store(session, settings)  # the admin console's card
+        assert shown["instances"] == 3 and shown["studies"] == 3
+        assert shown["bytes"] == sum(store.size_of(r.path) for r in rows.values())
+        assert shown["unread_bytes"] == shown["bytes"] and "root" not in shown
 
 
 def test_a_bare_dataset_gets_a_part10_header_with_its_bytes_untouched() -> None:
@@ -167,7 +172,8 @@ def test_size_limit_expires_oldest_read_then_refuses(database_url: str, tmp_path
     with factory() as session:
         assert ids[1] not in set(session.scalars(select(Instance.study_id)))
         state = store_state(session, store)
-    assert state["instances"] == 2 and state["bytes"] == 2 * one
+        held = sum(store.size_of(p) for p in session.scalars(select(Instance.path)))
+    assert state["instances"] == 2 and state["bytes"] == held
     _ingest(settings, tmp_path / "d", {"d.dcm": dicom_bytes(chest_like(seed=23))}, store)
     with factory() as session:
         studies_before = session.scalar(select(func.count(Study.id)))
