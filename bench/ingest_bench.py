@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -25,6 +26,7 @@ from pipeline import imaging
 from pipeline.db import make_engine, make_session_factory
 from pipeline.imaging import Limits
 from pipeline.ingest import enqueue, ingest_paths
+from pipeline.instances import InstanceStore
 from pipeline.migrate import upgrade
 from pipeline.queue import Dispatcher, redis_client
 from pipeline.redis_server import EmbeddedRedis
@@ -91,18 +93,22 @@ def time_ingest(paths: list[Path], db_url: str, redis_url: str, settings: Settin
     client, dispatcher = redis_client(redis_url), Dispatcher(redis_url)
     model = describe_weights(settings)
     size, preprocess = model["input_size"], model["preprocess"]
+    # Kept in the instance store, as the product does, in a folder of the bench's own.
+    folder = tempfile.mkdtemp(prefix="cxr-bench-store-")
     try:
 
         def sink(ids: list[int]) -> int:
             return enqueue(factory, client, dispatcher, ids, size, settings.payload_ttl_s,
                            preprocess=preprocess)  # fmt: skip
 
+        store = InstanceStore(Path(folder), 1 << 40)
         start = time.perf_counter()
-        report = ingest_paths(factory, paths, Limits(), source="bench", sink=sink)
+        report = ingest_paths(factory, paths, Limits(), source="bench", sink=sink, store=store)
         elapsed = time.perf_counter() - start
     finally:
         dispatcher.close()
         client.close()
+        shutil.rmtree(folder, ignore_errors=True)
     if len(report.accepted) != len(paths):
         raise RuntimeError(f"only {len(report.accepted)} of {len(paths)} files were accepted")
     return len(paths) / elapsed

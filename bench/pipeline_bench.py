@@ -37,6 +37,7 @@ from pipeline.datasets import load_one
 from pipeline.db import make_engine, make_session_factory
 from pipeline.imaging import Limits
 from pipeline.ingest import Enqueuer, ingest_paths
+from pipeline.instances import InstanceStore
 from pipeline.migrate import upgrade
 from pipeline.models import Batch, Image
 from pipeline.preprocess import model_input_from_grey
@@ -164,8 +165,9 @@ def _send(settings: Settings, factory: Any, paths: list[Path], size: int) -> lis
     preprocess = describe_weights(settings)["preprocess"]
     sink = Enqueuer(factory, client, dispatcher, size, 3600, preprocess=preprocess)
     try:
+        # The product keeps every accepted film in the instance store: so does the bench.
         report = ingest_paths(factory, paths, Limits(), source="bench", sink=sink,
-                              chunk=settings.batch_size)  # fmt: skip
+                              chunk=settings.batch_size, store=InstanceStore.of(settings))  # fmt: skip
     finally:
         dispatcher.close()
         client.close()
@@ -226,7 +228,9 @@ def measure_pipeline(
     redis_server = EmbeddedRedis(workdir / "redis").start()
     ingest_ms = measure_ingest(base, paths[WARMUP:], workdir, redis_server.url, size)
     settings = base.with_(
-        redis_url=redis_server.url, database_url=f"sqlite:///{workdir / 'bench.db'}"
+        redis_url=redis_server.url,
+        database_url=f"sqlite:///{workdir / 'bench.db'}",
+        store_dir=workdir / "instances",
     )
     upgrade(settings.db_url)
     factory = make_session_factory(make_engine(settings.db_url))
