@@ -42,8 +42,10 @@ def full_disk(tmp_path: Path, settings: Settings) -> Iterator[tuple[Settings, Sm
     except (OSError, subprocess.CalledProcessError) as exc:
         pytest.skip(f"cannot mount a tmpfs here: {exc}")
     try:
+        # The database's disk: the instance store's full disk is tests/test_instances.py's.
         on_disk = settings.with_(database_url=f"sqlite:///{disk.path / 'cxr.db'}",
-                                 data_dir=disk.path / "data", redis_url=None)  # fmt: skip
+                                 data_dir=disk.path / "data", redis_url=None,
+                                 store_dir=tmp_path / "store")  # fmt: skip
         upgrade(on_disk.db_url)
         factory = make_session_factory(make_engine(on_disk.db_url))
         with factory() as session:
