@@ -17,6 +17,10 @@ COPY dashboard ./dashboard
 COPY migrations ./migrations
 COPY weights ./weights
 RUN pip install .
+# The OHIF viewer at /ohif/ (the pinned @ohif/app build, checksum checked) in the image, not on
+# the data volume.
+ENV CXR_OHIF_DIR=/app/ohif
+RUN cxr-triage ohif install
 
 USER cxr
 ENV CXR_DATA_DIR=/home/cxr/data

@@ -13,12 +13,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test,dev]'
 	touch $(STAMP)
 
+# The OHIF viewer the dashboard serves at /ohif/: the pinned @ohif/app build, checksum checked,
+# unpacked under var/ (a second run does nothing). Optional: when the registry cannot be reached
+# everything else is installed and the dashboard says how to add the viewer later.
 install: $(STAMP)
+	@$(VENV)/bin/cxr-triage ohif install || echo "WARNING: the OHIF viewer is not installed (see above); everything else is. Later: $(VENV)/bin/cxr-triage ohif install" >&2
 
-run: $(STAMP)
+run: install
 	$(VENV)/bin/cxr-triage run
 
-test: $(STAMP)
+test: install
 	$(VENV)/bin/pytest
 
 bench: $(STAMP)

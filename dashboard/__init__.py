@@ -72,6 +72,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     from dashboard import models_admin
 
     app.register_blueprint(models_admin.bp)  # the model registry: shadow, promote, roll back
+    from dashboard import ohif_view
+
+    ohif_view.init_app(app)  # the OHIF viewer at /ohif/, when `cxr-triage ohif install` ran
     csrf.exempt(api.bp)  # token-authenticated machine API; no cookies involved
     from dashboard import ingest_api
 

@@ -459,6 +459,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "pipeline.calibrate_cli",
     "pipeline.drift_cli",
     "pipeline.registry_cli",
+    "pipeline.ohif_cli",
     "bench.ingest_bench",
     "reliability.cli",
 )

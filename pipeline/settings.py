@@ -83,6 +83,13 @@ class Settings:
     # works): after a sender is killed, its rows are sent again this long after.
     outbox_lease_s: int = 120
     max_request_mb: int = 512
+    # The OHIF viewer at /ohif/ (pipeline.ohif, dashboard.ohif_view): the folder holding its
+    # prebuilt app, a path (unset: <data dir>/ohif/<version>, where `cxr-triage ohif install`
+    # puts it); and the DICOMweb root it reads studies from (unset: this dashboard's /dicomweb,
+    # the session cookie authenticating; an http(s) URL: a site's own PACS, whose origin the
+    # viewer's Content-Security-Policy then allows).
+    ohif_dir: str | None = None
+    viewer_dicomweb_url: str | None = None
     # The instance store (pipeline.instances): every accepted DICOM instance as received, under
     # ``store_dir`` (default: data_dir/instances). Read studies older than the retention are
     # expired; past the size limit the oldest read studies go first, and once only unread

@@ -87,6 +87,7 @@
       var link = {j: "next-study", ArrowDown: "next-study", k: "prev-study", ArrowUp: "prev-study"}[e.key];
       if (link && document.getElementById(link)) { window.location = document.getElementById(link).href; }
       else if (e.key === "o" && cam) { show(cam.hidden); }
+      else if (e.key === "v" && document.getElementById("open-in-viewer")) { window.location = document.getElementById("open-in-viewer").href; }
       else if (e.key === "r") { var b = document.getElementById("mark-read"); b.form.requestSubmit(b); }
     });
   }
