@@ -10,6 +10,7 @@ frames are encoded. Frames go out in the stored transfer syntax when the client 
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,7 @@ EXPLICIT_LE = "1.2.840.10008.1.2.1"
 NATIVE = {EXPLICIT_LE, "1.2.840.10008.1.2", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}
 BULK_THRESHOLD = 1024
 THUMBNAIL_SIDE = 128
+_UNQUOTED_TYPE = re.compile(r'(;\s*type=)([^";,\s]+)')
 
 
 class NotAcceptable(ValueError):
@@ -68,6 +70,9 @@ def parse_accept(header: str | None) -> Accepted:
         return Accepted({EXPLICIT_LE}, True)
     syntaxes: set[str] = set()
     native = False
+    # OHIF sends the type unquoted (type=application/octet-stream), which a MIME parameter
+    # parser reads as "application": quote it first.
+    header = _UNQUOTED_TYPE.sub(r'\1"\2"', header)
     for entry in header.split(","):
         media, options = parse_options_header(entry.strip())
         media = media.lower()

@@ -246,3 +246,19 @@ def test_access_and_identifiers(served: Served) -> None:
         f"/dicomweb/studies/{study}/series/{series}/instances/{sop}/frames/x"
     )
     assert status == 400 and b"1-based" in body
+
+
+def test_accept_headers_as_viewers_send_them() -> None:
+    from pipeline.dicomweb_retrieve import EXPLICIT_LE, NotAcceptable, parse_accept
+
+    ohif = parse_accept("multipart/related; type=application/octet-stream; transfer-syntax=*")
+    assert ohif.syntaxes == {"*"} and not ohif.native_ok  # OHIF's, unquoted
+    default = parse_accept('multipart/related; type="application/octet-stream"')
+    assert default.syntaxes == {EXPLICIT_LE} and default.native_ok
+    assert parse_accept(None).native_ok
+    jls = parse_accept(
+        'multipart/related; type="image/jls"; transfer-syntax=1.2.840.10008.1.2.4.80'
+    )
+    assert jls.syntaxes == {"1.2.840.10008.1.2.4.80"} and not jls.native_ok
+    with pytest.raises(NotAcceptable):
+        parse_accept("text/html")
