@@ -169,7 +169,8 @@ PAGE_POLICY: dict[str, tuple[str, ...]] = {
     "object-src": ("'none'",),
     "base-uri": ("'none'",),
     "form-action": ("'self'",),
-    "frame-ancestors": ("'none'",),
+    # the study page frames it beside the review panel (viewer.study with view=ohif)
+    "frame-ancestors": ("'self'",),
 }
 # A script response's policy counts only when the script is a worker's (the browser ignores it
 # on a script a page loads). The image decoders run in workers as emscripten builds whose glue

@@ -57,6 +57,7 @@ def _viewer(response: Response, cache: str = REVALIDATE) -> Response:
     worker = response.mimetype == "text/javascript"  # in case the script is a worker's
     policy = ohif_app.csp(ohif.dicomweb_root(settings()), worker=worker)
     response.headers["Content-Security-Policy"] = policy
+    response.headers["X-Frame-Options"] = "SAMEORIGIN"  # framed by the study page only
     response.headers["Cache-Control"] = cache
     return response
 

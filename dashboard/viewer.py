@@ -15,6 +15,7 @@ from sqlalchemy import select
 
 from dashboard import db, settings
 from dashboard.auth import audit
+from dashboard.ohif_view import study_url
 from dashboard.words import model_summary, operating_point
 from pipeline import imaging, render
 from pipeline.models import Image, Prediction, Review, Study, User
@@ -78,12 +79,15 @@ def study(study_id: int) -> Any:
     prev_id, next_id = neighbour_ids(db(), row, filters)
     model = describe_weights(settings())
     audit("view_study", target=f"study:{study_id}")
+    # view=ohif: the OHIF viewer in the page, the review panel beside it (nothing retyped)
+    view = "ohif" if request.args.get("view") == "ohif" and study_url(row.study_uid) else None
     return render_template(
         "study.html", study=row, images=images, shown=shown, predictions=predictions,
         prediction=predictions.get(shown.id) if shown else None, reviews=reviews, model=model,
         model_summary=model_summary(model), operating=_operating_in_force(model),
         params=filters.params, prev_id=prev_id, next_id=next_id,
-        waiting=format_wait(_waiting_seconds(row)), findings=FINDINGS,
+        waiting=format_wait(_waiting_seconds(row)), findings=FINDINGS, view=view,
+        ohif_src=study_url(row.study_uid) if view else None,
     )  # fmt: skip
 
 
@@ -105,7 +109,8 @@ def review(study_id: int) -> Any:
     audit("review", target=f"study:{study_id}",
           detail=review.action if truth is None else f"{review.action}; {truth}")  # fmt: skip
     flash(FLASH[review.action] if truth is None else f"Recorded: {truth}{AGREEMENT[review.action]}")
-    return redirect(url_for("viewer.study", study_id=study_id, **_filters().params))
+    view = "ohif" if request.args.get("view") == "ohif" else None
+    return redirect(url_for("viewer.study", study_id=study_id, view=view, **_filters().params))
 
 
 def _image_or_404(image_id: int) -> Image:

@@ -257,7 +257,7 @@ BUILD = {
 }
 PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
             "img-src 'self' data:; font-src 'self'; connect-src 'self'; worker-src 'self'; "
-            "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")  # fmt: skip
+            "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'self'")  # fmt: skip
 
 
 @pytest.fixture
@@ -443,20 +443,47 @@ def test_links_to_the_viewer_only_with_a_build_and_a_study_uid(
     viewer, client_without_build, populated
 ) -> None:  # type: ignore[no-untyped-def]
     dicom = _dicom_study(populated)
-    link = f'href="/ohif/viewer?StudyInstanceUIDs={dicom.study_uid}"'
+    reading = f'href="/studies/{dicom.id}?view=ohif"'
     page = viewer.get(f"/studies/{dicom.id}").get_data(as_text=True)
-    assert f'<a id="open-in-viewer" {link}>' in page and "<kbd>v</kbd>" in page
+    assert f'<a id="open-in-viewer" {reading}>' in page and "<kbd>v</kbd>" in page
     rows = viewer.get("/worklist/rows").get_data(as_text=True)
-    assert rows.count("Open in viewer") == 1 and link in rows  # the JPEG/PNG ones have no UID
+    assert rows.count("Open in viewer") == 1 and reading in rows  # the JPEG/PNG ones have no UID
     assert "<th>Viewer</th>" in viewer.get("/").get_data(as_text=True)
     with populated() as session:
         jpeg = session.scalars(select(Study).where(Study.study_uid.is_(None))).first()
     assert "open-in-viewer" not in viewer.get(f"/studies/{jpeg.id}").get_data(as_text=True)
+    # no UID: view=ohif falls back to the preview page
+    assert 'id="ohif-frame"' not in viewer.get(f"/studies/{jpeg.id}?view=ohif").get_data(
+        as_text=True
+    )
 
     plain = client_without_build.get(f"/studies/{dicom.id}").get_data(as_text=True)
     assert "open-in-viewer" not in plain and 'id="radiograph"' in plain  # the preview stays
+    assert 'id="ohif-frame"' not in client_without_build.get(
+        f"/studies/{dicom.id}?view=ohif").get_data(as_text=True)  # fmt: skip
     assert "Open in viewer" not in client_without_build.get("/worklist/rows").get_data(as_text=True)
     assert "<th>Viewer</th>" not in client_without_build.get("/").get_data(as_text=True)
+
+
+def test_the_viewer_beside_the_review_panel(viewer, populated) -> None:  # type: ignore[no-untyped-def]
+    dicom = _dicom_study(populated)
+    page = viewer.get(f"/studies/{dicom.id}?view=ohif").get_data(as_text=True)
+    src = f"/ohif/viewer?StudyInstanceUIDs={dicom.study_uid}"
+    assert f'<iframe id="ohif-frame" src="{src}"' in page
+    assert 'id="review-form"' in page and 'id="radiograph"' not in page
+    assert f'action="/studies/{dicom.id}/review?view=ohif"' in page  # comes back to this view
+    assert f'<a id="open-in-viewer" href="/studies/{dicom.id}">' in page  # v: the preview
+    token = page.split('name="csrf_token" value="', 1)[1].split('"', 1)[0]
+    done = viewer.post(f"/studies/{dicom.id}/review?view=ohif",
+                       data={"action": "read", "csrf_token": token})  # fmt: skip
+    assert done.status_code == 302 and done.headers["Location"] == f"/studies/{dicom.id}?view=ohif"
+    framed = viewer.get(src)
+    assert framed.headers["X-Frame-Options"] == "SAMEORIGIN"
+    assert "frame-ancestors 'self'" in framed.headers["Content-Security-Policy"]
+    # the rest of the dashboard may be framed by nobody
+    plain = viewer.get(f"/studies/{dicom.id}")
+    assert plain.headers["X-Frame-Options"] == "DENY"
+    assert "frame-ancestors 'none'" in plain.headers["Content-Security-Policy"]
 
 
 # --------------------------------------------------------------------------- the real build
@@ -534,22 +561,42 @@ def test_ohif_loads_behind_login_from_this_origin_only(ohif_server) -> None:  # 
         assert "session=" in qido[0].all_headers().get("cookie", "")
 
         # The worklist's keys still work beside the new column: j selects, Enter opens the
-        # study page; there, v opens the study in the viewer, which asks QIDO for it.
+        # study page; there, v opens the study in the viewer with the review panel beside it,
+        # and the viewer asks QIDO for it.
         page.goto(base + "/")
         assert page.inner_text(f'tr[data-study-id="{study_id}"] td.open-viewer') == "Open in viewer"
         page.keyboard.press("j")
         page.keyboard.press("Enter")
         page.wait_for_url(f"{base}/studies/{study_id}")
         link = page.get_attribute("#open-in-viewer", "href")
-        assert link == f"/ohif/viewer?StudyInstanceUIDs={uid}"
+        assert link == f"/studies/{study_id}?view=ohif"
         page.keyboard.press("v")
         page.wait_for_url(f"{base}{link}")
-        page.wait_for_function("() => document.getElementById('root').childElementCount > 0")
+        direct = f"/ohif/viewer?StudyInstanceUIDs={uid}"
+        assert page.get_attribute("#ohif-frame", "src") == direct
+        assert page.get_attribute("#viewer-full", "href") == direct
+        page.wait_for_function(
+            "() => { const d = document.getElementById('ohif-frame')"
+            ".contentDocument; const r = d && d.getElementById('root');"
+            " return !!r && r.childElementCount > 0; }",
+            timeout=60_000,
+        )
         page.wait_for_timeout(3000)
         asked = [r.url for r in requests if r.url.startswith(base + "/dicomweb/")]
         assert any(f"StudyInstanceUID={uid}" in u for u in asked), asked
         assert page.evaluate("window.__csp") == []
         assert any("CornerstoneRender: using GPU rendering" in m for m in console), console
+        # In the viewer its own keys apply; Esc comes back to the review panel, r marks read.
+        box = page.locator("#ohif-frame").bounding_box()
+        assert box is not None and box["width"] > 600 and box["height"] > 500
+        page.mouse.click(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+        assert page.evaluate("document.activeElement.id") == "ohif-frame"
+        page.keyboard.press("Escape")
+        assert page.evaluate("document.activeElement.id") == "mark-read"
+        page.keyboard.press("r")
+        page.wait_for_selector("#reviews li.review")
+        assert page.url == f"{base}/studies/{study_id}?view=ohif"
+        assert page.inner_text("#reviews li.review").startswith("read by rad")
 
         foreign = [r.url for r in requests if not r.url.startswith(base)]
         assert foreign == [] and bad == []

@@ -53,6 +53,10 @@
       if (typing(e)) return;
       if (e.key === "j" || e.key === "ArrowDown") { move(1); e.preventDefault(); }
       else if (e.key === "k" || e.key === "ArrowUp") { move(-1); e.preventDefault(); }
+      else if (e.key === "v" && selected) {
+        var open = body.querySelector('tr[data-study-id="' + selected + '"] td.open-viewer a');
+        if (open) { window.location = open.href; }
+      }
       else if ((e.key === "Enter" || e.key === "o") && selected) {
         var row = body.querySelector('tr[data-study-id="' + selected + '"]');
         if (row) window.location = row.dataset.href;
@@ -90,6 +94,25 @@
       else if (e.key === "v" && document.getElementById("open-in-viewer")) { window.location = document.getElementById("open-in-viewer").href; }
       else if (e.key === "r") { var b = document.getElementById("mark-read"); b.form.requestSubmit(b); }
     });
+    // The OHIF viewer in the page (same origin): inside it its own keys apply (arrows move
+    // through images, r rotates), but j/k still move between studies and Esc comes back here.
+    var frame = document.getElementById("ohif-frame");
+    if (frame) {
+      frame.addEventListener("load", function () {
+        var doc = frame.contentDocument;
+        if (!doc) return;
+        doc.addEventListener("keydown", function (e) {
+          if (typing(e)) return;
+          var link = {j: "next-study", k: "prev-study"}[e.key];
+          if (link && document.getElementById(link)) {
+            e.preventDefault(); e.stopPropagation();
+            window.location = document.getElementById(link).href;
+          } else if (e.key === "Escape") {
+            frame.blur(); document.getElementById("mark-read").focus();
+          }
+        }, true);
+      });
+    }
   }
 
   // Admin waiting times: numbers refreshed from the JSON endpoint.
