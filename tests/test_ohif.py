@@ -459,6 +459,8 @@ def test_links_to_the_viewer_only_with_a_build_and_a_study_uid(
 
     plain = client_without_build.get(f"/studies/{dicom.id}").get_data(as_text=True)
     assert "open-in-viewer" not in plain and 'id="radiograph"' in plain  # the preview stays
+    assert "<code>cxr-triage ohif install</code>" in plain  # and how to get the viewer
+    assert 'id="viewer-missing"' not in page
     assert 'id="ohif-frame"' not in client_without_build.get(
         f"/studies/{dicom.id}?view=ohif").get_data(as_text=True)  # fmt: skip
     assert "Open in viewer" not in client_without_build.get("/worklist/rows").get_data(as_text=True)
