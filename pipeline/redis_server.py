@@ -156,13 +156,19 @@ def clear_runtime(settings: Settings) -> None:
         pass
 
 
-def running_redis_url(settings: Settings) -> str | None:
-    """The Redis URL of a live ``cxr-triage run`` on this data dir, if one answers."""
+def recorded_redis_url(settings: Settings) -> str | None:
+    """The Redis URL a ``cxr-triage run`` on this data dir recorded; not asked whether it is up."""
     try:
         data = json.loads(settings.runtime_file.read_text())
     except (OSError, ValueError):
         return None
     url = data.get("redis_url")
+    return str(url) if url else None
+
+
+def running_redis_url(settings: Settings) -> str | None:
+    """The Redis URL of a live ``cxr-triage run`` on this data dir, if one answers."""
+    url = recorded_redis_url(settings)
     return url if url and ping(url) else None
 
 

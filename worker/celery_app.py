@@ -5,14 +5,16 @@ from __future__ import annotations
 from celery import Celery
 
 from pipeline.queue import QUEUES, TASK_CLASSIFY, lane_queues
-from pipeline.redis_server import resolve_redis_url
+from pipeline.redis_server import recorded_redis_url
 from pipeline.settings import ConfigError, Settings
 
 
 def create_celery(settings: Settings | None = None) -> Celery:
     """Build the Celery app: JSON only, late acks, two lanes with live drained first."""
     settings = settings or Settings.from_env()
-    broker = resolve_redis_url(settings)
+    # Not pinged: building the app opens no connection (the worker connects when it starts,
+    # and retries while the broker is away).
+    broker = settings.redis_url or recorded_redis_url(settings)
     if broker is None:
         raise ConfigError(
             "no Redis to connect to: set CXR_REDIS_URL, or start `cxr-triage run` on this data dir"
