@@ -18,6 +18,7 @@ from reliability.system import System
 
 # Open without an account: the health check, the login form, and static files.
 OPEN = {"/healthz", "/login", "/static/<path:filename>"}
+# Sending studies (POST only: GET /dicomweb/studies is QIDO-RS, a read).
 INGEST = {"/api/studies", "/dicomweb/studies"}
 DENIED = {401, 403}
 
@@ -97,12 +98,13 @@ def route_failures(system: System) -> tuple[int, list[str]]:
         if rule in OPEN:
             continue
         is_admin = path.startswith(("/admin", "/api/admin"))
+        ingest = method == "POST" and rule in INGEST
         expect = {  # who may pass: True allowed, False must be denied
             "anonymous": (anon, False),
-            "feed token": (feed, rule in INGEST),
+            "feed token": (feed, ingest),
             "monitor token": (monitor, rule == "/metrics"),
-            "radiologist": (rad, not is_admin and rule not in INGEST and rule != "/metrics"),
-            "admin": (admin, rule not in INGEST),
+            "radiologist": (rad, not is_admin and not ingest and rule != "/metrics"),
+            "admin": (admin, not ingest),
         }
         for who, (client, allowed) in expect.items():
             if rule == "/logout" and who in ("radiologist", "admin"):
