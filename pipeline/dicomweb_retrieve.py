@@ -3,8 +3,9 @@
 Metadata is pydicom's PS3.18 JSON (``Dataset.to_json_dict``) with a bulk-data handler: large
 binary elements, the pixel data among them, are given as ``BulkDataURI`` under the instance's
 own URL, and the stored transfer syntax is added as (0002,0010) so a viewer knows how its
-frames are encoded. Frames go out in the stored transfer syntax when the client accepts it
-(``transfer-syntax=*`` or that UID), else decoded to Explicit VR Little Endian.
+frames are encoded; a pixel spacing that is not positive is left out of it (the instance itself
+is always sent as received). Frames go out in the stored transfer syntax when the client
+accepts it (``transfer-syntax=*`` or that UID), else decoded to Explicit VR Little Endian.
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ NATIVE = {EXPLICIT_LE, "1.2.840.10008.1.2", "1.2.840.10008.1.2.2", "1.2.840.1000
 BULK_THRESHOLD = 1024
 THUMBNAIL_SIDE = 128
 _UNQUOTED_TYPE = re.compile(r'(;\s*type=)([^";,\s]+)')
+# Pixel Spacing, Imager Pixel Spacing, Nominal Scanned Pixel Spacing: some CR plates write
+# "0\0" for "unknown" (the NEMA WG04 RG1 film does). Given it, OHIF 3.13.2 draws nothing (a
+# black viewport and thumbnail); without the attribute it assumes 1 mm and shows the film.
+SPACINGS = ("00280030", "00181164", "00182010")
 
 
 class NotAcceptable(ValueError):
@@ -45,6 +50,10 @@ def metadata(data: bytes, instance_url: str) -> dict[str, Any]:
 
     out: dict[str, Any] = ds.to_json_dict(bulk_data_threshold=BULK_THRESHOLD,
                                           bulk_data_element_handler=bulk)  # fmt: skip
+    for tag in SPACINGS:
+        values = out.get(tag, {}).get("Value")
+        if values is not None and not all(_positive(v) for v in values):
+            del out[tag]
     meta = getattr(ds, "file_meta", None)
     if meta is not None and "TransferSyntaxUID" in meta:
         from pydicom.dataset import Dataset
@@ -53,6 +62,13 @@ def metadata(data: bytes, instance_url: str) -> dict[str, Any]:
         syntax.TransferSyntaxUID = meta.TransferSyntaxUID
         out.update(syntax.to_json_dict())
     return out
+
+
+def _positive(value: Any) -> bool:
+    try:
+        return float(value) > 0
+    except (TypeError, ValueError):
+        return False
 
 
 @dataclass
