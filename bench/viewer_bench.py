@@ -1,0 +1,280 @@
+"""How long OHIF takes to show a study: from navigating to its URL to the film in the viewport.
+
+``python -m bench.viewer_bench [--json] [--runs N] [--waterfall] [--cpu-rendering]`` sets up
+a site of its own (a temporary data dir, an embedded Redis, SQLite, the shipped weights, the
+OHIF build ``cxr-triage ohif install`` made), ingests the NEMA WG04 chest CR (1955 x 1841,
+15-bit, 7.2 MB uncompressed), the same film as JPEG 2000 in a study of its own (its pixel data
+byte for byte, new UIDs) and a 1024-px baseline JPEG study made from it, scores them, and
+serves the dashboard as ``cxr-triage run`` does (gunicorn, one worker, four threads). Then, for
+each study, N times: a fresh browser context (an empty HTTP cache; the browser process, with
+its GPU process, is shared) logs in and opens the study (cold), goes to the worklist, and
+opens it again (warm: bundles, metadata and frames from its cache where their headers allow).
+
+The time is to the first rendered image as ``bench.viewer_site`` defines it (the canvas shows a
+film, not a black or uniform frame), from the navigation's start. The server makes a study's AI
+result objects (CAM captures, SR) on its first DICOMweb look; that is timed on its own
+(``first_look_ms``) before the opens. Where the time goes (``bench.viewer_timing``): milestones
+from the browser's network timing, the page's main-thread time, the CPU the browser and the
+server used. ``--cpu-rendering`` opens with OHIF's ``viewportRendering=cpu`` (no WebGL).
+Logs go to stderr; ``--json`` prints exactly one JSON line on stdout. No timing is asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from bench import viewer_site as site
+from bench.viewer_timing import PHASES, open_study, phases, waterfall
+
+log = logging.getLogger("bench.viewer_bench")
+GOAL_MS = 1500.0
+CASES = ("cr", "cr_j2k", "jpeg")
+LABELS = {"cr": "CR RG1 (1955x1841 15-bit, 7.2 MB)",
+          "cr_j2k": "CR RG1 as JPEG 2000 (4.3 MB)",
+          "jpeg": "JPEG study (1024 px baseline)"}  # fmt: skip
+
+
+class Unavailable(RuntimeError):
+    """What the bench needs is not on this machine (Chromium, the OHIF build, the films)."""
+
+
+def twin_study(source: Path, dest: Path) -> Path:
+    """The file with new study, series and SOP UIDs; its pixel data untouched."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    ds = pydicom.dcmread(source)
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.AccessionNumber = "BENCH-J2K"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(dest, enforce_file_format=True)
+    return dest
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextmanager
+def gunicorn(settings: Any, workdir: Path):  # type: ignore[no-untyped-def]
+    """The dashboard as ``cxr-triage run`` starts it, on a free loopback port."""
+    import urllib.request
+
+    from pipeline.supervisor import dashboard_command
+
+    settings = settings.with_(port=_free_port(), host="127.0.0.1")
+    out = open(workdir / "dashboard.log", "wb")
+    env = {**os.environ, **settings.as_env()}
+    proc = subprocess.Popen(dashboard_command(settings), env=env, stdout=out,
+                            stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    base = f"http://127.0.0.1:{settings.port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(base + "/login", timeout=2).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the dashboard did not start:\n"
+                                       + (workdir / "dashboard.log").read_text()[-2000:]) from None  # fmt: skip
+                time.sleep(0.2)
+        yield base, proc.pid
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        out.close()
+
+
+def _stats(values: list[float]) -> dict[str, float]:
+    return {"median": round(statistics.median(values), 1), "min": round(min(values), 1),
+            "max": round(max(values), 1)}  # fmt: skip
+
+
+def _median_phases(opens: list[dict[str, Any]]) -> dict[str, float | None]:
+    each = [phases(o["requests"], o["first_image_ms"]) for o in opens]
+    out: dict[str, float | None] = {}
+    for kind in PHASES:
+        values = [v for p in each if (v := p[kind]) is not None]
+        out[kind] = round(statistics.median(values), 1) if values else None
+    return out
+
+
+def measure(base: str, studies: dict[str, str], runs: int, cases: tuple[str, ...],
+            server_pid: int | None = None, cpu: bool = False
+            ) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """Every case opened cold then warm, runs times; the summary and the first case's last
+    cold and warm opens."""
+    opens: dict[str, dict[str, list[dict[str, Any]]]] = {c: {"cold": [], "warm": []}
+                                                          for c in cases}  # fmt: skip
+    first_look: dict[str, float] = {}
+    with site.browser() as chromium:
+        page = site.logged_in(chromium, base)
+        for case in cases:  # the server's first look: the AI result objects made
+            start = time.perf_counter()
+            response = page.request.get(f"{base}/dicomweb/studies/{studies[case]}/series")
+            first_look[case] = round((time.perf_counter() - start) * 1000, 1)
+            if response.status != 200:
+                raise RuntimeError(f"QIDO for {case}: HTTP {response.status}")
+        page.context.close()
+        version = chromium.version
+        for run in range(runs):
+            for case in cases:
+                page = site.logged_in(chromium, base)
+                url = site.viewer_url(base, studies[case], cpu)
+                opens[case]["cold"].append(open_study(page, url, server_pid))
+                page.goto(base + "/")
+                opens[case]["warm"].append(open_study(page, url, server_pid))
+                page.context.close()
+                log.info("run %d %s: cold %.0f ms, warm %.0f ms", run + 1, case,
+                         opens[case]["cold"][-1]["first_image_ms"],
+                         opens[case]["warm"][-1]["first_image_ms"])  # fmt: skip
+    summary: dict[str, Any] = {}
+    for case in cases:
+        row: dict[str, Any] = {"first_look_ms": first_look[case]}
+        for state in ("cold", "warm"):
+            got = opens[case][state]
+            row[f"{state}_ms"] = _stats([o["first_image_ms"] for o in got])
+            row[f"{state}_phases_ms"] = _median_phases(got)
+            study_to_first = [o["timers"]["studyToFirstImage"] for o in got
+                              if "studyToFirstImage" in o["timers"]]  # fmt: skip
+            if study_to_first:
+                row[f"{state}_ohif_study_to_first_image_ms"] = _stats(study_to_first)
+            row[f"{state}_seen_by_poll"] = sum(o["seen_by"] == "poll" for o in got)
+            for key in ("main_thread_ms", "cpu_ms"):
+                row[f"{state}_{key}"] = {k: round(statistics.median(o[key][k] for o in got), 1)
+                                         for k in got[0][key]}  # fmt: skip
+        summary[case] = row
+    summary["_browser"] = version
+    last = {state: opens[cases[0]][state][-1] for state in ("cold", "warm")}
+    return summary, last
+
+
+def run(runs: int = 5, cases: tuple[str, ...] = CASES, weights: Path | None = None,
+        cpu: bool = False, build: Path | None = None
+        ) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """Set up the site on embedded defaults, measure, and return the --json document."""
+    from pipeline import ohif
+    from pipeline.queue import redis_client
+    from pipeline.redis_server import EmbeddedRedis
+    from pipeline.settings import Settings
+    from pipeline.weights import ensure_weights
+
+    why = site.available()
+    build = build or ohif.viewer_dir(Settings.from_env())
+    if why is None and not ohif.installed(build):
+        why = f"OHIF {ohif.VERSION} is not installed at {build}: run `cxr-triage ohif install`"
+    if why:
+        raise Unavailable(why)
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="cxr-viewer-bench-") as tmp:
+        workdir = Path(tmp)
+        (workdir / "redis").mkdir()
+        redis = EmbeddedRedis(workdir / "redis").start()
+        try:
+            settings = Settings(data_dir=workdir / "data", redis_url=redis.url,
+                                database_url=f"sqlite:///{workdir / 'site.db'}",
+                                ohif_dir=str(build), torch_threads=1, weights=weights)  # fmt: skip
+            settings = settings.with_(weights=ensure_weights(settings))
+            paths = site.films(workdir / "films", j2k=False)
+            paths["cr_j2k"] = twin_study(site.RG1 / "RG1_J2KR.dcm", workdir / "films" / "j2k.dcm")
+            client = redis_client(redis.url)
+            built = site.populate(settings, {c: paths[c] for c in cases}, client)
+            client.close()
+            with gunicorn(settings, workdir) as (base, pid):
+                summary, last = measure(base, built.studies, runs, cases, pid, cpu)
+        finally:
+            redis.stop()
+    browser = summary.pop("_browser")
+    doc = {
+        "runs": runs,
+        "browser": f"headless Chromium {browser}, WebGL 2 on SwiftShader (no GPU)",
+        "rendering": "cornerstone CPU (viewportRendering=cpu)" if cpu else "cornerstone WebGL",
+        "cores": os.cpu_count(),
+        "server": "gunicorn, 1 worker, 4 threads, loopback",
+        "first_image": "ms from navigation start to the first cornerstone render after which "
+        f"the viewport canvas (scaled to 64x64) has a grey SD above {site.BLANK_SD:g}",
+        "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "goal_cr_ms": GOAL_MS,
+        "studies": summary,
+    }
+    if "cr" in summary:
+        doc["cr_cold_under_goal"] = summary["cr"]["cold_ms"]["median"] < GOAL_MS
+        doc["cr_warm_under_goal"] = summary["cr"]["warm_ms"]["median"] < GOAL_MS
+    return doc, last
+
+
+def table(doc: dict[str, Any]) -> str:
+    """The summary as a small table: medians (min-max), milestones, main thread and CPU."""
+    head = (f"{'study':34} {'':4} {'first image ms':>19} "
+            + " ".join(f"{p:>8}" for p in PHASES[:-1])
+            + f" {'OHIF':>6} {'main':>6} {'cpu ch':>6} {'cpu sv':>6}")  # fmt: skip
+    lines = [head]
+    for case, row in doc["studies"].items():
+        for state in ("cold", "warm"):
+            t, ph = row[f"{state}_ms"], row[f"{state}_phases_ms"]
+            ohif_t = row.get(f"{state}_ohif_study_to_first_image_ms", {}).get("median")
+            cells = [f"{ph[p]:>8.0f}" if ph[p] is not None else f"{'-':>8}" for p in PHASES[:-1]]
+            extra = [ohif_t, row[f"{state}_main_thread_ms"]["tasks"],
+                     row[f"{state}_cpu_ms"]["browser"], row[f"{state}_cpu_ms"]["server"]]  # fmt: skip
+            lines.append(f"{LABELS.get(case, case):34} {state:4} "
+                         + f"{t['median']:>6.0f} ({t['min']:.0f}-{t['max']:.0f})".ljust(19) + " "
+                         + " ".join(cells) + " "
+                         + " ".join(f"{v:>6.0f}" if v is not None else f"{'-':>6}" for v in extra))  # fmt: skip
+        lines.append(f"{'':34} the AI result objects made on first look: "
+                     f"{row['first_look_ms']:.0f} ms (server, once per study)")  # fmt: skip
+    lines += [
+        "milestones: ms from navigation start (page: index.html; boot: the app's files before "
+        "its first query; qido, metadata, frames: the last received; frame_asked: the first "
+        "frame request sent). OHIF: its own studyToFirstImage timer; main: the page's "
+        "main-thread task time; cpu ch / sv: CPU ms of Chromium's processes / the server's.",
+        f"goal for the CR: {doc['goal_cr_ms']:.0f} ms; medians of {doc['runs']} runs; "
+        f"{doc['browser']}; {doc['rendering']}; {doc['cores']} cores; {doc['server']}; "
+        f"load average {doc['load_average_1m'][0]} before, {doc['load_average_1m'][1]} after",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.viewer_bench", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("--json", action="store_true", help="one JSON line on stdout")
+    parser.add_argument("--runs", type=int, default=5, help="cold+warm opens per study")
+    parser.add_argument("--cpu-rendering", action="store_true",
+                        help="open with OHIF's viewportRendering=cpu (no WebGL contexts)")  # fmt: skip
+    parser.add_argument("--waterfall", action="store_true",
+                        help="print the last cold and warm CR opens' requests to stderr")  # fmt: skip
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(message)s")  # fmt: skip
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    try:
+        doc, last = run(max(1, args.runs), cpu=args.cpu_rendering)
+    except Unavailable as exc:
+        print(f"viewer bench: {exc}", file=sys.stderr)
+        return 2
+    if args.waterfall:
+        for state, opened in last.items():
+            print(f"--- {LABELS[CASES[0]]}, {state}: requests (start, end ms)", file=sys.stderr)
+            print(waterfall(opened), file=sys.stderr)
+    print(json.dumps(doc) if args.json else table(doc))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
