@@ -214,7 +214,8 @@ def retrieve_instance(study: str, series: str, sop: str) -> Response:
 
 def _metadata(rows: list[Instance]) -> Response:
     body = [wado.metadata(_data(r), _url(r)) for r in rows]
-    etag = "m-" + rows[0].sha256 if len(rows) == 1 else None
+    # "m2": the metadata without non-positive pixel spacings (a browser's cached "m-" differs)
+    etag = "m2-" + rows[0].sha256 if len(rows) == 1 else None
     return _json(body, etag=etag)
 
 

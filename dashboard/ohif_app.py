@@ -112,7 +112,8 @@ def app_config(dicomweb: str, base: str) -> dict[str, object]:
         "routerBasename": base.rstrip("/"),
         "extensions": [],
         "modes": [],
-        "customizationService": {},
+        # OHIF's first-run tour (11 steps) covers the viewport: off.
+        "customizationService": {"ohif.tours": {"$set": []}},
         "showStudyList": True,
         "investigationalUseDialog": {"option": "never"},  # it would cover the viewport
         "maxNumberOfWebWorkers": 3,  # OHIF reads it unguarded: min(cores - 1, this)
