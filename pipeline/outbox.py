@@ -179,13 +179,7 @@ def _scored(session: Session, study: Study) -> list[tuple[Image, Prediction]]:
 
 def _snapshot(study: Study, scored: list[tuple[Image, Prediction]], model: ModelInfo,
               sc_uids: dict[int, str]) -> dict[str, Any]:  # fmt: skip
-    first = scored[0][0].meta or {}
-    patient = {k: str(first[k]) for k in PATIENT_KEYS if first.get(k)}
-    for key, value in (("AccessionNumber", study.accession_number),
-                       ("PatientID", study.patient_id), ("PatientName", study.patient_name),
-                       ("StudyDate", study.study_date)):  # fmt: skip
-        if value and key not in patient:
-            patient[key] = value
+    patient = patient_of(study, scored[0][0].meta or {})
     known = model.version == study.model_version
     return {
         "study_instance_uid": study.study_uid,
@@ -213,6 +207,18 @@ def _snapshot(study: Study, scored: list[tuple[Image, Prediction]], model: Model
             "view_position": img.view_position,
         } for img, pred in scored],
     }  # fmt: skip
+
+
+def patient_of(study: Study, header: dict[str, Any]) -> dict[str, str]:
+    """The patient and study attributes results carry: the first film's header, then the
+    study row's for what the header lacks."""
+    patient = {k: str(header[k]) for k in PATIENT_KEYS if header.get(k)}
+    for key, value in (("AccessionNumber", study.accession_number),
+                       ("PatientID", study.patient_id), ("PatientName", study.patient_name),
+                       ("StudyDate", study.study_date)):  # fmt: skip
+        if value and key not in patient:
+            patient[key] = value
+    return patient
 
 
 def _study_objects(session: Session, study: Study, model: ModelInfo) -> None:

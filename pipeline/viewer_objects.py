@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from pipeline.instances import InstanceStore, derived_uid, keep
 from pipeline.models import Image, Instance, Prediction, ResultObject, Study
+from pipeline.outbox import patient_of
 from pipeline.render import cam_array
 from pipeline.results_dicom import build_sc, build_sr, series_uid, to_bytes
 
@@ -57,16 +58,7 @@ def _snapshot(session: Session, study: Study, scored: list[tuple[Image, Predicti
         .order_by(ResultObject.images.desc(), ResultObject.id.desc())).first()  # fmt: skip
     if sent is not None and len(sent.snapshot.get("images", ())) == len(scored):
         return sent.snapshot, sent.uid
-    first = scored[0][0].meta or {}
-    patient = {k: str(first[k]) for k in ("PatientName", "PatientID", "PatientBirthDate",
-                                           "PatientSex", "PatientAge", "StudyID", "StudyTime",
-                                           "ReferringPhysicianName", "IssuerOfPatientID")
-               if first.get(k)}  # fmt: skip
-    for key, value in (("AccessionNumber", study.accession_number),
-                       ("PatientID", study.patient_id), ("PatientName", study.patient_name),
-                       ("StudyDate", study.study_date)):  # fmt: skip
-        if value and key not in patient:
-            patient[key] = value
+    patient = patient_of(study, scored[0][0].meta or {})
     when = (study.done_at or study.received_at).replace(microsecond=0, tzinfo=None)
     policy = f"policy {study.policy_version}" if study.policy_version else "the weights' policy"
     snapshot = {
