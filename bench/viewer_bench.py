@@ -1,6 +1,7 @@
 """How long OHIF takes to show a study: from navigating to its URL to the film in the viewport.
 
-``python -m bench.viewer_bench [--json] [--runs N] [--waterfall] [--cpu-rendering]`` sets up
+``python -m bench.viewer_bench [--json] [--runs N] [--waterfall] [--cpu-rendering]
+[--compare-identity]`` sets up
 a site of its own (a temporary data dir, an embedded Redis, SQLite, the shipped weights, the
 OHIF build ``cxr-triage ohif install`` made), ingests the NEMA WG04 chest CR (1955 x 1841,
 15-bit, 7.2 MB uncompressed), the same film as JPEG 2000 in a study of its own (its pixel data
@@ -15,7 +16,9 @@ film, not a black or uniform frame), from the navigation's start. The server mak
 result objects (CAM captures, SR) on its first DICOMweb look; that is timed on its own
 (``first_look_ms``) before the opens. Where the time goes (``bench.viewer_timing``): milestones
 from the browser's network timing, the page's main-thread time, the CPU the browser and the
-server used. ``--cpu-rendering`` opens with OHIF's ``viewportRendering=cpu`` (no WebGL).
+server used. ``--cpu-rendering`` opens with OHIF's ``viewportRendering=cpu`` (no WebGL). ``--compare-identity``
+also opens the CR in contexts that ask for uncompressed responses (the build is sent gzipped to
+a browser that accepts it) and prints the ratio of the two medians, measured in the same run.
 Logs go to stderr; ``--json`` prints exactly one JSON line on stdout. No timing is asserted.
 """
 
@@ -41,9 +44,11 @@ from bench.viewer_timing import PHASES, open_study, phases, waterfall
 log = logging.getLogger("bench.viewer_bench")
 GOAL_MS = 1500.0
 CASES = ("cr", "cr_j2k", "jpeg")
+IDENTITY = "_identity"  # a case opened asking for uncompressed responses
 LABELS = {"cr": "CR RG1 (1955x1841 15-bit, 7.2 MB)",
           "cr_j2k": "CR RG1 as JPEG 2000 (4.3 MB)",
-          "jpeg": "JPEG study (1024 px baseline)"}  # fmt: skip
+          "jpeg": "JPEG study (1024 px baseline)",
+          "cr_identity": "CR RG1, uncompressed responses"}  # fmt: skip
 
 
 class Unavailable(RuntimeError):
@@ -125,7 +130,7 @@ def measure(base: str, studies: dict[str, str], runs: int, cases: tuple[str, ...
     first_look: dict[str, float] = {}
     with site.browser() as chromium:
         page = site.logged_in(chromium, base)
-        for case in cases:  # the server's first look: the AI result objects made
+        for case in [c for c in cases if not c.endswith(IDENTITY)]:  # the server's first look
             start = time.perf_counter()
             response = page.request.get(f"{base}/dicomweb/studies/{studies[case]}/series")
             first_look[case] = round((time.perf_counter() - start) * 1000, 1)
@@ -135,8 +140,8 @@ def measure(base: str, studies: dict[str, str], runs: int, cases: tuple[str, ...
         version = chromium.version
         for run in range(runs):
             for case in cases:
-                page = site.logged_in(chromium, base)
-                url = site.viewer_url(base, studies[case], cpu)
+                page = site.logged_in(chromium, base, identity=case.endswith(IDENTITY))
+                url = site.viewer_url(base, studies[case.removesuffix(IDENTITY)], cpu)
                 opens[case]["cold"].append(open_study(page, url, server_pid))
                 page.goto(base + "/")
                 opens[case]["warm"].append(open_study(page, url, server_pid))
@@ -146,7 +151,7 @@ def measure(base: str, studies: dict[str, str], runs: int, cases: tuple[str, ...
                          opens[case]["warm"][-1]["first_image_ms"])  # fmt: skip
     summary: dict[str, Any] = {}
     for case in cases:
-        row: dict[str, Any] = {"first_look_ms": first_look[case]}
+        row: dict[str, Any] = {"first_look_ms": first_look[case.removesuffix(IDENTITY)]}
         for state in ("cold", "warm"):
             got = opens[case][state]
             row[f"{state}_ms"] = _stats([o["first_image_ms"] for o in got])
@@ -194,7 +199,8 @@ def run(runs: int = 5, cases: tuple[str, ...] = CASES, weights: Path | None = No
             paths = site.films(workdir / "films", j2k=False)
             paths["cr_j2k"] = twin_study(site.RG1 / "RG1_J2KR.dcm", workdir / "films" / "j2k.dcm")
             client = redis_client(redis.url)
-            built = site.populate(settings, {c: paths[c] for c in cases}, client)
+            films = {c: paths[c] for c in dict.fromkeys(c.removesuffix(IDENTITY) for c in cases)}
+            built = site.populate(settings, films, client)
             client.close()
             with gunicorn(settings, workdir) as (base, pid):
                 summary, last = measure(base, built.studies, runs, cases, pid, cpu)
@@ -216,6 +222,12 @@ def run(runs: int = 5, cases: tuple[str, ...] = CASES, weights: Path | None = No
     if "cr" in summary:
         doc["cr_cold_under_goal"] = summary["cr"]["cold_ms"]["median"] < GOAL_MS
         doc["cr_warm_under_goal"] = summary["cr"]["warm_ms"]["median"] < GOAL_MS
+    if "cr" in summary and "cr" + IDENTITY in summary:  # measured in this run, side by side
+        plain = summary["cr" + IDENTITY]
+        doc["cr_compressed_over_identity"] = {
+            state: round(summary["cr"][f"{state}_ms"]["median"] / plain[f"{state}_ms"]["median"], 3)
+            for state in ("cold", "warm")
+        }
     return doc, last
 
 
@@ -247,6 +259,10 @@ def table(doc: dict[str, Any]) -> str:
         f"{doc['browser']}; {doc['rendering']}; {doc['cores']} cores; {doc['server']}; "
         f"load average {doc['load_average_1m'][0]} before, {doc['load_average_1m'][1]} after",
     ]
+    if "cr_compressed_over_identity" in doc:
+        ratio = doc["cr_compressed_over_identity"]
+        lines.append(f"the CR with compressed responses / uncompressed, same run: cold "
+                     f"{ratio['cold']:.2f}x, warm {ratio['warm']:.2f}x")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -257,6 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=5, help="cold+warm opens per study")
     parser.add_argument("--cpu-rendering", action="store_true",
                         help="open with OHIF's viewportRendering=cpu (no WebGL contexts)")  # fmt: skip
+    parser.add_argument("--compare-identity", action="store_true",
+                        help="also open the CR asking for uncompressed responses, and print "
+                             "the ratio of the two")  # fmt: skip
     parser.add_argument("--waterfall", action="store_true",
                         help="print the last cold and warm CR opens' requests to stderr")  # fmt: skip
     args = parser.parse_args(argv)
@@ -264,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(message)s")  # fmt: skip
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
-        doc, last = run(max(1, args.runs), cpu=args.cpu_rendering)
+        cases = CASES + (("cr" + IDENTITY,) if args.compare_identity else ())
+        doc, last = run(max(1, args.runs), cases=cases, cpu=args.cpu_rendering)
     except Unavailable as exc:
         print(f"viewer bench: {exc}", file=sys.stderr)
         return 2

@@ -202,9 +202,13 @@ def browser() -> Iterator[Any]:
             chromium.close()
 
 
-def logged_in(chromium: Any, base: str) -> Any:
-    """A fresh context (empty cache) with the radiologist logged in; returns its page."""
-    context = chromium.new_context(viewport=VIEWPORT)
+def logged_in(chromium: Any, base: str, identity: bool = False) -> Any:
+    """A fresh context (empty cache) with the radiologist logged in; returns its page.
+
+    ``identity``: the browser asks for every response uncompressed (Accept-Encoding: identity).
+    """
+    headers = {"Accept-Encoding": "identity"} if identity else {}
+    context = chromium.new_context(viewport=VIEWPORT, extra_http_headers=headers)
     context.add_init_script(WATCH)
     page = context.new_page()
     page.goto(base + "/login")

@@ -11,6 +11,7 @@ one DICOMweb data source, ours or the site's PACS.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import re
@@ -77,6 +78,12 @@ def rewrite_asset(name: str, data: bytes, base: str) -> bytes | None:
         if name.endswith(suffix) and built.encode() in out:
             out = out.replace(built.encode(), served.replace("BASE", base).encode())
     return None if out is data else out
+
+
+@lru_cache(maxsize=64)
+def gzipped(tag: str, data: bytes) -> tuple[bytes, str]:
+    """The gzip of bytes served from memory (a rewritten file) and its ETag, once per ETag."""
+    return gzip.compress(data, compresslevel=6, mtime=0), f"{tag}-gz"
 
 
 @lru_cache(maxsize=512)

@@ -4,7 +4,9 @@ Every path under ``/ohif/`` needs a logged-in session (a logged-out browser is s
 page, which brings it back). A file of the build is served as it is or as rewritten for this
 base (dashboard.ohif_app); ``app-config.js`` is ours; any other path without a file extension is
 one of the app's own routes (``/ohif/viewer?StudyInstanceUIDs=…``, the study list) and gets
-index.html. Hashed bundles are cached for a year, everything else revalidated. Responses carry
+index.html. Hashed bundles are cached for a year, everything else revalidated. A browser that
+accepts gzip gets the build's precompressed ``.gz`` sibling (pipeline.static_gzip), or a
+rewritten file gzipped once in memory; every compressible file varies on Accept-Encoding. Responses carry
 the viewer's own Content-Security-Policy, the rest of the dashboard keeps its strict one. With
 no build installed, every ``/ohif/`` path answers a page that says how to install it.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 import mimetypes
 import os
 import re
+from pathlib import Path
 from typing import Any
 
 from flask import (
@@ -31,7 +34,7 @@ from flask_login import login_required
 from werkzeug.security import safe_join
 
 from dashboard import ohif_app, settings
-from pipeline import ohif
+from pipeline import ohif, static_gzip
 
 bp = Blueprint("ohif", __name__, url_prefix="/ohif")
 IMMUTABLE = "private, max-age=31536000, immutable"
@@ -62,6 +65,18 @@ def _viewer(response: Response, cache: str = REVALIDATE) -> Response:
     return response
 
 
+def _accepts_gzip() -> bool:
+    return request.accept_encodings.quality("gzip") > 0
+
+
+def _encoded(response: Response, gzip: bool, varies: bool) -> Response:
+    if gzip:
+        response.headers["Content-Encoding"] = "gzip"
+    if varies:
+        response.vary.add("Accept-Encoding")
+    return response
+
+
 def _bytes(data: bytes, name: str, etag: str, cache: str = REVALIDATE) -> Response:
     response = Response(data, mimetype=_mimetype(name))
     response.set_etag(etag)
@@ -74,12 +89,18 @@ def _page(root: str) -> ohif_app.Page:
 
 
 def _file(path: str, name: str) -> Response:
+    """A file of the build: gzip-encoded for a browser that accepts it, where that pays."""
     stat = os.stat(path)
     cache = IMMUTABLE if HASHED.search(name) else REVALIDATE
+    varies = static_gzip.compressible(Path(path))
+    gzip = varies and _accepts_gzip()
     changed = ohif_app.rewritten(path, stat.st_mtime_ns, stat.st_size, _base())
     if changed is not None:
-        return _bytes(changed[0], name, changed[1], cache)
-    return _viewer(send_file(path, mimetype=_mimetype(name), conditional=True, etag=True), cache)
+        data, tag = ohif_app.gzipped(changed[1], changed[0]) if gzip else changed
+        return _encoded(_bytes(data, name, tag, cache), gzip, varies)
+    packed = static_gzip.fresh_sibling(Path(path)) if gzip else None
+    response = send_file(packed or path, mimetype=_mimetype(name), conditional=True, etag=True)
+    return _encoded(_viewer(response, cache), packed is not None, varies)
 
 
 @bp.route("/", defaults={"path": ""})

@@ -6,7 +6,9 @@ proxy and credentials of the site's ``.npmrc`` apply; else straight from the reg
 ``package/dist/`` only, file by file: a member that is a link, a device, absolute or climbing
 out with ``..`` refuses the whole archive. It unpacks into a fresh folder beside the target and
 renames it into place with a stamp (version and integrity), so a killed install leaves no
-half-viewer, and a second install finds the stamp and does nothing. Nothing in the repository
+half-viewer, and a second install finds the stamp and does nothing. Before the rename every
+compressible file gets a gzip sibling (pipeline.static_gzip) for the dashboard to send; an
+install made before that gets them on the next install. Nothing in the repository
 holds the 200 MB build; the dashboard serves it from ``viewer_dir`` (dashboard.ohif_view).
 """
 
@@ -29,6 +31,7 @@ from pathlib import Path, PurePosixPath
 from typing import IO, Any
 from urllib.parse import urlsplit
 
+from pipeline import static_gzip
 from pipeline.settings import ConfigError, Settings
 
 log = logging.getLogger(__name__)
@@ -70,6 +73,7 @@ class Installed:
     integrity: str
     files: int
     changed: bool
+    gzipped: int = 0  # files with a precompressed .gz sibling (pipeline.static_gzip)
 
 
 def viewer_dir(settings: Settings) -> Path:
@@ -250,8 +254,14 @@ def _remove_stale_scratch(folder: Path) -> None:
 def _already(target: Path, integrity: str) -> Installed | None:
     if not installed(target, integrity):
         return None
-    files = (read_stamp(target) or {}).get("files", 0)
-    return Installed(target, VERSION, integrity, int(files), changed=False)
+    stamp = read_stamp(target) or {}
+    if "gzip" not in stamp:  # installed before the build was precompressed: do it now
+        stamp["gzip"] = static_gzip.precompress(target).kept
+        tmp = target / f"{STAMP}.tmp"
+        tmp.write_text(json.dumps(stamp, indent=1) + "\n")
+        os.replace(tmp, target / STAMP)
+    return Installed(target, VERSION, integrity, int(stamp.get("files", 0)), changed=False,
+                     gzipped=int(stamp["gzip"]))  # fmt: skip
 
 
 def install(target: Path, tarball: Path | None = None,
@@ -282,11 +292,14 @@ def install(target: Path, tarball: Path | None = None,
             raise
         staging = work / "dist"
         files = extract_dist(archive, staging)
-        stamp = {"package": PACKAGE, "version": VERSION, "integrity": integrity, "files": files}
+        gzipped = static_gzip.precompress(staging).kept
+        stamp = {"package": PACKAGE, "version": VERSION, "integrity": integrity, "files": files,
+                 "gzip": gzipped}  # fmt: skip
         (staging / STAMP).write_text(json.dumps(stamp, indent=1) + "\n")
         if (done := _already(target, integrity)) is not None:  # another install won the race
             return done
         _clear_for_install(target)
         staging.rename(target)
-    log.info("installed %s %s at %s (%d files)", PACKAGE, VERSION, target, files)
-    return Installed(target, VERSION, integrity, files, changed=True)
+    log.info("installed %s %s at %s (%d files, %d precompressed)", PACKAGE, VERSION, target,
+             files, gzipped)  # fmt: skip
+    return Installed(target, VERSION, integrity, files, changed=True, gzipped=gzipped)

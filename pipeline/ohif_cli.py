@@ -49,7 +49,7 @@ def cmd_install(args: argparse.Namespace, settings: Settings) -> int:
                 f"cxr-triage ohif install: {exc}", error=True)  # fmt: skip
         return EXIT_REFUSED
     doc = {**base, "ok": True, "installed": True, "changed": done.changed, "files": done.files,
-           "integrity": done.integrity}  # fmt: skip
+           "gzipped": done.gzipped, "integrity": done.integrity}  # fmt: skip
     verb = "installed" if done.changed else "already installed"
     _report(args, doc, f"OHIF viewer {ohif.VERSION} {verb} at {target}; the dashboard serves "
                        "it at /ohif/", error=False)  # fmt: skip

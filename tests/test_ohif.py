@@ -1,19 +1,22 @@
 """The OHIF viewer: installing the pinned build (checksum, stamp, dist only, no escaping tar
 member), serving it at /ohif/ behind login (rewritten for the base, the app's own routes, our
-app-config.js, cache headers, mimetypes, its own Content-Security-Policy), the page shown
+app-config.js, cache headers, mimetypes, gzip, its own Content-Security-Policy), the page shown
 without it, the links to it, and the real build in headless Chromium.
 """
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
 import tarfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,7 +25,7 @@ from sqlalchemy import select
 from werkzeug.serving import make_server
 
 from dashboard import create_app, security
-from pipeline import ohif
+from pipeline import ohif, static_gzip
 from pipeline.cli import main as cli_main
 from pipeline.db import make_engine, make_session_factory
 from pipeline.imaging import Limits
@@ -75,7 +78,7 @@ def test_install_unpacks_dist_only_and_stamps_version_and_integrity(tmp_path: Pa
                      "sub/0123456789abcdef.wasm"]  # fmt: skip
     assert (target / "sub/0123456789abcdef.wasm").read_bytes() == b"\0asm\1\0\0\0"
     assert ohif.read_stamp(target) == {"package": "@ohif/app", "version": ohif.VERSION,
-                                       "integrity": integrity, "files": 3}  # fmt: skip
+                                       "integrity": integrity, "files": 3, "gzip": 0}  # fmt: skip
     assert ohif.installed(target, integrity) and not ohif.installed(target)  # not the pinned one
     assert tgz.exists()  # the operator's file is left where it was
     assert [p.name for p in target.parent.iterdir()] == [ohif.VERSION]  # no scratch left
@@ -93,6 +96,30 @@ def test_a_second_install_does_nothing(tmp_path: Path) -> None:
     again = ohif.install(target, fetcher=no_download, integrity=integrity)
     assert (again.changed, again.files) == (False, 3)
     assert (target / "index.html").stat().st_mtime_ns == before
+
+
+def test_install_precompresses_what_pays_and_an_older_install_gets_it(tmp_path: Path) -> None:
+    script = b"function f(){return 'the same line again';}\n" * 200  # 9 KB, compresses well
+    files = {**FILES, "package/dist/big.bundle.0123456789abcdef.js": script,
+             "package/dist/noise.js": bytes(random.Random(1).randbytes(4096)),
+             "package/dist/a.png": b"\x89PNG" + b"\0" * 4096}  # fmt: skip
+    tgz = tarball(tmp_path / "app.tgz", files)
+    integrity, target = ohif.sri(tgz), tmp_path / "viewer"
+    done = ohif.install(target, tarball=tgz, integrity=integrity)
+    gz = target / "big.bundle.0123456789abcdef.js.gz"
+    assert done.gzipped == 1 and gzip.decompress(gz.read_bytes()) == script
+    assert len(gz.read_bytes()) < len(script) // 10
+    assert not (target / "noise.js.gz").exists()  # random bytes: gzip does not pay
+    assert not (target / "a.png.gz").exists() and not (target / "index.html.gz").exists()  # tiny
+    assert not list(target.glob(".*.tmp"))
+    # an install stamped before precompression gets its siblings on the next install
+    gz.unlink()
+    stamp = ohif.read_stamp(target) or {}
+    del stamp["gzip"]
+    (target / ohif.STAMP).write_text(json.dumps(stamp))
+    again = ohif.install(target, tarball=tgz, integrity=integrity)
+    assert (again.changed, again.gzipped) == (False, 1) and gz.is_file()
+    assert (ohif.read_stamp(target) or {})["gzip"] == 1
 
 
 def test_a_download_that_is_not_the_pinned_one_is_refused_and_deleted(tmp_path: Path) -> None:
@@ -356,6 +383,44 @@ def test_assets_are_rewritten_typed_and_cached(viewer, build) -> None:  # type: 
     assert plain.get_data() == BUILD["es6-shim.min.js"] and plain.mimetype == "text/javascript"
     assert viewer.get("/ohif/es6-shim.min.js",
                       headers={"If-None-Match": plain.headers["ETag"]}).status_code == 304  # fmt: skip
+
+
+def test_a_browser_that_accepts_gzip_gets_the_precompressed_build(viewer, build) -> None:  # type: ignore[no-untyped-def]
+    script = b"function f(){return 'the same line again';}\n" * 200
+    (build / "big.bundle.0123456789abcdef.js").write_bytes(script)
+    (build / "big.png").write_bytes(b"\x89PNG" + b"\0" * 4096)
+    rewritten = b'__webpack_require__.p = "/";\n' + script
+    (build / "app.bundle.fedcba9876543210.js").write_bytes(rewritten)
+    assert static_gzip.precompress(build).files == 2
+    url, gzip_ok = "/ohif/big.bundle.0123456789abcdef.js", {"Accept-Encoding": "gzip, deflate"}
+    packed = viewer.get(url, headers=gzip_ok)
+    assert packed.headers["Content-Encoding"] == "gzip" and packed.mimetype == "text/javascript"
+    assert "Accept-Encoding" in packed.headers["Vary"]
+    assert gzip.decompress(packed.get_data()) == script and len(packed.get_data()) < 1000
+    assert packed.headers["Cache-Control"] == "private, max-age=31536000, immutable"
+    plain = viewer.get(url)  # no Accept-Encoding: the file as it is
+    assert plain.get_data() == script and "Content-Encoding" not in plain.headers
+    assert "Accept-Encoding" in plain.headers["Vary"]
+    assert plain.headers["ETag"] != packed.headers["ETag"]
+    refused = viewer.get(url, headers={"Accept-Encoding": "gzip;q=0, br"})
+    assert refused.get_data() == script and "Content-Encoding" not in refused.headers
+    again = viewer.get(url, headers={**gzip_ok, "If-None-Match": packed.headers["ETag"]})
+    assert again.status_code == 304
+    # a file rewritten for the base is gzipped in memory, with its own ETag
+    base = viewer.get("/ohif/app.bundle.fedcba9876543210.js", headers=gzip_ok)
+    assert base.headers["Content-Encoding"] == "gzip"
+    assert gzip.decompress(base.get_data()) == rewritten.replace(b'= "/"', b'= "/ohif/"')
+    same = viewer.get("/ohif/app.bundle.fedcba9876543210.js",
+                      headers={**gzip_ok, "If-None-Match": base.headers["ETag"]})  # fmt: skip
+    assert same.status_code == 304
+    # a file changed after its sibling was written is sent as it is now, not the stale sibling
+    time.sleep(0.01)
+    (build / "big.bundle.0123456789abcdef.js").write_bytes(script + b"//changed\n")
+    fresh = viewer.get(url, headers=gzip_ok)
+    assert fresh.get_data() == script + b"//changed\n" and "Content-Encoding" not in fresh.headers
+    image = viewer.get("/ohif/big.png", headers=gzip_ok)  # not compressible: never encoded
+    assert "Content-Encoding" not in image.headers
+    assert "Accept-Encoding" not in image.headers.get("Vary", "")
 
 
 def test_scripts_carry_the_worker_policy_pages_the_strict_one(viewer) -> None:  # type: ignore[no-untyped-def]
