@@ -204,20 +204,51 @@ def load_images_located(
     return out, masks, found
 
 
+def _cache_file(cache_dir: Path, kind: str, paths: Sequence[Path], size: int, tag: str) -> Path:
+    key = hashlib.sha256(("\n".join(map(str, paths)) + f"|{size}{tag}").encode()).hexdigest()[:16]
+    return cache_dir / f"{kind}-{size}-{key}.npy"
+
+
+def _image_tag(preprocess: str) -> str:
+    from pipeline.preprocess import VERSION
+
+    return "" if preprocess == "resize" else f"|{preprocess}/{VERSION}"
+
+
 def cached_images(
     paths: Sequence[Path], size: int, cache_dir: Path | None, preprocess: str = "resize"
 ) -> np.ndarray:
     """Load images, reusing an .npy cache keyed by the file list, size and preprocessing."""
     if cache_dir is None:
         return load_images(paths, size, preprocess=preprocess)
-    from pipeline.preprocess import VERSION
-
-    tag = "" if preprocess == "resize" else f"|{preprocess}/{VERSION}"
-    key = hashlib.sha256(("\n".join(map(str, paths)) + f"|{size}{tag}").encode()).hexdigest()[:16]
-    cache = cache_dir / f"images-{size}-{key}.npy"
+    cache = _cache_file(cache_dir, "images", paths, size, _image_tag(preprocess))
     if cache.exists():
         return np.load(cache)
     arr = load_images(paths, size, preprocess=preprocess)
     cache_dir.mkdir(parents=True, exist_ok=True)
     np.save(cache, arr)
     return arr
+
+
+def cached_located(
+    paths: Sequence[Path], size: int, cache_dir: Path | None, preprocess: str = "thorax"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Images (as ``cached_images``) and the lungs the preprocessing found on each input.
+
+    The masks are N x size x size bool, empty where the lungs were not found; they are cached
+    beside the images as packed bits. Files are decoded once when the masks' cache is missing.
+    """
+    if cache_dir is None:
+        images, masks, found = load_images_located(paths, size, preprocess=preprocess)
+        masks[~found] = False
+        return images, masks
+    cache = _cache_file(cache_dir, "masks", paths, size, f"|masks{_image_tag(preprocess)}")
+    if cache.exists():
+        images = cached_images(paths, size, cache_dir, preprocess)
+        return images, np.unpackbits(np.load(cache), axis=-1)[..., :size].astype(bool)
+    images, masks, found = load_images_located(paths, size, preprocess=preprocess)
+    masks[~found] = False
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    np.save(cache, np.packbits(masks, axis=-1))
+    np.save(_cache_file(cache_dir, "images", paths, size, _image_tag(preprocess)), images)
+    return images, masks

@@ -78,6 +78,8 @@ def _train_arguments(tr: Any, data_optional: bool = False) -> None:
                     help="weight of a source-adversarial head (gradient reversal); 0 = none")  # fmt: skip
     tr.add_argument("--mix-lungs", type=float, default=d.mix_lungs, metavar="SHARE",
                     help="thorax input: train this share of images with all but the lungs blacked out")  # fmt: skip
+    tr.add_argument("--cam-guide", type=float, default=d.cam_guide, metavar="WEIGHT",
+                    help="weight of a loss on the CAM evidence outside the found lungs; 0 = none")  # fmt: skip
     tr.add_argument("--batch-size", type=int, default=d.batch_size)
     tr.add_argument("--lr", type=float, default=d.lr)
     tr.add_argument("--epoch-size", type=int, default=0, help="images per epoch (0 = all)")
@@ -105,7 +107,7 @@ def _config(args: argparse.Namespace, out: str, holdout: str | None) -> Any:
         findings=names(args.findings), classes=names(args.classes), label_map=args.label_map,
         input_size=args.input_size, layer4_stride=args.layer4_stride, preprocess=args.preprocess,
         balance=args.balance, augment=args.augment, adversary=args.adversary,
-        mix_lungs=args.mix_lungs,
+        mix_lungs=args.mix_lungs, cam_guide=args.cam_guide,
         holdout_source=holdout, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         seed=args.seed, val_fraction=args.val_fraction, holdout_fraction=args.holdout_fraction,
         epoch_size=args.epoch_size, device=args.device,

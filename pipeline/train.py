@@ -23,6 +23,14 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 
+# augment_fn(uint8 N x S x S, generator, lung masks or None) -> (N x 1 x S x S in [0, 1], masks)
+Augment = Callable[
+    [torch.Tensor, torch.Generator, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor | None]
+]
+# loss_fn(model, x, rows of the batch, the augmented lung masks or None) -> loss
+LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
 class Progress:
     """A one-line progress bar on stderr, redrawn at most every half second."""
 
@@ -57,8 +65,13 @@ def augment(
     shift: float = 0.05,
     brightness: float = 0.1,
     contrast: float = 0.15,
-) -> torch.Tensor:
-    """Randomly rotate, scale, shift and change brightness/contrast of uint8 N x S x S images."""
+    masks: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Randomly rotate, scale, shift and change brightness/contrast of uint8 N x S x S images.
+
+    Returns the N x 1 x S x S images in [0, 1] and, when ``masks`` (N x S x S, the lungs on
+    each input) are given, the same geometry applied to them (N x 1 x S x S floats).
+    """
     n = x.shape[0]
     x = x.float().div(255.0).unsqueeze(1)
 
@@ -72,10 +85,14 @@ def augment(
     theta = torch.stack([torch.stack([cos, -sin, tx], 1), torch.stack([sin, cos, ty], 1)], 1)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    warped = None
+    if masks is not None:
+        warped = F.grid_sample(masks.float().unsqueeze(1), grid, mode="bilinear",
+                               padding_mode="zeros", align_corners=False)  # fmt: skip
     mean = x.mean(dim=(2, 3), keepdim=True)
     c = 1 + uniform(n, 1, 1, 1) * contrast
     b = uniform(n, 1, 1, 1) * brightness
-    return ((x - mean) * c + mean + b).clamp(0.0, 1.0)
+    return ((x - mean) * c + mean + b).clamp(0.0, 1.0), warped
 
 
 def erase_source_cues(
@@ -121,9 +138,39 @@ def erase_source_cues(
     return out
 
 
-def augment_sources(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+def augment_basic(
+    x: torch.Tensor, gen: torch.Generator, masks: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The geometric and intensity augmentation alone (``augment`` with its defaults)."""
+    return augment(x, gen, masks=masks)
+
+
+def augment_sources(
+    x: torch.Tensor, gen: torch.Generator, masks: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The geometric and intensity augmentation, then erase_source_cues."""
-    return erase_source_cues(augment(x, gen, scale=(0.85, 1.15), shift=0.06), gen)
+    out, warped = augment(x, gen, scale=(0.85, 1.15), shift=0.06, masks=masks)
+    return erase_source_cues(out, gen), warped
+
+
+def feature_maps(model: Any, x: torch.Tensor) -> torch.Tensor:
+    """A torchvision ResNet's layer4 feature maps (N x K x h x w)."""
+    x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
+    return model.layer4(model.layer3(model.layer2(model.layer1(x))))
+
+
+def cam_outside_lungs(cams: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """The share of each CAM's absolute evidence that lies outside the lungs (N), in [0, 1].
+
+    ``cams`` are N x h x w (fc row · layer4 features, before any ReLU); ``masks`` N x 1 x S x S
+    in [0, 1], the lungs on the input, reduced to the CAM grid by area. A CAM with no evidence
+    counts 0.
+    """
+    h, w = cams.shape[-2:]
+    grid = F.adaptive_avg_pool2d(masks, (int(h), int(w))).squeeze(1).clamp(0.0, 1.0)
+    mass = cams.abs()
+    total = mass.sum(dim=(1, 2))
+    return (mass * (1.0 - grid)).sum(dim=(1, 2)) / total.clamp_min(1e-6)
 
 
 class GradientReversal(torch.autograd.Function):
@@ -141,9 +188,7 @@ class GradientReversal(torch.autograd.Function):
 
 def pooled_features(model: Any, x: torch.Tensor) -> torch.Tensor:
     """A torchvision ResNet's globally pooled penultimate features (N x K)."""
-    x = model.maxpool(model.relu(model.bn1(model.conv1(x))))
-    x = model.layer4(model.layer3(model.layer2(model.layer1(x))))
-    return torch.flatten(model.avgpool(x), 1)
+    return torch.flatten(model.avgpool(feature_maps(model, x)), 1)
 
 
 def balanced_cells(cells: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -176,11 +221,12 @@ def train_epoch(
     gen: torch.Generator,
     norm: tuple[float, float],
     progress: Progress | None = None,
-    augment_fn: Callable[[torch.Tensor, torch.Generator], torch.Tensor] = augment,
+    augment_fn: Augment = augment_basic,
     amp: str = "off",
-    loss_fn: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    loss_fn: LossFn | None = None,
     alt_images: torch.Tensor | None = None,
     alt_share: float = 0.0,
+    masks: torch.Tensor | None = None,
 ) -> list[float]:
     """Run one pass over images[order] in batches; return the loss of every step.
 
@@ -188,8 +234,11 @@ def train_epoch(
     gradients and optimizer state stay float32). Fast on GPUs and on CPUs with AMX; on a CPU
     without it, bf16 is many times slower than float32.
 
-    ``loss_fn(model, x, idx)`` computes the loss of the batch of rows ``idx``; by default the
-    cross-entropy of ``model(x)`` against ``labels[idx]``.
+    ``augment_fn(batch, gen, masks)`` returns the N x 1 x S x S batch in [0, 1] and the masks
+    (``masks[idx]``, the lungs on each input, or None) under the same geometry.
+
+    ``loss_fn(model, x, idx, masks)`` computes the loss of the batch of rows ``idx``; by
+    default the cross-entropy of ``model(x)`` against ``labels[idx]``.
 
     With ``alt_images`` (the same films, another preprocessing), each image of a batch is taken
     from it with probability ``alt_share``.
@@ -205,12 +254,13 @@ def train_epoch(
         if alt_images is not None and alt_share > 0:
             swap = torch.rand(len(idx), generator=gen) < alt_share
             batch = torch.where(swap.view(-1, *([1] * (batch.dim() - 1))), alt_images[idx], batch)
-        x = to_model(augment_fn(batch, gen), norm[0], norm[1], device)
+        x01, warped = augment_fn(batch, gen, None if masks is None else masks[idx])
+        x = to_model(x01, norm[0], norm[1], device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
             if loss_fn is None:
                 loss = F.cross_entropy(model(x).float(), labels[idx].to(device))
             else:
-                loss = loss_fn(model, x, idx)
+                loss = loss_fn(model, x, idx, None if warped is None else warped.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

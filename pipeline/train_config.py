@@ -27,6 +27,7 @@ class TrainConfig:
     augment: str = "sources"  # "sources": geometry + erase_source_cues; "basic": geometry only
     adversary: float = 0.0  # weight of the source-adversarial head (0: none)
     mix_lungs: float = 0.0  # "thorax": this share of training images see the lungs only
+    cam_guide: float = 0.0  # weight of the loss on CAM evidence outside the found lungs (0: none)
     holdout_source: str | None = None  # leave this source out; evaluate on it
     epochs: int = 10
     batch_size: int = 32

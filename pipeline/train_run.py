@@ -8,7 +8,11 @@ Two heads:
     source names one, on *detached* features: the per-class head may not pull source cues
     (pneumonia only in children, COVID-19 only in one collection) into the backbone.
     An optional source-adversarial head (gradient reversal, ``adversary`` > 0) penalises
-    features that tell the training sources apart.
+    features that tell the training sources apart. With ``cam_guide`` > 0, a second term
+    penalises the share of each film's CAM evidence (|fc row 0 · layer4|, either sign) that
+    lies outside the lungs the preprocessing found on it, under the same augmentation
+    (films whose lungs were not found are exempt): the abnormal logit is pushed to rest on
+    the lungs rather than on the mediastinum, the diaphragm or the film's edge.
 ``softmax``
     One softmax over ``classes`` (models before the abnormal head).
 
@@ -60,6 +64,7 @@ class Prepared:
     counts: dict[str, Any]
     holdout: list[ds.Sample] = field(default_factory=list)
     lungs_only: torch.Tensor | None = None  # the train images as "lungs" (cfg.mix_lungs)
+    lung_masks: torch.Tensor | None = None  # the found lungs on the train images (cfg.cam_guide)
 
 
 def target_class(sample: ds.Sample, label_map: dict[str, str], cfg: TrainConfig) -> str | None:
@@ -108,7 +113,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
         src.setdefault(sp, Counter())[m or s.label] += 1
     counts = {k: {sp: dict(c) for sp, c in v.items()} for k, v in counts.items()}
     images, labels, abnormal, sources = {}, {}, {}, {}
-    lungs_only = None
+    lungs_only = lung_masks = None
     cache = Path(cfg.cache_dir) if cfg.cache_dir else None
     for subset in ("train", "val"):
         keep = [
@@ -119,7 +124,13 @@ def prepare(cfg: TrainConfig) -> Prepared:
         paths = [samples[i].path for i in keep]
         log.info("loading %d %s images at %d px (%s)", len(paths), subset, cfg.input_size,
                  cfg.preprocess)  # fmt: skip
-        arr = ds.cached_images(paths, cfg.input_size, cache, preprocess=cfg.preprocess)
+        if subset == "train" and cfg.cam_guide > 0:
+            arr, masks = ds.cached_located(paths, cfg.input_size, cache, cfg.preprocess)
+            lung_masks = torch.from_numpy(masks)
+            log.info("lungs found on %d of the %d train images",
+                     int(lung_masks.flatten(1).any(1).sum()), len(paths))  # fmt: skip
+        else:
+            arr = ds.cached_images(paths, cfg.input_size, cache, preprocess=cfg.preprocess)
         images[subset] = torch.from_numpy(arr)
         labels[subset] = torch.tensor([classes.index(mapped[i] or "") for i in keep])
         abnormal[subset] = torch.tensor([float(mapped[i] != "normal") for i in keep])
@@ -130,7 +141,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
                 ds.cached_images(paths, cfg.input_size, cache, preprocess="lungs")
             )
     return Prepared(images, labels, abnormal, sources, source_names, counts, holdout,
-                    lungs_only)  # fmt: skip
+                    lungs_only, lung_masks)  # fmt: skip
 
 
 def val_scores(model: torch.nn.Module, data: Prepared, cfg: TrainConfig) -> dict[str, Any]:
@@ -174,12 +185,21 @@ def make_loss(cfg: TrainConfig, data: Prepared, adversary: torch.nn.Module | Non
         return None
     labels, abnormal, sources = data.labels["train"], data.abnormal["train"], data.sources["train"]
 
-    def loss_fn(model: Any, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def loss_fn(
+        model: Any, x: torch.Tensor, idx: torch.Tensor, masks: torch.Tensor | None
+    ) -> torch.Tensor:
         device = x.device
-        feats = tr.pooled_features(model, x).float()
+        fmaps = tr.feature_maps(model, x).float()
+        feats = torch.flatten(model.avgpool(fmaps), 1)
         w, b = model.fc.weight.float(), model.fc.bias.float()
         z = feats @ w[0] + b[0]
         loss = F.binary_cross_entropy_with_logits(z, abnormal[idx].to(device))
+        if cfg.cam_guide > 0 and masks is not None:
+            found = masks.flatten(1).amax(1) > 0.5  # films whose lungs were found
+            if found.any():
+                cams = torch.einsum("k,nkhw->nhw", w[0], fmaps[found])
+                outside = tr.cam_outside_lungs(cams, masks[found])
+                loss = loss + cfg.cam_guide * outside.mean()
         find = labels[idx].to(device) - 1  # class index 1.. are the findings
         known = find >= 0
         if known.any() and w.shape[0] > 1:
@@ -237,7 +257,7 @@ def fit(cfg: TrainConfig, data: Prepared) -> tuple[torch.nn.Module, list[dict[st
         cells = (data.sources["train"] * 2 + data.abnormal["train"].long()).numpy()
     else:
         cells = data.labels["train"].numpy()
-    augment_fn = tr.augment_sources if cfg.augment == "sources" else tr.augment
+    augment_fn = tr.augment_sources if cfg.augment == "sources" else tr.augment_basic
     loss_fn = make_loss(cfg, data, adversary)
     for epoch in range(start_epoch, cfg.epochs):
         rng = np.random.default_rng([cfg.seed, epoch])
@@ -251,6 +271,7 @@ def fit(cfg: TrainConfig, data: Prepared) -> tuple[torch.nn.Module, list[dict[st
             model, opt, sched, data.images["train"], data.labels["train"], order,
             cfg.batch_size, gen, (cfg.mean, cfg.std), bar, augment_fn=augment_fn, amp=cfg.amp,
             loss_fn=loss_fn, alt_images=data.lungs_only, alt_share=cfg.mix_lungs,
+            masks=data.lung_masks,
         )  # fmt: skip
         seconds = time.perf_counter() - t0
         row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "seconds": seconds,

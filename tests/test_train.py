@@ -94,7 +94,7 @@ def test_a_few_steps_reduce_the_loss(amp: str) -> None:
     order = np.tile(np.arange(32), 4)
     losses = tr.train_epoch(
         model, opt, None, torch.from_numpy(imgs), labels, order, 16, torch.Generator().manual_seed(0),
-        (0.5, 0.25), augment_fn=lambda x, g: x.float().div(255).unsqueeze(1), amp=amp,
+        (0.5, 0.25), augment_fn=lambda x, g, m: (x.float().div(255).unsqueeze(1), m), amp=amp,
     )  # fmt: skip
     assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:2])
     assert {p.dtype for p in model.parameters()} == {torch.float32}
@@ -107,7 +107,9 @@ def test_alt_images_replace_the_configured_share_of_each_batch(share: float) -> 
     alt = torch.full((64, 8, 8), 200, dtype=torch.uint8)  # the same films, "lungs"
     seen: list[torch.Tensor] = []
 
-    def loss_fn(model: torch.nn.Module, x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    def loss_fn(
+        model: torch.nn.Module, x: torch.Tensor, idx: torch.Tensor, masks: torch.Tensor | None
+    ) -> torch.Tensor:
         seen.append(x.detach().flatten(1).mean(1))
         return model(x).sum() * 0.0
 
@@ -116,7 +118,7 @@ def test_alt_images_replace_the_configured_share_of_each_batch(share: float) -> 
     tr.train_epoch(
         model, opt, None, images, torch.zeros(64, dtype=torch.long), np.tile(np.arange(64), 4), 32,
         torch.Generator().manual_seed(1), (0.5, 0.25),
-        augment_fn=lambda x, g: x.float().div(255).unsqueeze(1), loss_fn=loss_fn,
+        augment_fn=lambda x, g, m: (x.float().div(255).unsqueeze(1), m), loss_fn=loss_fn,
         alt_images=alt, alt_share=share,
     )  # fmt: skip
     means = torch.cat(seen)
@@ -132,13 +134,65 @@ def test_alt_images_replace_the_configured_share_of_each_batch(share: float) -> 
 
 def test_augment_keeps_shape_range_and_is_seeded() -> None:
     x = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (4, 40, 40), dtype=np.uint8))
-    a = tr.augment(x, torch.Generator().manual_seed(3))
-    b = tr.augment(x, torch.Generator().manual_seed(3))
+    a = tr.augment(x, torch.Generator().manual_seed(3))[0]
+    b = tr.augment(x, torch.Generator().manual_seed(3))[0]
     assert a.shape == (4, 1, 40, 40) and float(a.min()) >= 0 and float(a.max()) <= 1
     assert torch.equal(a, b)
     labels = np.array([0] * 90 + [1] * 10)
     counts = np.bincount(labels[tr.balanced_indices(labels, 2000, np.random.default_rng(0))])
     assert abs(counts[1] / 2000 - 0.5) < 0.05
+
+
+def test_augment_moves_the_lung_masks_with_the_image() -> None:
+    """The masks get the image's geometry; the images are the same as without masks."""
+    masks = torch.zeros(6, 48, 48, dtype=torch.bool)
+    masks[:, 10:38, 6:20] = True
+    masks[:, 10:38, 28:42] = True
+    x = masks.to(torch.uint8) * 255
+    plain = tr.augment_sources(x, torch.Generator().manual_seed(5))[0]
+    img, warped = tr.augment_sources(x, torch.Generator().manual_seed(5), masks)
+    assert torch.equal(img, plain) and warped is not None and warped.shape == (6, 1, 48, 48)
+    for i in range(6):  # the warped mask is where the warped bright image is
+        inside, outside = img[i, 0][warped[i, 0] > 0.9], img[i, 0][warped[i, 0] < 0.1]
+        assert float(inside.mean()) > float(outside.mean()) + 0.3
+    assert not torch.equal(warped[0], warped[1])  # each film its own geometry
+
+
+def test_cam_outside_lungs_is_the_share_of_evidence_outside() -> None:
+    masks = torch.zeros(4, 1, 32, 32)
+    masks[:, :, :, :16] = 1.0  # the left half is lung
+    cams = torch.zeros(4, 4, 4)
+    cams[0, :, :2] = 1.0  # all inside
+    cams[1, :, 2:] = -2.0  # all outside (either sign counts)
+    cams[2, :, 1:3] = 1.0  # half and half
+    got = tr.cam_outside_lungs(cams, masks)  # cams[3]: no evidence
+    torch.testing.assert_close(got, torch.tensor([0.0, 1.0, 0.5, 0.0]))
+
+
+def test_cam_guide_trains_and_lowers_the_evidence_outside_the_lungs(tmp_path: Path) -> None:
+    """--cam-guide: the lungs are found on the train images and the loss term is applied."""
+    cfg = tiny_config(tmp_path, cam_guide=1.0, input_size=64, epochs=1)
+    data = prepare(cfg)
+    assert data.lung_masks is not None and data.lung_masks.shape == data.images["train"].shape
+    assert data.lung_masks.dtype == torch.bool
+    guided: list[float] = []
+    real = tr.cam_outside_lungs
+
+    def spy(cams: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        out = real(cams, masks)
+        guided.append(float(out.mean()))
+        return out
+
+    tr.cam_outside_lungs = spy  # type: ignore[assignment]
+    try:
+        fit(cfg, data)
+    finally:
+        tr.cam_outside_lungs = real  # type: ignore[assignment]
+    found = int(data.lung_masks.flatten(1).any(1).sum())
+    assert (len(guided) > 0) == (found > 0)
+    assert all(0.0 <= g <= 1.0 for g in guided)
+    _, meta = run(tiny_config(tmp_path, cam_guide=0.5, input_size=64, epochs=1))
+    assert meta["training_data"]["config"]["cam_guide"] == 0.5
 
 
 def tiny_config(tmp_path: Path, **kw: object) -> TrainConfig:
@@ -223,7 +277,7 @@ def test_cam_peak_falls_inside_the_blob(tmp_path: Path) -> None:
     order = np.random.default_rng(0).permutation(np.tile(np.arange(64), 3))
     tr.train_epoch(
         model, opt, None, torch.from_numpy(imgs), labels, order, 16, torch.Generator(),
-        (0.5, 0.25), augment_fn=lambda x, g: x.float().div(255).unsqueeze(1),
+        (0.5, 0.25), augment_fn=lambda x, g, m: (x.float().div(255).unsqueeze(1), m),
     )  # fmt: skip
     meta = default_meta() | {"classes": ["normal", "blob"], "input_size": size}
     save_weights(model, meta, tmp_path / "blob.pt")
