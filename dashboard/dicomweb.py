@@ -145,7 +145,7 @@ def _results(study_uid: str) -> None:
     from pipeline.viewer_objects import ensure_results
 
     try:
-        ensure_results(db(), _store(), study_uid)
+        ensure_results(db(), _store(), study_uid, settings().weights_path)
     except Exception:  # the images stay viewable without them
         db().rollback()
         log.exception("could not make the result objects of a study for the viewer")

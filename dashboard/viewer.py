@@ -5,19 +5,18 @@ worklist's current filters. Opening a study is audited.
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 from flask import Blueprint, Response, abort, flash, redirect, render_template, request, url_for
 from flask_login import current_user, login_required
-from PIL import Image as PILImage
 from sqlalchemy import select
 
 from dashboard import db, settings
 from dashboard.auth import audit
 from dashboard.ohif_view import study_url
 from dashboard.words import model_summary, operating_point
-from pipeline import imaging, render
+from pipeline import render
+from pipeline.cam_place import place
 from pipeline.models import Image, Prediction, Review, Study, User
 from pipeline.reviews import FINDINGS, ReviewError, parse_truth, record_review, truth_words
 from pipeline.studies import FilterError, WorklistFilter, format_wait, neighbour_ids
@@ -144,16 +143,18 @@ def overlay(image_id: int) -> Response:
     """The image with its CAM blended in (for export and for browsers without the layered view)."""
     img, pred = _image_or_404(image_id), _prediction_or_404(image_id)
     alpha = min(1.0, max(0.0, request.args.get("alpha", 0.45, type=float)))
-    png = render.overlay_png(imaging.decode_preview(img.preview),
-                             render.cam_array(pred.cam, pred.cam_h, pred.cam_w), alpha)  # fmt: skip
+    placed = place(db(), img, pred, settings().weights_path)
+    png = render.overlay_png(placed.grey, placed.cam, alpha, placed.box)
     return Response(png, mimetype="image/png", headers=PRIVATE)
 
 
 @bp.route("/images/<int:image_id>/cam.png")
 @login_required
 def cam(image_id: int) -> Response:
-    """The CAM alone, transparent where the model did not look, at the image's display size."""
+    """The CAM alone, transparent where the model did not look, at the image's display size,
+    on the part of the film the model read."""
     img, pred = _image_or_404(image_id), _prediction_or_404(image_id)
-    w, h = PILImage.open(io.BytesIO(img.preview)).size  # reads the header only
-    png = render.heatmap_png(render.cam_array(pred.cam, pred.cam_h, pred.cam_w), w, h)
+    placed = place(db(), img, pred, settings().weights_path)
+    h, w = placed.grey.shape
+    png = render.heatmap_png(placed.cam, w, h, placed.box)
     return Response(png, mimetype="image/png", headers=PRIVATE)

@@ -19,6 +19,7 @@ import json
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from pydicom.uid import generate_uid
@@ -27,6 +28,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline import triage
+from pipeline.cam_place import snapshot_fields
 from pipeline.db import session_scope
 from pipeline.destinations import ALERT_KINDS, PACS_KINDS
 from pipeline.models import (
@@ -84,6 +86,7 @@ class ModelInfo:
     name: str
     policy_version: str
     policy_parameters: list[str]
+    weights: Path | None = None  # the file the settings name: where its CAMs lie on a film
 
 
 def _n_done() -> Any:
@@ -177,8 +180,8 @@ def _scored(session: Session, study: Study) -> list[tuple[Image, Prediction]]:
     return out
 
 
-def _snapshot(study: Study, scored: list[tuple[Image, Prediction]], model: ModelInfo,
-              sc_uids: dict[int, str]) -> dict[str, Any]:  # fmt: skip
+def _snapshot(session: Session, study: Study, scored: list[tuple[Image, Prediction]],
+              model: ModelInfo, sc_uids: dict[int, str]) -> dict[str, Any]:  # fmt: skip
     patient = patient_of(study, scored[0][0].meta or {})
     known = model.version == study.model_version
     return {
@@ -205,6 +208,7 @@ def _snapshot(study: Study, scored: list[tuple[Image, Prediction]], model: Model
             "label": pred.label,
             "sc_uid": sc_uids.get(img.id),
             "view_position": img.view_position,
+            **snapshot_fields(session, img, pred, model.weights),
         } for img, pred in scored],
     }  # fmt: skip
 
@@ -243,7 +247,7 @@ def _study_objects(session: Session, study: Study, model: ModelInfo) -> None:
         else:
             sc_uids[img.id] = str(generate_uid())
             new_sc.append(img)
-    snapshot = _snapshot(study, dicom, model, sc_uids)
+    snapshot = _snapshot(session, study, dicom, model, sc_uids)
     session.add(ResultObject(study_id=study.id, kind="sr", key=key, model_version=mv,
                              images=len(scored), uid=str(generate_uid()), snapshot=snapshot))  # fmt: skip
     for img in new_sc:

@@ -54,7 +54,7 @@ def model_info(settings: Settings) -> ModelInfo:
     temperature = meta.get("temperature")
     version, params = policy(model, float(temperature) if temperature is not None else None)
     return ModelInfo(str(model["version"]), f"cxr-triage {model.get('arch') or 'model'}",
-                     version, params)  # fmt: skip
+                     version, params, settings.weights_path)  # fmt: skip
 
 
 def send_pass(factory: sessionmaker[Session], settings: Settings,

@@ -120,6 +120,18 @@ def preprocess(
     return out, Localisation(film_box, found, mask)
 
 
+def input_box(grey: np.ndarray, method: str) -> tuple[float, float, float, float]:
+    """The part of the film the model input covers, as (r0, r1, c0, c1) fractions of it.
+
+    A CAM covers the model input, so this is where it lies on the film: the whole film for
+    ``resize``, the crop for ``thorax`` and ``lungs``. The same function as the input's, so
+    a stored preview gives the very box its model input came from.
+    """
+    if method == "resize":
+        return (0.0, 1.0, 0.0, 1.0)
+    return preprocess(grey, READ_SIDE, method)[1].box
+
+
 def mask_outside_lungs(img: np.ndarray, lungs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Black out what is not lung: the found lungs grown by LUNG_MARGIN, with a soft edge.
 

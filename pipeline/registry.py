@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import shutil
 from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +41,51 @@ class RegistryError(ValueError):
 
 
 def version_of(path: Path) -> tuple[str, str]:
-    """(version, sha256) of a weights file, as the workers name it: ``<arch>-<sha12>``."""
+    """(version, sha256) of a weights file, as the workers name it: ``<arch>-<sha12>``.
+
+    Read once per file and modification time."""
     try:
-        meta = read_meta(path)
-    except WeightsError as exc:
+        return _version_in(str(path), path.stat().st_mtime_ns, path.stat().st_size)
+    except (OSError, WeightsError) as exc:
         raise RegistryError(str(exc)) from exc
-    sha = file_sha256(path)
+
+
+@lru_cache(maxsize=32)
+def _version_in(path: str, mtime_ns: int, size: int) -> tuple[str, str]:
+    meta = read_meta(Path(path))
+    sha = file_sha256(Path(path))
     return f"{meta.get('arch', '?')}-{sha[:12]}", sha
+
+
+@lru_cache(maxsize=32)
+def _preprocess_in(path: str, mtime_ns: int) -> str:
+    return str(read_meta(Path(path)).get("preprocess", "resize"))
+
+
+def _preprocess_of_file(path: Path) -> str | None:
+    try:
+        return _preprocess_in(str(path), path.stat().st_mtime_ns)
+    except (OSError, WeightsError):
+        return None
+
+
+def preprocess_of(session: Session, version: str | None, weights: Path | None = None) -> str:
+    """The preprocessing of the model that made a prediction (``meta["preprocess"]``).
+
+    ``weights``: the file the settings name (its version is checked, not assumed); else the
+    registry's copy of that version. A version neither knows is taken to read the whole film
+    (``resize``, the models before the thorax crop).
+    """
+    if version is None:
+        return "resize"
+    if weights is not None and weights.is_file():
+        try:
+            if version_of(weights)[0] == version:
+                return _preprocess_of_file(weights) or "resize"
+        except RegistryError:
+            pass
+    path = session.scalar(select(ModelVersion.path).where(ModelVersion.version == version))
+    return (_preprocess_of_file(Path(path)) if path else None) or "resize"
 
 
 def register(session: Session, path: Path, data_dir: Path, user_id: int | None,

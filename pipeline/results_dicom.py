@@ -1,4 +1,5 @@
-"""The AI result as DICOM objects for a PACS: a TID 1500 Comprehensive SR and CAM captures.
+"""The AI result as DICOM objects for a PACS: a TID 1500 Comprehensive SR (its groups on the CAM's
+strongest cell of each film) and CAM captures.
 
 Both are built from a ``StudyResult`` snapshot taken when the result was first queued for
 sending (``pipeline.outbox``), with every UID and date given, so building the same snapshot
@@ -54,6 +55,12 @@ class SourceImage:
     # The SC of this film: its UID, the film's 8-bit preview and its CAM (float32 h x w).
     sc_uid: str | None = None
     view_position: str | None = None
+    # Where the CAM lies on the film and its strongest cell, (r0, r1, c0, c1) fractions
+    # (pipeline.cam_place); None in snapshots made before they were kept: the whole film.
+    cam_box: tuple[float, float, float, float] | None = None
+    cam_peak: tuple[float, float, float, float] | None = None
+    columns: int | None = None  # the film's size in pixels, for the SR's region
+    rows: int | None = None
 
 
 @dataclass(frozen=True)
@@ -124,6 +131,24 @@ def _evidence(result: StudyResult) -> list[Dataset]:
     return out
 
 
+def peak_region(image: SourceImage) -> Any:
+    """The CAM's strongest cell on the film as an SR image region (a closed rectangle, in the
+    film's pixel coordinates), or None where the snapshot does not say where it lies."""
+    from highdicom.sr import GraphicTypeValues, ImageRegion, SourceImageForRegion
+
+    if image.cam_peak is None or not image.columns or not image.rows:
+        return None
+    r0, r1, c0, c1 = image.cam_peak
+    x0, x1 = c0 * image.columns, min(c1 * image.columns, image.columns - 1.0)
+    y0, y1 = r0 * image.rows, min(r1 * image.rows, image.rows - 1.0)
+    corners = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=np.float64)
+    return ImageRegion(
+        graphic_type=GraphicTypeValues.POLYLINE,
+        graphic_data=corners.round(2),
+        source_image=SourceImageForRegion(image.sop_class_uid, image.sop_instance_uid),
+    )
+
+
 def _group(
     result: StudyResult,
     tracking: str,
@@ -131,11 +156,15 @@ def _group(
     p: float,
     label: str,
     triage_class: str | None,
+    region: Any = None,
 ) -> Any:
+    """A measurement group: TID 1410 on ``region`` (an image region) where one is given, so a
+    viewer draws it on the film; else TID 1501, referencing the films."""
     from highdicom.sr import (
         AlgorithmIdentification,
         Measurement,
         MeasurementsAndQualitativeEvaluations,
+        PlanarROIMeasurementsAndQualitativeEvaluations,
         QualitativeEvaluation,
         SourceImageForMeasurementGroup,
         TrackingIdentifier,
@@ -155,20 +184,25 @@ def _group(
         evaluations.append(QualitativeEvaluation(
             _local("TRIAGE", "Triage class"),
             _local(triage_class.upper(), triage_class.capitalize())))  # fmt: skip
-    return MeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(uid=uid, identifier=tracking),
-        finding_type=finding_code(label),  # TID 1501's Finding: the model's call
-        algorithm_id=AlgorithmIdentification(
+    common: dict[str, Any] = {
+        "tracking_identifier": TrackingIdentifier(uid=uid, identifier=tracking),
+        "finding_type": finding_code(label),  # the model's call
+        "algorithm_id": AlgorithmIdentification(
             name=result.model_name,
             version=result.model_version,
             parameters=[f"policy {result.policy_version}", *result.policy_parameters],
             manufacturer=MANUFACTURER,
-        ),  # fmt: skip
-        measurements=measurements,
-        qualitative_evaluations=evaluations,
+        ),
+        "measurements": measurements,
+        "qualitative_evaluations": evaluations,
+    }
+    if region is not None:
+        return PlanarROIMeasurementsAndQualitativeEvaluations(referenced_region=region, **common)
+    return MeasurementsAndQualitativeEvaluations(
         source_images=[
             SourceImageForMeasurementGroup(i.sop_class_uid, i.sop_instance_uid) for i in images
-        ],  # fmt: skip
+        ],
+        **common,
     )
 
 
@@ -214,12 +248,16 @@ def build_sr(result: StudyResult) -> Dataset:
             model_name=result.model_name[:64],
         ),  # fmt: skip
     )
+    # The study's group lies on the region of its highest-scoring film, each film's on its
+    # own: the strongest cell of the CAM, where the snapshot says where that is.
+    top = max(result.images, key=lambda i: i.p_abnormal) if result.images else None
     groups = [_group(result, "AI triage: study", result.images, result.p_abnormal,
-                     result.label, result.triage_class)]  # fmt: skip
+                     result.label, result.triage_class,
+                     peak_region(top) if top is not None else None)]  # fmt: skip
     if len(result.images) > 1:
         for n, img in enumerate(result.images, start=1):
             groups.append(_group(result, f"AI triage: image {n}", (img,), img.p_abnormal,
-                                 img.label, None))  # fmt: skip
+                                 img.label, None, peak_region(img)))  # fmt: skip
     report = MeasurementReport(
         observation_context=ObservationContext(observer_device_context=observer),
         procedure_reported=_code("399208008", "SCT", "Plain chest X-ray"),
@@ -243,10 +281,13 @@ def build_sr(result: StudyResult) -> Dataset:
     return sr
 
 
-def burn_overlay(preview: np.ndarray, cam: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """The film with its CAM blended in and the label drawn on a black band: RGB uint8."""
+def burn_overlay(
+    preview: np.ndarray, cam: np.ndarray, alpha: float = 0.45, box: Any = None
+) -> np.ndarray:
+    """The film with its CAM blended in (on ``box`` of it, None: all of it) and the label
+    drawn on a black band: RGB uint8."""
     h, w = preview.shape
-    rgb = overlay_rgb(preview, cam, alpha)
+    rgb = overlay_rgb(preview, cam, alpha, box)
     band = max(18, h // 24)
     img = PILImage.fromarray(rgb, mode="RGB")
     draw = ImageDraw.Draw(img)
@@ -272,7 +313,7 @@ def build_sc(result: StudyResult, image: SourceImage, preview: bytes, cam: np.nd
 
     assert image.sc_uid is not None
     grey = np.asarray(PILImage.open(io.BytesIO(preview)).convert("L"), dtype=np.uint8)
-    pixels = burn_overlay(grey, cam)
+    pixels = burn_overlay(grey, cam, box=image.cam_box)
     index = [i.sop_instance_uid for i in result.images].index(image.sop_instance_uid) + 1
     p = result.patient
     sc = SCImage(

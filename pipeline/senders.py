@@ -49,9 +49,17 @@ Report = Callable[[int, Outcome], None]
 
 def study_result(snapshot: dict[str, Any]) -> StudyResult:
     """A ``StudyResult`` back from the JSON snapshot stored on the object."""
+
+    def box(value: Any) -> tuple[float, float, float, float] | None:
+        return (
+            (float(value[0]), float(value[1]), float(value[2]), float(value[3])) if value else None
+        )
+
     images = tuple(
         SourceImage(i["sop_class_uid"], i["sop_instance_uid"], i["series_instance_uid"],
-                    i["p_abnormal"], i["label"], i.get("sc_uid"), i.get("view_position"))
+                    i["p_abnormal"], i["label"], i.get("sc_uid"), i.get("view_position"),
+                    box(i.get("cam_box")), box(i.get("cam_peak")), i.get("columns"),
+                    i.get("rows"))
         for i in snapshot["images"]
     )  # fmt: skip
     return StudyResult(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from pipeline.cam_place import snapshot_fields
 from pipeline.instances import InstanceStore, derived_uid, keep
 from pipeline.models import Image, Instance, Prediction, ResultObject, Study
 from pipeline.outbox import patient_of
@@ -47,8 +49,8 @@ def _scored(session: Session, study: Study) -> list[tuple[Image, Prediction, Ins
     return out
 
 
-def _snapshot(session: Session, study: Study, scored: list[tuple[Image, Prediction, Instance]]
-              ) -> tuple[dict[str, Any], str]:  # fmt: skip
+def _snapshot(session: Session, study: Study, scored: list[tuple[Image, Prediction, Instance]],
+              weights: Path | None) -> tuple[dict[str, Any], str]:  # fmt: skip
     """The PACS's snapshot and SR UID where one was made for this model, else a new one."""
     mv = str(study.model_version)
     sent = session.scalars(
@@ -74,14 +76,18 @@ def _snapshot(session: Session, study: Study, scored: list[tuple[Image, Predicti
             "sop_instance_uid": inst.sop_uid, "series_instance_uid": inst.series_uid,
             "p_abnormal": float(pred.p_abnormal), "label": pred.label,
             "sc_uid": derived_uid("cam", inst.sop_uid, mv), "view_position": image.view_position,
+            **snapshot_fields(session, image, pred, weights),
         } for image, pred, inst in scored],
     }  # fmt: skip
     return snapshot, derived_uid("sr", str(study.study_uid), mv, str(len(scored)))
 
 
-def ensure_results(session: Session, store: InstanceStore, study_uid: str) -> int:
+def ensure_results(
+    session: Session, store: InstanceStore, study_uid: str, weights: Path | None = None
+) -> int:
     """Make the study's CAM captures and SR in the store if they are not there; commit.
-    Returns how many instances were added."""
+    Returns how many instances were added. ``weights``: the settings' file, to tell where its
+    CAMs lie on a film (pipeline.cam_place)."""
     from pipeline.senders import study_result
 
     study = session.scalars(select(Study).where(Study.study_uid == study_uid)).first()
@@ -97,7 +103,7 @@ def ensure_results(session: Session, store: InstanceStore, study_uid: str) -> in
         Instance.study_id == study.id, Instance.series_uid == sr_series)).first()  # fmt: skip
     if not scored or (has_sr is not None and all(i.id in have for i, _, _ in scored)):
         return 0
-    snapshot, sr_uid = _snapshot(session, study, scored)
+    snapshot, sr_uid = _snapshot(session, study, scored, weights)
     result = study_result(snapshot)
     by_image = {i["image_id"]: i["sc_uid"] for i in snapshot["images"]}
     added = 0

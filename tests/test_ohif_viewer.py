@@ -5,10 +5,12 @@ The NEMA WG04 chest CR (1955 x 1841, 15-bit, MONOCHROME1) and its JPEG 2000 twin
 shipped model and served on a real port. A radiologist opens the CR in OHIF: the viewport draws
 the film (a real spread of grey levels, the header's window), a left drag (the Window/Level
 tool, OHIF's default) changes its window and its pixels, the JPEG 2000 twin draws the same
-pixels, and the study panel lists the CAM capture (in colour) and the SR; then the JPEG study.
+pixels, and the study panel lists the CAM capture (in colour) and the SR; opened, the SR's
+regions (the CAM's strongest cell) are drawn on the films they name; then the JPEG study.
 Nothing is fetched from another origin, no request fails and no CSP violation is reported.
 
-Set CXR_SCREENSHOTS=docs/screenshots to refresh ohif-worklist.png, ohif-cr.png, ohif-cam.png.
+Set CXR_SCREENSHOTS=docs/screenshots to refresh ohif-worklist.png, ohif-cr.png, ohif-cam.png,
+ohif-sr.png.
 """
 
 from __future__ import annotations
@@ -51,6 +53,10 @@ TWO_UP = (
     "() => window.commandsManager.runCommand('setViewportGridLayout', {numRows: 1, numCols: 2})"
 )
 TWO_FRAMES = "() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))"
+SR_REGIONS = """() => (window.cornerstoneTools.annotation.state.getAllAnnotations() || [])
+  .filter(a => a.metadata?.toolName === 'DICOMSRDisplay')
+  .map(a => ({sop: (a.metadata.referencedImageId.match(/instances\\/([0-9.]+)/) || [])[1],
+              points: a.data?.handles?.points?.length, label: String(a.data?.label || '')}))"""
 THUMBNAILS = """() => [...document.querySelectorAll('[data-cy=study-browser-thumbnail]')].map(t => ({
   series: t.dataset.series, text: t.innerText, image: t.querySelector('img')?.src || null}))"""
 
@@ -245,6 +251,20 @@ def test_the_cr_renders_window_level_changes_it_and_the_ai_series_are_listed(
     assert _colour(left) < 1 and _colour(right) > 5, (_colour(left), _colour(right))
     assert _spread(left.mean(axis=2))[0] > 40 and _spread(right.mean(axis=2))[0] > 40
     seen.shot("ohif-cam.png")
+
+    # The SR opened: OHIF draws each group's region (the CAM's strongest cell) on the film it
+    # names, labelled with the abnormal probability: the study's group on the top-scoring
+    # film, each film's on its own.
+    page.dblclick("[data-cy=study-browser-thumbnail-no-image]")
+    page.wait_for_function(f"() => ({SR_REGIONS})().length === 3")
+    regions = page.evaluate(SR_REGIONS)
+    sops = [r["sop"] for r in regions]
+    assert len(sops) == 3 and set(sops) == {UNCR_SOP, J2K_SOP}
+    assert all(r["points"] == 5 for r in regions), regions  # a closed rectangle
+    p_abnormal = {round(float(r["label"].split()[0]), 2) for r in regions}
+    assert len(p_abnormal) == 1 and 0.0 <= p_abnormal.pop() <= 1.0  # the same film twice
+    assert "Something went wrong" not in page.inner_text("body")
+    seen.shot("ohif-sr.png")
     seen.assert_clean()
 
 

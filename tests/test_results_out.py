@@ -10,10 +10,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from pydicom import dcmread
 from sqlalchemy import select
 
+from pipeline.cam_place import place
 from pipeline.db import session_scope
 from pipeline.destinations import Spec, apply, parse_url, sync_env
 from pipeline.models import (
@@ -21,6 +23,7 @@ from pipeline.models import (
     Destination,
     Image,
     OutboxItem,
+    Prediction,
     ResultObject,
     Study,
     as_utc,
@@ -28,6 +31,8 @@ from pipeline.models import (
 )
 from pipeline.outbox import NOT_DICOM, claim_due, queue_results, retry_now
 from pipeline.outbox_cli import Sender, model_info, send_pass
+from pipeline.registry import preprocess_of
+from pipeline.render import box_pixels
 from pipeline.results_dicom import SOP_SC, SOP_SR
 from pipeline.senders import build_payload, send_dicom
 from pipeline.settings import Settings
@@ -114,8 +119,29 @@ def test_sr_and_capture_are_valid_dicom_and_the_same_on_every_build(
     report = hd.sr.ComprehensiveSR.from_dataset(sr)
     assert report.get_evidence() == [(study.study_uid, source.series_uid, source.sop_uid,
                                       "1.2.840.10008.5.1.4.1.1.1")]  # fmt: skip
-    groups = report.content.get_image_measurement_groups()
+    assert report.content.get_image_measurement_groups() == []  # every group has a region
+    groups = report.content.get_planar_roi_measurement_groups()
     assert [g.tracking_identifier for g in groups] == ["AI triage: study"]
+    # the region is the CAM's strongest cell, on the part of the film the model read
+    with populated() as session:
+        img = session.get(Image, source.id)
+        pred = session.scalars(select(Prediction).where(Prediction.image_id == source.id)).one()
+        placed = place(session, img, pred, settings.weights_path)
+        method = preprocess_of(session, pred.model_version, settings.weights_path)
+    assert method == "resize" and placed.box == (0.0, 1.0, 0.0, 1.0)  # this model: the film
+    region = groups[0].roi
+    assert region is not None and region.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+    assert (
+        region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        == source.sop_uid
+    )
+    r0, r1, c0, c1 = placed.peak
+    cols, rows = source.width, source.height
+    np.testing.assert_allclose(region.value, [[c0 * cols, r0 * rows], [c1 * cols, r0 * rows],
+                                              [c1 * cols, r1 * rows], [c0 * cols, r1 * rows],
+                                              [c0 * cols, r0 * rows]], atol=1.0)  # fmt: skip
+    b0, b1, a0, a1 = placed.box
+    assert b0 - 1e-6 <= r0 < r1 <= b1 + 1e-6 and a0 - 1e-6 <= c0 < c1 <= a1 + 1e-6
     (p_abn,) = [m for m in groups[0].get_measurements() if m.name.meaning == "Abnormal probability"]
     assert p_abn.value == pytest.approx(study.p_abnormal, abs=1e-6)
     evaluations = {e.name.meaning: e.value.meaning for e in groups[0].get_qualitative_evaluations()}
@@ -126,6 +152,7 @@ def test_sr_and_capture_are_valid_dicom_and_the_same_on_every_build(
     assert study.model_version in texts
     assert any(t.startswith(f"policy {study.model_version}/policy-") for t in texts), texts
     assert sc.BurnedInAnnotation == "YES" and sc.pixel_array.shape[2] == 3
+
     assert sc.SourceImageSequence[0].ReferencedSOPInstanceUID == source.sop_uid
     # the Debian validators: no errors (warnings: our private coding scheme, see README)
     for kind, data in payloads.items():
@@ -146,6 +173,84 @@ def test_sr_and_capture_are_valid_dicom_and_the_same_on_every_build(
                              text=True)  # fmt: skip
         assert out.returncode == 0 and "E:" not in out.stderr and "W:" not in out.stderr
         assert "Imaging Measurement Report" in out.stdout and "Abnormal probability" in out.stdout
+
+
+def test_the_cam_lies_on_the_crop_the_model_read(
+    settings: Settings, study_folder: Path, tmp_path: Path
+) -> None:
+    """The shipped model reads a thorax crop: its CAM is drawn on that crop of the film, in
+    the capture, the study page's layers and the SR's region, never stretched over the film."""
+    from PIL import Image as PILImage
+
+    from pipeline.classifier import Classifier
+    from pipeline.db import make_engine, make_session_factory
+    from pipeline.imaging import Limits
+    from pipeline.inference import classify_images
+    from pipeline.ingest import ingest_paths
+    from pipeline.migrate import upgrade
+    from pipeline.queue import redis_client
+    from pipeline.render import WHOLE
+    from pipeline.users import create_user
+    from tests.conftest import PASSWORD, REPO
+    from tests.test_dashboard import login
+
+    shipped = settings.with_(weights=REPO / "weights" / "cxr-resnet18.pt")
+    upgrade(shipped.db_url)
+    factory = make_session_factory(make_engine(shipped.db_url))
+    report = ingest_paths(factory, [study_folder], Limits())
+    ids = [i.image_id for i in report.accepted]
+    done = classify_images(factory, redis_client(shipped.redis_url),
+                           Classifier(shipped.weights, "cpu", 1), ids)  # fmt: skip
+    assert sorted(done.done) == sorted(ids)
+    with factory() as session:
+        create_user(session, "rad", PASSWORD, "radiologist")
+        session.commit()
+    add_destination(factory, shipped, parse_url("dicom://PACS@127.0.0.1:1"))
+    queue_results(factory, model_info(shipped))
+    study = dicom_study(factory)
+    with factory() as session:
+        source = session.scalars(select(Image).where(Image.study_id == study.id)).one()
+        pred = session.scalars(select(Prediction).where(Prediction.image_id == source.id)).one()
+        placed = place(session, source, pred, shipped.weights_path)
+        assert preprocess_of(session, pred.model_version, shipped.weights_path) == "thorax"
+        payloads = {o.kind: build_payload(session, o) for o in session.scalars(
+            select(ResultObject).where(ResultObject.status == "ready"))}  # fmt: skip
+    assert placed.box != WHOLE
+    b0, b1, a0, a1 = placed.box
+    assert 0.0 <= b0 < b1 <= 1.0 and 0.0 <= a0 < a1 <= 1.0 and (b1 - b0) * (a1 - a0) < 0.95
+    # the capture: tinted inside the crop, the grey film outside it (below the label band)
+    sc = dcmread(io.BytesIO(payloads["sc"]))
+    rgb = sc.pixel_array.astype(int)
+    h, w = rgb.shape[:2]
+    y0, y1, x0, x1 = box_pixels(placed.box, w, h)
+    tinted = (rgb.max(axis=2) - rgb.min(axis=2)) > 12
+    outside = np.ones((h, w), dtype=bool)
+    outside[y0:y1, x0:x1] = False
+    outside[: max(18, h // 24) + 2] = False
+    assert not tinted[outside].any() and tinted[y0:y1, x0:x1].mean() > 0.05
+    # the study page's CAM layer: transparent outside the crop
+    from dashboard import create_app
+
+    client = create_app({"CXR_SETTINGS": shipped, "TESTING": True}).test_client()
+    assert login(client).status_code == 302
+    layer = client.get(f"/images/{source.id}/cam.png")
+    assert layer.status_code == 200
+    alpha = np.asarray(PILImage.open(io.BytesIO(layer.get_data())))[..., 3]
+    lh, lw = alpha.shape
+    ly0, ly1, lx0, lx1 = box_pixels(placed.box, lw, lh)
+    inside = np.zeros_like(alpha, dtype=bool)
+    inside[ly0:ly1, lx0:lx1] = True
+    assert alpha[~inside].max() == 0 and alpha[inside].max() > 200
+    # the SR's region: the strongest cell, inside the crop, in the film's pixels
+    import highdicom as hd
+
+    (group,) = hd.sr.ComprehensiveSR.from_dataset(dcmread(io.BytesIO(payloads["sr"]))
+                                                  ).content.get_planar_roi_measurement_groups()  # fmt: skip
+    xs, ys = group.roi.value[:, 0] / source.width, group.roi.value[:, 1] / source.height
+    r0, r1, c0, c1 = placed.peak
+    np.testing.assert_allclose([ys.min(), ys.max(), xs.min(), xs.max()], [r0, r1, c0, c1],
+                               atol=2.0 / min(source.width, source.height))  # fmt: skip
+    assert b0 - 1e-6 <= r0 and r1 <= b1 + 1e-6 and a0 - 1e-6 <= c0 and c1 <= a1 + 1e-6
 
 
 def test_a_second_pass_owes_nothing_new(
