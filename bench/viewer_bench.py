@@ -1,7 +1,7 @@
 """How long OHIF takes to show a study: from navigating to its URL to the film in the viewport.
 
 ``python -m bench.viewer_bench [--json] [--runs N] [--waterfall] [--cpu-rendering]
-[--compare-identity]`` sets up
+[--compare-identity] [--network MBIT[/MS]]`` sets up
 a site of its own (a temporary data dir, an embedded Redis, SQLite, the shipped weights, the
 OHIF build ``cxr-triage ohif install`` made), ingests the NEMA WG04 chest CR (1955 x 1841,
 15-bit, 7.2 MB uncompressed), the same film as JPEG 2000 in a study of its own (its pixel data
@@ -18,7 +18,9 @@ result objects (CAM captures, SR) on its first DICOMweb look; that is timed on i
 from the browser's network timing, the page's main-thread time, the CPU the browser and the
 server used. ``--cpu-rendering`` opens with OHIF's ``viewportRendering=cpu`` (no WebGL). ``--compare-identity``
 also opens the CR in contexts that ask for uncompressed responses (the build is sent gzipped to
-a browser that accepts it) and prints the ratio of the two medians, measured in the same run.
+a browser that accepts it) and prints the ratio of the two medians, measured in the same run;
+``--network`` has Chromium emulate a department's network (rate and latency) instead of the
+loopback, where compression saves transfer time rather than costing it.
 Logs go to stderr; ``--json`` prints exactly one JSON line on stdout. No timing is asserted.
 """
 
@@ -121,7 +123,8 @@ def _median_phases(opens: list[dict[str, Any]]) -> dict[str, float | None]:
 
 
 def measure(base: str, studies: dict[str, str], runs: int, cases: tuple[str, ...],
-            server_pid: int | None = None, cpu: bool = False
+            server_pid: int | None = None, cpu: bool = False,
+            network: tuple[float, float] | None = None,
             ) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
     """Every case opened cold then warm, runs times; the summary and the first case's last
     cold and warm opens."""
@@ -142,9 +145,9 @@ def measure(base: str, studies: dict[str, str], runs: int, cases: tuple[str, ...
             for case in cases:
                 page = site.logged_in(chromium, base, identity=case.endswith(IDENTITY))
                 url = site.viewer_url(base, studies[case.removesuffix(IDENTITY)], cpu)
-                opens[case]["cold"].append(open_study(page, url, server_pid))
+                opens[case]["cold"].append(open_study(page, url, server_pid, network))
                 page.goto(base + "/")
-                opens[case]["warm"].append(open_study(page, url, server_pid))
+                opens[case]["warm"].append(open_study(page, url, server_pid, network))
                 page.context.close()
                 log.info("run %d %s: cold %.0f ms, warm %.0f ms", run + 1, case,
                          opens[case]["cold"][-1]["first_image_ms"],
@@ -171,7 +174,8 @@ def measure(base: str, studies: dict[str, str], runs: int, cases: tuple[str, ...
 
 
 def run(runs: int = 5, cases: tuple[str, ...] = CASES, weights: Path | None = None,
-        cpu: bool = False, build: Path | None = None
+        cpu: bool = False, build: Path | None = None,
+        network: tuple[float, float] | None = None,
         ) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
     """Set up the site on embedded defaults, measure, and return the --json document."""
     from pipeline import ohif
@@ -203,7 +207,7 @@ def run(runs: int = 5, cases: tuple[str, ...] = CASES, weights: Path | None = No
             built = site.populate(settings, films, client)
             client.close()
             with gunicorn(settings, workdir) as (base, pid):
-                summary, last = measure(base, built.studies, runs, cases, pid, cpu)
+                summary, last = measure(base, built.studies, runs, cases, pid, cpu, network)
         finally:
             redis.stop()
     browser = summary.pop("_browser")
@@ -213,6 +217,11 @@ def run(runs: int = 5, cases: tuple[str, ...] = CASES, weights: Path | None = No
         "rendering": "cornerstone CPU (viewportRendering=cpu)" if cpu else "cornerstone WebGL",
         "cores": os.cpu_count(),
         "server": "gunicorn, 1 worker, 4 threads, loopback",
+        "network": (
+            f"emulated by Chromium: {network[0]:g} Mbit/s, {network[1]:g} ms latency"
+            if network
+            else "loopback, not emulated"
+        ),  # fmt: skip
         "first_image": "ms from navigation start to the first cornerstone render after which "
         f"the viewport canvas (scaled to 64x64) has a grey SD above {site.BLANK_SD:g}",
         "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
@@ -222,12 +231,15 @@ def run(runs: int = 5, cases: tuple[str, ...] = CASES, weights: Path | None = No
     if "cr" in summary:
         doc["cr_cold_under_goal"] = summary["cr"]["cold_ms"]["median"] < GOAL_MS
         doc["cr_warm_under_goal"] = summary["cr"]["warm_ms"]["median"] < GOAL_MS
-    if "cr" in summary and "cr" + IDENTITY in summary:  # measured in this run, side by side
-        plain = summary["cr" + IDENTITY]
-        doc["cr_compressed_over_identity"] = {
-            state: round(summary["cr"][f"{state}_ms"]["median"] / plain[f"{state}_ms"]["median"], 3)
+    ratios = {}  # each case opened both ways in this run, side by side
+    for case in [c for c in summary if c + IDENTITY in summary]:
+        plain = summary[case + IDENTITY]
+        ratios[case] = {
+            state: round(summary[case][f"{state}_ms"]["median"] / plain[f"{state}_ms"]["median"], 3)
             for state in ("cold", "warm")
         }
+    if ratios:
+        doc["compressed_over_identity"] = ratios
     return doc, last
 
 
@@ -257,13 +269,27 @@ def table(doc: dict[str, Any]) -> str:
         "main-thread task time; cpu ch / sv: CPU ms of Chromium's processes / the server's.",
         f"goal for the CR: {doc['goal_cr_ms']:.0f} ms; medians of {doc['runs']} runs; "
         f"{doc['browser']}; {doc['rendering']}; {doc['cores']} cores; {doc['server']}; "
+        f"network {doc['network']}; "
         f"load average {doc['load_average_1m'][0]} before, {doc['load_average_1m'][1]} after",
     ]
-    if "cr_compressed_over_identity" in doc:
-        ratio = doc["cr_compressed_over_identity"]
-        lines.append(f"the CR with compressed responses / uncompressed, same run: cold "
-                     f"{ratio['cold']:.2f}x, warm {ratio['warm']:.2f}x")  # fmt: skip
+    for case, ratio in doc.get("compressed_over_identity", {}).items():
+        lines.append(f"{LABELS.get(case, case)}, compressed responses / uncompressed, same run: "
+                     f"cold {ratio['cold']:.2f}x, warm {ratio['warm']:.2f}x")  # fmt: skip
     return "\n".join(lines)
+
+
+def parse_network(text: str | None) -> tuple[float, float] | None:
+    """``MBIT[/MS]`` as (Mbit/s, latency ms); None for no emulation."""
+    if not text:
+        return None
+    mbit, _, ms = text.partition("/")
+    try:
+        rate, latency = float(mbit), float(ms or 0)
+    except ValueError:
+        raise SystemExit(f"--network {text!r}: expected MBIT[/MS], e.g. 100/2") from None
+    if rate <= 0 or latency < 0:
+        raise SystemExit(f"--network {text!r}: the rate must be positive, the latency not negative")
+    return rate, latency
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare-identity", action="store_true",
                         help="also open the CR asking for uncompressed responses, and print "
                              "the ratio of the two")  # fmt: skip
+    parser.add_argument("--network", metavar="MBIT[/MS]",
+                        help="have Chromium emulate this network for the opens, e.g. 100/2 "
+                             "(100 Mbit/s, 2 ms latency); default: the loopback as it is")  # fmt: skip
     parser.add_argument("--waterfall", action="store_true",
                         help="print the last cold and warm CR opens' requests to stderr")  # fmt: skip
     args = parser.parse_args(argv)
@@ -284,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         cases = CASES + (("cr" + IDENTITY,) if args.compare_identity else ())
-        doc, last = run(max(1, args.runs), cases=cases, cpu=args.cpu_rendering)
+        doc, last = run(max(1, args.runs), cases=cases, cpu=args.cpu_rendering,
+                        network=parse_network(args.network))  # fmt: skip
     except Unavailable as exc:
         print(f"viewer bench: {exc}", file=sys.stderr)
         return 2

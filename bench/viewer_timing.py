@@ -90,9 +90,13 @@ def _cpu_used(before: dict[str, dict[int, float]], after: dict[str, dict[int, fl
             for side in after}  # fmt: skip
 
 
-def open_study(page: Any, url: str, server_pid: int | None = None) -> dict[str, Any]:
+def open_study(page: Any, url: str, server_pid: int | None = None,
+               network: tuple[float, float] | None = None) -> dict[str, Any]:  # fmt: skip
     """Navigate to the study; the first image's time, the requests, OHIF's own timers, the
-    main thread's busy time (Chromium's Performance metrics) and the CPU each side used."""
+    main thread's busy time (Chromium's Performance metrics) and the CPU each side used.
+
+    ``network``: (Mbit/s, latency ms) that Chromium emulates for the page's requests (a
+    department's network rather than the loopback); None: no emulation."""
     requests: list[Any] = []
     timers: dict[str, float] = {}
 
@@ -106,6 +110,12 @@ def open_study(page: Any, url: str, server_pid: int | None = None) -> dict[str, 
 
     cdp = page.context.new_cdp_session(page)
     cdp.send("Performance.enable")
+    if network is not None:
+        rate = network[0] * 1e6 / 8  # bytes per second
+        cdp.send("Network.enable")
+        cdp.send("Network.emulateNetworkConditions", {
+            "offline": False, "latency": network[1], "downloadThroughput": rate,
+            "uploadThroughput": rate})  # fmt: skip
     page.context.on("requestfinished", on_request)
     page.on("console", on_console)
     try:

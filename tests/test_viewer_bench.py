@@ -66,9 +66,28 @@ def test_the_twin_study_keeps_the_pixel_data_and_changes_every_uid(tmp_path: Pat
 
 
 @pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")
+def test_a_network_is_rate_and_latency() -> None:
+    assert viewer_bench.parse_network("100/2") == (100.0, 2.0)
+    assert (
+        viewer_bench.parse_network("54") == (54.0, 0.0) and viewer_bench.parse_network(None) is None
+    )
+    for bad in ("fast", "0/2", "10/-1"):
+        with pytest.raises(SystemExit):
+            viewer_bench.parse_network(bad)
+
+
+@pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")
 def test_one_tiny_run_gives_the_documented_json(weights_file: Path) -> None:
-    doc, last = viewer_bench.run(1, ("jpeg",), weights=weights_file, build=REAL_BUILD)
-    assert json.loads(json.dumps(doc)) == doc and list(doc["studies"]) == ["jpeg"]
+    """One open each way, on an emulated network: compressed, and uncompressed in the same run."""
+    doc, last = viewer_bench.run(1, ("jpeg", "jpeg_identity"), weights=weights_file,
+                                 build=REAL_BUILD, network=(400.0, 1.0))  # fmt: skip
+    assert json.loads(json.dumps(doc)) == doc and list(doc["studies"]) == ["jpeg", "jpeg_identity"]
+    assert doc["network"] == "emulated by Chromium: 400 Mbit/s, 1 ms latency"
+    ratio = doc["compressed_over_identity"]["jpeg"]
+    assert set(ratio) == {"cold", "warm"} and all(v > 0 for v in ratio.values())
+    assert (
+        doc["studies"]["jpeg_identity"]["first_look_ms"] == doc["studies"]["jpeg"]["first_look_ms"]
+    )
     row = doc["studies"]["jpeg"]
     for state in ("cold", "warm"):
         first = row[f"{state}_ms"]
@@ -83,3 +102,4 @@ def test_one_tiny_run_gives_the_documented_json(weights_file: Path) -> None:
     assert last["cold"]["requests"][0]["kind"] == "page" and last["cold"]["seen_by"] == "event"
     text = viewer_bench.table(doc)
     assert "JPEG study (1024 px baseline)" in text and "cold" in text and "warm" in text
+    assert "compressed responses / uncompressed, same run" in text
