@@ -98,8 +98,15 @@ def time_ingest(paths: list[Path], db_url: str, redis_url: str, settings: Settin
     try:
 
         def sink(ids: list[int]) -> int:
-            return enqueue(factory, client, dispatcher, ids, size, settings.payload_ttl_s,
-                           preprocess=preprocess)  # fmt: skip
+            return enqueue(
+                factory,
+                client,
+                dispatcher,
+                ids,
+                size,
+                settings.payload_ttl_s,
+                preprocess=preprocess,
+            )
 
         store = InstanceStore(Path(folder), 1 << 40)
         start = time.perf_counter()
@@ -153,9 +160,11 @@ def cmd_bench_ingest(args: argparse.Namespace, settings: Settings) -> int:
     print(f"ingest, one process, n = {doc['n']} chest CR ({doc['source']}):")
     for syntax in SYNTAXES:
         r = doc[syntax]
-        print(f"  {syntax:<13} {r['files_per_s']:6.2f} files/s  (decode alone "
-              f"{r['decode_only_files_per_s']:.2f}/s, ratio {r['ingest_vs_decode']:.2f}; "
-              f"{r['mb_per_file']:.1f} MB/file)")  # fmt: skip
+        print(
+            f"  {syntax:<13} {r['files_per_s']:6.2f} files/s  (decode alone "
+            f"{r['decode_only_files_per_s']:.2f}/s, ratio {r['ingest_vs_decode']:.2f}; "
+            f"{r['mb_per_file']:.1f} MB/file)"
+        )
     print(f"  JPEG 2000 / uncompressed: {doc['jpeg2000_vs_uncompressed']:.2f}")
     return 0
 

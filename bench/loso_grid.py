@@ -58,8 +58,9 @@ def _pack_one(job: tuple[str, str, str]) -> int:
     h, w = im.shape
     if max(h, w) > PACK_SIDE:
         s = PACK_SIDE / max(h, w)
-        im = cv2.resize(im, (max(1, round(w * s)), max(1, round(h * s))),
-                        interpolation=cv2.INTER_AREA)  # fmt: skip
+        im = cv2.resize(
+            im, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA
+        )
     ok, buf = cv2.imencode(".webp", im, [cv2.IMWRITE_WEBP_QUALITY, PACK_QUALITY])
     out = Path(dst) / (rel + ".webp")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -120,8 +121,11 @@ def merge(cells: dict[str, dict[str, Any]], sources: tuple[str, ...] = SOURCES) 
     The mean and the worst are given only when every source's cell has an AUC.
     """
     rows = {name: cell for name, cell in sorted(cells.items())}
-    aucs = {k: v["auc_abnormal"] for k, v in rows.items() if v.get("auc_abnormal") is not None
-            and not math.isnan(v["auc_abnormal"])}  # fmt: skip
+    aucs = {
+        k: v["auc_abnormal"]
+        for k, v in rows.items()
+        if v.get("auc_abnormal") is not None and not math.isnan(v["auc_abnormal"])
+    }
     complete = set(aucs) == set(sources)
     worst = min(aucs, key=lambda k: aucs[k]) if complete else None
     return {
@@ -139,14 +143,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", type=Path)
     p.add_argument("--recipe", action="append", default=[], metavar="NAME=FLAGS")
     p.add_argument("--final", action="append", default=[], metavar="NAME")
-    p.add_argument("--sources", default=",".join(SOURCES),
-                   help="comma-separated source folders under DATA_ROOT")  # fmt: skip
+    p.add_argument(
+        "--sources",
+        default=",".join(SOURCES),
+        help="comma-separated source folders under DATA_ROOT",
+    )
     p.add_argument("--parallel", type=int, default=os.cpu_count() or 2)
     p.add_argument("--threads", type=int, default=1, help="torch threads per cell")
     p.add_argument("--deadline-s", type=float, default=math.inf)
     p.add_argument("--pack", type=int, metavar="PARTS", help="pack DATA_ROOT into OUT; no runs")
-    p.add_argument("--unpack", nargs="+", type=Path, metavar="PART",
-                   help="first rebuild DATA_ROOT from these packed parts")  # fmt: skip
+    p.add_argument(
+        "--unpack",
+        nargs="+",
+        type=Path,
+        metavar="PART",
+        help="first rebuild DATA_ROOT from these packed parts",
+    )
     p.add_argument("--cell", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.cell is not None:
@@ -166,14 +178,46 @@ def main(argv: list[str] | None = None) -> int:
     for name, flags in recipes.items():
         for source in sources:
             out = args.out / name / source
-            jobs.append((name, source, ["loso", *csvs, *shlex.split(flags), "--only", source,
-                         "--out-dir", str(out), "--cache-dir", str(out / "cache"),
-                         "--threads", str(args.threads), "--json"]))  # fmt: skip
+            jobs.append(
+                (
+                    name,
+                    source,
+                    [
+                        "loso",
+                        *csvs,
+                        *shlex.split(flags),
+                        "--only",
+                        source,
+                        "--out-dir",
+                        str(out),
+                        "--cache-dir",
+                        str(out / "cache"),
+                        "--threads",
+                        str(args.threads),
+                        "--json",
+                    ],
+                )
+            )
     for name in args.final:  # the finals first: they take the longest
         out = args.out / name
-        jobs.insert(0, (name, None, ["train", *csvs, *shlex.split(recipes[name]),
-                        "--out", str(out / "final.pt"), "--cache-dir", str(out / "final-cache"),
-                        "--threads", str(args.threads)]))  # fmt: skip
+        jobs.insert(
+            0,
+            (
+                name,
+                None,
+                [
+                    "train",
+                    *csvs,
+                    *shlex.split(recipes[name]),
+                    "--out",
+                    str(out / "final.pt"),
+                    "--cache-dir",
+                    str(out / "final-cache"),
+                    "--threads",
+                    str(args.threads),
+                ],
+            ),
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     pending, running = list(jobs), []
@@ -184,9 +228,12 @@ def main(argv: list[str] | None = None) -> int:
             name, source, cli = pending.pop(0)
             log = args.out / f"{name}-{source or 'final'}.log"
             log.parent.mkdir(parents=True, exist_ok=True)
-            proc = subprocess.Popen([sys.executable, "-m", "bench.loso_grid", "x", "y", "--cell",
-                                     *cli], stdout=subprocess.PIPE, stderr=log.open("w"),
-                                    text=True)  # fmt: skip
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "bench.loso_grid", "x", "y", "--cell", *cli],
+                stdout=subprocess.PIPE,
+                stderr=log.open("w"),
+                text=True,
+            )
             running.append((name, source, proc, time.monotonic()))
         time.sleep(1.0)
         for item in list(running):
@@ -204,19 +251,31 @@ def main(argv: list[str] | None = None) -> int:
                 summary = json.loads(out.strip().splitlines()[-1])
                 results[name][source] = {**summary["sources"][source], "seconds": seconds}
             else:
-                results[name][source] = {"auc_abnormal": None, "rc": proc.returncode,
-                                         "seconds": seconds}  # fmt: skip
-            grid = {"recipes": {n: {"flags": recipes[n], **merge(c, sources)}
-                                for n, c in results.items()},
-                    "finals": finals, "elapsed_s": round(time.monotonic() - start, 1)}  # fmt: skip
+                results[name][source] = {
+                    "auc_abnormal": None,
+                    "rc": proc.returncode,
+                    "seconds": seconds,
+                }
+            grid = {
+                "recipes": {
+                    n: {"flags": recipes[n], **merge(c, sources)} for n, c in results.items()
+                },
+                "finals": finals,
+                "elapsed_s": round(time.monotonic() - start, 1),
+            }
             (args.out / "grid.json").write_text(json.dumps(grid, indent=1))
-            print(f"[{grid['elapsed_s']:7.1f} s] {name} {source or 'final'}: rc {proc.returncode} "
-                  f"in {seconds} s", file=sys.stderr, flush=True)  # fmt: skip
+            print(
+                f"[{grid['elapsed_s']:7.1f} s] {name} {source or 'final'}: rc {proc.returncode} "
+                f"in {seconds} s",
+                file=sys.stderr,
+                flush=True,
+            )
     grid = json.loads((args.out / "grid.json").read_text())
     for name, row in grid["recipes"].items():
         cells = " / ".join(f"{row['sources'].get(s, {}).get('auc_abnormal')}" for s in sources)
-        print(f"{name:12s} mean {row['mean_auc']} worst {row['worst_auc']} ({cells})",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"{name:12s} mean {row['mean_auc']} worst {row['worst_auc']} ({cells})", file=sys.stderr
+        )
     return 0
 
 

@@ -40,11 +40,19 @@ PASSWORD = "site-pass-1234"
 
 
 def _cli(args: list[str], env: dict[str, str], stdin: str | None = None) -> str:
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", *args], env=env, cwd=REPO,
-                          input=stdin, capture_output=True, text=True, timeout=1800)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        env=env,
+        cwd=REPO,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     if proc.returncode != 0:
-        raise RuntimeError(f"cxr-triage {' '.join(args)}: exit {proc.returncode}\n"
-                           f"{proc.stderr[-3000:]}")  # fmt: skip
+        raise RuntimeError(
+            f"cxr-triage {' '.join(args)}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
+        )
     return proc.stdout
 
 
@@ -76,8 +84,11 @@ def rates(p: list[float], truth: list[bool], threshold: float) -> dict[str, floa
     from pipeline.performance import at_threshold
 
     r = at_threshold(p, truth, threshold)
-    return {"threshold": round(threshold, 4),
-            "sensitivity": r["sensitivity"]["value"], "specificity": r["specificity"]["value"]}  # fmt: skip
+    return {
+        "threshold": round(threshold, 4),
+        "sensitivity": r["sensitivity"]["value"],
+        "specificity": r["specificity"]["value"],
+    }
 
 
 def _wait_final(factory: Any, accessions: set[str], timeout_s: float = 900) -> None:
@@ -87,8 +98,11 @@ def _wait_final(factory: Any, accessions: set[str], timeout_s: float = 900) -> N
     final = {"done", "failed", "rejected", "skipped"}
     while time.monotonic() < deadline:
         with factory() as session:
-            rows = session.query(Study.accession_number, Study.status).filter(
-                Study.accession_number.in_(list(accessions))).all()  # fmt: skip
+            rows = (
+                session.query(Study.accession_number, Study.status)
+                .filter(Study.accession_number.in_(list(accessions)))
+                .all()
+            )
         if len(rows) == len(accessions) and all(st in final for _, st in rows):
             return
         time.sleep(1.0)
@@ -112,25 +126,34 @@ def _screenshots(base: str, folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=chromium, headless=True,
-                                     args=["--no-sandbox", "--disable-gpu"])  # fmt: skip
+        browser = pw.chromium.launch(
+            executable_path=chromium, headless=True, args=["--no-sandbox", "--disable-gpu"]
+        )
         page = browser.new_context(viewport={"width": 1440, "height": 900}).new_page()
         page.goto(base + "/login")
         page.fill("input[name=username]", ADMIN)
         page.fill("input[name=password]", PASSWORD)
         page.click("button[type=submit]")
         page.wait_for_selector("#worklist")
-        for name, path, ready in (("new-site-performance.png", "/admin/performance?days=7", "#overall"),
-                                  ("new-site-models.png", "/admin/models", "#comparison"),
-                                  ("new-site-policy.png", "/admin/policy", "#active")):  # fmt: skip
+        for name, path, ready in (
+            ("new-site-performance.png", "/admin/performance?days=7", "#overall"),
+            ("new-site-models.png", "/admin/models", "#comparison"),
+            ("new-site-policy.png", "/admin/policy", "#active"),
+        ):
             page.goto(base + path)
             page.wait_for_selector(ready)
             page.screenshot(path=str(folder / name), full_page=True)
         browser.close()
 
 
-def run(target: float, share: float, workdir: Path, epochs: int, epoch_size: int,
-        screenshots: Path | None = None) -> dict[str, Any]:  # fmt: skip
+def run(
+    target: float,
+    share: float,
+    workdir: Path,
+    epochs: int,
+    epoch_size: int,
+    screenshots: Path | None = None,
+) -> dict[str, Any]:
     from pipeline.db import make_engine, make_session_factory
     from pipeline.migrate import upgrade
     from pipeline.models import Study, User
@@ -144,9 +167,14 @@ def run(target: float, share: float, workdir: Path, epochs: int, epoch_size: int
     first, later = split_by_patient(rows, share)
     data, incoming = workdir / "var", workdir / "incoming"
     incoming.mkdir()
-    env = {**os.environ, "CXR_DATA_DIR": str(data), "CXR_WATCH_DIR": str(incoming),
-           "CXR_WATCH_SETTLE_MS": "300", "CXR_PORT": str(_free_port()),
-           "CXR_REGISTRY_CHECK_S": "2"}  # fmt: skip
+    env = {
+        **os.environ,
+        "CXR_DATA_DIR": str(data),
+        "CXR_WATCH_DIR": str(incoming),
+        "CXR_WATCH_SETTLE_MS": "300",
+        "CXR_PORT": str(_free_port()),
+        "CXR_REGISTRY_CHECK_S": "2",
+    }
     for key in ("CXR_DATABASE_URL", "CXR_REDIS_URL"):
         env.pop(key, None)
     _cli(["users", "create", ADMIN, "--role", "admin", "--password-stdin"], env, PASSWORD + "\n")
@@ -156,9 +184,14 @@ def run(target: float, share: float, workdir: Path, epochs: int, epoch_size: int
     model = describe_weights(settings)
     engine = make_engine(settings.db_url)
     factory = make_session_factory(engine)
-    system = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run"], env=env, cwd=REPO,
-                              stdout=subprocess.DEVNULL, stderr=(workdir / "run.log").open("w"),
-                              start_new_session=True)  # fmt: skip
+    system = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "run"],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=(workdir / "run.log").open("w"),
+        start_new_session=True,
+    )
     t0 = time.monotonic()
     try:
         stage(first, incoming)
@@ -168,24 +201,56 @@ def run(target: float, share: float, workdir: Path, epochs: int, epoch_size: int
         with labels.open("w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(["accession_number", "abnormal"])
-            w.writerows((f"NIH-{Path(r['path']).stem}", int(r["label"] == "abnormal"))
-                        for r in first)  # fmt: skip
-        imported = json.loads(_cli(["labels", "import", str(labels), "--user", ADMIN, "--json"],
-                                   env))  # fmt: skip
-        proposal = json.loads(_cli(["calibrate", "--json", "--target-sensitivity", str(target)],
-                                   env))  # fmt: skip
+            w.writerows(
+                (f"NIH-{Path(r['path']).stem}", int(r["label"] == "abnormal")) for r in first
+            )
+        imported = json.loads(
+            _cli(["labels", "import", str(labels), "--user", ADMIN, "--json"], env)
+        )
+        proposal = json.loads(
+            _cli(["calibrate", "--json", "--target-sensitivity", str(target)], env)
+        )
         with factory() as session:  # the admin's Apply on the console saves exactly this
             admin = session.query(User).filter_by(username=ADMIN).one()
-            policy, _ = save(session, proposal["body"], admin.id, proposal["reason"],
-                             model["thresholds"])  # fmt: skip
+            policy, _ = save(
+                session, proposal["body"], admin.id, proposal["reason"], model["thresholds"]
+            )
             session.commit()
         candidate = workdir / "candidate.pt"
         t1 = time.monotonic()
-        _cli(["train", "--from-db", "--epochs", str(epochs), "--epoch-size", str(epoch_size),
-              "--lr", "5e-4", "--threads", "2", "--out", str(candidate)], env)  # fmt: skip
+        _cli(
+            [
+                "train",
+                "--from-db",
+                "--epochs",
+                str(epochs),
+                "--epoch-size",
+                str(epoch_size),
+                "--lr",
+                "5e-4",
+                "--threads",
+                "2",
+                "--out",
+                str(candidate),
+            ],
+            env,
+        )
         train_s = time.monotonic() - t1
-        reg = json.loads(_cli(["models", "register", str(candidate), "--user", ADMIN,
-                               "--note", "fine-tuned on the first part", "--json"], env))  # fmt: skip
+        reg = json.loads(
+            _cli(
+                [
+                    "models",
+                    "register",
+                    str(candidate),
+                    "--user",
+                    ADMIN,
+                    "--note",
+                    "fine-tuned on the first part",
+                    "--json",
+                ],
+                env,
+            )
+        )
         with factory() as session:  # the console's Shadow button
             admin = session.query(User).filter_by(username=ADMIN).one()
             start_shadow(session, reg["version"], admin.id, Path(settings.weights or ""))
@@ -197,13 +262,15 @@ def run(target: float, share: float, workdir: Path, epochs: int, epoch_size: int
         with outcomes.open("w", newline="") as fh:
             w = csv.writer(fh)
             w.writerow(["accession_number", "abnormal"])
-            w.writerows((f"NIH-{Path(r['path']).stem}", int(r["label"] == "abnormal"))
-                        for r in later)  # fmt: skip
+            w.writerows(
+                (f"NIH-{Path(r['path']).stem}", int(r["label"] == "abnormal")) for r in later
+            )
         _cli(["labels", "import", str(outcomes), "--user", ADMIN, "--json"], env)
         with factory() as session:
             now_policy = active(session)
-            shadow_doc = comparison(session, (now_policy.thresholds or {}).get("routine"),
-                                    now_policy.temperature_scale)  # fmt: skip
+            shadow_doc = comparison(
+                session, (now_policy.thresholds or {}).get("routine"), now_policy.temperature_scale
+            )
         if screenshots is not None:
             _screenshots(f"http://127.0.0.1:{env['CXR_PORT']}", screenshots)
     finally:
@@ -214,13 +281,15 @@ def run(target: float, share: float, workdir: Path, epochs: int, epoch_size: int
     truth = {f"NIH-{Path(r['path']).stem}": r["label"] == "abnormal" for r in later}
     with factory() as session:
         now = active(session)
-        studies = [s for s in session.query(Study).filter(Study.accession_number.in_(list(truth)))
-                   if s.p_abnormal is not None]  # fmt: skip
+        studies = [
+            s
+            for s in session.query(Study).filter(Study.accession_number.in_(list(truth)))
+            if s.p_abnormal is not None
+        ]
         p = [float(s.p_abnormal) for s in studies]  # type: ignore[arg-type]
         y = [truth[str(s.accession_number)] for s in studies]
         under = sorted({s.policy_version for s in studies if s.policy_version is not None})
-        called = sum(s.triage_class != "normal" and truth[str(s.accession_number)]
-                     for s in studies)  # fmt: skip
+        called = sum(s.triage_class != "normal" and truth[str(s.accession_number)] for s in studies)
     engine.dispose()
     assert now.thresholds is not None
     before = rates(p, y, model["thresholds"]["routine"])
@@ -231,15 +300,16 @@ def run(target: float, share: float, workdir: Path, epochs: int, epoch_size: int
         w.writerow(["path", "label", "patient_id"])
         w.writerows((str(NIH / r["path"]), r["label"], r["patient_id"]) for r in later)
     shipped_eval = json.loads(_cli(["evaluate", str(later_csv), "--json"], env))
-    cand_eval = json.loads(_cli(["evaluate", str(later_csv), "--weights", str(candidate),
-                                 "--json"], env))  # fmt: skip
+    cand_eval = json.loads(
+        _cli(["evaluate", str(later_csv), "--weights", str(candidate), "--json"], env)
+    )
     return {
         "films": {
             "first": len(first),
             "later": len(later),
             "first_patients": len({r["patient_id"] for r in first}),
             "later_patients": len({r["patient_id"] for r in later}),
-        },  # fmt: skip
+        },
         "first_part_seconds": round(first_s, 1),
         "labels_imported": imported.get("imported"),
         "calibration": {
@@ -253,7 +323,7 @@ def run(target: float, share: float, workdir: Path, epochs: int, epoch_size: int
                 "expected",
                 "waiting_changed",
             )
-        },  # fmt: skip
+        },
         "policy_version": policy.version,
         "later_ranked_under_policy": under,
         "fine_tune": {"epochs": epochs, "epoch_size": epoch_size, "seconds": round(train_s, 1)},
@@ -270,7 +340,7 @@ def run(target: float, share: float, workdir: Path, epochs: int, epoch_size: int
             if after["sensitivity"] is None
             else round(after["sensitivity"] - target, 4),
             "worklist_calls_agree": called == round((after["sensitivity"] or 0) * sum(y)),
-        },  # fmt: skip
+        },
         "shadow_on_later_part": shadow_doc,
         "candidate": reg["version"],
         "model": model["version"],
@@ -290,20 +360,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no NIH sample at {NIH}", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="cxr-new-site-") as tmp:
-        doc = run(args.target_sensitivity, args.first_share, Path(tmp), args.epochs,
-                  args.epoch_size, args.screenshots)  # fmt: skip
+        doc = run(
+            args.target_sensitivity,
+            args.first_share,
+            Path(tmp),
+            args.epochs,
+            args.epoch_size,
+            args.screenshots,
+        )
     if args.json:
         print(json.dumps(doc))
         return 0
     later = doc["later"]
-    print(f"films: {doc['films']}; calibrated on {doc['calibration']['reviewed']} reviewed "
-          f"({doc['calibration']['abnormal']} abnormal): temperature x"
-          f"{doc['calibration']['temperature_scale']}, thresholds {doc['calibration']['thresholds']}")  # fmt: skip
-    print(f"later part: {later['scored']} films, {later['abnormal']} abnormal; AUC shipped "
-          f"{later['auc_shipped']}, fine-tuned candidate {later['auc_candidate']}")  # fmt: skip
+    print(
+        f"films: {doc['films']}; calibrated on {doc['calibration']['reviewed']} reviewed "
+        f"({doc['calibration']['abnormal']} abnormal): temperature x"
+        f"{doc['calibration']['temperature_scale']}, thresholds {doc['calibration']['thresholds']}"
+    )
+    print(
+        f"later part: {later['scored']} films, {later['abnormal']} abnormal; AUC shipped "
+        f"{later['auc_shipped']}, fine-tuned candidate {later['auc_candidate']}"
+    )
     print(f"routine threshold before: {later['routine_before']}")
-    print(f"routine threshold after:  {later['routine_after']} (target sensitivity "
-          f"{later['target_sensitivity']}, difference {later['after_minus_target']})")  # fmt: skip
+    print(
+        f"routine threshold after:  {later['routine_after']} (target sensitivity "
+        f"{later['target_sensitivity']}, difference {later['after_minus_target']})"
+    )
     return 0
 
 

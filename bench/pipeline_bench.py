@@ -60,8 +60,20 @@ WARMUP = 32  # images sent through the pipeline before timing
 # The profile's stages in pipeline order (pipeline.profiling): ingest in this process, then
 # the workers' (Celery's fetch and decode, the batch wait, the batch's own stages, the acks).
 INGEST_STAGES = ("read", "decode", "preview", "sql", "model_input", "payload", "send")
-WORKER_STAGES = ("idle", "message", "fill", "claim", "load", "forward", "cam", "write",
-                 "cleanup", "task", "ack", "push")  # fmt: skip
+WORKER_STAGES = (
+    "idle",
+    "message",
+    "fill",
+    "claim",
+    "load",
+    "forward",
+    "cam",
+    "write",
+    "cleanup",
+    "task",
+    "ack",
+    "push",
+)
 
 
 def bench_images(n: int, folder: Path, tag: str = "bench") -> list[Path]:
@@ -100,8 +112,15 @@ def measure_model(clf: Classifier, inputs: np.ndarray) -> dict[int, float]:
     return rates
 
 
-def _model_child(weights: str, layout: WorkerLayout, inputs_path: str, batch_sizes: tuple[int, ...],
-                 barrier: Any, out: Any, runtime: str = "eager") -> None:  # fmt: skip
+def _model_child(
+    weights: str,
+    layout: WorkerLayout,
+    inputs_path: str,
+    batch_sizes: tuple[int, ...],
+    barrier: Any,
+    out: Any,
+    runtime: str = "eager",
+) -> None:
     """One process of the layout: the model alone at each batch size, started with the others."""
     from pipeline.classifier import Classifier
 
@@ -124,10 +143,13 @@ def measure_model_layout(
     path = workdir / "model-inputs.npy"
     np.save(path, inputs)
     barrier, out = ctx.Barrier(layout.processes), ctx.Queue()
-    procs = [ctx.Process(target=_model_child,
-                         args=(str(weights), layout, str(path), LAYOUT_BATCH_SIZES, barrier, out,
-                               runtime))
-             for _ in range(layout.processes)]  # fmt: skip
+    procs = [
+        ctx.Process(
+            target=_model_child,
+            args=(str(weights), layout, str(path), LAYOUT_BATCH_SIZES, barrier, out, runtime),
+        )
+        for _ in range(layout.processes)
+    ]
     for proc in procs:
         proc.start()
     try:
@@ -166,8 +188,15 @@ def _send(settings: Settings, factory: Any, paths: list[Path], size: int) -> lis
     sink = Enqueuer(factory, client, dispatcher, size, 3600, preprocess=preprocess)
     try:
         # The product keeps every accepted film in the instance store: so does the bench.
-        report = ingest_paths(factory, paths, Limits(), source="bench", sink=sink,
-                              chunk=settings.batch_size, store=InstanceStore.of(settings))  # fmt: skip
+        report = ingest_paths(
+            factory,
+            paths,
+            Limits(),
+            source="bench",
+            sink=sink,
+            chunk=settings.batch_size,
+            store=InstanceStore.of(settings),
+        )
     finally:
         dispatcher.close()
         client.close()
@@ -237,9 +266,12 @@ def measure_pipeline(
     env = {**os.environ, **settings.with_(data_dir=workdir).as_env()}
     log = open(workdir / "worker.log", "wb")
     # The workers as `cxr-triage run` starts them on this machine: same processes and threads.
-    workers = [subprocess.Popen(command, env=child_env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-               for _, command, child_env in worker_children(settings, env, "bench")]  # fmt: skip
+    workers = [
+        subprocess.Popen(
+            command, env=child_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        for _, command, child_env in worker_children(settings, env, "bench")
+    ]
     try:
         deadline = time.monotonic() + 180
         while (workdir / "worker.log").read_bytes().count(b" ready.") < len(workers):
@@ -260,8 +292,15 @@ def measure_pipeline(
         ingest_sums = difference(STAGES.snapshot(), ingest_before)
         _wait_done(factory, ids, 1800)
         elapsed = time.perf_counter() - start
-        profile = _profile(client, workers_before, ingest_sums, (ingest_s, ingest_cpu_s),
-                           redis_before, len(ids), elapsed)  # fmt: skip
+        profile = _profile(
+            client,
+            workers_before,
+            ingest_sums,
+            (ingest_s, ingest_cpu_s),
+            redis_before,
+            len(ids),
+            elapsed,
+        )
         client.close()
         throughput = len(ids) / elapsed
         with factory() as session:
@@ -327,10 +366,16 @@ def _profile(
         time.sleep(0.05)
     redis_ms = _redis_cpu_ms(client) - redis_before_ms
     process = workers.pop(PROCESS, (0.0, 0.0, 0.0))
-    ingest_other = (ingest_total_s[0] * 1000.0 - sum(v[0] for v in ingest.values()),
-                    ingest_total_s[1] * 1000.0 - sum(v[1] for v in ingest.values()), 0.0)  # fmt: skip
-    worker_other = (process[0] - sum(v[0] for v in workers.values()),
-                    process[1] - sum(v[1] for v in workers.values()), 0.0)  # fmt: skip
+    ingest_other = (
+        ingest_total_s[0] * 1000.0 - sum(v[0] for v in ingest.values()),
+        ingest_total_s[1] * 1000.0 - sum(v[1] for v in ingest.values()),
+        0.0,
+    )
+    worker_other = (
+        process[0] - sum(v[0] for v in workers.values()),
+        process[1] - sum(v[1] for v in workers.values()),
+        0.0,
+    )
     n = max(1, images)
     cpu = {
         "ingest": round(ingest_total_s[1] * 1000.0 / n, 3),
@@ -366,8 +411,10 @@ def naive_app(clf: Classifier, db_path: Path) -> Any:
         out = clf.predict(arr[None])
         label = clf.classes[int(out.cam_index[0])]
         with lock:
-            conn.execute("INSERT INTO results VALUES (?, ?, ?)",
-                         (request.args.get("name"), label, float(out.probabilities[0].max())))  # fmt: skip
+            conn.execute(
+                "INSERT INTO results VALUES (?, ?, ?)",
+                (request.args.get("name"), label, float(out.probabilities[0].max())),
+            )
             conn.commit()
         return jsonify(label=label)
 
@@ -432,15 +479,22 @@ def run(
         inputs = np.stack([load_one(p, eager.input_size, eager.preprocess) for p in timed])
         layout = inference_layout(settings)
         if runtimes and eager.device.type == "cpu":
-            runtime_rows = compare_runtimes(weights, layout, inputs, workdir,
-                                            requantise=requantise)  # fmt: skip
+            runtime_rows = compare_runtimes(weights, layout, inputs, workdir, requantise=requantise)
             if choose_runtime:
                 write_choice(weights, eager.sha256, choose(runtime_rows), runtime_rows)
-        clf = Classifier(weights, settings.device, settings.torch_threads, settings.runtime,
-                         batch_size=settings.batch_size)  # fmt: skip
+        clf = Classifier(
+            weights,
+            settings.device,
+            settings.torch_threads,
+            settings.runtime,
+            batch_size=settings.batch_size,
+        )
         model_rates = measure_model(clf, inputs)
-        layout_rates = (measure_model_layout(weights, layout, inputs, workdir, clf.runtime)
-                        if layout.processes > 1 else {})  # fmt: skip
+        layout_rates = (
+            measure_model_layout(weights, layout, inputs, workdir, clf.runtime)
+            if layout.processes > 1
+            else {}
+        )
         # The ceiling: the fastest the model alone ran, in whichever layout.
         candidates = {("process", b): r for b, r in model_rates.items()}
         candidates.update({("layout", b): r for b, r in layout_rates.items()})
@@ -487,9 +541,12 @@ def _with_model(
     the model alone's CPU per image over the pipeline's (what the model is of the work)."""
     total, bound = profile["cpu_ms_per_image"]["total"], profile["bound_img_s"]
     share = round(model_cpu_ms / total, 3) if model_cpu_ms and total > 0 else None
-    return {**profile, "model_cpu_ms_per_image": round(model_cpu_ms or 0.0, 3),
-            "model_cpu_share": share,
-            "bound_vs_model": round(bound / model_img_s, 3) if bound else None}  # fmt: skip
+    return {
+        **profile,
+        "model_cpu_ms_per_image": round(model_cpu_ms or 0.0, 3),
+        "model_cpu_share": share,
+        "bound_vs_model": round(bound / model_img_s, 3) if bound else None,
+    }
 
 
 def profile_table(profile: dict[str, Any]) -> str:
@@ -500,10 +557,14 @@ def profile_table(profile: dict[str, Any]) -> str:
             lines.append(f"{group + ' ' + stage:22} {v['ms']:9.3f} {v['cpu_ms']:13.3f}")
     cpu = profile["cpu_ms_per_image"]
     lines.append("cpu ms/image: " + ", ".join(f"{k} {v}" for k, v in cpu.items()))
-    lines.append(f"model alone: {profile['model_cpu_ms_per_image']} cpu ms/image, "
-                 f"{profile['model_cpu_share']} of the pipeline's")  # fmt: skip
-    lines.append(f"bound on {profile['cores']} otherwise idle cores: {profile['bound_img_s']} "
-                 f"img/s = {profile['bound_vs_model']} x the model alone")  # fmt: skip
+    lines.append(
+        f"model alone: {profile['model_cpu_ms_per_image']} cpu ms/image, "
+        f"{profile['model_cpu_share']} of the pipeline's"
+    )
+    lines.append(
+        f"bound on {profile['cores']} otherwise idle cores: {profile['bound_img_s']} "
+        f"img/s = {profile['bound_vs_model']} x the model alone"
+    )
     return "\n".join(lines)
 
 
@@ -517,13 +578,33 @@ def cmd_bench(args: Any, settings: Settings) -> int:
     """Handler of `cxr-triage bench`."""
     if args.batch_wait_ms is not None:
         settings = settings.with_(batch_wait_ms=args.batch_wait_ms)
-    doc = run(args.n, settings, args.latency_n, args.rate, pipeline_batch=args.batch_size,
-              runtimes=not args.no_runtimes, choose_runtime=args.choose_runtime,
-              requantise=args.requantise)  # fmt: skip
-    keys = ("device", "n", "model_only_img_s", "pipeline_img_s", "naive_img_s",
-            "pipeline_vs_model", "pipeline_vs_naive", "latency_p50_ms", "latency_p95_ms",
-            "runtime", "ingest_wait_s", "naive_s_same_images", "startup_s", "runtimes",
-            "profile")  # fmt: skip
+    doc = run(
+        args.n,
+        settings,
+        args.latency_n,
+        args.rate,
+        pipeline_batch=args.batch_size,
+        runtimes=not args.no_runtimes,
+        choose_runtime=args.choose_runtime,
+        requantise=args.requantise,
+    )
+    keys = (
+        "device",
+        "n",
+        "model_only_img_s",
+        "pipeline_img_s",
+        "naive_img_s",
+        "pipeline_vs_model",
+        "pipeline_vs_naive",
+        "latency_p50_ms",
+        "latency_p95_ms",
+        "runtime",
+        "ingest_wait_s",
+        "naive_s_same_images",
+        "startup_s",
+        "runtimes",
+        "profile",
+    )
     if args.json:
         print(json.dumps({k: doc[k] for k in keys}))
         return 0
@@ -543,16 +624,26 @@ def register(sub: Any) -> None:
     p = sub.add_parser("bench", help="measure model alone, pipeline and the naive pattern")
     p.add_argument("--n", type=int, default=256, help="images in the timed runs")
     p.add_argument("--json", action="store_true")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="pipeline batch size (default: the model's best, measured)")  # fmt: skip
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="pipeline batch size (default: the model's best, measured)",
+    )
     p.add_argument("--batch-wait-ms", type=int, default=None)
     p.add_argument("--latency-n", type=int, default=30)
     p.add_argument("--rate", type=float, default=2.0, help="studies/s for the latency run")
     p.add_argument("--no-runtimes", action="store_true", help="skip the runtime comparison")
-    p.add_argument("--choose-runtime", action="store_true",
-                   help="record the fastest runtime that passes, for CXR_RUNTIME=auto")  # fmt: skip
-    p.add_argument("--requantise", action="store_true",
-                   help="calibrate the int8 model again (drops every CPU's recorded choice)")  # fmt: skip
+    p.add_argument(
+        "--choose-runtime",
+        action="store_true",
+        help="record the fastest runtime that passes, for CXR_RUNTIME=auto",
+    )
+    p.add_argument(
+        "--requantise",
+        action="store_true",
+        help="calibrate the int8 model again (drops every CPU's recorded choice)",
+    )
     p.set_defaults(handler=cmd_bench)
 
 

@@ -37,10 +37,13 @@ def labelled_images(
     paths: list[Path] = []
     abnormal: list[bool] = []
     for csv in sorted(SHARED_CXR.glob("*/labels.csv")):
-        samples = ds.select(ds.read_dataset(csv), subset,
-                            val_fraction=float(split.get("val_fraction", 0.1)),
-                            holdout_fraction=float(split.get("holdout_fraction", 0.2)),
-                            seed=int(split.get("seed", 0)))  # fmt: skip
+        samples = ds.select(
+            ds.read_dataset(csv),
+            subset,
+            val_fraction=float(split.get("val_fraction", 0.1)),
+            holdout_fraction=float(split.get("holdout_fraction", 0.2)),
+            seed=int(split.get("seed", 0)),
+        )
         step = max(1, len(samples) // per_source)
         for s in samples[::step][:per_source]:
             paths.append(s.path)
@@ -67,8 +70,15 @@ def _predict(clf: Any, images: np.ndarray, bs: int = 32) -> tuple[np.ndarray, np
     return np.concatenate(probs), np.concatenate(cams)
 
 
-def _speed_child(weights: str, runtime: str, layout: WorkerLayout, inputs_path: str,
-                 batch_sizes: tuple[int, ...], barrier: Any, out: Any) -> None:  # fmt: skip
+def _speed_child(
+    weights: str,
+    runtime: str,
+    layout: WorkerLayout,
+    inputs_path: str,
+    batch_sizes: tuple[int, ...],
+    barrier: Any,
+    out: Any,
+) -> None:
     from pipeline.classifier import Classifier
 
     inputs = np.load(inputs_path)
@@ -82,16 +92,26 @@ def _speed_child(weights: str, runtime: str, layout: WorkerLayout, inputs_path: 
         out.put((bs, start, time.monotonic(), (len(inputs) // bs) * bs, clf.runtime))
 
 
-def layout_speed(weights: Path, runtime: str, layout: WorkerLayout, inputs: np.ndarray,
-                 workdir: Path, batch_sizes: tuple[int, ...]) -> dict[int, float]:  # fmt: skip
+def layout_speed(
+    weights: Path,
+    runtime: str,
+    layout: WorkerLayout,
+    inputs: np.ndarray,
+    workdir: Path,
+    batch_sizes: tuple[int, ...],
+) -> dict[int, float]:
     """Images/s of the model alone under one runtime, the layout's processes all at once."""
     ctx = multiprocessing.get_context("spawn")
     path = workdir / "runtime-inputs.npy"
     np.save(path, inputs)
     barrier, out = ctx.Barrier(layout.processes), ctx.Queue()
-    procs = [ctx.Process(target=_speed_child, args=(str(weights), runtime, layout, str(path),
-                                                      batch_sizes, barrier, out))
-             for _ in range(layout.processes)]  # fmt: skip
+    procs = [
+        ctx.Process(
+            target=_speed_child,
+            args=(str(weights), runtime, layout, str(path), batch_sizes, barrier, out),
+        )
+        for _ in range(layout.processes)
+    ]
     for proc in procs:
         proc.start()
     try:
@@ -108,8 +128,9 @@ def layout_speed(weights: Path, runtime: str, layout: WorkerLayout, inputs: np.n
     return rates
 
 
-def ensure_int8(weights: Path, fp32: Path, int8: Path, calibration: np.ndarray,
-                requantise: bool = False) -> bool:  # fmt: skip
+def ensure_int8(
+    weights: Path, fp32: Path, int8: Path, calibration: np.ndarray, requantise: bool = False
+) -> bool:
     """Calibrate the int8 model unless one is beside the weights; True when one was written.
 
     Re-calibrating replaces the file that every CPU's recorded choice measured, so those
@@ -131,10 +152,16 @@ def ensure_int8(weights: Path, fp32: Path, int8: Path, calibration: np.ndarray,
     return True
 
 
-def compare_runtimes(weights: Path, layout: WorkerLayout, speed_inputs: np.ndarray,
-                     workdir: Path, per_source: int = 100, calibration_n: int = 150,
-                     runtimes: tuple[str, ...] | None = None,
-                     requantise: bool = False) -> list[dict[str, Any]]:  # fmt: skip
+def compare_runtimes(
+    weights: Path,
+    layout: WorkerLayout,
+    speed_inputs: np.ndarray,
+    workdir: Path,
+    per_source: int = 100,
+    calibration_n: int = 150,
+    runtimes: tuple[str, ...] | None = None,
+    requantise: bool = False,
+) -> list[dict[str, Any]]:
     """One row per runtime: img/s, AUC and its delta against float32, CAM agreement, passes.
 
     The int8 model is calibrated once per weights file and kept beside it, so that the record of
@@ -184,8 +211,10 @@ def compare_runtimes(weights: Path, layout: WorkerLayout, speed_inputs: np.ndarr
         row["auc_delta"] = round(row["auc"] - ref_auc, 4)
         row["cam_agreement"] = round(float(np.mean(_cam_peaks(cams) == ref_peaks)), 3)
         row["max_p_diff"] = round(float(np.abs(probs - ref_probs).max()), 4)
-        row["passes"] = bool(abs(row["auc"] - ref_auc) <= rt.AUC_TOLERANCE
-                             and row["cam_agreement"] >= rt.CAM_AGREEMENT)  # fmt: skip
+        row["passes"] = bool(
+            abs(row["auc"] - ref_auc) <= rt.AUC_TOLERANCE
+            and row["cam_agreement"] >= rt.CAM_AGREEMENT
+        )
         rows.append(row)
         log.info("runtime %s: %s", name, row)
     for row in rows:
@@ -206,6 +235,8 @@ def table(rows: list[dict[str, Any]]) -> str:
         if "error" in r:
             lines.append(f"{r['runtime']:18} unavailable: {r['error']}")
             continue
-        lines.append(f"{r['runtime']:18} {r['img_s']:7.1f} {r['batch']:5d} {r['auc']:7.4f} "
-                     f"{r['auc_delta']:+8.4f} {r['cam_agreement']:6.1%} {r['passes']}")  # fmt: skip
+        lines.append(
+            f"{r['runtime']:18} {r['img_s']:7.1f} {r['batch']:5d} {r['auc']:7.4f} "
+            f"{r['auc_delta']:+8.4f} {r['cam_agreement']:6.1%} {r['passes']}"
+        )
     return "\n".join(lines)

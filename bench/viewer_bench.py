@@ -47,10 +47,12 @@ log = logging.getLogger("bench.viewer_bench")
 GOAL_MS = 1500.0
 CASES = ("cr", "cr_j2k", "jpeg")
 IDENTITY = "_identity"  # a case opened asking for uncompressed responses
-LABELS = {"cr": "CR RG1 (1955x1841 15-bit, 7.2 MB)",
-          "cr_j2k": "CR RG1 as JPEG 2000 (4.3 MB)",
-          "jpeg": "JPEG study (1024 px baseline)",
-          "cr_identity": "CR RG1, uncompressed responses"}  # fmt: skip
+LABELS = {
+    "cr": "CR RG1 (1955x1841 15-bit, 7.2 MB)",
+    "cr_j2k": "CR RG1 as JPEG 2000 (4.3 MB)",
+    "jpeg": "JPEG study (1024 px baseline)",
+    "cr_identity": "CR RG1, uncompressed responses",
+}
 
 
 class Unavailable(RuntimeError):
@@ -87,8 +89,13 @@ def gunicorn(settings: Any, workdir: Path):  # type: ignore[no-untyped-def]
     settings = settings.with_(port=_free_port(), host="127.0.0.1")
     out = open(workdir / "dashboard.log", "wb")
     env = {**os.environ, **settings.as_env()}
-    proc = subprocess.Popen(dashboard_command(settings), env=env, stdout=out,
-                            stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        dashboard_command(settings),
+        env=env,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     base = f"http://127.0.0.1:{settings.port}"
     try:
         deadline = time.monotonic() + 60
@@ -98,8 +105,10 @@ def gunicorn(settings: Any, workdir: Path):  # type: ignore[no-untyped-def]
                 break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the dashboard did not start:\n"
-                                       + (workdir / "dashboard.log").read_text()[-2000:]) from None  # fmt: skip
+                    raise RuntimeError(
+                        "the dashboard did not start:\n"
+                        + (workdir / "dashboard.log").read_text()[-2000:]
+                    ) from None
                 time.sleep(0.2)
         yield base, proc.pid
     finally:
@@ -109,8 +118,11 @@ def gunicorn(settings: Any, workdir: Path):  # type: ignore[no-untyped-def]
 
 
 def _stats(values: list[float]) -> dict[str, float]:
-    return {"median": round(statistics.median(values), 1), "min": round(min(values), 1),
-            "max": round(max(values), 1)}  # fmt: skip
+    return {
+        "median": round(statistics.median(values), 1),
+        "min": round(min(values), 1),
+        "max": round(max(values), 1),
+    }
 
 
 def _median_phases(opens: list[dict[str, Any]]) -> dict[str, float | None]:
@@ -122,14 +134,18 @@ def _median_phases(opens: list[dict[str, Any]]) -> dict[str, float | None]:
     return out
 
 
-def measure(base: str, studies: dict[str, str], runs: int, cases: tuple[str, ...],
-            server_pid: int | None = None, cpu: bool = False,
-            network: tuple[float, float] | None = None,
-            ) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+def measure(
+    base: str,
+    studies: dict[str, str],
+    runs: int,
+    cases: tuple[str, ...],
+    server_pid: int | None = None,
+    cpu: bool = False,
+    network: tuple[float, float] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Every case opened cold then warm, runs times; the summary and the first case's last
     cold and warm opens."""
-    opens: dict[str, dict[str, list[dict[str, Any]]]] = {c: {"cold": [], "warm": []}
-                                                          for c in cases}  # fmt: skip
+    opens: dict[str, dict[str, list[dict[str, Any]]]] = {c: {"cold": [], "warm": []} for c in cases}
     first_look: dict[str, float] = {}
     with site.browser() as chromium:
         page = site.logged_in(chromium, base)
@@ -149,9 +165,13 @@ def measure(base: str, studies: dict[str, str], runs: int, cases: tuple[str, ...
                 page.goto(base + "/")
                 opens[case]["warm"].append(open_study(page, url, server_pid, network))
                 page.context.close()
-                log.info("run %d %s: cold %.0f ms, warm %.0f ms", run + 1, case,
-                         opens[case]["cold"][-1]["first_image_ms"],
-                         opens[case]["warm"][-1]["first_image_ms"])  # fmt: skip
+                log.info(
+                    "run %d %s: cold %.0f ms, warm %.0f ms",
+                    run + 1,
+                    case,
+                    opens[case]["cold"][-1]["first_image_ms"],
+                    opens[case]["warm"][-1]["first_image_ms"],
+                )
     summary: dict[str, Any] = {}
     for case in cases:
         row: dict[str, Any] = {"first_look_ms": first_look[case.removesuffix(IDENTITY)]}
@@ -159,24 +179,30 @@ def measure(base: str, studies: dict[str, str], runs: int, cases: tuple[str, ...
             got = opens[case][state]
             row[f"{state}_ms"] = _stats([o["first_image_ms"] for o in got])
             row[f"{state}_phases_ms"] = _median_phases(got)
-            study_to_first = [o["timers"]["studyToFirstImage"] for o in got
-                              if "studyToFirstImage" in o["timers"]]  # fmt: skip
+            study_to_first = [
+                o["timers"]["studyToFirstImage"] for o in got if "studyToFirstImage" in o["timers"]
+            ]
             if study_to_first:
                 row[f"{state}_ohif_study_to_first_image_ms"] = _stats(study_to_first)
             row[f"{state}_seen_by_poll"] = sum(o["seen_by"] == "poll" for o in got)
             for key in ("main_thread_ms", "cpu_ms"):
-                row[f"{state}_{key}"] = {k: round(statistics.median(o[key][k] for o in got), 1)
-                                         for k in got[0][key]}  # fmt: skip
+                row[f"{state}_{key}"] = {
+                    k: round(statistics.median(o[key][k] for o in got), 1) for k in got[0][key]
+                }
         summary[case] = row
     summary["_browser"] = version
     last = {state: opens[cases[0]][state][-1] for state in ("cold", "warm")}
     return summary, last
 
 
-def run(runs: int = 5, cases: tuple[str, ...] = CASES, weights: Path | None = None,
-        cpu: bool = False, build: Path | None = None,
-        network: tuple[float, float] | None = None,
-        ) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+def run(
+    runs: int = 5,
+    cases: tuple[str, ...] = CASES,
+    weights: Path | None = None,
+    cpu: bool = False,
+    build: Path | None = None,
+    network: tuple[float, float] | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Set up the site on embedded defaults, measure, and return the --json document."""
     from pipeline import ohif
     from pipeline.queue import redis_client
@@ -196,9 +222,14 @@ def run(runs: int = 5, cases: tuple[str, ...] = CASES, weights: Path | None = No
         (workdir / "redis").mkdir()
         redis = EmbeddedRedis(workdir / "redis").start()
         try:
-            settings = Settings(data_dir=workdir / "data", redis_url=redis.url,
-                                database_url=f"sqlite:///{workdir / 'site.db'}",
-                                ohif_dir=str(build), torch_threads=1, weights=weights)  # fmt: skip
+            settings = Settings(
+                data_dir=workdir / "data",
+                redis_url=redis.url,
+                database_url=f"sqlite:///{workdir / 'site.db'}",
+                ohif_dir=str(build),
+                torch_threads=1,
+                weights=weights,
+            )
             settings = settings.with_(weights=ensure_weights(settings))
             paths = site.films(workdir / "films", j2k=False)
             paths["cr_j2k"] = twin_study(site.RG1 / "RG1_J2KR.dcm", workdir / "films" / "j2k.dcm")
@@ -221,7 +252,7 @@ def run(runs: int = 5, cases: tuple[str, ...] = CASES, weights: Path | None = No
             f"emulated by Chromium: {network[0]:g} Mbit/s, {network[1]:g} ms latency"
             if network
             else "loopback, not emulated"
-        ),  # fmt: skip
+        ),
         "first_image": "ms from navigation start to the first cornerstone render after which "
         f"the viewport canvas (scaled to 64x64) has a grey SD above {site.BLANK_SD:g}",
         "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
@@ -245,23 +276,35 @@ def run(runs: int = 5, cases: tuple[str, ...] = CASES, weights: Path | None = No
 
 def table(doc: dict[str, Any]) -> str:
     """The summary as a small table: medians (min-max), milestones, main thread and CPU."""
-    head = (f"{'study':34} {'':4} {'first image ms':>19} "
-            + " ".join(f"{p:>8}" for p in PHASES[:-1])
-            + f" {'OHIF':>6} {'main':>6} {'cpu ch':>6} {'cpu sv':>6}")  # fmt: skip
+    head = (
+        f"{'study':34} {'':4} {'first image ms':>19} "
+        + " ".join(f"{p:>8}" for p in PHASES[:-1])
+        + f" {'OHIF':>6} {'main':>6} {'cpu ch':>6} {'cpu sv':>6}"
+    )
     lines = [head]
     for case, row in doc["studies"].items():
         for state in ("cold", "warm"):
             t, ph = row[f"{state}_ms"], row[f"{state}_phases_ms"]
             ohif_t = row.get(f"{state}_ohif_study_to_first_image_ms", {}).get("median")
             cells = [f"{ph[p]:>8.0f}" if ph[p] is not None else f"{'-':>8}" for p in PHASES[:-1]]
-            extra = [ohif_t, row[f"{state}_main_thread_ms"]["tasks"],
-                     row[f"{state}_cpu_ms"]["browser"], row[f"{state}_cpu_ms"]["server"]]  # fmt: skip
-            lines.append(f"{LABELS.get(case, case):34} {state:4} "
-                         + f"{t['median']:>6.0f} ({t['min']:.0f}-{t['max']:.0f})".ljust(19) + " "
-                         + " ".join(cells) + " "
-                         + " ".join(f"{v:>6.0f}" if v is not None else f"{'-':>6}" for v in extra))  # fmt: skip
-        lines.append(f"{'':34} the AI result objects made on first look: "
-                     f"{row['first_look_ms']:.0f} ms (server, once per study)")  # fmt: skip
+            extra = [
+                ohif_t,
+                row[f"{state}_main_thread_ms"]["tasks"],
+                row[f"{state}_cpu_ms"]["browser"],
+                row[f"{state}_cpu_ms"]["server"],
+            ]
+            lines.append(
+                f"{LABELS.get(case, case):34} {state:4} "
+                + f"{t['median']:>6.0f} ({t['min']:.0f}-{t['max']:.0f})".ljust(19)
+                + " "
+                + " ".join(cells)
+                + " "
+                + " ".join(f"{v:>6.0f}" if v is not None else f"{'-':>6}" for v in extra)
+            )
+        lines.append(
+            f"{'':34} the AI result objects made on first look: "
+            f"{row['first_look_ms']:.0f} ms (server, once per study)"
+        )
     lines += [
         "milestones: ms from navigation start (page: index.html; boot: the app's files before "
         "its first query; qido, metadata, frames: the last received; frame_asked: the first "
@@ -273,8 +316,10 @@ def table(doc: dict[str, Any]) -> str:
         f"load average {doc['load_average_1m'][0]} before, {doc['load_average_1m'][1]} after",
     ]
     for case, ratio in doc.get("compressed_over_identity", {}).items():
-        lines.append(f"{LABELS.get(case, case)}, compressed responses / uncompressed, same run: "
-                     f"cold {ratio['cold']:.2f}x, warm {ratio['warm']:.2f}x")  # fmt: skip
+        lines.append(
+            f"{LABELS.get(case, case)}, compressed responses / uncompressed, same run: "
+            f"cold {ratio['cold']:.2f}x, warm {ratio['warm']:.2f}x"
+        )
     return "\n".join(lines)
 
 
@@ -293,28 +338,47 @@ def parse_network(text: str | None) -> tuple[float, float] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.viewer_bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.viewer_bench",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--json", action="store_true", help="one JSON line on stdout")
     parser.add_argument("--runs", type=int, default=5, help="cold+warm opens per study")
-    parser.add_argument("--cpu-rendering", action="store_true",
-                        help="open with OHIF's viewportRendering=cpu (no WebGL contexts)")  # fmt: skip
-    parser.add_argument("--compare-identity", action="store_true",
-                        help="also open the CR asking for uncompressed responses, and print "
-                             "the ratio of the two")  # fmt: skip
-    parser.add_argument("--network", metavar="MBIT[/MS]",
-                        help="have Chromium emulate this network for the opens, e.g. 100/2 "
-                             "(100 Mbit/s, 2 ms latency); default: the loopback as it is")  # fmt: skip
-    parser.add_argument("--waterfall", action="store_true",
-                        help="print the last cold and warm CR opens' requests to stderr")  # fmt: skip
+    parser.add_argument(
+        "--cpu-rendering",
+        action="store_true",
+        help="open with OHIF's viewportRendering=cpu (no WebGL contexts)",
+    )
+    parser.add_argument(
+        "--compare-identity",
+        action="store_true",
+        help="also open the CR asking for uncompressed responses, and print the ratio of the two",
+    )
+    parser.add_argument(
+        "--network",
+        metavar="MBIT[/MS]",
+        help="have Chromium emulate this network for the opens, e.g. 100/2 "
+        "(100 Mbit/s, 2 ms latency); default: the loopback as it is",
+    )
+    parser.add_argument(
+        "--waterfall",
+        action="store_true",
+        help="print the last cold and warm CR opens' requests to stderr",
+    )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(message)s")  # fmt: skip
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s"
+    )
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         cases = CASES + (("cr" + IDENTITY,) if args.compare_identity else ())
-        doc, last = run(max(1, args.runs), cases=cases, cpu=args.cpu_rendering,
-                        network=parse_network(args.network))  # fmt: skip
+        doc, last = run(
+            max(1, args.runs),
+            cases=cases,
+            cpu=args.cpu_rendering,
+            network=parse_network(args.network),
+        )
     except Unavailable as exc:
         print(f"viewer bench: {exc}", file=sys.stderr)
         return 2

@@ -45,9 +45,17 @@ RG1 = SHARED / "dicom" / "chest_cr_rg1"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 USER, PASSWORD = "viewer-rad", "viewer-pass-1234"
 # Headless Chromium has no GPU: ANGLE on SwiftShader gives WebGL 2, which cornerstone needs.
-FLAGS = ["--no-sandbox", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--use-gl=angle",
-         "--use-angle=swiftshader", "--enable-unsafe-swiftshader"]  # fmt: skip
+FLAGS = [
+    "--no-sandbox",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--use-gl=angle",
+    "--use-angle=swiftshader",
+    "--enable-unsafe-swiftshader",
+]
 VIEWPORT = {"width": 1440, "height": 900}
 BLANK_SD = 8.0
 # Before any page script: OHIF's tour seen (it would cover the viewport), every CSP violation
@@ -121,8 +129,9 @@ def jpeg_1024(source: Path, dest: Path) -> Path:
     grey = decode_bytes(source.read_bytes(), source.name).pixels
     image = PILImage.fromarray(grey)
     scale = 1024 / max(image.size)
-    image = image.resize((round(image.width * scale), round(image.height * scale)),
-                         PILImage.Resampling.LANCZOS)  # fmt: skip
+    image = image.resize(
+        (round(image.width * scale), round(image.height * scale)), PILImage.Resampling.LANCZOS
+    )
     dest.parent.mkdir(parents=True, exist_ok=True)
     image.save(dest, "JPEG", quality=90, progressive=False)
     return dest
@@ -152,8 +161,7 @@ def populate(settings: Settings, paths: dict[str, Path], redis: Any) -> Site:
 
     upgrade(settings.db_url)
     factory = make_session_factory(make_engine(settings.db_url))
-    report = ingest_paths(factory, list(paths.values()), Limits(),
-                          store=InstanceStore.of(settings))  # fmt: skip
+    report = ingest_paths(factory, list(paths.values()), Limits(), store=InstanceStore.of(settings))
     if [i.status for i in report.items] != ["queued"] * len(paths):
         raise RuntimeError(f"ingest refused a film: {[i.reason for i in report.items]}")
     ids = [i.image_id for i in report.items if i.image_id is not None]
@@ -166,9 +174,10 @@ def populate(settings: Settings, paths: dict[str, Path], redis: Any) -> Site:
         session.commit()
         for name, item in zip(paths, report.items, strict=True):
             studies[name] = session.scalars(
-                select(Instance.study_uid).where(Instance.image_id == item.image_id,
-                                                 Instance.kind.in_(("received", "capture")))
-            ).one()  # fmt: skip
+                select(Instance.study_uid).where(
+                    Instance.image_id == item.image_id, Instance.kind.in_(("received", "capture"))
+                )
+            ).one()
     return Site(settings, factory, studies)
 
 

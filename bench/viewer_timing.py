@@ -84,14 +84,18 @@ def _cpu_ms(server_pid: int | None) -> dict[str, dict[int, float]]:
     return out
 
 
-def _cpu_used(before: dict[str, dict[int, float]], after: dict[str, dict[int, float]]
-              ) -> dict[str, float]:  # fmt: skip
-    return {side: round(sum(v - before[side].get(pid, 0.0) for pid, v in after[side].items()), 1)
-            for side in after}  # fmt: skip
+def _cpu_used(
+    before: dict[str, dict[int, float]], after: dict[str, dict[int, float]]
+) -> dict[str, float]:
+    return {
+        side: round(sum(v - before[side].get(pid, 0.0) for pid, v in after[side].items()), 1)
+        for side in after
+    }
 
 
-def open_study(page: Any, url: str, server_pid: int | None = None,
-               network: tuple[float, float] | None = None) -> dict[str, Any]:  # fmt: skip
+def open_study(
+    page: Any, url: str, server_pid: int | None = None, network: tuple[float, float] | None = None
+) -> dict[str, Any]:
     """Navigate to the study; the first image's time, the requests, OHIF's own timers, the
     main thread's busy time (Chromium's Performance metrics) and the CPU each side used.
 
@@ -113,9 +117,15 @@ def open_study(page: Any, url: str, server_pid: int | None = None,
     if network is not None:
         rate = network[0] * 1e6 / 8  # bytes per second
         cdp.send("Network.enable")
-        cdp.send("Network.emulateNetworkConditions", {
-            "offline": False, "latency": network[1], "downloadThroughput": rate,
-            "uploadThroughput": rate})  # fmt: skip
+        cdp.send(
+            "Network.emulateNetworkConditions",
+            {
+                "offline": False,
+                "latency": network[1],
+                "downloadThroughput": rate,
+                "uploadThroughput": rate,
+            },
+        )
     page.context.on("requestfinished", on_request)
     page.on("console", on_console)
     try:
@@ -138,23 +148,41 @@ def open_study(page: Any, url: str, server_pid: int | None = None,
         if timing["startTime"] <= 0:
             continue
         start = timing["startTime"] - origin
-        rows.append({"url": r.url, "kind": category(r.url), "start_ms": round(start, 1),
-                     "end_ms": round(start + max(timing["responseEnd"], 0), 1)})  # fmt: skip
+        rows.append(
+            {
+                "url": r.url,
+                "kind": category(r.url),
+                "start_ms": round(start, 1),
+                "end_ms": round(start + max(timing["responseEnd"], 0), 1),
+            }
+        )
     rows.sort(key=lambda r: r["start_ms"])
-    return {"first_image_ms": first, "seen_by": seen_by, "requests": rows, "timers": timers,
-            "main_thread_ms": busy, "cpu_ms": cpu_used}  # fmt: skip
+    return {
+        "first_image_ms": first,
+        "seen_by": seen_by,
+        "requests": rows,
+        "timers": timers,
+        "main_thread_ms": busy,
+        "cpu_ms": cpu_used,
+    }
 
 
 def _busy(cdp: Any) -> dict[str, float]:
     """The document's main thread so far (ms): all tasks, scripts, layout, style."""
     metrics = {m["name"]: m["value"] for m in cdp.send("Performance.getMetrics")["metrics"]}
-    names = {"TaskDuration": "tasks", "ScriptDuration": "script", "LayoutDuration": "layout",
-             "RecalcStyleDuration": "style"}  # fmt: skip
+    names = {
+        "TaskDuration": "tasks",
+        "ScriptDuration": "script",
+        "LayoutDuration": "layout",
+        "RecalcStyleDuration": "style",
+    }
     return {label: metrics.get(name, 0.0) * 1000 for name, label in names.items()}
 
 
 def waterfall(opened: dict[str, Any]) -> str:
     """One open's requests: start and end (ms from navigation start), kind, path."""
-    rows = [f"{r['start_ms']:8.0f} {r['end_ms']:8.0f}  {r['kind']:9} "
-            f"{r['url'].split('/', 3)[-1][:110]}" for r in opened["requests"]]  # fmt: skip
+    rows = [
+        f"{r['start_ms']:8.0f} {r['end_ms']:8.0f}  {r['kind']:9} {r['url'].split('/', 3)[-1][:110]}"
+        for r in opened["requests"]
+    ]
     return "\n".join([*rows, f"first image at {opened['first_image_ms']:.0f} ms"])

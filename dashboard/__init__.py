@@ -93,8 +93,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
             code, text = 507, "the disk holding the database is full; try again later"
         else:
             code, text = 503, "the database is unavailable; try again shortly"
-        logging.getLogger(__name__).warning("%s %s: %d (%s)", request.method, request.path,
-                                            code, type(exc.orig).__name__)  # fmt: skip
+        logging.getLogger(__name__).warning(
+            "%s %s: %d (%s)", request.method, request.path, code, type(exc.orig).__name__
+        )
         if request.path.startswith(("/api/", "/dicomweb/", "/metrics", "/healthz")):
             response = jsonify(error=text)
         else:

@@ -54,10 +54,15 @@ def console() -> Any:
 
     doc = _console()
     model = describe_weights(settings())
-    return render_template("admin_console.html", doc=doc, model=model, refresh_s=REFRESH_S,
-                           drift=drift_state(),
-                           model_summary=model_summary(model),
-                           chart=throughput_svg(doc["throughput"]["per_minute"]))  # fmt: skip
+    return render_template(
+        "admin_console.html",
+        doc=doc,
+        model=model,
+        refresh_s=REFRESH_S,
+        drift=drift_state(),
+        model_summary=model_summary(model),
+        chart=throughput_svg(doc["throughput"]["per_minute"]),
+    )
 
 
 @bp.route("/admin/panel")
@@ -65,8 +70,9 @@ def console() -> Any:
 def console_panel() -> Any:
     """The console's live part alone, fetched by the page every few seconds."""
     doc = _console()
-    return render_template("_admin_panel.html", doc=doc,
-                           chart=throughput_svg(doc["throughput"]["per_minute"]))  # fmt: skip
+    return render_template(
+        "_admin_panel.html", doc=doc, chart=throughput_svg(doc["throughput"]["per_minute"])
+    )
 
 
 @bp.route("/api/admin/overview")
@@ -82,10 +88,16 @@ def requeue(study_id: int) -> Any:
     url = resolve_redis_url(settings())
     client, dispatcher = (redis_client(url), Dispatcher(url)) if url else (None, None)
     try:
-        result = requeue_study(_factory(), client, dispatcher, study_id,
-                               input_size=model["input_size"], ttl_s=settings().payload_ttl_s,
-                               thresholds=model["thresholds"],
-                               preprocess=model["preprocess"])  # fmt: skip
+        result = requeue_study(
+            _factory(),
+            client,
+            dispatcher,
+            study_id,
+            input_size=model["input_size"],
+            ttl_s=settings().payload_ttl_s,
+            thresholds=model["thresholds"],
+            preprocess=model["preprocess"],
+        )
     except RequeueError as exc:
         audit("requeue_refused", target=f"study:{study_id}", detail=str(exc))
         return render_template("error.html", message=str(exc)), 409
@@ -101,8 +113,10 @@ def requeue(study_id: int) -> Any:
             f"Study {study_id} requeued: {result['sent']} image(s) sent to the {result['lane']} lane."
         )
     else:
-        flash(f"Study {study_id} marked queued; the queue is unreachable, so the reconciler "
-              "will send it when Redis is back.")  # fmt: skip
+        flash(
+            f"Study {study_id} marked queued; the queue is unreachable, so the reconciler "
+            "will send it when Redis is back."
+        )
     return redirect(url_for("admin.console"))
 
 

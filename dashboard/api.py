@@ -72,13 +72,18 @@ class _Collector:
                 queues.add_metric([lane], n)
         yield queues
         if o["workers"] is not None:
-            yield GaugeMetricFamily("cxr_workers_alive", "Workers with a fresh heartbeat",
-                                    value=len(o["workers"]))  # fmt: skip
+            yield GaugeMetricFamily(
+                "cxr_workers_alive", "Workers with a fresh heartbeat", value=len(o["workers"])
+            )
         yield _histogram("cxr_batch_size", "Images per forward pass", o["batch_size"])
-        yield _histogram("cxr_inference_seconds", "Seconds per forward pass",
-                         o["inference_seconds"])  # fmt: skip
-        yield _histogram("cxr_end_to_end_seconds", "Seconds from ingest to result per image",
-                         o["end_to_end_seconds"])  # fmt: skip
+        yield _histogram(
+            "cxr_inference_seconds", "Seconds per forward pass", o["inference_seconds"]
+        )
+        yield _histogram(
+            "cxr_end_to_end_seconds",
+            "Seconds from ingest to result per image",
+            o["end_to_end_seconds"],
+        )
 
 
 class _OutboxCollector:
@@ -88,12 +93,21 @@ class _OutboxCollector:
         self.states = states
 
     def collect(self) -> Any:
-        items = GaugeMetricFamily("cxr_outbox_items", "Outbox items per destination and status",
-                                  labels=["destination", "status"])  # fmt: skip
-        up = GaugeMetricFamily("cxr_destination_up", "1 when the destination's last send "
-                               "succeeded (0: failing, or disabled)", labels=["destination"])  # fmt: skip
-        waiting = GaugeMetricFamily("cxr_outbox_oldest_waiting_seconds", "Age of the oldest "
-                                    "unsent item", labels=["destination"])  # fmt: skip
+        items = GaugeMetricFamily(
+            "cxr_outbox_items",
+            "Outbox items per destination and status",
+            labels=["destination", "status"],
+        )
+        up = GaugeMetricFamily(
+            "cxr_destination_up",
+            "1 when the destination's last send succeeded (0: failing, or disabled)",
+            labels=["destination"],
+        )
+        waiting = GaugeMetricFamily(
+            "cxr_outbox_oldest_waiting_seconds",
+            "Age of the oldest unsent item",
+            labels=["destination"],
+        )
         now = datetime.now(UTC)
         for d in self.states:
             for status, n in d["counts"].items():
@@ -118,21 +132,33 @@ class _PerformanceCollector:
 
     def collect(self) -> Any:
         labels = ["window", "split", "group"]
-        reviewed = GaugeMetricFamily("cxr_live_reviewed", "Scored studies whose ground truth "
-                                     "was recorded in the window", labels=labels)  # fmt: skip
-        abnormal = GaugeMetricFamily("cxr_live_abnormal", "Of those, read abnormal",
-                                     labels=labels)  # fmt: skip
+        reviewed = GaugeMetricFamily(
+            "cxr_live_reviewed",
+            "Scored studies whose ground truth was recorded in the window",
+            labels=labels,
+        )
+        abnormal = GaugeMetricFamily("cxr_live_abnormal", "Of those, read abnormal", labels=labels)
         auc = GaugeMetricFamily("cxr_live_auc", "AUC against the reads", labels=labels)
-        lo = GaugeMetricFamily("cxr_live_auc_ci_lower", "AUC 95 % interval, lower (DeLong)",
-                               labels=labels)  # fmt: skip
-        hi = GaugeMetricFamily("cxr_live_auc_ci_upper", "AUC 95 % interval, upper (DeLong)",
-                               labels=labels)  # fmt: skip
-        rates = {r: GaugeMetricFamily(f"cxr_live_{r}", f"{r} at a triage threshold",
-                                      labels=[*labels, "threshold"]) for r in self.RATES}  # fmt: skip
-        top = GaugeMetricFamily("cxr_live_top_share", "Share of abnormal reads whose study was "
-                                "urgent or critical when read", labels=labels)  # fmt: skip
-        ece = GaugeMetricFamily("cxr_live_calibration_error", "Expected calibration error "
-                                "(10 bins)", labels=labels)  # fmt: skip
+        lo = GaugeMetricFamily(
+            "cxr_live_auc_ci_lower", "AUC 95 % interval, lower (DeLong)", labels=labels
+        )
+        hi = GaugeMetricFamily(
+            "cxr_live_auc_ci_upper", "AUC 95 % interval, upper (DeLong)", labels=labels
+        )
+        rates = {
+            r: GaugeMetricFamily(
+                f"cxr_live_{r}", f"{r} at a triage threshold", labels=[*labels, "threshold"]
+            )
+            for r in self.RATES
+        }
+        top = GaugeMetricFamily(
+            "cxr_live_top_share",
+            "Share of abnormal reads whose study was urgent or critical when read",
+            labels=labels,
+        )
+        ece = GaugeMetricFamily(
+            "cxr_live_calibration_error", "Expected calibration error (10 bins)", labels=labels
+        )
         for days, doc in sorted(self.windows.items()):
             groups = [("all", "all", doc["overall"])]
             groups += [(split, g["group"], g) for split, rows in doc["by"].items() for g in rows]
@@ -163,12 +189,16 @@ class _DriftCollector:
         self.doc = doc
 
     def collect(self) -> Any:
-        psi = GaugeMetricFamily("cxr_drift_psi", "Population stability index of the last scored "
-                                "images against the reference", labels=["feature"])  # fmt: skip
+        psi = GaugeMetricFamily(
+            "cxr_drift_psi",
+            "Population stability index of the last scored images against the reference",
+            labels=["feature"],
+        )
         for name, f in self.doc["features"].items():
             psi.add_metric([name], f["psi"])
-        alarm = GaugeMetricFamily("cxr_drift_alarm", "1 while a feature's PSI is past the limit "
-                                  f"({self.doc['limit']})")  # fmt: skip
+        alarm = GaugeMetricFamily(
+            "cxr_drift_alarm", f"1 while a feature's PSI is past the limit ({self.doc['limit']})"
+        )
         alarm.add_metric([], 1.0 if self.doc["alarm"] else 0.0)
         yield psi
         yield alarm
@@ -184,8 +214,9 @@ def metrics() -> Response:
     registry.register(_Collector(monitor.overview(db(), settings())))
     registry.register(_OutboxCollector(destination_states(db())))
     thresholds = describe_weights(settings()).get("thresholds")
-    registry.register(_PerformanceCollector(
-        live_performance_windows(db(), thresholds, datetime.now(UTC))))  # fmt: skip
+    registry.register(
+        _PerformanceCollector(live_performance_windows(db(), thresholds, datetime.now(UTC)))
+    )
     from dashboard.drift_view import drift_state
 
     registry.register(_DriftCollector(drift_state()))

@@ -71,12 +71,20 @@ def audit(action: str, target: str | None = None, detail: str | None = None) -> 
 def login() -> Any:
     if request.method == "POST":
         username = request.form.get("username", "")[:80]
-        wait = retry_after_s(db(), username, request.remote_addr, utcnow(),
-                             current_app.config.get("LOGIN_MAX_FAILURES", MAX_FAILURES),
-                             current_app.config.get("LOGIN_WINDOW_S", WINDOW_S))  # fmt: skip
+        wait = retry_after_s(
+            db(),
+            username,
+            request.remote_addr,
+            utcnow(),
+            current_app.config.get("LOGIN_MAX_FAILURES", MAX_FAILURES),
+            current_app.config.get("LOGIN_WINDOW_S", WINDOW_S),
+        )
         if wait is not None:
-            flash(f"Too many failed logins for {username} from this address. "
-                  f"Try again in {format_wait(wait + 59)}.", "error")  # fmt: skip
+            flash(
+                f"Too many failed logins for {username} from this address. "
+                f"Try again in {format_wait(wait + 59)}.",
+                "error",
+            )
             response = make_response(render_template("login.html"), 429)
             response.headers["Retry-After"] = str(wait)
             return response

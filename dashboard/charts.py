@@ -77,21 +77,31 @@ def reliability_svg(calibration: dict[str, Any], element_id: str = "calibration-
         f'<line class="diagonal" x1="{x(0)}" y1="{y(0)}" x2="{x(1)}" y2="{y(1)}"/>',
     ]
     for v in (0.0, 0.5, 1.0):
-        parts.append(f'<text x="{x(v):.0f}" y="{CAL_SIZE - CAL_PAD + 14}" text-anchor="middle" '
-                     f'class="tick">{v:.1f}</text>')  # fmt: skip
-        parts.append(f'<text x="{CAL_PAD - 6}" y="{y(v) + 4:.0f}" text-anchor="end" '
-                     f'class="tick">{v:.1f}</text>')  # fmt: skip
-    parts.append(f'<text x="{CAL_SIZE / 2:.0f}" y="{CAL_SIZE - 6}" text-anchor="middle" '
-                 'class="tick">model score (bin mean)</text>')  # fmt: skip
-    parts.append(f'<text x="12" y="{CAL_SIZE / 2:.0f}" text-anchor="middle" class="tick" '
-                 f'transform="rotate(-90 12 {CAL_SIZE / 2:.0f})">observed abnormal</text>')  # fmt: skip
+        parts.append(
+            f'<text x="{x(v):.0f}" y="{CAL_SIZE - CAL_PAD + 14}" text-anchor="middle" '
+            f'class="tick">{v:.1f}</text>'
+        )
+        parts.append(
+            f'<text x="{CAL_PAD - 6}" y="{y(v) + 4:.0f}" text-anchor="end" '
+            f'class="tick">{v:.1f}</text>'
+        )
+    parts.append(
+        f'<text x="{CAL_SIZE / 2:.0f}" y="{CAL_SIZE - 6}" text-anchor="middle" '
+        'class="tick">model score (bin mean)</text>'
+    )
+    parts.append(
+        f'<text x="12" y="{CAL_SIZE / 2:.0f}" text-anchor="middle" class="tick" '
+        f'transform="rotate(-90 12 {CAL_SIZE / 2:.0f})">observed abnormal</text>'
+    )
     for b in calibration["bins"]:
         if not b["n"]:
             continue
         cx, cy = x(b["mean_score"]), y(b["observed"])
         lo, hi = b["ci"]
-        label = escape(f"score {b['lo']:.1f}-{b['hi']:.1f}: {b['n']} studies, mean score "
-                       f"{b['mean_score']:.2f}, observed {b['observed']:.2f}")  # fmt: skip
+        label = escape(
+            f"score {b['lo']:.1f}-{b['hi']:.1f}: {b['n']} studies, mean score "
+            f"{b['mean_score']:.2f}, observed {b['observed']:.2f}"
+        )
         parts.append(
             f'<g class="bin" data-n="{b["n"]}" data-observed="{b["observed"]:.4f}" '
             f'data-mean-score="{b["mean_score"]:.4f}"><title>{label}</title>'

@@ -93,9 +93,12 @@ def add() -> Any:
     db().add(row)
     db().flush()
     info = describe(row)
-    audit("destination_add", target=f"destination:{row.id}",
-          detail=f"{info['kind']} {info['where']} objects {','.join(info['objects'])} "
-                 f"auth {info['auth']}")  # fmt: skip
+    audit(
+        "destination_add",
+        target=f"destination:{row.id}",
+        detail=f"{info['kind']} {info['where']} objects {','.join(info['objects'])} "
+        f"auth {info['auth']}",
+    )
     flash(f"Destination {spec.name} added: results of studies finished from now on go there.")
     return redirect(url_for("destinations.page"))
 
@@ -112,8 +115,9 @@ def _row(dest_id: int) -> Destination:
 def toggle(dest_id: int) -> Any:
     row = _row(dest_id)
     row.enabled = not row.enabled
-    audit("destination_" + ("enable" if row.enabled else "disable"),
-          target=f"destination:{dest_id}")  # fmt: skip
+    audit(
+        "destination_" + ("enable" if row.enabled else "disable"), target=f"destination:{dest_id}"
+    )
     return redirect(url_for("destinations.page"))
 
 
@@ -134,8 +138,13 @@ def resend(item_id: int) -> Any:
     if item is None:
         abort(404)
     moved = outbox.resend(db(), item_id)
-    audit("outbox_resend", target=f"outbox:{item_id}",
-          detail=f"destination {item.destination_id}; {'queued' if moved else 'in flight'}")  # fmt: skip
-    flash(f"Item {item_id} " + ("queued to be sent again (the same instance)." if moved
-                                else "is being sent right now."))  # fmt: skip
+    audit(
+        "outbox_resend",
+        target=f"outbox:{item_id}",
+        detail=f"destination {item.destination_id}; {'queued' if moved else 'in flight'}",
+    )
+    flash(
+        f"Item {item_id} "
+        + ("queued to be sent again (the same instance)." if moved else "is being sent right now.")
+    )
     return redirect(url_for("destinations.page"))

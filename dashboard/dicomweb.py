@@ -80,8 +80,13 @@ def _instances(study: str, series: str | None = None, sop: str | None = None) ->
         stmt = stmt.where(Instance.series_uid == series)
     if sop is not None:
         stmt = stmt.where(Instance.sop_uid == sop)
-    rows = list(db().scalars(stmt.order_by(Instance.series_number, Instance.series_uid,
-                                           Instance.instance_number, Instance.id)))  # fmt: skip
+    rows = list(
+        db().scalars(
+            stmt.order_by(
+                Instance.series_number, Instance.series_uid, Instance.instance_number, Instance.id
+            )
+        )
+    )
     if not rows:
         abort(404, description="no such study, series or instance in the store")
     return rows
@@ -181,8 +186,9 @@ def _retrieve(rows: list[Instance]) -> Response:
     for row in rows:
         if not _store().exists(row.path):
             abort(404, description="an instance's file is no longer in the store")
-    parts = [(f"application/dicom; transfer-syntax={r.transfer_syntax}", _file_chunks(r))
-             for r in rows]  # fmt: skip
+    parts = [
+        (f"application/dicom; transfer-syntax={r.transfer_syntax}", _file_chunks(r)) for r in rows
+    ]
     response = _multipart(parts, "application/dicom")
     if len(rows) == 1:
         response.set_etag(rows[0].sha256)

@@ -56,13 +56,17 @@ def accept() -> Any:
     s = settings()
     sha = describe_weights(s)["sha256"]
     try:
-        doc = drift.write_site_reference(db(), Path(s.data_dir), sha, datetime.now(UTC),
-                                         current_user.username)  # fmt: skip
+        doc = drift.write_site_reference(
+            db(), Path(s.data_dir), sha, datetime.now(UTC), current_user.username
+        )
     except ValueError as exc:
         flash(f"Reference not changed: {exc}")
         return redirect(url_for("admin.console"))
-    audit("drift_reference", target=f"weights:{sha[:12]}",
-          detail=f"the last {doc['n']} scored images are this site's drift reference")  # fmt: skip
+    audit(
+        "drift_reference",
+        target=f"weights:{sha[:12]}",
+        detail=f"the last {doc['n']} scored images are this site's drift reference",
+    )
     drift_state(fresh=True)
     flash(f"The last {doc['n']} scored images are now this site's drift reference.")
     return redirect(url_for("admin.console"))

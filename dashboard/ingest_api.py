@@ -125,8 +125,11 @@ def post_study() -> Any:
             files = [p for p in parts if p.filename is not None]
             if len(files) != 1 or files[0].name != "file":
                 raise _Refused(400, "send exactly one file, in the form field named 'file'")
-            fields = {p.name: bytes(body[p.start : p.end][:MAX_FIELD_BYTES]).decode("utf-8", "replace")
-                      for p in parts if p.filename is None and p.name}  # fmt: skip
+            fields = {
+                p.name: bytes(body[p.start : p.end][:MAX_FIELD_BYTES]).decode("utf-8", "replace")
+                for p in parts
+                if p.filename is None and p.name
+            }
             name = secure_filename(files[0].filename or "") or "upload"
             item = _store(body, files[0], name, "http", header_fields(fields))
     except (_Refused, MalformedBody, BodyTooLarge, RequestEntityTooLarge) as exc:
@@ -137,8 +140,13 @@ def post_study() -> Any:
         if not is_storage_full(exc):
             raise
         return _storage_full(exc)
-    doc = {"study_id": item.study_id, "image_id": item.image_id, "status": item.status,
-           "duplicate": item.duplicate, "reason": item.reason}  # fmt: skip
+    doc = {
+        "study_id": item.study_id,
+        "image_id": item.image_id,
+        "status": item.status,
+        "duplicate": item.duplicate,
+        "reason": item.reason,
+    }
     if item.status == "rejected":
         too_big = item.code == "too_large"
         return jsonify(error=item.reason, **doc), (413 if too_big else 422)
@@ -155,8 +163,12 @@ def _uids(data: bytes) -> tuple[str | None, str | None]:
     import pydicom
 
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True,
-                             specific_tags=["SOPClassUID", "SOPInstanceUID"])  # fmt: skip
+        ds = pydicom.dcmread(
+            io.BytesIO(data),
+            stop_before_pixels=True,
+            force=True,
+            specific_tags=["SOPClassUID", "SOPInstanceUID"],
+        )
         return _text(ds.get("SOPClassUID")), _text(ds.get("SOPInstanceUID"))
     except Exception:
         return None, None
@@ -177,8 +189,9 @@ def _instance(sop_class: str | None, sop_uid: str | None, status: int | None = N
     return item
 
 
-def _stow_part(body: Any, number: int, part: Part,
-               sop_uid: str | None) -> tuple[bool, str | None, str | None]:  # fmt: skip
+def _stow_part(
+    body: Any, number: int, part: Part, sop_uid: str | None
+) -> tuple[bool, str | None, str | None]:
     """Store one STOW part; (stored, reason, rejection code). A duplicate counts as stored."""
     if part.content_type not in ("", "application/dicom"):
         return False, f"part {number} is {part.content_type}, not application/dicom", None

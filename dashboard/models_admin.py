@@ -22,9 +22,12 @@ def _doc() -> dict[str, Any]:
     model = describe_weights(settings())
     policy = active(db())
     routine = policy.thresholds_for(model.get("thresholds") or {}).get("routine")
-    return {"models": registry.listing(db()), "shipped": model["version"],
-            "comparison": registry.comparison(db(), routine, policy.temperature_scale),
-            "policy_version": policy.version}  # fmt: skip
+    return {
+        "models": registry.listing(db()),
+        "shipped": model["version"],
+        "comparison": registry.comparison(db(), routine, policy.temperature_scale),
+        "policy_version": policy.version,
+    }
 
 
 @bp.route("/admin/models")

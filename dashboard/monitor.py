@@ -161,16 +161,19 @@ def throughput_per_minute(session: Session, now: datetime) -> list[dict[str, Any
     end = _minute(now) + timedelta(minutes=1)
     start = end - timedelta(minutes=WINDOW_MIN)
     rows = session.execute(
-        select(Image.done_at, Image.status)
-        .where(Image.done_at >= start, Image.status.in_(("done", "failed")))
-    )  # fmt: skip
+        select(Image.done_at, Image.status).where(
+            Image.done_at >= start, Image.status.in_(("done", "failed"))
+        )
+    )
     done, failed = [0] * WINDOW_MIN, [0] * WINDOW_MIN
     for done_at, status in rows:
         slot = int((_minute(done_at) - start).total_seconds() // 60)
         if 0 <= slot < WINDOW_MIN:
             (done if status == "done" else failed)[slot] += 1
-    return [{"minute": iso(start + timedelta(minutes=i)), "done": done[i], "failed": failed[i]}
-            for i in range(WINDOW_MIN)]  # fmt: skip
+    return [
+        {"minute": iso(start + timedelta(minutes=i)), "done": done[i], "failed": failed[i]}
+        for i in range(WINDOW_MIN)
+    ]
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -184,30 +187,54 @@ def percentile(values: list[float], q: float) -> float | None:
 def latency_last_hour(session: Session, now: datetime) -> dict[str, Any]:
     """Ingest-to-result latency of the images finished in the last hour: n, p50, p95 (ms)."""
     since = now - timedelta(minutes=WINDOW_MIN)
-    values = [float(v) for v in session.scalars(
-        select(Image.latency_ms).where(Image.done_at >= since, Image.latency_ms.is_not(None)))]  # fmt: skip
+    values = [
+        float(v)
+        for v in session.scalars(
+            select(Image.latency_ms).where(Image.done_at >= since, Image.latency_ms.is_not(None))
+        )
+    ]
     p50, p95 = percentile(values, 50), percentile(values, 95)
-    return {"n": len(values), "p50_ms": None if p50 is None else round(p50, 1),
-            "p95_ms": None if p95 is None else round(p95, 1)}  # fmt: skip
+    return {
+        "n": len(values),
+        "p50_ms": None if p50 is None else round(p50, 1),
+        "p95_ms": None if p95 is None else round(p95, 1),
+    }
 
 
 def problem_studies(session: Session, limit: int = 50) -> list[dict[str, Any]]:
     """Failed and rejected studies, newest first, with their reasons and whether re-runnable."""
     rows = session.scalars(
-        select(Study).where(Study.status.in_(("failed", "rejected")))
-        .order_by(Study.updated_at.desc(), Study.id.desc()).limit(limit)
-    ).all()  # fmt: skip
+        select(Study)
+        .where(Study.status.in_(("failed", "rejected")))
+        .order_by(Study.updated_at.desc(), Study.id.desc())
+        .limit(limit)
+    ).all()
     rerun = requeueable_image_ids(session, [s.id for s in rows])
-    return [{"id": s.id, "status": s.status, "reason": s.reason, "source": s.source,
-             "accession_number": s.accession_number, "received_at": iso(s.received_at),
-             "requeueable": s.status == "failed" and bool(rerun.get(s.id))} for s in rows]  # fmt: skip
+    return [
+        {
+            "id": s.id,
+            "status": s.status,
+            "reason": s.reason,
+            "source": s.source,
+            "accession_number": s.accession_number,
+            "received_at": iso(s.received_at),
+            "requeueable": s.status == "failed" and bool(rerun.get(s.id)),
+        }
+        for s in rows
+    ]
 
 
 def database_counts(session: Session) -> dict[str, int]:
     """Rows per table, for a sense of size."""
-    tables = {"studies": Study.id, "images": Image.id, "predictions": Prediction.id,
-              "batches": Batch.id, "reviews": Review.id, "users": User.id,
-              "audit_events": AuditEvent.id}  # fmt: skip
+    tables = {
+        "studies": Study.id,
+        "images": Image.id,
+        "predictions": Prediction.id,
+        "batches": Batch.id,
+        "reviews": Review.id,
+        "users": User.id,
+        "audit_events": AuditEvent.id,
+    }
     return {name: int(session.scalar(select(func.count(col))) or 0) for name, col in tables.items()}
 
 
@@ -254,9 +281,25 @@ def audit_log(
     rows = session.execute(
         query.order_by(AuditEvent.id.desc()).limit(per_page).offset((page - 1) * per_page)
     )
-    events = [{"id": e.id, "at": iso(e.created_at), "user": name, "action": e.action,
-               "target": e.target, "detail": e.detail, "remote_addr": e.remote_addr}
-              for e, name in rows]  # fmt: skip
+    events = [
+        {
+            "id": e.id,
+            "at": iso(e.created_at),
+            "user": name,
+            "action": e.action,
+            "target": e.target,
+            "detail": e.detail,
+            "remote_addr": e.remote_addr,
+        }
+        for e, name in rows
+    ]
     actions = sorted(session.scalars(select(AuditEvent.action).distinct()))
-    return {"page": page, "per_page": per_page, "total": total, "action": action,
-            "pages": max(1, -(-total // per_page)), "actions": actions, "events": events}  # fmt: skip
+    return {
+        "page": page,
+        "per_page": per_page,
+        "total": total,
+        "action": action,
+        "pages": max(1, -(-total // per_page)),
+        "actions": actions,
+        "events": events,
+    }

@@ -101,7 +101,9 @@ def app_config(dicomweb: str, base: str) -> dict[str, object]:
         "friendlyName": "cxr-triage",
         "name": "cxr-triage",
         # Resolved against the page's origin in app_config_js (a path means this dashboard).
-        "qidoRoot": dicomweb, "wadoRoot": dicomweb, "wadoUriRoot": dicomweb,
+        "qidoRoot": dicomweb,
+        "wadoRoot": dicomweb,
+        "wadoUriRoot": dicomweb,
         "imageRendering": "wadors",
         "thumbnailRendering": "wadors",
         "enableStudyLazyLoad": True,
@@ -113,7 +115,7 @@ def app_config(dicomweb: str, base: str) -> dict[str, object]:
         "supportsReject": False,
         "dicomUploadEnabled": False,  # studies arrive by C-STORE, STOW with a feed token, …
         "staticWado": False,
-    }  # fmt: skip
+    }
     return {
         "name": "cxr-triage",
         "routerBasename": base.rstrip("/"),

@@ -41,10 +41,20 @@ IMMUTABLE = "private, max-age=31536000, immutable"
 REVALIDATE = "private, no-cache"
 # Names webpack gave a content hash: a new build gives new names, so they never change.
 HASHED = re.compile(r"(?:^|/)(?:[\w-]+\.bundle\.[0-9a-f]{16}\.js|[0-9a-f]{16}\.(?:wasm|woff2))$")
-TYPES = {".wasm": "application/wasm", ".js": "text/javascript", ".mjs": "text/javascript",
-         ".css": "text/css", ".json": "application/json", ".jsonc": "application/json",
-         ".map": "application/json", ".woff2": "font/woff2", ".svg": "image/svg+xml",
-         ".html": "text/html", ".ico": "image/x-icon", ".webapp": "application/json"}  # fmt: skip
+TYPES = {
+    ".wasm": "application/wasm",
+    ".js": "text/javascript",
+    ".mjs": "text/javascript",
+    ".css": "text/css",
+    ".json": "application/json",
+    ".jsonc": "application/json",
+    ".map": "application/json",
+    ".woff2": "font/woff2",
+    ".svg": "image/svg+xml",
+    ".html": "text/html",
+    ".ico": "image/x-icon",
+    ".webapp": "application/json",
+}
 
 
 def _base() -> str:

@@ -36,9 +36,14 @@ def _doc() -> dict[str, Any]:
 @admin_required
 def page() -> Any:
     doc = _doc()
-    return render_template("admin_performance.html", doc=doc, windows=WINDOWS_DAYS,
-                           splits=SPLITS, findings=FINDINGS,
-                           chart=reliability_svg(doc["overall"]["calibration"]))  # fmt: skip
+    return render_template(
+        "admin_performance.html",
+        doc=doc,
+        windows=WINDOWS_DAYS,
+        splits=SPLITS,
+        findings=FINDINGS,
+        chart=reliability_svg(doc["overall"]["calibration"]),
+    )
 
 
 @bp.route("/api/admin/performance")

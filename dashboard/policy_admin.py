@@ -43,8 +43,11 @@ def _proposal() -> tuple[dict[str, Any] | None, str | None]:
         return None, None
     try:
         since_text = request.args.get("since") or ""
-        since = (datetime.strptime(since_text, "%Y-%m-%d").replace(tzinfo=UTC) if since_text
-                 else datetime.now(UTC) - timedelta(days=90))  # fmt: skip
+        since = (
+            datetime.strptime(since_text, "%Y-%m-%d").replace(tzinfo=UTC)
+            if since_text
+            else datetime.now(UTC) - timedelta(days=90)
+        )
         target = float(request.args.get("target") or 0.95)
         return propose(db(), since, datetime.now(UTC), _model_thresholds(), target), None
     except ValueError as exc:  # CalibrationError is one
@@ -64,8 +67,11 @@ def page() -> Any:
 @admin_required
 def reject() -> Any:
     detail = request.form.get("summary", "")[:400]
-    audit("calibration_reject", target="policy",
-          detail=f"{detail}; why: {request.form.get('reason', '').strip()[:200]}")  # fmt: skip
+    audit(
+        "calibration_reject",
+        target="policy",
+        detail=f"{detail}; why: {request.form.get('reason', '').strip()[:200]}",
+    )
     flash("Calibration proposal rejected; the policy in force is unchanged.")
     return redirect(url_for("policy.page"))
 
@@ -81,16 +87,21 @@ def _body(form: Any) -> dict[str, Any]:
     thresholds = (
         {k: form.get(f"t_{k}", "") for k in ("routine", "urgent", "critical")} if own else None
     )
-    return {"thresholds": thresholds, "stat_boost": form.get("stat_boost", ""),
-            "max_wait_h": form.get("max_wait_h", ""),
-            "reads_per_hour": form.get("reads_per_hour", ""),
-            "temperature_scale": form.get("temperature_scale", "1")}  # fmt: skip
+    return {
+        "thresholds": thresholds,
+        "stat_boost": form.get("stat_boost", ""),
+        "max_wait_h": form.get("max_wait_h", ""),
+        "reads_per_hour": form.get("reads_per_hour", ""),
+        "temperature_scale": form.get("temperature_scale", "1"),
+    }
 
 
 def _describe(p: pol.Policy) -> str:
     t = p.thresholds or "the model's"
-    return (f"thresholds {t}; STAT boost {p.stat_boost:g}; maximum wait {p.max_wait_h:g} h; "
-            f"{p.reads_per_hour:g} reads/h; temperature x{p.temperature_scale:g}")  # fmt: skip
+    return (
+        f"thresholds {t}; STAT boost {p.stat_boost:g}; maximum wait {p.max_wait_h:g} h; "
+        f"{p.reads_per_hour:g} reads/h; temperature x{p.temperature_scale:g}"
+    )
 
 
 def _refused(what: str, exc: Exception) -> Any:
@@ -106,17 +117,25 @@ def save() -> Any:
     try:
         if request.form.get("preview"):
             moved = pol.preview(db(), body, _model_thresholds())
-            flash(f"Not saved. Under these rules {moved} waiting stud"
-                  f"{'y' if moved == 1 else 'ies'} would change triage class.")  # fmt: skip
+            flash(
+                f"Not saved. Under these rules {moved} waiting stud"
+                f"{'y' if moved == 1 else 'ies'} would change triage class."
+            )
             return redirect(url_for("policy.page"))
-        new, moved = pol.save(db(), body, current_user.id, request.form.get("reason", ""),
-                              _model_thresholds())  # fmt: skip
+        new, moved = pol.save(
+            db(), body, current_user.id, request.form.get("reason", ""), _model_thresholds()
+        )
     except pol.PolicyError as exc:
         return _refused("Policy not saved", exc)
-    audit("policy_change", target=f"policy:v{new.version}",
-          detail=f"{_describe(new)}; reason: {new.reason}; {moved} waiting re-classed")  # fmt: skip
-    flash(f"Policy version {new.version} is in force; {moved} waiting stud"
-          f"{'y' if moved == 1 else 'ies'} changed triage class.")  # fmt: skip
+    audit(
+        "policy_change",
+        target=f"policy:v{new.version}",
+        detail=f"{_describe(new)}; reason: {new.reason}; {moved} waiting re-classed",
+    )
+    flash(
+        f"Policy version {new.version} is in force; {moved} waiting stud"
+        f"{'y' if moved == 1 else 'ies'} changed triage class."
+    )
     return redirect(url_for("policy.page"))
 
 
@@ -124,12 +143,19 @@ def save() -> Any:
 @admin_required
 def rollback(version: int) -> Any:
     try:
-        new, moved = pol.rollback(db(), version, current_user.id,
-                                  request.form.get("reason", "") or "rollback",
-                                  _model_thresholds())  # fmt: skip
+        new, moved = pol.rollback(
+            db(),
+            version,
+            current_user.id,
+            request.form.get("reason", "") or "rollback",
+            _model_thresholds(),
+        )
     except pol.PolicyError as exc:
         return _refused("Policy not rolled back", exc)
-    audit("policy_rollback", target=f"policy:v{new.version}",
-          detail=f"rules of version {version}: {_describe(new)}; {moved} waiting re-classed")  # fmt: skip
+    audit(
+        "policy_rollback",
+        target=f"policy:v{new.version}",
+        detail=f"rules of version {version}: {_describe(new)}; {moved} waiting re-classed",
+    )
     flash(f"The rules of version {version} are in force again as version {new.version}.")
     return redirect(url_for("policy.page"))

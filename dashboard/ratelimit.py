@@ -38,18 +38,24 @@ def retry_after_s(
     since = now - timedelta(seconds=window_s)
     last_ok = session.scalar(
         select(func.max(AuditEvent.created_at)).where(
-            AuditEvent.action == SUCCEEDED, AuditEvent.target == target,
-            AuditEvent.remote_addr == remote_addr)
-    )  # fmt: skip
+            AuditEvent.action == SUCCEEDED,
+            AuditEvent.target == target,
+            AuditEvent.remote_addr == remote_addr,
+        )
+    )
     if last_ok is not None and as_utc(last_ok) > since:
         since = as_utc(last_ok)
     failures = session.scalars(
         select(AuditEvent.created_at)
-        .where(AuditEvent.action == FAILED, AuditEvent.target == target,
-               AuditEvent.remote_addr == remote_addr, AuditEvent.created_at > since)
+        .where(
+            AuditEvent.action == FAILED,
+            AuditEvent.target == target,
+            AuditEvent.remote_addr == remote_addr,
+            AuditEvent.created_at > since,
+        )
         .order_by(AuditEvent.created_at.desc())
         .limit(max_failures)
-    ).all()  # fmt: skip
+    ).all()
     if len(failures) < max_failures:
         return None
     # Allowed again once the oldest of the last max_failures failures leaves the window.

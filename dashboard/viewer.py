@@ -24,10 +24,16 @@ from pipeline.studies import waiting_seconds as _waiting_seconds
 from pipeline.weights import describe_weights
 
 bp = Blueprint("viewer", __name__)
-FLASH = {"read": "Marked read.", "agree": "Recorded: you agree with the AI.",
-         "disagree": "Recorded: you disagree with the AI."}  # fmt: skip
-AGREEMENT = {"read": ".", "agree": "; you agree with the AI.",
-             "disagree": "; you disagree with the AI."}  # fmt: skip
+FLASH = {
+    "read": "Marked read.",
+    "agree": "Recorded: you agree with the AI.",
+    "disagree": "Recorded: you disagree with the AI.",
+}
+AGREEMENT = {
+    "read": ".",
+    "agree": "; you agree with the AI.",
+    "disagree": "; you disagree with the AI.",
+}
 
 
 def _filters() -> WorklistFilter:
@@ -39,9 +45,10 @@ def _filters() -> WorklistFilter:
 
 def _latest_predictions(image_ids: list[int]) -> dict[int, Prediction]:
     rows = db().scalars(
-        select(Prediction).where(Prediction.image_id.in_(image_ids))
+        select(Prediction)
+        .where(Prediction.image_id.in_(image_ids))
         .order_by(Prediction.created_at.asc())
-    )  # fmt: skip
+    )
     return {p.image_id: p for p in rows}  # the newest wins
 
 
@@ -55,8 +62,10 @@ def _operating_in_force(model: dict[str, Any]) -> dict[str, Any]:
     words = operating_point({**model, "thresholds": policy.thresholds})
     scale = ", on probabilities under its temperature" if policy.temperature_scale != 1 else ""
     # The weights' test-set figures were measured at the weights' thresholds, not these.
-    words["sentences"] = [f"These are this site's thresholds (policy version {policy.version}"
-                          f"{scale}), set from its own reviewed studies."]  # fmt: skip
+    words["sentences"] = [
+        f"These are this site's thresholds (policy version {policy.version}"
+        f"{scale}), set from its own reviewed studies."
+    ]
     return words
 
 
@@ -70,10 +79,16 @@ def study(study_id: int) -> Any:
     shown = next((i for i in images if i.id == wanted), None) or next(
         (i for i in images if i.id in predictions), images[0] if images else None
     )
-    reviews = db().execute(
-        select(Review, User.username).join(User, User.id == Review.user_id)
-        .where(Review.study_id == study_id).order_by(Review.id)
-    ).all()  # fmt: skip
+    reviews = (
+        db()
+        .execute(
+            select(Review, User.username)
+            .join(User, User.id == Review.user_id)
+            .where(Review.study_id == study_id)
+            .order_by(Review.id)
+        )
+        .all()
+    )
     filters = _filters()
     prev_id, next_id = neighbour_ids(db(), row, filters)
     model = describe_weights(settings())
@@ -81,13 +96,24 @@ def study(study_id: int) -> Any:
     # view=ohif: the OHIF viewer in the page, the review panel beside it (nothing retyped)
     view = "ohif" if request.args.get("view") == "ohif" and study_url(row.study_uid) else None
     return render_template(
-        "study.html", study=row, images=images, shown=shown, predictions=predictions,
-        prediction=predictions.get(shown.id) if shown else None, reviews=reviews, model=model,
-        model_summary=model_summary(model), operating=_operating_in_force(model),
-        params=filters.params, prev_id=prev_id, next_id=next_id,
-        waiting=format_wait(_waiting_seconds(row)), findings=FINDINGS, view=view,
+        "study.html",
+        study=row,
+        images=images,
+        shown=shown,
+        predictions=predictions,
+        prediction=predictions.get(shown.id) if shown else None,
+        reviews=reviews,
+        model=model,
+        model_summary=model_summary(model),
+        operating=_operating_in_force(model),
+        params=filters.params,
+        prev_id=prev_id,
+        next_id=next_id,
+        waiting=format_wait(_waiting_seconds(row)),
+        findings=FINDINGS,
+        view=view,
         ohif_src=study_url(row.study_uid) if view else None,
-    )  # fmt: skip
+    )
 
 
 @bp.route("/studies/<int:study_id>/review", methods=["POST"])
@@ -96,17 +122,26 @@ def review(study_id: int) -> Any:
     action = request.form.get("action", "")
     try:
         stated = parse_truth(request.form.get("truth"))
-        review = record_review(db(), study_id, current_user.id, action,
-                               request.form.get("comment"), abnormal=stated,
-                               finding=request.form.get("finding"))  # fmt: skip
+        review = record_review(
+            db(),
+            study_id,
+            current_user.id,
+            action,
+            request.form.get("comment"),
+            abnormal=stated,
+            finding=request.form.get("finding"),
+        )
     except ReviewError as exc:
         db().rollback()
         return render_template("error.html", message=str(exc)), 400
     db().commit()
     # The truth in words when the radiologist stated it; agree/disagree alone imply it.
     truth = truth_words(review.abnormal, review.finding) if stated is not None else None
-    audit("review", target=f"study:{study_id}",
-          detail=review.action if truth is None else f"{review.action}; {truth}")  # fmt: skip
+    audit(
+        "review",
+        target=f"study:{study_id}",
+        detail=review.action if truth is None else f"{review.action}; {truth}",
+    )
     flash(FLASH[review.action] if truth is None else f"Recorded: {truth}{AGREEMENT[review.action]}")
     view = "ohif" if request.args.get("view") == "ohif" else None
     return redirect(url_for("viewer.study", study_id=study_id, view=view, **_filters().params))
@@ -120,10 +155,15 @@ def _image_or_404(image_id: int) -> Image:
 
 
 def _prediction_or_404(image_id: int) -> Prediction:
-    pred = db().scalars(
-        select(Prediction).where(Prediction.image_id == image_id)
-        .order_by(Prediction.created_at.desc())
-    ).first()  # fmt: skip
+    pred = (
+        db()
+        .scalars(
+            select(Prediction)
+            .where(Prediction.image_id == image_id)
+            .order_by(Prediction.created_at.desc())
+        )
+        .first()
+    )
     return pred or abort(404)
 
 

@@ -59,8 +59,11 @@ def operating_point(model: dict[str, Any]) -> dict[str, Any]:
         if routine is not None
         else "No operating point is stored with these weights"
     )
-    levels = [f"{name} from {thresholds[name]:.2f}" for name in ("urgent", "critical")
-              if name in thresholds]  # fmt: skip
+    levels = [
+        f"{name} from {thresholds[name]:.2f}"
+        for name in ("urgent", "critical")
+        if name in thresholds
+    ]
     if routine is not None and levels:
         headline += f"; {' and '.join(levels)}"
     return {"headline": headline + ".", "sentences": test_set_sentences(model.get("metrics") or {})}

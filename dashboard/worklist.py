@@ -47,9 +47,16 @@ def _rows(filters: WorklistFilter, page: int) -> dict[str, Any]:
     total = worklist_count(db(), filters)
     reviewed = reviewed_study_ids(db(), [s.id for s in studies])
     waits = {s.id: format_wait(waiting_seconds(s)) for s in studies if s.id not in reviewed}
-    return {"studies": studies, "reviewed": reviewed, "waits": waits, "total": total,
-            "due": listed.due,
-            "page": page, "pages": max(1, -(-total // size)), "filters": filters}  # fmt: skip
+    return {
+        "studies": studies,
+        "reviewed": reviewed,
+        "waits": waits,
+        "total": total,
+        "due": listed.due,
+        "page": page,
+        "pages": max(1, -(-total // size)),
+        "filters": filters,
+    }
 
 
 def _parse() -> tuple[WorklistFilter, int, str | None]:
@@ -68,9 +75,16 @@ def index() -> Any:
     from dashboard.drift_view import drift_state
 
     refresh = current_app.config.get("WORKLIST_REFRESH_S", REFRESH_S)
-    html = render_template("worklist.html", model=model_info(), error=error, refresh_s=refresh,
-                           drift=drift_state(),
-                           statuses=STATUSES, triage_filters=TRIAGE_FILTERS, **context)  # fmt: skip
+    html = render_template(
+        "worklist.html",
+        model=model_info(),
+        error=error,
+        refresh_s=refresh,
+        drift=drift_state(),
+        statuses=STATUSES,
+        triage_filters=TRIAGE_FILTERS,
+        **context,
+    )
     return html, 400 if error else 200
 
 

@@ -45,8 +45,11 @@ def _rates(p: np.ndarray, y: np.ndarray, thresholds: Mapping[str, float]) -> dic
     out = {}
     for name in ("routine", "urgent", "critical"):
         r = performance.at_threshold(p, y, float(thresholds[name]))
-        out[name] = {"threshold": round(float(thresholds[name]), 4),
-                     "sensitivity": r["sensitivity"], "specificity": r["specificity"]}  # fmt: skip
+        out[name] = {
+            "threshold": round(float(thresholds[name]), 4),
+            "sensitivity": r["sensitivity"],
+            "specificity": r["specificity"],
+        }
     return out
 
 
@@ -81,8 +84,11 @@ def propose(
     routine = math.floor(min(max(raw["routine"], 1e-4), 0.9997) * 1e4) / 1e4
     urgent = max(math.ceil(min(raw["urgent"], 0.9998) * 1e4) / 1e4, routine + 1e-4)
     critical = max(math.ceil(min(raw["critical"], 0.9999) * 1e4) / 1e4, urgent + 1e-4)
-    thresholds = {"routine": round(routine, 4), "urgent": round(urgent, 4),
-                  "critical": round(min(critical, 0.9999), 4)}  # fmt: skip
+    thresholds = {
+        "routine": round(routine, 4),
+        "urgent": round(urgent, 4),
+        "critical": round(min(critical, 0.9999), 4),
+    }
     body = {**current.body(), "thresholds": thresholds, "temperature_scale": scale}
     p_now = np.array([current.p(float(x)) for x in p])
     return {
@@ -100,11 +106,11 @@ def propose(
             "policy_version": current.version,
             "temperature_scale": current.temperature_scale,
             **_rates(p_now, y, current.thresholds_for(model_thresholds)),
-        },  # fmt: skip
+        },
         "waiting_changed": preview(session, body, model_thresholds),
         "body": body,
         "reason": (
             f"calibrated on {len(rows)} reviewed studies ({n_abn} abnormal) from "
             f"{since:%Y-%m-%d}, target sensitivity {target_sensitivity:g}"
-        ),  # fmt: skip
+        ),
     }

@@ -60,8 +60,13 @@ def cmd_calibrate(args: argparse.Namespace, settings: Settings) -> int:
     engine = make_engine(settings.db_url)
     try:
         with make_session_factory(engine)() as session:
-            doc = propose(session, since, datetime.now(UTC), model.get("thresholds") or {},
-                          args.target_sensitivity)  # fmt: skip
+            doc = propose(
+                session,
+                since,
+                datetime.now(UTC),
+                model.get("thresholds") or {},
+                args.target_sensitivity,
+            )
     except CalibrationError as exc:
         return _fail(args, str(exc))
     finally:
@@ -69,19 +74,27 @@ def cmd_calibrate(args: argparse.Namespace, settings: Settings) -> int:
     if args.json:
         print(json.dumps({"ok": True, **doc}))
         return 0
-    print(f"{doc['reviewed']} reviewed studies ({doc['abnormal']} abnormal, {doc['normal']} normal)"
-          f" since {since:%Y-%m-%d}; AUC {doc['auc'].get('auc')}")  # fmt: skip
-    print(f"temperature scale {doc['temperature_scale']} (in force: "
-          f"{doc['current']['temperature_scale']}, policy version "
-          f"{doc['current']['policy_version']})")  # fmt: skip
+    print(
+        f"{doc['reviewed']} reviewed studies ({doc['abnormal']} abnormal, {doc['normal']} normal)"
+        f" since {since:%Y-%m-%d}; AUC {doc['auc'].get('auc')}"
+    )
+    print(
+        f"temperature scale {doc['temperature_scale']} (in force: "
+        f"{doc['current']['temperature_scale']}, policy version "
+        f"{doc['current']['policy_version']})"
+    )
     print(f"{'threshold':<10} {'proposed':>9} {'sensitivity':>24} {'specificity':>24}   in force")
     for name in ("routine", "urgent", "critical"):
         e, c = doc["expected"][name], doc["current"][name]
-        print(f"{name:<10} {e['threshold']:>9.4f} {_pct(e['sensitivity']):>24} "
-              f"{_pct(e['specificity']):>24}   {c['threshold']:.4f}: sensitivity "
-              f"{_pct(c['sensitivity'])}, specificity {_pct(c['specificity'])}")  # fmt: skip
-    print(f"{doc['waiting_changed']} waiting studies would change triage class. Apply or reject "
-          "it on the console: Policy, Calibrate from reads.")  # fmt: skip
+        print(
+            f"{name:<10} {e['threshold']:>9.4f} {_pct(e['sensitivity']):>24} "
+            f"{_pct(e['specificity']):>24}   {c['threshold']:.4f}: sensitivity "
+            f"{_pct(c['sensitivity'])}, specificity {_pct(c['specificity'])}"
+        )
+    print(
+        f"{doc['waiting_changed']} waiting studies would change triage class. Apply or reject "
+        "it on the console: Policy, Calibrate from reads."
+    )
     return 0
 
 
@@ -89,9 +102,16 @@ def register(sub: Any) -> None:
     cal = sub.add_parser(
         "calibrate", help="propose thresholds and a temperature from the site's reviewed studies"
     )
-    cal.add_argument("--since", metavar="YYYY-MM-DD",
-                     help=f"ground truth recorded from this day (default: {DEFAULT_DAYS} days ago)")  # fmt: skip
-    cal.add_argument("--target-sensitivity", type=float, default=0.95,
-                     help="sensitivity of the routine threshold (default 0.95)")  # fmt: skip
+    cal.add_argument(
+        "--since",
+        metavar="YYYY-MM-DD",
+        help=f"ground truth recorded from this day (default: {DEFAULT_DAYS} days ago)",
+    )
+    cal.add_argument(
+        "--target-sensitivity",
+        type=float,
+        default=0.95,
+        help="sensitivity of the routine threshold (default 0.95)",
+    )
     cal.add_argument("--json", action="store_true", help="one JSON line on stdout")
     cal.set_defaults(handler=cmd_calibrate)

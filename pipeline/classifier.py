@@ -179,8 +179,13 @@ class Classifier:
         self._forward: Any = None
         if self.device.type == "cpu" and runtime != "eager":
             self._use_runtime(runtime, weights_path, threads, batch_size)
-        log.info("loaded model %s on %s (trained=%s, runtime %s)", self.version, self.device,
-                 self.trained, self.runtime)  # fmt: skip
+        log.info(
+            "loaded model %s on %s (trained=%s, runtime %s)",
+            self.version,
+            self.device,
+            self.trained,
+            self.runtime,
+        )
 
     def _use_runtime(self, requested: str, weights_path: Path, threads: int, batch: int) -> None:
         from pipeline import runtimes
@@ -190,9 +195,14 @@ class Classifier:
             return
         try:
             self._forward = runtimes.build_forward(
-                name, self.model, self.input_size, runtimes.onnx_dir_for(weights_path),
-                self.sha256, threads or torch.get_num_threads(), pad_to=batch,
-            )  # fmt: skip
+                name,
+                self.model,
+                self.input_size,
+                runtimes.onnx_dir_for(weights_path),
+                self.sha256,
+                threads or torch.get_num_threads(),
+                pad_to=batch,
+            )
             self.runtime = name
             self.predict(np.zeros((max(1, batch), self.input_size, self.input_size), np.uint8))
         except Exception as exc:  # a missing package, a failed export: the reference still runs

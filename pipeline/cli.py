@@ -124,11 +124,18 @@ def rescue_dead_workers(
     try:
         if redis_restarted(client, redis_url):
             log.warning("Redis was restarted: re-sending queued work whose message it lost")
-            requeue_stuck(_factory(settings), client, dispatcher,
-                          stuck_after_s=settings.stuck_after_s, queued_after_s=0,
-                          max_attempts=settings.max_attempts, input_size=model["input_size"],
-                          ttl_s=settings.payload_ttl_s, thresholds=model["thresholds"],
-                          preprocess=model["preprocess"])  # fmt: skip
+            requeue_stuck(
+                _factory(settings),
+                client,
+                dispatcher,
+                stuck_after_s=settings.stuck_after_s,
+                queued_after_s=0,
+                max_attempts=settings.max_attempts,
+                input_size=model["input_size"],
+                ttl_s=settings.payload_ttl_s,
+                thresholds=model["thresholds"],
+                preprocess=model["preprocess"],
+            )
         return requeue_dead_workers(
             _factory(settings),
             client,
@@ -186,8 +193,11 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     lock = RunLock(settings.data_dir)
     leftovers = lock.acquire()
     if leftovers:
-        print(f"stopped processes a cxr-triage run that died left running: pids "
-              f"{', '.join(map(str, leftovers))}", file=sys.stderr)  # fmt: skip
+        print(
+            f"stopped processes a cxr-triage run that died left running: pids "
+            f"{', '.join(map(str, leftovers))}",
+            file=sys.stderr,
+        )
     try:
         return _run_system(settings, lock)
     finally:
@@ -210,8 +220,11 @@ def _run_system(settings: Settings, lock: RunLock) -> int:
         dashboard_url = f"http://{settings.host}:{settings.port}"
         write_runtime(settings, redis_url, dashboard_url)
         env = _child_env(settings, redis_url)
-        sup = Supervisor(checks=[embedded.keep_alive] if embedded else [],
-                         on_pids=lock.record, extra_pids=[redis_pid])  # fmt: skip
+        sup = Supervisor(
+            checks=[embedded.keep_alive] if embedded else [],
+            on_pids=lock.record,
+            extra_pids=[redis_pid],
+        )
         for name, command, child_env in worker_children(settings, env):
             sup.add(name, command, child_env)
         watch_workers(sup, settings, redis_url)
@@ -235,9 +248,14 @@ def _run_system(settings: Settings, lock: RunLock) -> int:
 
         print(f"cxr-triage is running: open {dashboard_url}  (Ctrl-C stops everything)", flush=True)
         try:
-            sup.run(tick=reconcile, tick_every=RECONCILE_EVERY_S,
-                    ticks=[(DEAD_WORKER_CHECK_S, lambda: rescue_dead_workers(settings, redis_url)),
-                           (settings.store_expire_every_s, lambda: expire_store(settings))])  # fmt: skip
+            sup.run(
+                tick=reconcile,
+                tick_every=RECONCILE_EVERY_S,
+                ticks=[
+                    (DEAD_WORKER_CHECK_S, lambda: rescue_dead_workers(settings, redis_url)),
+                    (settings.store_expire_every_s, lambda: expire_store(settings)),
+                ],
+            )
         finally:
             clear_runtime(settings)
     print("cxr-triage stopped.")
@@ -315,21 +333,37 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
         if redis_url is not None:
             client, dispatcher = redis_client(redis_url), Dispatcher(redis_url)
             model, ttl = describe_weights(settings), settings.payload_ttl_s
-            sink = Enqueuer(factory, client, dispatcher, model["input_size"], ttl, lane=args.lane,
-                            preprocess=model["preprocess"])  # fmt: skip
+            sink = Enqueuer(
+                factory,
+                client,
+                dispatcher,
+                model["input_size"],
+                ttl,
+                lane=args.lane,
+                preprocess=model["preprocess"],
+            )
 
         try:
             if client is not None and not queue_has_room(client):
                 raise QueueFull()  # refused before anything is stored
-            report = ingest_paths(factory, [Path(p) for p in args.paths], _limits(settings),
-                                  source="cli", lane=args.lane, sink=sink,
-                                  store=InstanceStore.of(settings))  # fmt: skip
+            report = ingest_paths(
+                factory,
+                [Path(p) for p in args.paths],
+                _limits(settings),
+                source="cli",
+                lane=args.lane,
+                sink=sink,
+                store=InstanceStore.of(settings),
+            )
         except (StorageFull, QueueFull) as exc:
             full, report = exc, exc.report or IngestReport()
         queued = [i for i in report.accepted if i.status == "queued"]
         if redis_url is None and queued:
-            print(f"{len(queued)} images queued in the database; no system is running, so they "
-                  "will be classified when `cxr-triage run` starts", file=sys.stderr)  # fmt: skip
+            print(
+                f"{len(queued)} images queued in the database; no system is running, so they "
+                "will be classified when `cxr-triage run` starts",
+                file=sys.stderr,
+            )
         if args.wait and redis_url is not None and full is None:
             ids = {i.study_id for i in report.accepted if i.study_id is not None}
             ok = _wait_final(settings, ids, args.timeout)
@@ -346,8 +380,11 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
     if full is not None:
         # The files stored before the disk (or the queue) filled stand; the rest were not.
         doc["error"] = str(full)
-        print(f"cxr-triage: {full}; {doc['accepted']} files were stored before that, "
-              "the rest were not", file=sys.stderr)  # fmt: skip
+        print(
+            f"cxr-triage: {full}; {doc['accepted']} files were stored before that, "
+            "the rest were not",
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps(doc))
     else:

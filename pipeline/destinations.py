@@ -121,9 +121,15 @@ def parse_url(entry: str) -> Spec:
             raise DestinationError(f"{entry!r}: write dicom://AE_TITLE@host:port")
         ae = check_ae(unquote(parts.username))
         port = _port(parts.netloc.rsplit(":", 1)[1] if ":" in parts.netloc else None, 104)
-        return Spec("dicom", f"dicom://{ae}@{parts.hostname}:{port}", ae_title=ae,
-                    host=parts.hostname, port=port, want_sr="sr" in want,
-                    want_sc="sc" in want)  # fmt: skip
+        return Spec(
+            "dicom",
+            f"dicom://{ae}@{parts.hostname}:{port}",
+            ae_title=ae,
+            host=parts.hostname,
+            port=port,
+            want_sr="sr" in want,
+            want_sc="sc" in want,
+        )
     if parts.scheme == "mllp":
         if not parts.hostname:
             raise DestinationError(f"{entry!r}: write mllp://host:port")

@@ -42,8 +42,10 @@ def pixel_error_reason(ds: Any, exc: Exception) -> str:
     if tsuid is not None and not tsuid.is_transfer_syntax:
         return f"the file meta names {str(tsuid)[:64]} as its transfer syntax, which is not one"
     if tsuid is not None and tsuid.is_compressed:
-        return (f"the {tsuid.name} pixel data cannot be decoded (corrupt, truncated or an "
-                f"unsupported variant): {text.rstrip(':')}")  # fmt: skip
+        return (
+            f"the {tsuid.name} pixel data cannot be decoded (corrupt, truncated or an "
+            f"unsupported variant): {text.rstrip(':')}"
+        )
     return f"pixel data is truncated or corrupt: {text}"
 
 
@@ -56,8 +58,9 @@ def chest_contrast(pixels: np.ndarray) -> float:
     h, w = pixels.shape
     band = pixels[int(h * 0.3) : int(h * 0.7)].astype(np.float32)
     mediastinum = band[:, int(w * 0.45) : int(w * 0.55)].mean()
-    lungs = (band[:, int(w * 0.2) : int(w * 0.35)].mean()
-             + band[:, int(w * 0.65) : int(w * 0.8)].mean()) / 2  # fmt: skip
+    lungs = (
+        band[:, int(w * 0.2) : int(w * 0.35)].mean() + band[:, int(w * 0.65) : int(w * 0.8)].mean()
+    ) / 2
     return float(mediastinum - lungs)
 
 

@@ -21,13 +21,30 @@ from pipeline.models import Image, Instance, Study
 
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 200
-STUDY_KEYS = ("StudyInstanceUID", "PatientID", "PatientName", "AccessionNumber", "StudyDate",
-              "ModalitiesInStudy", "StudyTime", "StudyDescription", "PatientBirthDate",
-              "PatientSex", "StudyID", "ReferringPhysicianName")  # fmt: skip
+STUDY_KEYS = (
+    "StudyInstanceUID",
+    "PatientID",
+    "PatientName",
+    "AccessionNumber",
+    "StudyDate",
+    "ModalitiesInStudy",
+    "StudyTime",
+    "StudyDescription",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyID",
+    "ReferringPhysicianName",
+)
 SERIES_KEYS = ("SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription")
 INSTANCE_KEYS = ("SOPInstanceUID", "SOPClassUID", "InstanceNumber")
-FROM_HEADER = ("StudyTime", "StudyDescription", "PatientBirthDate", "PatientSex", "StudyID",
-               "ReferringPhysicianName")  # fmt: skip
+FROM_HEADER = (
+    "StudyTime",
+    "StudyDescription",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyID",
+    "ReferringPhysicianName",
+)
 IGNORED = {"limit", "offset", "includefield", "fuzzymatching"}
 
 
@@ -115,8 +132,11 @@ def _dates(column: Any, value: str) -> Any:
 
 
 def _where(stmt: Select[Any], match: dict[str, str]) -> Select[Any]:
-    columns = {"PatientID": Study.patient_id, "PatientName": Study.patient_name,
-               "AccessionNumber": Study.accession_number}  # fmt: skip
+    columns = {
+        "PatientID": Study.patient_id,
+        "PatientName": Study.patient_name,
+        "AccessionNumber": Study.accession_number,
+    }
     for key, value in match.items():
         if key == "StudyInstanceUID":
             stmt = stmt.where(Study.study_uid.in_(_uids(value)))
@@ -127,8 +147,11 @@ def _where(stmt: Select[Any], match: dict[str, str]) -> Select[Any]:
             stmt = stmt.where(*clause) if isinstance(clause, list) else stmt.where(clause)
         elif key == "ModalitiesInStudy":
             wanted = [m.strip().upper() for m in value.replace("\\", ",").split(",") if m.strip()]
-            stmt = stmt.where(select(Instance.id).where(Instance.study_id == Study.id,
-                                                        Instance.modality.in_(wanted)).exists())  # fmt: skip
+            stmt = stmt.where(
+                select(Instance.id)
+                .where(Instance.study_id == Study.id, Instance.modality.in_(wanted))
+                .exists()
+            )
     return stmt
 
 
@@ -152,13 +175,26 @@ def studies(session: Session, query: Query, base: str) -> list[dict[str, Any]]:
     """The studies matching, newest first, as PS3.18 JSON."""
     has = select(Instance.id).where(Instance.study_id == Study.id).exists()
     stmt = _where(select(Study).where(has, Study.study_uid.is_not(None)), query.match)
-    rows = list(session.scalars(stmt.order_by(Study.received_at.desc(), Study.id.desc())
-                                .offset(query.offset).limit(query.limit)))  # fmt: skip
+    rows = list(
+        session.scalars(
+            stmt.order_by(Study.received_at.desc(), Study.id.desc())
+            .offset(query.offset)
+            .limit(query.limit)
+        )
+    )
     ids = [s.id for s in rows]
-    counts = {r.study_id: r for r in session.execute(
-        select(Instance.study_id, func.count(func.distinct(Instance.series_uid)).label("series"),
-               func.count(Instance.id).label("instances"))
-        .where(Instance.study_id.in_(ids)).group_by(Instance.study_id))}  # fmt: skip
+    counts = {
+        r.study_id: r
+        for r in session.execute(
+            select(
+                Instance.study_id,
+                func.count(func.distinct(Instance.series_uid)).label("series"),
+                func.count(Instance.id).label("instances"),
+            )
+            .where(Instance.study_id.in_(ids))
+            .group_by(Instance.study_id)
+        )
+    }
     modalities: dict[int, set[str]] = {}
     for study_id, modality in session.execute(
         select(Instance.study_id, Instance.modality).where(Instance.study_id.in_(ids)).distinct()
@@ -166,38 +202,53 @@ def studies(session: Session, query: Query, base: str) -> list[dict[str, Any]]:
         if modality:
             modalities.setdefault(study_id, set()).add(modality)
     headers = _first_headers(session, ids)
-    always = (*STUDY_KEYS, "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances",
-              "RetrieveURL")  # fmt: skip
+    always = (
+        *STUDY_KEYS,
+        "NumberOfStudyRelatedSeries",
+        "NumberOfStudyRelatedInstances",
+        "RetrieveURL",
+    )
     out = []
     for s in rows:
         head = headers.get(s.id, {})
         values: dict[str, Any] = {
-            "StudyInstanceUID": s.study_uid, "PatientID": s.patient_id,
-            "PatientName": s.patient_name, "AccessionNumber": s.accession_number,
-            "StudyDate": s.study_date, "ModalitiesInStudy": sorted(modalities.get(s.id, ())),
+            "StudyInstanceUID": s.study_uid,
+            "PatientID": s.patient_id,
+            "PatientName": s.patient_name,
+            "AccessionNumber": s.accession_number,
+            "StudyDate": s.study_date,
+            "ModalitiesInStudy": sorted(modalities.get(s.id, ())),
             "NumberOfStudyRelatedSeries": counts[s.id].series if s.id in counts else 0,
             "NumberOfStudyRelatedInstances": counts[s.id].instances if s.id in counts else 0,
             "RetrieveURL": f"{base}/studies/{s.study_uid}",
             **{k: head.get(k) for k in FROM_HEADER},
-        }  # fmt: skip
+        }
         out.append(_dataset(_wanted(values, query, always)))
     return out
 
 
 def _first_headers(session: Session, study_ids: list[int]) -> dict[int, dict[str, Any]]:
-    first = (select(func.min(Image.id)).where(Image.study_id.in_(study_ids))
-             .group_by(Image.study_id))  # fmt: skip
-    return {sid: meta or {} for sid, meta in session.execute(
-        select(Image.study_id, Image.meta).where(Image.id.in_(first)))}  # fmt: skip
+    first = select(func.min(Image.id)).where(Image.study_id.in_(study_ids)).group_by(Image.study_id)
+    return {
+        sid: meta or {}
+        for sid, meta in session.execute(
+            select(Image.study_id, Image.meta).where(Image.id.in_(first))
+        )
+    }
 
 
 def series(
     session: Session, study_uid: str | None, query: Query, base: str
 ) -> list[dict[str, Any]]:
     """The series of a study (or of any study, matching), as PS3.18 JSON."""
-    stmt = select(Instance.study_uid, Instance.series_uid, func.min(Instance.modality),
-                  func.min(Instance.series_number), func.min(Instance.series_description),
-                  func.count(Instance.id)).group_by(Instance.study_uid, Instance.series_uid)  # fmt: skip
+    stmt = select(
+        Instance.study_uid,
+        Instance.series_uid,
+        func.min(Instance.modality),
+        func.min(Instance.series_number),
+        func.min(Instance.series_description),
+        func.count(Instance.id),
+    ).group_by(Instance.study_uid, Instance.series_uid)
     if study_uid is not None:
         stmt = stmt.where(Instance.study_uid == study_uid)
     for key, value in query.match.items():
@@ -209,15 +260,30 @@ def series(
             stmt = stmt.where(Instance.modality == value.upper())
         elif key == "SeriesNumber":
             stmt = stmt.where(Instance.series_number == _number(value))
-    rows = session.execute(stmt.order_by(func.min(Instance.series_number), Instance.series_uid)
-                           .offset(query.offset).limit(query.limit)).all()  # fmt: skip
+    rows = session.execute(
+        stmt.order_by(func.min(Instance.series_number), Instance.series_uid)
+        .offset(query.offset)
+        .limit(query.limit)
+    ).all()
     always = (*SERIES_KEYS, "StudyInstanceUID", "NumberOfSeriesRelatedInstances", "RetrieveURL")
-    return [_dataset(_wanted({
-        "StudyInstanceUID": st, "SeriesInstanceUID": se, "Modality": modality,
-        "SeriesNumber": number, "SeriesDescription": description,
-        "NumberOfSeriesRelatedInstances": n,
-        "RetrieveURL": f"{base}/studies/{st}/series/{se}",
-    }, query, always)) for st, se, modality, number, description, n in rows]  # fmt: skip
+    return [
+        _dataset(
+            _wanted(
+                {
+                    "StudyInstanceUID": st,
+                    "SeriesInstanceUID": se,
+                    "Modality": modality,
+                    "SeriesNumber": number,
+                    "SeriesDescription": description,
+                    "NumberOfSeriesRelatedInstances": n,
+                    "RetrieveURL": f"{base}/studies/{st}/series/{se}",
+                },
+                query,
+                always,
+            )
+        )
+        for st, se, modality, number, description, n in rows
+    ]
 
 
 def _number(value: str) -> int:
@@ -227,8 +293,9 @@ def _number(value: str) -> int:
         raise BadQuery(f"{value!r} is not a number") from exc
 
 
-def instances(session: Session, study_uid: str, series_uid: str | None, query: Query,
-              base: str) -> list[dict[str, Any]]:  # fmt: skip
+def instances(
+    session: Session, study_uid: str, series_uid: str | None, query: Query, base: str
+) -> list[dict[str, Any]]:
     """The instances of a study or series, as PS3.18 JSON."""
     stmt = select(Instance).where(Instance.study_uid == study_uid)
     if series_uid is not None:
@@ -242,14 +309,39 @@ def instances(session: Session, study_uid: str, series_uid: str | None, query: Q
             stmt = stmt.where(Instance.instance_number == _number(value))
         elif key == "SeriesInstanceUID":
             stmt = stmt.where(Instance.series_uid.in_(_uids(value)))
-    rows = session.scalars(stmt.order_by(Instance.series_uid, Instance.instance_number,
-                                         Instance.id).offset(query.offset).limit(query.limit))  # fmt: skip
-    always = (*INSTANCE_KEYS, "StudyInstanceUID", "SeriesInstanceUID", "Modality", "Rows",
-              "Columns", "NumberOfFrames", "RetrieveURL")  # fmt: skip
-    return [_dataset(_wanted({
-        "StudyInstanceUID": i.study_uid, "SeriesInstanceUID": i.series_uid,
-        "SOPInstanceUID": i.sop_uid, "SOPClassUID": i.sop_class_uid, "Modality": i.modality,
-        "InstanceNumber": i.instance_number, "Rows": i.rows, "Columns": i.columns,
-        "NumberOfFrames": i.frames,
-        "RetrieveURL": f"{base}/studies/{i.study_uid}/series/{i.series_uid}/instances/{i.sop_uid}",
-    }, query, always)) for i in rows]  # fmt: skip
+    rows = session.scalars(
+        stmt.order_by(Instance.series_uid, Instance.instance_number, Instance.id)
+        .offset(query.offset)
+        .limit(query.limit)
+    )
+    always = (
+        *INSTANCE_KEYS,
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "Modality",
+        "Rows",
+        "Columns",
+        "NumberOfFrames",
+        "RetrieveURL",
+    )
+    return [
+        _dataset(
+            _wanted(
+                {
+                    "StudyInstanceUID": i.study_uid,
+                    "SeriesInstanceUID": i.series_uid,
+                    "SOPInstanceUID": i.sop_uid,
+                    "SOPClassUID": i.sop_class_uid,
+                    "Modality": i.modality,
+                    "InstanceNumber": i.instance_number,
+                    "Rows": i.rows,
+                    "Columns": i.columns,
+                    "NumberOfFrames": i.frames,
+                    "RetrieveURL": f"{base}/studies/{i.study_uid}/series/{i.series_uid}/instances/{i.sop_uid}",
+                },
+                query,
+                always,
+            )
+        )
+        for i in rows
+    ]

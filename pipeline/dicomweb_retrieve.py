@@ -48,8 +48,9 @@ def metadata(data: bytes, instance_url: str) -> dict[str, Any]:
     def bulk(element: Any) -> str:
         return f"{instance_url}/bulk/{int(element.tag):08X}"
 
-    out: dict[str, Any] = ds.to_json_dict(bulk_data_threshold=BULK_THRESHOLD,
-                                          bulk_data_element_handler=bulk)  # fmt: skip
+    out: dict[str, Any] = ds.to_json_dict(
+        bulk_data_threshold=BULK_THRESHOLD, bulk_data_element_handler=bulk
+    )
     for tag in SPACINGS:
         values = out.get(tag, {}).get("Value")
         if values is not None and not all(_positive(v) for v in values):
@@ -133,8 +134,10 @@ def frames(data: bytes, numbers: list[int], accept: Accepted) -> tuple[list[byte
         pixels = ds.pixel_array
     if count == 1:
         pixels = pixels[np.newaxis]
-    return [np.ascontiguousarray(pixels[n - 1]).astype(pixels.dtype.newbyteorder("<")).tobytes()
-            for n in numbers], EXPLICIT_LE  # fmt: skip
+    return [
+        np.ascontiguousarray(pixels[n - 1]).astype(pixels.dtype.newbyteorder("<")).tobytes()
+        for n in numbers
+    ], EXPLICIT_LE
 
 
 def bulk(data: bytes, tag: int) -> bytes:

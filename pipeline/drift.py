@@ -72,7 +72,9 @@ def kind_shares(kinds: Iterable[str]) -> dict[str, float]:
     return {k: round(n / total, 6) for k, n in sorted(counts.items())} if total else {}
 
 
-def psi(reference: Sequence[float] | Mapping[str, float], live: Sequence[float] | Mapping[str, float]) -> float:  # fmt: skip
+def psi(
+    reference: Sequence[float] | Mapping[str, float], live: Sequence[float] | Mapping[str, float]
+) -> float:
     """Population stability index of live against reference shares (bins or categories)."""
     if isinstance(reference, Mapping) or isinstance(live, Mapping):
         ref_m, live_m = dict(reference), dict(live)  # type: ignore[arg-type]
@@ -96,8 +98,12 @@ def size_of(width: int | None, height: int | None) -> float | None:
     return math.log2(side) if side > 0 else None
 
 
-def profile(scores: Sequence[float], intensities: Sequence[float], sizes: Sequence[float],
-            kinds: Sequence[str]) -> dict[str, Any]:  # fmt: skip
+def profile(
+    scores: Sequence[float],
+    intensities: Sequence[float],
+    sizes: Sequence[float],
+    kinds: Sequence[str],
+) -> dict[str, Any]:
     """The per-feature shares of one set of films."""
     return {
         "n": len(scores),
@@ -129,17 +135,24 @@ def read_reference(
     return None
 
 
-def write_site_reference(session: Session, data_dir: Path, sha256: str, now: datetime,
-                         by: str) -> dict[str, Any]:  # fmt: skip
+def write_site_reference(
+    session: Session, data_dir: Path, sha256: str, now: datetime, by: str
+) -> dict[str, Any]:
     """Make the live profile this site's reference (an admin's decision, after validating the
     model on these films: issue 17's calibration)."""
     live = live_profile(session, now)
     if live["n"] < MIN_IMAGES:
-        raise ValueError(f"{live['n']} scored images in the last {LIVE_DAYS} days: at least "
-                         f"{MIN_IMAGES} are needed for a reference")  # fmt: skip
-    doc = {"weights_sha256": sha256, "made": now.strftime("%Y-%m-%d"), "n": live["n"],
-           "from": {"live": live["n"], "by": by},
-           "features": {k: v for k, v in live.items() if k != "n"}}  # fmt: skip
+        raise ValueError(
+            f"{live['n']} scored images in the last {LIVE_DAYS} days: at least "
+            f"{MIN_IMAGES} are needed for a reference"
+        )
+    doc = {
+        "weights_sha256": sha256,
+        "made": now.strftime("%Y-%m-%d"),
+        "n": live["n"],
+        "from": {"live": live["n"], "by": by},
+        "features": {k: v for k, v in live.items() if k != "n"},
+    }
     path = site_reference_path(data_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -152,13 +165,20 @@ def live_profile(session: Session, now: datetime) -> dict[str, Any]:
     """The profile of the most recent scored images (one score per image: its newest)."""
     since = now - timedelta(days=LIVE_DAYS)
     rows = session.execute(
-        select(Image.id, Image.kind, Image.modality, Image.width, Image.height, Image.meta,
-               Prediction.p_abnormal)
+        select(
+            Image.id,
+            Image.kind,
+            Image.modality,
+            Image.width,
+            Image.height,
+            Image.meta,
+            Prediction.p_abnormal,
+        )
         .join(Prediction, Prediction.image_id == Image.id)
         .where(Image.status == "done", Image.done_at >= since)
         .order_by(Image.done_at.desc(), Image.id.desc(), Prediction.id.desc())
         .limit(LIVE_IMAGES * 2)
-    ).all()  # fmt: skip
+    ).all()
     seen: set[int] = set()
     scores, intensities, sizes, kinds = [], [], [], []
     for image_id, kind, modality, width, height, meta, p in rows:
@@ -179,14 +199,24 @@ def live_profile(session: Session, now: datetime) -> dict[str, Any]:
 def status(session: Session, reference: Mapping[str, Any] | None, now: datetime) -> dict[str, Any]:
     """Per feature: the PSI against the reference, its level, and whether the alarm stands."""
     live = live_profile(session, now)
-    doc: dict[str, Any] = {"limit": PSI_LIMIT, "moderate": PSI_MODERATE, "min_images": MIN_IMAGES,
-                           "live_images": live["n"], "reference": None, "features": {},
-                           "alarm": False, "shifted": []}  # fmt: skip
+    doc: dict[str, Any] = {
+        "limit": PSI_LIMIT,
+        "moderate": PSI_MODERATE,
+        "min_images": MIN_IMAGES,
+        "live_images": live["n"],
+        "reference": None,
+        "features": {},
+        "alarm": False,
+        "shifted": [],
+    }
     if reference is None:
         doc["note"] = "no drift reference for these weights (cxr-triage drift-reference)"
         return doc
-    doc["reference"] = {"n": reference.get("n"), "made": reference.get("made"),
-                        "from": reference.get("from")}  # fmt: skip
+    doc["reference"] = {
+        "n": reference.get("n"),
+        "made": reference.get("made"),
+        "from": reference.get("from"),
+    }
     for name in FEATURES:
         ref, cur = reference["features"].get(name), live.get(name)
         if ref is None or not cur or not sum(cur.values() if isinstance(cur, dict) else cur):

@@ -19,8 +19,9 @@ from typing import Any
 from pipeline.settings import Settings
 
 
-def build_reference(data: list[Path], weights: Path, subset: str, per_source: int,
-                    device: str = "cpu") -> dict[str, Any]:  # fmt: skip
+def build_reference(
+    data: list[Path], weights: Path, subset: str, per_source: int, device: str = "cpu"
+) -> dict[str, Any]:
     """The reference document (see pipeline.drift) of these weights on these films."""
     import numpy as np
 
@@ -31,10 +32,13 @@ def build_reference(data: list[Path], weights: Path, subset: str, per_source: in
     from pipeline.weights import file_sha256, read_meta
 
     split = read_meta(weights).get("training_data", {}).get("split", {})
-    samples = ds.select(ds.read_datasets(data), subset,
-                        val_fraction=float(split.get("val_fraction", 0.1)),
-                        holdout_fraction=float(split.get("holdout_fraction", 0.2)),
-                        seed=int(split.get("seed", 0)))  # fmt: skip
+    samples = ds.select(
+        ds.read_datasets(data),
+        subset,
+        val_fraction=float(split.get("val_fraction", 0.1)),
+        holdout_fraction=float(split.get("holdout_fraction", 0.2)),
+        seed=int(split.get("seed", 0)),
+    )
     by_source: dict[str, list[ds.Sample]] = {}
     for s in sorted(samples, key=lambda s: hashlib.sha256(s.key.encode()).hexdigest()):
         if len(by_source.setdefault(s.source, [])) < per_source:
@@ -64,11 +68,11 @@ def build_reference(data: list[Path], weights: Path, subset: str, per_source: in
             "subset": subset,
             "per_source": per_source,
             "sources": {k: len(v) for k, v in by_source.items()},
-        },  # fmt: skip
+        },
         "n": len(chosen),
         "features": {
             k: v for k, v in drift.profile(scores, intensities, sizes, kinds).items() if k != "n"
-        },  # fmt: skip
+        },
     }
 
 
@@ -96,8 +100,9 @@ def cmd_reference(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def register(sub: Any) -> None:
-    ref = sub.add_parser("drift-reference",
-                         help="record the score and input statistics drift is judged against")  # fmt: skip
+    ref = sub.add_parser(
+        "drift-reference", help="record the score and input statistics drift is judged against"
+    )
     ref.add_argument("data", nargs="+", help="labelled films: folders per class or CSVs")
     ref.add_argument("--subset", choices=("all", "test", "val", "train"), default="test")
     ref.add_argument("--per-source", type=int, default=300, help="films per source (default 300)")

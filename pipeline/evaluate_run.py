@@ -93,8 +93,9 @@ def run_evaluation(
     )
     if not samples:
         raise ds.DatasetError(f"no images in subset {subset!r} of {', '.join(map(str, data))}")
-    result = evaluate_samples(samples, weights, label_map, report, predictions_out, device,
-                              source_probe)  # fmt: skip
+    result = evaluate_samples(
+        samples, weights, label_map, report, predictions_out, device, source_probe
+    )
     result["subset"] = subset
     return result
 
@@ -192,8 +193,18 @@ def evaluate_samples(
 def record_metrics(weights: Path, name: str, result: dict[str, Any], command: str) -> None:
     """Store a compact summary of an evaluation in the weights' meta["metrics"][name]."""
     blob = torch.load(weights, map_location="cpu", weights_only=True)
-    keys = ("n", "auc_abnormal", "sensitivity_abnormal", "specificity_abnormal", "accuracy", "ece",
-            "labels", "per_source", "cam", "source_probe")  # fmt: skip
+    keys = (
+        "n",
+        "auc_abnormal",
+        "sensitivity_abnormal",
+        "specificity_abnormal",
+        "accuracy",
+        "ece",
+        "labels",
+        "per_source",
+        "cam",
+        "source_probe",
+    )
     summary = {k: result[k] for k in keys if k in result} | {"command": command}
     blob["meta"].setdefault("metrics", {})[name] = summary
     tmp = weights.with_suffix(weights.suffix + ".tmp")

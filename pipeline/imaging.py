@@ -182,8 +182,9 @@ def _decode_dicom(data: bytes, limits: Limits) -> DecodedImage:
     except (InvalidDicomError, Exception) as exc:
         raise RejectedInput(f"unreadable DICOM file ({type(exc).__name__})") from exc
     if essential := [t for t in dropped if t.startswith("(0028,") or t == "(7FE0,0010)"]:
-        raise RejectedInput(f"the image description cannot be read: element {essential[0]} "
-                            "is malformed")  # fmt: skip
+        raise RejectedInput(
+            f"the image description cannot be read: element {essential[0]} is malformed"
+        )
     if dropped:
         meta["UnreadableElements"] = dropped[:20]
     if "PixelData" not in ds and not any(k in meta for k in ("SOPClassUID", "Modality")):
@@ -294,8 +295,18 @@ DICOM_HEADER_KEYS = (
 
 # The longest value of each value representation (PS3.5 6.2), so stored columns always fit.
 # PN: three component groups of 64 (alphabetic, ideographic, phonetic) and their separators.
-_VR_MAX = {"CS": 16, "SH": 16, "DA": 8, "TM": 16, "AS": 4, "UI": 64, "LO": 64, "PN": 194,
-           "IS": 12, "DS": 16}  # fmt: skip
+_VR_MAX = {
+    "CS": 16,
+    "SH": 16,
+    "DA": 8,
+    "TM": 16,
+    "AS": 4,
+    "UI": 64,
+    "LO": 64,
+    "PN": 194,
+    "IS": 12,
+    "DS": 16,
+}
 
 
 def header_text(keyword: str, value: Any) -> str:

@@ -47,8 +47,11 @@ def claim(
     """
     claimed: dict[int, int] = {}
     with session_scope(factory) as session:
-        final = list(session.scalars(select(Image.id).where(
-            Image.id.in_(image_ids), Image.status.in_(FINAL_STATES))))  # fmt: skip
+        final = list(
+            session.scalars(
+                select(Image.id).where(Image.id.in_(image_ids), Image.status.in_(FINAL_STATES))
+            )
+        )
         rows = session.execute(
             update(Image)
             .where(Image.id.in_(image_ids), Image.status.not_in(FINAL_STATES))
@@ -57,7 +60,7 @@ def claim(
                 started_at=utcnow(),
                 worker=worker,
                 attempts=func.coalesce(Image.attempts, 0) + 1,
-            )  # fmt: skip
+            )
             .returning(Image.id, Image.attempts, Image.study_id)
             .execution_options(synchronize_session=False)
         ).all()
@@ -142,8 +145,9 @@ def classify_images(
     return result
 
 
-def _score_shadow(factory: sessionmaker[Session], shadow: Classifier, ids: list[int],
-                  batch: np.ndarray) -> None:  # fmt: skip
+def _score_shadow(
+    factory: sessionmaker[Session], shadow: Classifier, ids: list[int], batch: np.ndarray
+) -> None:
     """The shadow model's p_abnormal for images already done (a failure only logs)."""
     from pipeline.models import ShadowPrediction
 
@@ -151,14 +155,23 @@ def _score_shadow(factory: sessionmaker[Session], shadow: Classifier, ids: list[
         out = shadow.predict(batch)
         normal = shadow.classes.index("normal")
         with session_scope(factory) as session:
-            have = set(session.scalars(select(ShadowPrediction.image_id).where(
-                ShadowPrediction.image_id.in_(ids),
-                ShadowPrediction.model_version == shadow.version)))  # fmt: skip
+            have = set(
+                session.scalars(
+                    select(ShadowPrediction.image_id).where(
+                        ShadowPrediction.image_id.in_(ids),
+                        ShadowPrediction.model_version == shadow.version,
+                    )
+                )
+            )
             session.add_all(
-                ShadowPrediction(image_id=i, model_version=shadow.version,
-                                 p_abnormal=float(1.0 - out.probabilities[k][normal]))
-                for k, i in enumerate(ids) if i not in have
-            )  # fmt: skip
+                ShadowPrediction(
+                    image_id=i,
+                    model_version=shadow.version,
+                    p_abnormal=float(1.0 - out.probabilities[k][normal]),
+                )
+                for k, i in enumerate(ids)
+                if i not in have
+            )
     except Exception:  # the shadow must never cost a live result
         log.exception("shadow model %s failed on a batch of %d", shadow.version, len(ids))
 
@@ -243,8 +256,13 @@ def _insert_predictions(session: Session, rows: list[Prediction], version: str) 
             session.add_all(rows)
     except IntegrityError:
         ids = [r.image_id for r in rows]
-        existing = set(session.scalars(select(Prediction.image_id).where(
-            Prediction.image_id.in_(ids), Prediction.model_version == version)))  # fmt: skip
+        existing = set(
+            session.scalars(
+                select(Prediction.image_id).where(
+                    Prediction.image_id.in_(ids), Prediction.model_version == version
+                )
+            )
+        )
         log.info("%d images already had a result from a concurrent delivery", len(existing))
         for row in rows:
             if row.image_id not in existing:
@@ -253,8 +271,21 @@ def _insert_predictions(session: Session, rows: list[Prediction], version: str) 
 
 
 def _copy(row: Prediction) -> Prediction:
-    fields = ("image_id", "model_version", "probabilities", "label", "p_abnormal", "triage_class",
-              "priority", "cam_class", "cam", "cam_h", "cam_w", "batch_size", "inference_ms")  # fmt: skip
+    fields = (
+        "image_id",
+        "model_version",
+        "probabilities",
+        "label",
+        "p_abnormal",
+        "triage_class",
+        "priority",
+        "cam_class",
+        "cam",
+        "cam_h",
+        "cam_w",
+        "batch_size",
+        "inference_ms",
+    )
     return Prediction(**{f: getattr(row, f) for f in fields})
 
 
@@ -284,16 +315,29 @@ def _finish_many(
             table.c.status == "processing",
             table.c.worker.is_not_distinct_from(bindparam("k_worker")),
             table.c.attempts == bindparam("k_attempt"),
-        )  # fmt: skip
+        )
         .values({c: bindparam(f"v_{c}") for c in columns})
     )
-    params = [{"k_id": i, "k_worker": worker, "k_attempt": claims[i],
-               **{f"v_{c}": v.get(c) for c in columns}} for i, v in values.items()]  # fmt: skip
+    params = [
+        {
+            "k_id": i,
+            "k_worker": worker,
+            "k_attempt": claims[i],
+            **{f"v_{c}": v.get(c) for c in columns},
+        }
+        for i, v in values.items()
+    ]
     session.execute(statement, params)
-    rows = session.execute(select(table.c.id, table.c.status, table.c.worker, table.c.attempts)
-                           .where(table.c.id.in_(list(values))))  # fmt: skip
-    return {int(i) for i, st, w, attempt in rows
-            if st == status and w == worker and attempt == claims[int(i)]}  # fmt: skip
+    rows = session.execute(
+        select(table.c.id, table.c.status, table.c.worker, table.c.attempts).where(
+            table.c.id.in_(list(values))
+        )
+    )
+    return {
+        int(i)
+        for i, st, w, attempt in rows
+        if st == status and w == worker and attempt == claims[int(i)]
+    }
 
 
 def _write_results(
@@ -308,11 +352,17 @@ def _write_results(
     batch_ms = result.seconds * 1000.0
     with session_scope(factory) as session:
         ids = [*outputs, *result.failed]
-        received = dict(session.execute(
-            select(Image.id, Image.received_at).where(Image.id.in_(ids))).all())  # fmt: skip
-        existing = set(session.scalars(select(Prediction.image_id).where(
-            Prediction.image_id.in_(list(outputs)),
-            Prediction.model_version == classifier.version)))  # fmt: skip
+        received = dict(
+            session.execute(select(Image.id, Image.received_at).where(Image.id.in_(ids))).all()
+        )
+        existing = set(
+            session.scalars(
+                select(Prediction.image_id).where(
+                    Prediction.image_id.in_(list(outputs)),
+                    Prediction.model_version == classifier.version,
+                )
+            )
+        )
         now = utcnow()
         scored: dict[int, Prediction] = {}
         for image_id, (out, n) in outputs.items():
@@ -321,9 +371,15 @@ def _write_results(
                 result.failed[image_id] = row
             else:
                 scored[image_id] = row
-        done = {i: {"status": "done", "reason": None, "done_at": now,
-                    "latency_ms": _elapsed_ms(received[i], now) if i in received else None}
-                for i in scored}  # fmt: skip
+        done = {
+            i: {
+                "status": "done",
+                "reason": None,
+                "done_at": now,
+                "latency_ms": _elapsed_ms(received[i], now) if i in received else None,
+            }
+            for i in scored
+        }
         finished = _finish_many(session, worker, claims, "done", done)
         rows = []
         for image_id, row in scored.items():
@@ -334,17 +390,27 @@ def _write_results(
                 rows.append(row)
             result.done.append(image_id)
         _insert_predictions(session, rows, classifier.version)
-        failed = {i: {"status": "failed", "reason": reason, "done_at": now}
-                  for i, reason in result.failed.items() if i in received}  # fmt: skip
+        failed = {
+            i: {"status": "failed", "reason": reason, "done_at": now}
+            for i, reason in result.failed.items()
+            if i in received
+        }
         finished = _finish_many(session, worker, claims, "failed", failed)
         for image_id in failed:
             if image_id not in finished:
                 del result.failed[image_id]
                 result.revoked.append(image_id)
         if result.batch_size:
-            session.add(Batch(worker=worker, model_version=classifier.version,
-                              size=result.batch_size, done=len(result.done),
-                              failed=len(result.failed), inference_ms=batch_ms))  # fmt: skip
+            session.add(
+                Batch(
+                    worker=worker,
+                    model_version=classifier.version,
+                    size=result.batch_size,
+                    done=len(result.done),
+                    failed=len(result.failed),
+                    inference_ms=batch_ms,
+                )
+            )
         session.flush()
         session.expire_all()  # the conditional UPDATEs bypassed the identity map
         touched = set(session.scalars(select(Image.study_id).where(Image.id.in_(ids))))

@@ -108,8 +108,15 @@ def _existing(session: Session, key: str, filename: str) -> IngestItem | None:
     found = session.scalars(select(Image).where(Image.dedup_key == key)).first()
     if found is None:
         return None
-    return IngestItem(filename, found.study_id, found.id, found.status, found.reason,
-                      duplicate=True, code=_code(found))  # fmt: skip
+    return IngestItem(
+        filename,
+        found.study_id,
+        found.id,
+        found.status,
+        found.reason,
+        duplicate=True,
+        code=_code(found),
+    )
 
 
 def _code(image: Any) -> str | None:
@@ -120,9 +127,14 @@ def _code(image: Any) -> str | None:
 
 
 def record_rejection(
-    session: Session, key: str, filename: str, reason: str, source: str, lane: str,
+    session: Session,
+    key: str,
+    filename: str,
+    reason: str,
+    source: str,
+    lane: str,
     code: str = "unreadable",
-) -> IngestItem:  # fmt: skip
+) -> IngestItem:
     """Write a rejected study and image with the reason (not committed); dedup first."""
     existing = _existing(session, key, filename)
     if existing is not None:
@@ -131,8 +143,16 @@ def record_rejection(
     study = Study(source=source, lane=lane, status="rejected", reason=reason, done_at=now)
     session.add(study)
     session.flush()
-    image = Image(study_id=study.id, dedup_key=key, filename=imaging.storable_name(filename), kind="unknown",
-                  status="rejected", reason=reason, done_at=now, meta={"rejection": code})  # fmt: skip
+    image = Image(
+        study_id=study.id,
+        dedup_key=key,
+        filename=imaging.storable_name(filename),
+        kind="unknown",
+        status="rejected",
+        reason=reason,
+        done_at=now,
+        meta={"rejection": code},
+    )
     session.add(image)
     session.flush()
     return IngestItem(filename, study.id, image.id, "rejected", reason, code=code)
@@ -173,8 +193,10 @@ def _prepare(data: bytes, filename: str, limits: Limits, extra_meta: dict[str, A
     # The display image's grey level, for drift (pipeline.drift): a strided sample is enough.
     sample = decoded.pixels[::4, ::4]
     if sample.size:
-        decoded.meta["input"] = {"mean": round(float(sample.mean()), 1),
-                                 "std": round(float(sample.std()), 1)}  # fmt: skip
+        decoded.meta["input"] = {
+            "mean": round(float(sample.mean()), 1),
+            "std": round(float(sample.std()), 1),
+        }
     decoded.pixels = decoded.pixels[:0]  # the chunk holds previews, not full images
     return _Prepared(filename, decoded.dedup_key, decoded, None, preview)
 
@@ -248,9 +270,16 @@ def persist_files(
                 study = Study(
                     source=source, lane=lane, status="rejected", reason=reason, done_at=now
                 )
-                image = Image(study=study, dedup_key=p.key, filename=imaging.storable_name(p.filename),
-                              kind="unknown", status="rejected", reason=reason, done_at=now,
-                              meta={"rejection": p.code or "unreadable"})  # fmt: skip
+                image = Image(
+                    study=study,
+                    dedup_key=p.key,
+                    filename=imaging.storable_name(p.filename),
+                    kind="unknown",
+                    status="rejected",
+                    reason=reason,
+                    done_at=now,
+                    meta={"rejection": p.code or "unreadable"},
+                )
             else:
                 image, study = _new_image(p, p.decoded, f, studies, source, lane)
             session.add(image)
@@ -264,12 +293,30 @@ def persist_files(
         if written_image is None or written_study is None:
             if p.key in known:
                 row = known[p.key]
-                items.append(IngestItem(p.filename, row.study_id, row.id, row.status, row.reason,
-                                        duplicate=True, code=_code(row)))  # fmt: skip
+                items.append(
+                    IngestItem(
+                        p.filename,
+                        row.study_id,
+                        row.id,
+                        row.status,
+                        row.reason,
+                        duplicate=True,
+                        code=_code(row),
+                    )
+                )
             else:
                 first, _ = written[p.key]
-                items.append(IngestItem(p.filename, first.study_id, first.id, first.status,
-                                        first.reason, duplicate=True, code=_code(first)))  # fmt: skip
+                items.append(
+                    IngestItem(
+                        p.filename,
+                        first.study_id,
+                        first.id,
+                        first.status,
+                        first.reason,
+                        duplicate=True,
+                        code=_code(first),
+                    )
+                )
             continue
         image, study = written_image, written_study
         if image.status == "queued":
@@ -279,17 +326,22 @@ def persist_files(
         elif image.status == "skipped" and not _has_other_work(session, study.id, image.id):
             # The study's only images are skipped: it is final now, not waiting for a worker.
             study.status, study.reason, study.done_at = "skipped", image.reason, utcnow()
-        item = IngestItem(p.filename, study.id, image.id, image.status, image.reason,
-                          code=_code(image))  # fmt: skip
+        item = IngestItem(
+            p.filename, study.id, image.id, image.status, image.reason, code=_code(image)
+        )
         if image.status == "queued":
             item.preview = p.preview
         items.append(item)
     return items
 
 
-def _keep_instances(session: Session, store: InstanceStore, files: list[tuple[bytes, str]],
-                    plans: list[tuple[_Prepared, Image | None, Study | None]],
-                    fields: list[dict[str, Any] | None]) -> None:  # fmt: skip
+def _keep_instances(
+    session: Session,
+    store: InstanceStore,
+    files: list[tuple[bytes, str]],
+    plans: list[tuple[_Prepared, Image | None, Study | None]],
+    fields: list[dict[str, Any] | None],
+) -> None:
     """Keep each new accepted file in the instance store: DICOM as received, else a capture."""
     with STAGES.time("store", len(files)):
         for (data, _), (p, image, study), f in zip(files, plans, fields, strict=True):
@@ -371,8 +423,11 @@ def full_disk_refused() -> Iterator[None]:
         raise
     except Exception as exc:
         if is_storage_full(exc):
-            log.error("the disk holding the database is full (%s): refusing new studies until "
-                      "there is space", type(exc).__name__)  # fmt: skip
+            log.error(
+                "the disk holding the database is full (%s): refusing new studies until "
+                "there is space",
+                type(exc).__name__,
+            )
             raise StorageFull() from exc
         raise
 
@@ -416,8 +471,14 @@ def _ingest_bytes(
         session.rollback()
         log.warning("a header value could not be stored (%s)", type(exc.orig).__name__)
         reason = "the file's header holds values the database cannot store"
-        item = record_rejection(session, imaging.content_key(data), filename, reason,
-                                kwargs.get("source", "cli"), kwargs.get("lane", "live"))  # fmt: skip
+        item = record_rejection(
+            session,
+            imaging.content_key(data),
+            filename,
+            reason,
+            kwargs.get("source", "cli"),
+            kwargs.get("lane", "live"),
+        )
         session.commit()
         return item
     finally:
@@ -530,9 +591,17 @@ class Enqueuer:
         self.preprocess = preprocess
 
     def __call__(self, image_ids: list[int], previews: Mapping[int, bytes] | None = None) -> int:
-        return enqueue(self.factory, self.redis, self.dispatcher, image_ids, self.input_size,
-                       self.ttl_s, lane=self.lane, previews=previews,
-                       preprocess=self.preprocess)  # fmt: skip
+        return enqueue(
+            self.factory,
+            self.redis,
+            self.dispatcher,
+            image_ids,
+            self.input_size,
+            self.ttl_s,
+            lane=self.lane,
+            previews=previews,
+            preprocess=self.preprocess,
+        )
 
 
 def _read_or_reject(
@@ -543,8 +612,9 @@ def _read_or_reject(
         size = path.stat().st_size
         if size > limits.max_bytes:
             # Recorded on a study like any bad input, without reading the file into memory.
-            reason = (f"the file is {size / 1e6:.1f} MB, "
-                      f"over the {limits.max_bytes / 1e6:.0f} MB limit")  # fmt: skip
+            reason = (
+                f"the file is {size / 1e6:.1f} MB, over the {limits.max_bytes / 1e6:.0f} MB limit"
+            )
             with full_disk_refused(), session_scope(factory) as session:
                 return record_rejection(session, _file_key(path), path.name, reason, source, lane)
         return path.read_bytes()
@@ -577,8 +647,11 @@ def ingest_paths(
 
     def flush() -> None:
         nonlocal sink, held
-        items = (ingest_many(factory, files, limits, source=source, lane=lane, store=store)
-                 if files else [])  # fmt: skip
+        items = (
+            ingest_many(factory, files, limits, source=source, lane=lane, store=store)
+            if files
+            else []
+        )
         queued: dict[int, bytes | None] = {}
         for path, item in zip(names, items, strict=True):
             item.path = str(path)

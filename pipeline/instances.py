@@ -244,8 +244,9 @@ def _with_header(ds: Any, syntax: str) -> bytes:
 # --------------------------------------------------------------------------- captures
 
 
-def capture(data: bytes, kind: str, fields: dict[str, Any], meta: dict[str, Any],
-            key: str) -> bytes:  # fmt: skip
+def capture(
+    data: bytes, kind: str, fields: dict[str, Any], meta: dict[str, Any], key: str
+) -> bytes:
     """A Secondary Capture of a JPEG or PNG radiograph, in the study ``fields`` describe.
 
     A baseline (or extended) sequential JPEG is encapsulated as received; a progressive JPEG or
@@ -293,8 +294,9 @@ def capture(data: bytes, kind: str, fields: dict[str, Any], meta: dict[str, Any]
         subsampled = layers == 3 and JpegImagePlugin.get_sampling(img) not in (0, -1)
         syntax = JPEG_BASELINE if process == 0xC0 else JPEG_EXTENDED
         ds.SamplesPerPixel = layers
-        ds.PhotometricInterpretation = ("MONOCHROME2" if layers == 1
-                                        else "YBR_FULL_422" if subsampled else "YBR_FULL")  # fmt: skip
+        ds.PhotometricInterpretation = (
+            "MONOCHROME2" if layers == 1 else "YBR_FULL_422" if subsampled else "YBR_FULL"
+        )
         if layers == 3:
             ds.PlanarConfiguration = 0
         ds.BitsAllocated = ds.BitsStored = 8
@@ -347,8 +349,15 @@ def _jpeg_process(data: bytes) -> int | None:
 # --------------------------------------------------------------------------- rows
 
 
-def keep(session: Session, store: InstanceStore, study: Study, image_id: int | None, kind: str,
-         data: bytes, study_uid: str) -> Instance:  # fmt: skip
+def keep(
+    session: Session,
+    store: InstanceStore,
+    study: Study,
+    image_id: int | None,
+    kind: str,
+    data: bytes,
+    study_uid: str,
+) -> Instance:
     """Write one DICOM file and add its row (not committed)."""
     described, data = describe(data)
     rel, digest = store.write(data)
@@ -384,8 +393,13 @@ def _read() -> Any:
     return exists().where(Review.study_id == Study.id)
 
 
-def expire(factory: sessionmaker[Session], store: InstanceStore, settings: Settings,
-           now: datetime | None = None, orphan_age_s: float = 3600.0) -> dict[str, int]:  # fmt: skip
+def expire(
+    factory: sessionmaker[Session],
+    store: InstanceStore,
+    settings: Settings,
+    now: datetime | None = None,
+    orphan_age_s: float = 3600.0,
+) -> dict[str, int]:
     """Delete what retention allows: read studies past the retention, then, while the store
     is over its size limit, the oldest read studies. Unread studies are never touched.
     Files no row names (a crash between write and commit) older than an hour go too."""
@@ -394,18 +408,35 @@ def expire(factory: sessionmaker[Session], store: InstanceStore, settings: Setti
     counts = {"studies": 0, "instances": 0, "bytes": 0, "orphans": 0}
     with session_scope(factory) as session:
         has_instances = exists().where(Instance.study_id == Study.id)
-        old = list(session.scalars(
-            select(Study.id).where(_read(), has_instances, Study.received_at < cutoff)
-            .order_by(Study.received_at)))  # fmt: skip
+        old = list(
+            session.scalars(
+                select(Study.id)
+                .where(_read(), has_instances, Study.received_at < cutoff)
+                .order_by(Study.received_at)
+            )
+        )
         total = store.usage(session, fresh=True)
         over = total - store.max_bytes
         if over > 0:
             oldest_read = session.execute(
-                select(Study.id, func.sum(Instance.size)).join(Instance, Instance.study_id == Study.id)
+                select(Study.id, func.sum(Instance.size))
+                .join(Instance, Instance.study_id == Study.id)
                 .where(_read(), Study.id.not_in(old or [-1]))
-                .group_by(Study.id, Study.received_at).order_by(Study.received_at)).all()  # fmt: skip
-            freed = int(session.scalar(select(func.coalesce(func.sum(Instance.size), 0))
-                                       .where(Instance.study_id.in_(old))) or 0) if old else 0  # fmt: skip
+                .group_by(Study.id, Study.received_at)
+                .order_by(Study.received_at)
+            ).all()
+            freed = (
+                int(
+                    session.scalar(
+                        select(func.coalesce(func.sum(Instance.size), 0)).where(
+                            Instance.study_id.in_(old)
+                        )
+                    )
+                    or 0
+                )
+                if old
+                else 0
+            )
             for study_id, size in oldest_read:
                 if freed >= over:
                     break
@@ -414,8 +445,9 @@ def expire(factory: sessionmaker[Session], store: InstanceStore, settings: Setti
     for start in range(0, len(old), 200):
         chunk = old[start : start + 200]
         with session_scope(factory) as session:
-            rows = session.execute(select(Instance.path, Instance.size)
-                                   .where(Instance.study_id.in_(chunk))).all()  # fmt: skip
+            rows = session.execute(
+                select(Instance.path, Instance.size).where(Instance.study_id.in_(chunk))
+            ).all()
             session.execute(delete(Instance).where(Instance.study_id.in_(chunk)))
         for rel, size in rows:  # rows first: a crash here leaves files, which go as orphans
             store.remove(rel)
@@ -426,9 +458,13 @@ def expire(factory: sessionmaker[Session], store: InstanceStore, settings: Setti
     with session_scope(factory) as session:
         store.usage(session, fresh=True)
     if counts["studies"] or counts["orphans"]:
-        log.info("instance store: expired %d instances of %d read studies (%.1f MB), %d orphans",
-                 counts["instances"], counts["studies"], counts["bytes"] / 1e6,
-                 counts["orphans"])  # fmt: skip
+        log.info(
+            "instance store: expired %d instances of %d read studies (%.1f MB), %d orphans",
+            counts["instances"],
+            counts["studies"],
+            counts["bytes"] / 1e6,
+            counts["orphans"],
+        )
     return counts
 
 
@@ -452,9 +488,14 @@ def store_state(session: Session, store: InstanceStore) -> dict[str, Any]:
     total = store.usage(session, fresh=True)
     instances = int(session.scalar(select(func.count(Instance.id))) or 0)
     studies = int(session.scalar(select(func.count(func.distinct(Instance.study_id)))) or 0)
-    unread = int(session.scalar(
-        select(func.coalesce(func.sum(Instance.size), 0))
-        .join(Study, Study.id == Instance.study_id).where(~_read())) or 0)  # fmt: skip
+    unread = int(
+        session.scalar(
+            select(func.coalesce(func.sum(Instance.size), 0))
+            .join(Study, Study.id == Instance.study_id)
+            .where(~_read())
+        )
+        or 0
+    )
     return {
         "bytes": total,
         "limit_bytes": store.max_bytes,

@@ -101,15 +101,24 @@ class Intake:
         Raises ``QueueFull``, with nothing stored, while Redis refuses writes at its maxmemory.
         """
         self.check_room()
-        item = ingest_bytes(self.factory, data, filename, self.limits, source=source,
-                            lane=self.lane, extra_meta=extra_meta, store=self.store)  # fmt: skip
+        item = ingest_bytes(
+            self.factory,
+            data,
+            filename,
+            self.limits,
+            source=source,
+            lane=self.lane,
+            extra_meta=extra_meta,
+            store=self.store,
+        )
         item.path = filename
         if item.status == "queued" and not item.duplicate and item.image_id is not None:
             self.send([item.image_id])
         return item
 
-    def reject(self, key: str, filename: str, reason: str, source: str,
-               code: str = "unreadable") -> IngestItem:  # fmt: skip
+    def reject(
+        self, key: str, filename: str, reason: str, source: str, code: str = "unreadable"
+    ) -> IngestItem:
         """Record bytes that were never decoded (too large) as a rejected study."""
         with full_disk_refused(), session_scope(self.factory) as session:
             item = record_rejection(session, key, filename, reason, source, self.lane, code)
@@ -118,8 +127,9 @@ class Intake:
 
     def reject_oversize(self, key: str, size: int, filename: str, source: str) -> IngestItem:
         """Record a file over the size limit, identified by its content hash."""
-        return self.reject(key, filename, oversize_reason(size, self.limits.max_bytes), source,
-                           "too_large")  # fmt: skip
+        return self.reject(
+            key, filename, oversize_reason(size, self.limits.max_bytes), source, "too_large"
+        )
 
     def send(self, image_ids: Iterable[int]) -> int:
         """Send committed images to the workers; on any Redis trouble they stay queued."""
@@ -129,13 +139,21 @@ class Intake:
                 if not self._connect():
                     return 0
                 assert self._input_size is not None and self._dispatcher is not None
-                return enqueue(self.factory, self._client, self._dispatcher, ids,
-                               self._input_size, self.settings.payload_ttl_s,
-                               lane=self.lane, preprocess=self._preprocess)  # fmt: skip
+                return enqueue(
+                    self.factory,
+                    self._client,
+                    self._dispatcher,
+                    ids,
+                    self._input_size,
+                    self.settings.payload_ttl_s,
+                    lane=self.lane,
+                    preprocess=self._preprocess,
+                )
             except Exception as exc:
                 # Committed as queued: the reconciler re-sends them from the database.
-                log.warning("could not send %d images (%s); they stay queued", len(ids),
-                            type(exc).__name__)  # fmt: skip
+                log.warning(
+                    "could not send %d images (%s); they stay queued", len(ids), type(exc).__name__
+                )
                 mark_unsent(self.factory, ids)
                 if is_queue_full(exc):
                     self._full_at = self._checked_at = time.monotonic()  # refuse the next

@@ -61,9 +61,14 @@ class ImportReport:
     errors: list[RowError] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"ok": not self.errors, "rows": self.rows, "imported": self.imported,
-                "unchanged": self.unchanged, "abnormal": self.abnormal,
-                "errors": [{"row": e.row, "error": e.error} for e in self.errors]}  # fmt: skip
+        return {
+            "ok": not self.errors,
+            "rows": self.rows,
+            "imported": self.imported,
+            "unchanged": self.unchanged,
+            "abnormal": self.abnormal,
+            "errors": [{"row": e.row, "error": e.error} for e in self.errors],
+        }
 
 
 def parse_abnormal(value: str) -> bool:
@@ -72,8 +77,10 @@ def parse_abnormal(value: str) -> bool:
         return True
     if text in FALSE_WORDS:
         return False
-    raise ValueError("abnormal must be 1/0, yes/no, true/false or abnormal/normal"
-                     + (f", not {value.strip()[:20]!r}" if text else "; it is empty"))  # fmt: skip
+    raise ValueError(
+        "abnormal must be 1/0, yes/no, true/false or abnormal/normal"
+        + (f", not {value.strip()[:20]!r}" if text else "; it is empty")
+    )
 
 
 def parse_finding(value: str | None) -> str | None:
@@ -82,8 +89,9 @@ def parse_finding(value: str | None) -> str | None:
         return None
     key = FINDING_ALIASES.get(text) or FINDING_ALIASES.get(text.replace(" ", ""))
     if key is None:
-        raise ValueError(f"unknown finding {(value or '').strip()[:40]!r}; use one of "
-                         + ", ".join(FINDINGS))  # fmt: skip
+        raise ValueError(
+            f"unknown finding {(value or '').strip()[:40]!r}; use one of " + ", ".join(FINDINGS)
+        )
     return key
 
 
@@ -104,13 +112,15 @@ def read_rows(data: bytes) -> tuple[list[_Row], list[RowError]]:
     reader = csv.reader(io.StringIO(text, newline=""))
     header = next(reader, None)
     if header is None or not any(h.strip() for h in header):
-        raise LabelFileError("the file is empty; it needs a header: accession_number,abnormal"
-                             "[,finding]")  # fmt: skip
+        raise LabelFileError(
+            "the file is empty; it needs a header: accession_number,abnormal[,finding]"
+        )
     names = [h.strip().lower() for h in header]
     missing = [c for c in REQUIRED if c not in names]
     if missing:
-        raise LabelFileError(f"the header lacks {', '.join(missing)} (it has: "
-                             f"{', '.join(n for n in names if n)})")  # fmt: skip
+        raise LabelFileError(
+            f"the header lacks {', '.join(missing)} (it has: {', '.join(n for n in names if n)})"
+        )
     col = {name: names.index(name) for name in (*REQUIRED, "finding") if name in names}
     rows: list[_Row] = []
     errors: list[RowError] = []
@@ -173,8 +183,13 @@ def import_labels(session: Session, data: bytes, user_id: int) -> ImportReport:
             errors.append(RowError(r.line, "no study has this accession number"))
         elif len(found) > 1:
             ids = ", ".join(str(s.id) for s in sorted(found, key=lambda s: s.id))
-            errors.append(RowError(r.line, f"this accession number matches {len(found)} studies "
-                                            f"(ids {ids}); resolve it in the RIS or PACS"))  # fmt: skip
+            errors.append(
+                RowError(
+                    r.line,
+                    f"this accession number matches {len(found)} studies "
+                    f"(ids {ids}); resolve it in the RIS or PACS",
+                )
+            )
     if errors:
         report.errors = sorted(errors, key=lambda e: e.row)
         return report
@@ -190,8 +205,15 @@ def import_labels(session: Session, data: bytes, user_id: int) -> ImportReport:
             report.unchanged += 1
             continue
         snapshot = model_snapshot(study, r.abnormal)
-        review = Review(study_id=study.id, user_id=user_id, action="import", source="ris",
-                        abnormal=r.abnormal, finding=r.finding, **snapshot)  # fmt: skip
+        review = Review(
+            study_id=study.id,
+            user_id=user_id,
+            action="import",
+            source="ris",
+            abnormal=r.abnormal,
+            finding=r.finding,
+            **snapshot,
+        )
         session.add(review)
         report.imported += 1
         report.abnormal += int(r.abnormal)

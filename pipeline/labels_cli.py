@@ -52,8 +52,11 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
         with factory() as session:
             user = session.scalars(select(User).where(User.username == args.user)).first()
             if user is None or not user.active or user.role != "admin":
-                return _fail(args, f"--user {args.user!r} is not an active admin account; "
-                                   "an admin runs RIS imports")  # fmt: skip
+                return _fail(
+                    args,
+                    f"--user {args.user!r} is not an active admin account; "
+                    "an admin runs RIS imports",
+                )
             try:
                 report = import_labels(session, data, user.id)
             except LabelFileError as exc:
@@ -65,11 +68,18 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
                 session.rollback()
                 detail = f"refused: {len(report.errors)} bad row(s) of {report.rows}"
             else:
-                detail = (f"{report.imported} imported ({report.abnormal} abnormal), "
-                          f"{report.unchanged} unchanged of {report.rows}")  # fmt: skip
-            session.add(AuditEvent(user_id=user.id, action="labels_import",
-                                   target=f"file:{path.name}"[:80],
-                                   detail=f"{detail}; sha256 {digest}; os user {_os_user()}"))  # fmt: skip
+                detail = (
+                    f"{report.imported} imported ({report.abnormal} abnormal), "
+                    f"{report.unchanged} unchanged of {report.rows}"
+                )
+            session.add(
+                AuditEvent(
+                    user_id=user.id,
+                    action="labels_import",
+                    target=f"file:{path.name}"[:80],
+                    detail=f"{detail}; sha256 {digest}; os user {_os_user()}",
+                )
+            )
             session.commit()  # the outcomes and their audit event together, or only the refusal
     finally:
         engine.dispose()
@@ -78,11 +88,14 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
     elif report.errors:
         for e in report.errors:
             print(f"{path.name}: row {e.row}: {e.error}", file=sys.stderr)
-        print(f"nothing imported: {len(report.errors)} bad row(s) of {report.rows}",
-              file=sys.stderr)  # fmt: skip
+        print(
+            f"nothing imported: {len(report.errors)} bad row(s) of {report.rows}", file=sys.stderr
+        )
     else:
-        print(f"{report.imported} outcome(s) imported ({report.abnormal} abnormal), "
-              f"{report.unchanged} already recorded, from {report.rows} row(s)")  # fmt: skip
+        print(
+            f"{report.imported} outcome(s) imported ({report.abnormal} abnormal), "
+            f"{report.unchanged} already recorded, from {report.rows} row(s)"
+        )
     return 1 if report.errors else 0
 
 

@@ -154,8 +154,9 @@ class RunLock:
                 " or give this one another CXR_DATA_DIR"
             ) from None
         self.fd = fd
-        recorded = [pid for pid, start in self._read(fd).get("children", [])
-                    if process_start(pid) == start]  # fmt: skip
+        recorded = [
+            pid for pid, start in self._read(fd).get("children", []) if process_start(pid) == start
+        ]
         leftovers = sorted(set(recorded) | set(redis_servers_on(self.data_dir / "redis")))
         if leftovers:
             log.warning("stopping processes left running by a dead run: %s", leftovers)

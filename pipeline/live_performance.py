@@ -61,18 +61,23 @@ def reviewed_studies(session: Session, since: datetime, until: datetime) -> list
     for start in range(0, len(ids), CHUNK):
         chunk = ids[start : start + CHUNK]
         for sid, p, cls, status in session.execute(
-            select(Study.id, Study.p_abnormal, Study.triage_class, Study.status)
-            .where(Study.id.in_(chunk))
-        ):  # fmt: skip
+            select(Study.id, Study.p_abnormal, Study.triage_class, Study.status).where(
+                Study.id.in_(chunk)
+            )
+        ):
             studies[sid] = (p, cls, status)
         for sid, modality, view, meta in session.execute(
             select(Image.study_id, Image.modality, Image.view_position, Image.meta)
-            .where(Image.study_id.in_(chunk)).order_by(Image.id)
-        ):  # fmt: skip
+            .where(Image.study_id.in_(chunk))
+            .order_by(Image.id)
+        ):
             found = groups[sid]
             institution = (meta or {}).get("InstitutionName")
-            for key, value in (("institution", institution), ("modality", modality),
-                               ("view", view)):  # fmt: skip
+            for key, value in (
+                ("institution", institution),
+                ("modality", modality),
+                ("view", view),
+            ):
                 text = str(value or "").strip()
                 if key not in found and text:
                     found[key] = text if key == "institution" else text.upper()
@@ -82,10 +87,20 @@ def reviewed_studies(session: Session, since: datetime, until: datetime) -> list
         p, cls, status = studies.get(sid, (None, None, "unknown"))
         score = float(p) if p is not None and status == "done" else None
         g = groups.get(sid, {})
-        rows.append(ReviewedStudy(sid, t.abnormal, t.finding, t.source, as_utc(t.recorded_at),
-                                  score, t.model_class or cls,
-                                  g.get("institution", UNKNOWN), g.get("modality", UNKNOWN),
-                                  g.get("view", UNKNOWN)))  # fmt: skip
+        rows.append(
+            ReviewedStudy(
+                sid,
+                t.abnormal,
+                t.finding,
+                t.source,
+                as_utc(t.recorded_at),
+                score,
+                t.model_class or cls,
+                g.get("institution", UNKNOWN),
+                g.get("modality", UNKNOWN),
+                g.get("view", UNKNOWN),
+            )
+        )
     rows.sort(key=lambda r: (r.recorded_at, r.study_id))
     return rows
 
@@ -93,8 +108,9 @@ def reviewed_studies(session: Session, since: datetime, until: datetime) -> list
 def group_summary(rows: list[ReviewedStudy], thresholds: dict[str, float] | None) -> dict:
     """The statistics of one group: reviewed, AUC, the thresholds, calibration, top share."""
     scored = [r for r in rows if r.score is not None]
-    doc = summarize([r.score for r in scored if r.score is not None],
-                    [r.abnormal for r in scored], thresholds)  # fmt: skip
+    doc = summarize(
+        [r.score for r in scored if r.score is not None], [r.abnormal for r in scored], thresholds
+    )
     doc["unscored"] = len(rows) - len(scored)
     doc["top"] = share([r.class_at_read in TOP_CLASSES for r in scored if r.abnormal])
     return doc
@@ -114,8 +130,10 @@ def performance_from_rows(
         members: dict[str, list[ReviewedStudy]] = defaultdict(list)
         for r in rows:
             members[getattr(r, split)].append(r)
-        by[split] = [{"group": name, **group_summary(members[name], thresholds)}
-                     for name in sorted(members, key=lambda n: (-len(members[n]), n))]  # fmt: skip
+        by[split] = [
+            {"group": name, **group_summary(members[name], thresholds)}
+            for name in sorted(members, key=lambda n: (-len(members[n]), n))
+        ]
     sources: dict[str, int] = defaultdict(int)
     for r in rows:
         sources[r.source] += 1
@@ -132,8 +150,9 @@ def performance_from_rows(
     }
 
 
-def _in_force(session: Session, model_thresholds: dict[str, float] | None,
-              rows: list[ReviewedStudy]) -> tuple[dict[str, float] | None, list[ReviewedStudy]]:  # fmt: skip
+def _in_force(
+    session: Session, model_thresholds: dict[str, float] | None, rows: list[ReviewedStudy]
+) -> tuple[dict[str, float] | None, list[ReviewedStudy]]:
     """The site's policy applied: its thresholds, and the scores under its temperature."""
     from dataclasses import replace
 

@@ -19,12 +19,18 @@ def register(subparsers: Any) -> None:
     """Add the train and evaluate parsers."""
     tr = subparsers.add_parser("train", help="train a classifier on labelled radiographs")
     _train_arguments(tr, data_optional=True)
-    tr.add_argument("--from-db", action="store_true",
-                    help="fine-tune the model in use on this site's reviewed studies (with DATA: "
-                         "public data mixed in); writes a candidate, changes nothing live")  # fmt: skip
+    tr.add_argument(
+        "--from-db",
+        action="store_true",
+        help="fine-tune the model in use on this site's reviewed studies (with DATA: "
+        "public data mixed in); writes a candidate, changes nothing live",
+    )
     tr.add_argument("--since", metavar="YYYY-MM-DD", help="with --from-db: truth recorded since")
-    tr.add_argument("--holdout-source", metavar="NAME",
-                    help="leave this source (its folder name) out of training; evaluate on it")  # fmt: skip
+    tr.add_argument(
+        "--holdout-source",
+        metavar="NAME",
+        help="leave this source (its folder name) out of training; evaluate on it",
+    )
     tr.add_argument("--out", required=True)
     tr.set_defaults(handler=cmd_train)
 
@@ -34,8 +40,11 @@ def register(subparsers: Any) -> None:
     _train_arguments(lo)
     lo.add_argument("--out-dir", required=True, help="folder for each held-out model and loso.json")
     lo.add_argument("--only", help="comma-separated sources to hold out (default: every one)")
-    lo.add_argument("--final", metavar="OUT",
-                    help="then train on every source and record the LOSO summary in OUT's metrics")  # fmt: skip
+    lo.add_argument(
+        "--final",
+        metavar="OUT",
+        help="then train on every source and record the LOSO summary in OUT's metrics",
+    )
     lo.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     lo.set_defaults(handler=cmd_loso)
 
@@ -48,8 +57,11 @@ def register(subparsers: Any) -> None:
     ev.add_argument("--report", help="folder for PNGs: confusion matrix, ROC, CAM grid")
     ev.add_argument("--predictions-out", help="CSV path,label,abnormal,p_abnormal,predicted")
     ev.add_argument("--record", metavar="NAME", help="store the summary in the weights' metrics")
-    ev.add_argument("--source-probe", action="store_true",
-                    help="also tell the sources apart with a linear probe on the model's features")  # fmt: skip
+    ev.add_argument(
+        "--source-probe",
+        action="store_true",
+        help="also tell the sources apart with a linear probe on the model's features",
+    )
     ev.add_argument("--threads", type=int, default=0)
     ev.add_argument("--device", default="auto")
     ev.set_defaults(handler=cmd_evaluate)
@@ -59,13 +71,21 @@ def _train_arguments(tr: Any, data_optional: bool = False) -> None:
     from pipeline.train_config import TrainConfig
 
     d = TrainConfig(data=[], out="")
-    tr.add_argument("data", nargs="*" if data_optional else "+",
-                    help="folders with a folder per class, or CSVs path,label")  # fmt: skip
+    tr.add_argument(
+        "data",
+        nargs="*" if data_optional else "+",
+        help="folders with a folder per class, or CSVs path,label",
+    )
     tr.add_argument("--arch", default=d.arch)
-    tr.add_argument("--head", choices=("abnormal", "softmax"), default=d.head,
-                    help="abnormal: a binary triage logit plus a finding head (default)")  # fmt: skip
-    tr.add_argument("--findings", default=",".join(d.findings),
-                    help="finding classes of the abnormal head")  # fmt: skip
+    tr.add_argument(
+        "--head",
+        choices=("abnormal", "softmax"),
+        default=d.head,
+        help="abnormal: a binary triage logit plus a finding head (default)",
+    )
+    tr.add_argument(
+        "--findings", default=",".join(d.findings), help="finding classes of the abnormal head"
+    )
     tr.add_argument("--classes", default=",".join(d.classes), help="classes of the softmax head")
     tr.add_argument("--label-map", help="SOURCE=class,... (case-insensitive, added to defaults)")
     tr.add_argument("--epochs", type=int, default=d.epochs)
@@ -74,12 +94,26 @@ def _train_arguments(tr: Any, data_optional: bool = False) -> None:
     tr.add_argument("--preprocess", choices=("lungs", "thorax", "resize"), default=d.preprocess)
     tr.add_argument("--balance", choices=("source-label", "class"), default=d.balance)
     tr.add_argument("--augment", choices=("sources", "basic"), default=d.augment)
-    tr.add_argument("--adversary", type=float, default=d.adversary,
-                    help="weight of a source-adversarial head (gradient reversal); 0 = none")  # fmt: skip
-    tr.add_argument("--mix-lungs", type=float, default=d.mix_lungs, metavar="SHARE",
-                    help="thorax input: train this share of images with all but the lungs blacked out")  # fmt: skip
-    tr.add_argument("--cam-guide", type=float, default=d.cam_guide, metavar="WEIGHT",
-                    help="weight of a loss on the CAM evidence outside the found lungs; 0 = none")  # fmt: skip
+    tr.add_argument(
+        "--adversary",
+        type=float,
+        default=d.adversary,
+        help="weight of a source-adversarial head (gradient reversal); 0 = none",
+    )
+    tr.add_argument(
+        "--mix-lungs",
+        type=float,
+        default=d.mix_lungs,
+        metavar="SHARE",
+        help="thorax input: train this share of images with all but the lungs blacked out",
+    )
+    tr.add_argument(
+        "--cam-guide",
+        type=float,
+        default=d.cam_guide,
+        metavar="WEIGHT",
+        help="weight of a loss on the CAM evidence outside the found lungs; 0 = none",
+    )
     tr.add_argument("--batch-size", type=int, default=d.batch_size)
     tr.add_argument("--lr", type=float, default=d.lr)
     tr.add_argument("--epoch-size", type=int, default=0, help="images per epoch (0 = all)")
@@ -92,8 +126,12 @@ def _train_arguments(tr: Any, data_optional: bool = False) -> None:
     tr.add_argument("--init", help="torchvision-compatible state dict to start from")
     tr.add_argument("--cache-dir", help="folder for decoded-image caches")
     tr.add_argument("--threads", type=int, default=0)
-    tr.add_argument("--amp", choices=("off", "bf16"), default="off",
-                    help="bf16: mixed-precision training (GPUs, CPUs with AMX); weights stay fp32")  # fmt: skip
+    tr.add_argument(
+        "--amp",
+        choices=("off", "bf16"),
+        default="off",
+        help="bf16: mixed-precision training (GPUs, CPUs with AMX); weights stay fp32",
+    )
 
 
 def _config(args: argparse.Namespace, out: str, holdout: str | None) -> Any:
@@ -103,17 +141,36 @@ def _config(args: argparse.Namespace, out: str, holdout: str | None) -> Any:
         return [c.strip().lower() for c in text.split(",") if c.strip()]
 
     return TrainConfig(
-        data=list(args.data), out=out, arch=args.arch, head=args.head,
-        findings=names(args.findings), classes=names(args.classes), label_map=args.label_map,
-        input_size=args.input_size, layer4_stride=args.layer4_stride, preprocess=args.preprocess,
-        balance=args.balance, augment=args.augment, adversary=args.adversary,
-        mix_lungs=args.mix_lungs, cam_guide=args.cam_guide,
-        holdout_source=holdout, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        seed=args.seed, val_fraction=args.val_fraction, holdout_fraction=args.holdout_fraction,
-        epoch_size=args.epoch_size, device=args.device,
-        checkpoint=getattr(args, "checkpoint", None), resume=args.resume, init=args.init,
-        cache_dir=args.cache_dir, amp=args.amp,
-    )  # fmt: skip
+        data=list(args.data),
+        out=out,
+        arch=args.arch,
+        head=args.head,
+        findings=names(args.findings),
+        classes=names(args.classes),
+        label_map=args.label_map,
+        input_size=args.input_size,
+        layer4_stride=args.layer4_stride,
+        preprocess=args.preprocess,
+        balance=args.balance,
+        augment=args.augment,
+        adversary=args.adversary,
+        mix_lungs=args.mix_lungs,
+        cam_guide=args.cam_guide,
+        holdout_source=holdout,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        val_fraction=args.val_fraction,
+        holdout_fraction=args.holdout_fraction,
+        epoch_size=args.epoch_size,
+        device=args.device,
+        checkpoint=getattr(args, "checkpoint", None),
+        resume=args.resume,
+        init=args.init,
+        cache_dir=args.cache_dir,
+        amp=args.amp,
+    )
 
 
 def _torch_threads(n: int) -> None:
@@ -182,8 +239,10 @@ def _train_from_db(args: argparse.Namespace, settings: Settings) -> int:
         cfg = _config(args, args.out, None)
         _, meta = run(cfg)
     val = meta["metrics"]["validation"]
-    print(f"wrote candidate {args.out} from {counts} reviewed images: validation "
-          f"AUC(abnormal) {val['auc_abnormal']:.4f}; nothing live changed")  # fmt: skip
+    print(
+        f"wrote candidate {args.out} from {counts} reviewed images: validation "
+        f"AUC(abnormal) {val['auc_abnormal']:.4f}; nothing live changed"
+    )
     return 0
 
 
@@ -264,10 +323,14 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
         )
     print("confusion matrix (rows truth, columns predicted):", result["confusion_matrix"])
     for name, row in result.get("per_source", {}).items():
-        print(f"source {name:24s} n {row['n']:5d}  AUC {row['auc_abnormal']}  "
-              f"CAM peak in lungs {row['cam_peak_in_lungs']}  lungs found {row['lungs_found']}")  # fmt: skip
+        print(
+            f"source {name:24s} n {row['n']:5d}  AUC {row['auc_abnormal']}  "
+            f"CAM peak in lungs {row['cam_peak_in_lungs']}  lungs found {row['lungs_found']}"
+        )
     probe = result.get("source_probe")
     if probe:
-        print(f"linear probe on the model's features tells the sources apart: accuracy "
-              f"{probe['accuracy']:.3f} (chance {probe['chance']:.3f}, n_test {probe['n_test']})")  # fmt: skip
+        print(
+            f"linear probe on the model's features tells the sources apart: accuracy "
+            f"{probe['accuracy']:.3f} (chance {probe['chance']:.3f}, n_test {probe['n_test']})"
+        )
     return 0

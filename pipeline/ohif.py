@@ -193,9 +193,19 @@ def _npm_error(done: subprocess.CompletedProcess[str]) -> str:
 def _npm_pack(npm: str, folder: Path) -> Path:
     # Few, short retries: an offline `make install` should warn in seconds, not minutes. The
     # cache is used when it holds the package (the tarball is checked against the pin anyway).
-    command = [npm, "pack", f"{PACKAGE}@{VERSION}", "--pack-destination", str(folder), "--json",
-               "--ignore-scripts", "--prefer-offline", "--fetch-retries=1",
-               "--fetch-retry-mintimeout=1000", "--fetch-retry-maxtimeout=5000"]  # fmt: skip
+    command = [
+        npm,
+        "pack",
+        f"{PACKAGE}@{VERSION}",
+        "--pack-destination",
+        str(folder),
+        "--json",
+        "--ignore-scripts",
+        "--prefer-offline",
+        "--fetch-retries=1",
+        "--fetch-retry-mintimeout=1000",
+        "--fetch-retry-maxtimeout=5000",
+    ]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=NPM_TIMEOUT_S)
     except (OSError, subprocess.TimeoutExpired) as exc:
@@ -240,8 +250,10 @@ def _clear_for_install(target: Path) -> None:
     if target.is_dir() and (read_stamp(target) is not None or not any(target.iterdir())):
         shutil.rmtree(target)
         return
-    raise OhifError(f"{target} exists and is not a viewer installed by cxr-triage; "
-                    "move it away or set CXR_OHIF_DIR to another folder")  # fmt: skip
+    raise OhifError(
+        f"{target} exists and is not a viewer installed by cxr-triage; "
+        "move it away or set CXR_OHIF_DIR to another folder"
+    )
 
 
 def _remove_stale_scratch(folder: Path) -> None:
@@ -260,13 +272,22 @@ def _already(target: Path, integrity: str) -> Installed | None:
         tmp = target / f"{STAMP}.tmp"
         tmp.write_text(json.dumps(stamp, indent=1) + "\n")
         os.replace(tmp, target / STAMP)
-    return Installed(target, VERSION, integrity, int(stamp.get("files", 0)), changed=False,
-                     gzipped=int(stamp["gzip"]))  # fmt: skip
+    return Installed(
+        target,
+        VERSION,
+        integrity,
+        int(stamp.get("files", 0)),
+        changed=False,
+        gzipped=int(stamp["gzip"]),
+    )
 
 
-def install(target: Path, tarball: Path | None = None,
-            fetcher: Callable[[Path], Path] | None = None, integrity: str | None = None,
-            ) -> Installed:  # fmt: skip
+def install(
+    target: Path,
+    tarball: Path | None = None,
+    fetcher: Callable[[Path], Path] | None = None,
+    integrity: str | None = None,
+) -> Installed:
     """Install the pinned viewer build at ``target`` unless it is there already.
 
     ``tarball``: a file fetched beforehand (an offline site copies it in); else ``fetcher``
@@ -293,13 +314,24 @@ def install(target: Path, tarball: Path | None = None,
         staging = work / "dist"
         files = extract_dist(archive, staging)
         gzipped = static_gzip.precompress(staging).kept
-        stamp = {"package": PACKAGE, "version": VERSION, "integrity": integrity, "files": files,
-                 "gzip": gzipped}  # fmt: skip
+        stamp = {
+            "package": PACKAGE,
+            "version": VERSION,
+            "integrity": integrity,
+            "files": files,
+            "gzip": gzipped,
+        }
         (staging / STAMP).write_text(json.dumps(stamp, indent=1) + "\n")
         if (done := _already(target, integrity)) is not None:  # another install won the race
             return done
         _clear_for_install(target)
         staging.rename(target)
-    log.info("installed %s %s at %s (%d files, %d precompressed)", PACKAGE, VERSION, target,
-             files, gzipped)  # fmt: skip
+    log.info(
+        "installed %s %s at %s (%d files, %d precompressed)",
+        PACKAGE,
+        VERSION,
+        target,
+        files,
+        gzipped,
+    )
     return Installed(target, VERSION, integrity, files, changed=True, gzipped=gzipped)

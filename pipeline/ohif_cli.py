@@ -36,34 +36,58 @@ def cmd_install(args: argparse.Namespace, settings: Settings) -> int:
     try:
         done = ohif.install(target, tarball=tarball)
     except ohif.DownloadFailed as exc:
-        _report(args, {**base, "ok": False, "installed": False, "error": str(exc),
-                       "reason": "download"},
-                f"cxr-triage ohif install: {exc}. The viewer is not installed; the dashboard "
-                "works without it. Try again when the registry answers, or pass --tarball.",
-                error=True)  # fmt: skip
+        _report(
+            args,
+            {**base, "ok": False, "installed": False, "error": str(exc), "reason": "download"},
+            f"cxr-triage ohif install: {exc}. The viewer is not installed; the dashboard "
+            "works without it. Try again when the registry answers, or pass --tarball.",
+            error=True,
+        )
         return EXIT_DOWNLOAD
     except (ohif.OhifError, OSError) as exc:
         reason = "integrity" if isinstance(exc, ohif.IntegrityMismatch) else "refused"
-        _report(args, {**base, "ok": False, "installed": False, "error": str(exc),
-                       "reason": reason},
-                f"cxr-triage ohif install: {exc}", error=True)  # fmt: skip
+        _report(
+            args,
+            {**base, "ok": False, "installed": False, "error": str(exc), "reason": reason},
+            f"cxr-triage ohif install: {exc}",
+            error=True,
+        )
         return EXIT_REFUSED
-    doc = {**base, "ok": True, "installed": True, "changed": done.changed, "files": done.files,
-           "gzipped": done.gzipped, "integrity": done.integrity}  # fmt: skip
+    doc = {
+        **base,
+        "ok": True,
+        "installed": True,
+        "changed": done.changed,
+        "files": done.files,
+        "gzipped": done.gzipped,
+        "integrity": done.integrity,
+    }
     verb = "installed" if done.changed else "already installed"
-    _report(args, doc, f"OHIF viewer {ohif.VERSION} {verb} at {target}; the dashboard serves "
-                       "it at /ohif/", error=False)  # fmt: skip
+    _report(
+        args,
+        doc,
+        f"OHIF viewer {ohif.VERSION} {verb} at {target}; the dashboard serves it at /ohif/",
+        error=False,
+    )
     return 0
 
 
 def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
     target = ohif.viewer_dir(settings)
     present = ohif.installed(target)
-    doc = {"package": ohif.PACKAGE, "version": ohif.VERSION, "path": str(target),
-           "installed": present, "stamp": ohif.read_stamp(target)}  # fmt: skip
-    text = (f"OHIF viewer {ohif.VERSION} is installed at {target}" if present else
-            f"OHIF viewer {ohif.VERSION} is not installed at {target}: "
-            "run `cxr-triage ohif install` (or `make install`)")  # fmt: skip
+    doc = {
+        "package": ohif.PACKAGE,
+        "version": ohif.VERSION,
+        "path": str(target),
+        "installed": present,
+        "stamp": ohif.read_stamp(target),
+    }
+    text = (
+        f"OHIF viewer {ohif.VERSION} is installed at {target}"
+        if present
+        else f"OHIF viewer {ohif.VERSION} is not installed at {target}: "
+        "run `cxr-triage ohif install` (or `make install`)"
+    )
     _report(args, doc, text, error=False)
     return 0 if present else 1
 

@@ -53,12 +53,18 @@ def model_info(settings: Settings) -> ModelInfo:
     meta = read_meta(settings.weights_path)
     temperature = meta.get("temperature")
     version, params = policy(model, float(temperature) if temperature is not None else None)
-    return ModelInfo(str(model["version"]), f"cxr-triage {model.get('arch') or 'model'}",
-                     version, params, settings.weights_path)  # fmt: skip
+    return ModelInfo(
+        str(model["version"]),
+        f"cxr-triage {model.get('arch') or 'model'}",
+        version,
+        params,
+        settings.weights_path,
+    )
 
 
-def send_pass(factory: sessionmaker[Session], settings: Settings,
-              kinds: tuple[str, ...] | None = None) -> dict[str, int]:  # fmt: skip
+def send_pass(
+    factory: sessionmaker[Session], settings: Settings, kinds: tuple[str, ...] | None = None
+) -> dict[str, int]:
     """Send every due outbox row (of destinations of these ``kinds``) once; return counts by
     outcome. The claims not yet recorded are renewed at least every third of the lease."""
     from pipeline import senders
@@ -111,8 +117,12 @@ def send_pass(factory: sessionmaker[Session], settings: Settings,
     return dict(counts)
 
 
-def _send_destination(settings: Settings, dest: Destination,
-                      payloads: list[tuple[int, str, ResultObject, bytes]], report: Any) -> None:  # fmt: skip
+def _send_destination(
+    settings: Settings,
+    dest: Destination,
+    payloads: list[tuple[int, str, ResultObject, bytes]],
+    report: Any,
+) -> None:
     from pipeline import senders
 
     good = []
@@ -175,15 +185,17 @@ class Sender:
     def alerts(self) -> dict[str, Any]:
         """Queue and send the critical alerts owed (the alert loop's pass)."""
         self.sync()
-        queued = queue_results(self.factory, self.model, kinds=ALERT_KINDS,
-                               done_since=self._done_since("alerts"))  # fmt: skip
+        queued = queue_results(
+            self.factory, self.model, kinds=ALERT_KINDS, done_since=self._done_since("alerts")
+        )
         return {"queued": queued, "sent": send_pass(self.factory, self.settings, ALERT_KINDS)}
 
     def results(self) -> dict[str, Any]:
         """Queue and send the SRs and captures owed (the PACS loop's pass)."""
         self.sync()
-        queued = queue_results(self.factory, self.model, kinds=PACS_KINDS,
-                               done_since=self._done_since("results"))  # fmt: skip
+        queued = queue_results(
+            self.factory, self.model, kinds=PACS_KINDS, done_since=self._done_since("results")
+        )
         return {"queued": queued, "sent": send_pass(self.factory, self.settings, PACS_KINDS)}
 
     def once(self) -> dict[str, Any]:
@@ -205,8 +217,9 @@ class Sender:
                     log.exception("send-results pass failed; will retry")
                 stop.wait(pause)
 
-        alerts = threading.Thread(target=run, args=(self.alerts, min(every, ALERT_EVERY_S)),
-                                  name="alerts", daemon=True)  # fmt: skip
+        alerts = threading.Thread(
+            target=run, args=(self.alerts, min(every, ALERT_EVERY_S)), name="alerts", daemon=True
+        )
         alerts.start()
         run(self.results, every)
         alerts.join(TIMEOUT_JOIN_S)
@@ -230,9 +243,12 @@ def cmd_send_results(args: argparse.Namespace, settings: Settings) -> int:
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
-        print(f"sending results every {args.every:g} s, alerts every "
-              f"{min(args.every, ALERT_EVERY_S):g} s (Ctrl-C stops)", file=sys.stderr,
-              flush=True)  # fmt: skip
+        print(
+            f"sending results every {args.every:g} s, alerts every "
+            f"{min(args.every, ALERT_EVERY_S):g} s (Ctrl-C stops)",
+            file=sys.stderr,
+            flush=True,
+        )
         sender.loop(stop, args.every)
     finally:
         sender.close()

@@ -64,8 +64,14 @@ def auc_delong(scores: Scores, truths: Truths) -> dict[str, Any]:
     fewer than two studies of either class."""
     s, y = _arrays(scores, truths)
     pos, neg = s[y], s[~y]
-    doc: dict[str, Any] = {"auc": None, "se": None, "ci": None, "n_abnormal": int(len(pos)),
-                           "n_normal": int(len(neg)), "method": "DeLong"}  # fmt: skip
+    doc: dict[str, Any] = {
+        "auc": None,
+        "se": None,
+        "ci": None,
+        "n_abnormal": int(len(pos)),
+        "n_normal": int(len(neg)),
+        "method": "DeLong",
+    }
     if len(pos) == 0 or len(neg) == 0:
         return doc
     v10, v01 = _placements(pos, neg)
@@ -105,12 +111,15 @@ def at_threshold(scores: Scores, truths: Truths, threshold: float) -> dict:
     tn = int(np.sum(~called & ~y))
     return {
         "threshold": float(threshold),
-        "tp": tp, "fp": fp, "tn": tn, "fn": fn,
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
         "sensitivity": _rate(tp, tp + fn),
         "specificity": _rate(tn, tn + fp),
         "ppv": _rate(tp, tp + fp),
         "npv": _rate(tn, tn + fn),
-    }  # fmt: skip
+    }
 
 
 def calibration(scores: Scores, truths: Truths, bins: int = CALIBRATION_BINS) -> dict[str, Any]:
@@ -128,8 +137,17 @@ def calibration(scores: Scores, truths: Truths, bins: int = CALIBRATION_BINS) ->
         observed = k / n if n else None
         if n and mean_p is not None and observed is not None:
             ece += n * abs(observed - mean_p)
-        rows.append({"lo": b / bins, "hi": (b + 1) / bins, "n": n, "abnormal": k,
-                     "mean_score": mean_p, "observed": observed, "ci": wilson(k, n)})  # fmt: skip
+        rows.append(
+            {
+                "lo": b / bins,
+                "hi": (b + 1) / bins,
+                "n": n,
+                "abnormal": k,
+                "mean_score": mean_p,
+                "observed": observed,
+                "ci": wilson(k, n),
+            }
+        )
     total = len(s)
     return {
         "bins": rows,

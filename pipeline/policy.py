@@ -61,9 +61,13 @@ class Policy:
 
     def body(self) -> dict[str, Any]:
         """The rules alone, as stored."""
-        return {"thresholds": self.thresholds, "stat_boost": self.stat_boost,
-                "max_wait_h": self.max_wait_h, "reads_per_hour": self.reads_per_hour,
-                "temperature_scale": self.temperature_scale}  # fmt: skip
+        return {
+            "thresholds": self.thresholds,
+            "stat_boost": self.stat_boost,
+            "max_wait_h": self.max_wait_h,
+            "reads_per_hour": self.reads_per_hour,
+            "temperature_scale": self.temperature_scale,
+        }
 
     def p(self, model_p: float) -> float:
         """The p_abnormal the thresholds apply to: the model's under this site's temperature."""
@@ -79,8 +83,9 @@ class Policy:
 
     def as_dict(self) -> dict[str, Any]:
         doc = asdict(self)
-        doc["created_at"] = (self.created_at.strftime("%Y-%m-%d %H:%M UTC") if self.created_at
-                             else None)  # fmt: skip
+        doc["created_at"] = (
+            self.created_at.strftime("%Y-%m-%d %H:%M UTC") if self.created_at else None
+        )
         return doc
 
 
@@ -99,8 +104,11 @@ def validate(body: Mapping[str, Any]) -> dict[str, Any]:
     """The stored form of a policy's rules; PolicyError names the first rule that is wrong."""
     thresholds = body.get("thresholds")
     if thresholds is not None:
-        if not isinstance(thresholds, Mapping) or set(thresholds) != {"routine", "urgent",
-                                                                       "critical"}:  # fmt: skip
+        if not isinstance(thresholds, Mapping) or set(thresholds) != {
+            "routine",
+            "urgent",
+            "critical",
+        }:
             raise PolicyError("thresholds need routine, urgent and critical (or none: the model's)")
         t = {k: _number(thresholds, k, 0.0, 1.0, f"the {k} threshold") for k in thresholds}
         if not 0.0 < t["routine"] < t["urgent"] < t["critical"] < 1.0:
@@ -111,18 +119,25 @@ def validate(body: Mapping[str, Any]) -> dict[str, Any]:
         "stat_boost": _number(body, "stat_boost", 0.0, 50.0, "the STAT boost"),
         "max_wait_h": _number(body, "max_wait_h", 0.0, 24.0 * 30, "the maximum wait (hours)"),
         "reads_per_hour": _number(body, "reads_per_hour", 1.0, 1000.0, "reads per hour"),
-        "temperature_scale": _number({"t": body.get("temperature_scale", 1.0)}, "t", 0.2, 5.0,
-                                     "the temperature scale"),
-    }  # fmt: skip
+        "temperature_scale": _number(
+            {"t": body.get("temperature_scale", 1.0)}, "t", 0.2, 5.0, "the temperature scale"
+        ),
+    }
 
 
 def _from_row(row: PolicyVersion, user: str | None) -> Policy:
     body = json.loads(row.body)
-    return Policy(version=row.version, thresholds=body.get("thresholds"),
-                  stat_boost=float(body["stat_boost"]), max_wait_h=float(body["max_wait_h"]),
-                  reads_per_hour=float(body["reads_per_hour"]),
-                  temperature_scale=float(body.get("temperature_scale", 1.0)), reason=row.reason,
-                  created_by=user, created_at=row.created_at)  # fmt: skip
+    return Policy(
+        version=row.version,
+        thresholds=body.get("thresholds"),
+        stat_boost=float(body["stat_boost"]),
+        max_wait_h=float(body["max_wait_h"]),
+        reads_per_hour=float(body["reads_per_hour"]),
+        temperature_scale=float(body.get("temperature_scale", 1.0)),
+        reason=row.reason,
+        created_by=user,
+        created_at=row.created_at,
+    )
 
 
 def active(session: Session, who: bool = True) -> Policy:
@@ -130,8 +145,9 @@ def active(session: Session, who: bool = True) -> Policy:
 
     ``who=False`` leaves out the author's name (one query less: the workers' write path).
     """
-    row = session.scalars(select(PolicyVersion).order_by(PolicyVersion.version.desc())
-                          .limit(1)).first()  # fmt: skip
+    row = session.scalars(
+        select(PolicyVersion).order_by(PolicyVersion.version.desc()).limit(1)
+    ).first()
     if row is None:
         return Policy()
     user = session.get(User, row.user_id) if who and row.user_id else None
@@ -148,8 +164,13 @@ def history(session: Session) -> list[Policy]:
     return [*(_from_row(row, name) for row, name in rows), Policy()]
 
 
-def save(session: Session, body: Mapping[str, Any], user_id: int | None, reason: str,
-         model_thresholds: Mapping[str, float]) -> tuple[Policy, int]:  # fmt: skip
+def save(
+    session: Session,
+    body: Mapping[str, Any],
+    user_id: int | None,
+    reason: str,
+    model_thresholds: Mapping[str, float],
+) -> tuple[Policy, int]:
     """Store the rules as the next version and re-rank the waiting studies.
 
     Returns the new policy and how many waiting studies changed triage class. The caller
@@ -162,8 +183,9 @@ def save(session: Session, body: Mapping[str, Any], user_id: int | None, reason:
         raise PolicyError(f"the reason is longer than {MAX_REASON} characters")
     rules = validate(body)
     latest = session.scalar(select(func.max(PolicyVersion.version))) or 0
-    row = PolicyVersion(version=latest + 1, body=json.dumps(rules, sort_keys=True), reason=reason,
-                        user_id=user_id)  # fmt: skip
+    row = PolicyVersion(
+        version=latest + 1, body=json.dumps(rules, sort_keys=True), reason=reason, user_id=user_id
+    )
     session.add(row)
     session.flush()
     user = session.get(User, user_id) if user_id else None
@@ -171,8 +193,13 @@ def save(session: Session, body: Mapping[str, Any], user_id: int | None, reason:
     return policy, rerank_waiting(session, policy, model_thresholds)
 
 
-def rollback(session: Session, version: int, user_id: int | None, reason: str,
-             model_thresholds: Mapping[str, float]) -> tuple[Policy, int]:  # fmt: skip
+def rollback(
+    session: Session,
+    version: int,
+    user_id: int | None,
+    reason: str,
+    model_thresholds: Mapping[str, float],
+) -> tuple[Policy, int]:
     """Bring back the rules of an earlier version, as a new version."""
     if version == 0:
         body = Policy().body()
@@ -181,14 +208,18 @@ def rollback(session: Session, version: int, user_id: int | None, reason: str,
         if row is None:
             raise PolicyError(f"there is no policy version {version}")
         body = json.loads(row.body)
-    return save(session, body, user_id, f"back to version {version}: {reason.strip()}",
-                model_thresholds)  # fmt: skip
+    return save(
+        session, body, user_id, f"back to version {version}: {reason.strip()}", model_thresholds
+    )
 
 
 def awaiting_read() -> ColumnElement[bool]:
     """SQL condition: the study is scored and no radiologist has reviewed it."""
-    return and_(Study.status == "done", Study.priority.is_not(None),
-                ~exists().where(Review.study_id == Study.id))  # fmt: skip
+    return and_(
+        Study.status == "done",
+        Study.priority.is_not(None),
+        ~exists().where(Review.study_id == Study.id),
+    )
 
 
 def rerank_waiting(session: Session, policy: Policy, model_thresholds: Mapping[str, float]) -> int:
@@ -205,9 +236,9 @@ def rerank_waiting(session: Session, policy: Policy, model_thresholds: Mapping[s
         cls = triage.triage_class(p, thresholds)
         moved += cls != study.triage_class
         study.triage_class = cls
-        study.priority = triage.priority_score(p, thresholds,
-                                               study.requested_priority,
-                                               stat_boost=policy.stat_boost)  # fmt: skip
+        study.priority = triage.priority_score(
+            p, thresholds, study.requested_priority, stat_boost=policy.stat_boost
+        )
         study.policy_version = policy.version
     return moved
 
@@ -218,6 +249,9 @@ def preview(
     """How many waiting studies would change triage class under these rules (nothing saved)."""
     rules = Policy(**validate(body))
     thresholds = rules.thresholds_for(model_thresholds)
-    rows = session.execute(select(Study.p_abnormal, Study.triage_class)
-                           .where(awaiting_read(), Study.p_abnormal.is_not(None)))  # fmt: skip
+    rows = session.execute(
+        select(Study.p_abnormal, Study.triage_class).where(
+            awaiting_read(), Study.p_abnormal.is_not(None)
+        )
+    )
     return sum(triage.triage_class(rules.p(float(p or 0.0)), thresholds) != cls for p, cls in rows)

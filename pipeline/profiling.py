@@ -106,10 +106,13 @@ def difference(
     """after - before, stage by stage."""
     zero = (0.0, 0.0, 0.0)
     return {
-        k: (v[0] - before.get(k, zero)[0], v[1] - before.get(k, zero)[1],
-            v[2] - before.get(k, zero)[2])
+        k: (
+            v[0] - before.get(k, zero)[0],
+            v[1] - before.get(k, zero)[1],
+            v[2] - before.get(k, zero)[2],
+        )
         for k, v in after.items()
-    }  # fmt: skip
+    }
 
 
 def per_image(

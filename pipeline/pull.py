@@ -245,8 +245,10 @@ def held_sop_uids(intake: Intake, uids: list[str]) -> set[str]:
     with session_scope(intake.factory) as session:
         for start in range(0, len(keys), 500):
             chunk = keys[start : start + 500]
-            held.update(k[4:] for k in session.scalars(select(Image.dedup_key).where(
-                Image.dedup_key.in_(chunk))))  # fmt: skip
+            held.update(
+                k[4:]
+                for k in session.scalars(select(Image.dedup_key).where(Image.dedup_key.in_(chunk)))
+            )
     return held
 
 
@@ -270,7 +272,7 @@ def discover(client: PacsClient, since: date, modalities: tuple[str, ...]) -> li
             SeriesInstanceUID=s.series_uid,
             SOPInstanceUID="",
             SOPClassUID="",
-        )  # fmt: skip
+        )
         for s in wanted
     ]
     for series, matches in zip(wanted, client.find(image_queries), strict=True):
@@ -288,8 +290,9 @@ def _retrieve_requests(series: list[_Series], missing: set[str]) -> list[Any]:
         if not todo:
             continue
         if len(todo) == len(s.instances):
-            out.append(_identifier("SERIES", StudyInstanceUID=s.study_uid,
-                                   SeriesInstanceUID=s.series_uid))  # fmt: skip
+            out.append(
+                _identifier("SERIES", StudyInstanceUID=s.study_uid, SeriesInstanceUID=s.series_uid)
+            )
         else:
             out += [
                 _identifier(
@@ -297,7 +300,7 @@ def _retrieve_requests(series: list[_Series], missing: set[str]) -> list[Any]:
                     StudyInstanceUID=s.study_uid,
                     SeriesInstanceUID=s.series_uid,
                     SOPInstanceUID=u,
-                )  # fmt: skip
+                )
                 for u in todo
             ]
     return out

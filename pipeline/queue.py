@@ -44,8 +44,10 @@ class QueueFull(Exception):
     accepted before stays queued in the database and is sent once there is room."""
 
     def __init__(self) -> None:
-        super().__init__("the work queue (Redis) is full: it is at its maxmemory and refuses "
-                         "writes; the file was not stored; send it again later")  # fmt: skip
+        super().__init__(
+            "the work queue (Redis) is full: it is at its maxmemory and refuses "
+            "writes; the file was not stored; send it again later"
+        )
         self.report: Any = None  # ingest_paths: what was stored before the queue filled
 
 
@@ -146,8 +148,11 @@ def images_in_flight(
         cutoff = time.time() - held_at_most_s
         held: Any = client.zrangebyscore(KOMBU_UNACKED_INDEX_KEY, "-inf", cutoff)
         stale = {t if isinstance(t, bytes) else str(t).encode() for t in held}
-    names = [q for name in QUEUES.values()
-             for q in (name, *(f"{name}{KOMBU_PRIORITY_SEP}{p}" for p in KOMBU_PRIORITY_STEPS))]  # fmt: skip
+    names = [
+        q
+        for name in QUEUES.values()
+        for q in (name, *(f"{name}{KOMBU_PRIORITY_SEP}{p}" for p in KOMBU_PRIORITY_STEPS))
+    ]
     for name in names:
         start = 0
         while chunk := client.lrange(name, start, start + page - 1):

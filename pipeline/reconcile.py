@@ -84,12 +84,17 @@ def requeue_stuck(
         # can die between payload and message, and kombu takes a message off its queue before
         # recording it as unacknowledged, so a Redis crash in between loses it. Look.
         candidates = {img.id for img, _ in rows if img.status != "processing"}
-        waiting = (candidates & images_in_flight(redis_client, held_at_most_s=held_after_s)
-                   if candidates else set())  # fmt: skip
+        waiting = (
+            candidates & images_in_flight(redis_client, held_at_most_s=held_after_s)
+            if candidates
+            else set()
+        )
         resend, failed = _mark_for_resend(
-            session, [(img, lane) for img, lane in rows if img.id not in waiting], max_attempts,
+            session,
+            [(img, lane) for img, lane in rows if img.id not in waiting],
+            max_attempts,
             thresholds,
-        )  # fmt: skip
+        )
     sent = _send(factory, redis_client, dispatcher, resend, input_size, ttl_s, preprocess)
     if sent or failed:
         log.warning("reconciler re-sent %d images and failed %d", sent, failed)
@@ -133,8 +138,16 @@ def _send(
     sent = 0
     for lane, ids in resend.items():
         try:
-            sent += enqueue(factory, redis_client, dispatcher, ids, input_size, ttl_s,
-                            lane=lane, preprocess=preprocess)  # fmt: skip
+            sent += enqueue(
+                factory,
+                redis_client,
+                dispatcher,
+                ids,
+                input_size,
+                ttl_s,
+                lane=lane,
+                preprocess=preprocess,
+            )
         except Exception:
             mark_unsent(factory, ids)  # Redis down or full: the next check tries again
             raise
@@ -212,26 +225,41 @@ def requeue_dead_workers(
         if hung_after_s is not None:
             hung = hung_workers(redis_client, sorted({c[1] for c in claims}), hung_after_s)
             if hung:
-                log.warning("%d workers hung (a batch running over %.0f s): re-sending their "
-                            "claims", len(hung), hung_after_s)  # fmt: skip
+                log.warning(
+                    "%d workers hung (a batch running over %.0f s): re-sending their claims",
+                    len(hung),
+                    hung_after_s,
+                )
             named |= hung
         ids = {image_id for image_id, worker, _ in claims if worker in named}
         others = [c for c in claims if c[1] not in named]
         ids.update(expired_claims(others, heartbeats(redis_client, sorted({c[1] for c in others}))))
         # Committed, but their message could not be sent (mark_unsent): send them now.
-        ids.update(session.scalars(select(Image.id).where(
-            Image.status == "queued", Image.queued_at.is_(None))))  # fmt: skip
+        ids.update(
+            session.scalars(
+                select(Image.id).where(Image.status == "queued", Image.queued_at.is_(None))
+            )
+        )
         if held:
-            queued = session.execute(select(Image.id, Image.queued_at).where(
-                Image.id.in_(list(held)), Image.status.in_(("received", "queued"))))  # fmt: skip
+            queued = session.execute(
+                select(Image.id, Image.queued_at).where(
+                    Image.id.in_(list(held)), Image.status.in_(("received", "queued"))
+                )
+            )
             # Not one re-sent since that worker took it: that one has a fresh message.
             ids.update(i for i, at in queued if at is None or as_utc(at).timestamp() <= held[i])
-        rows = session.execute(
-            select(Image, Study.lane).join(Study, Study.id == Image.study_id)
-            .where(Image.id.in_(sorted(ids)))
-        ).all() if ids else []  # fmt: skip
-        resend, failed = _mark_for_resend(session, [(i, lane) for i, lane in rows], max_attempts,
-                                          thresholds)  # fmt: skip
+        rows = (
+            session.execute(
+                select(Image, Study.lane)
+                .join(Study, Study.id == Image.study_id)
+                .where(Image.id.in_(sorted(ids)))
+            ).all()
+            if ids
+            else []
+        )
+        resend, failed = _mark_for_resend(
+            session, [(i, lane) for i, lane in rows], max_attempts, thresholds
+        )
     sent = _send(factory, redis_client, dispatcher, resend, input_size, ttl_s, preprocess)
     if sent or failed:
         log.warning("re-sent %d images dead workers held (failed %d)", sent, failed)

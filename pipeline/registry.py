@@ -88,8 +88,9 @@ def preprocess_of(session: Session, version: str | None, weights: Path | None = 
     return (_preprocess_of_file(Path(path)) if path else None) or "resize"
 
 
-def register(session: Session, path: Path, data_dir: Path, user_id: int | None,
-             note: str | None = None) -> ModelVersion:  # fmt: skip
+def register(
+    session: Session, path: Path, data_dir: Path, user_id: int | None, note: str | None = None
+) -> ModelVersion:
     """Copy a weights file into the registry as a candidate (an existing version: an error)."""
     version, sha = version_of(path)
     if session.scalar(select(ModelVersion.id).where(ModelVersion.version == version)):
@@ -99,8 +100,14 @@ def register(session: Session, path: Path, data_dir: Path, user_id: int | None,
     tmp = target.with_suffix(".tmp")
     shutil.copyfile(path, tmp)
     tmp.replace(target)
-    row = ModelVersion(version=version, sha256=sha, path=str(target), status="candidate",
-                       note=note, registered_by=user_id)  # fmt: skip
+    row = ModelVersion(
+        version=version,
+        sha256=sha,
+        path=str(target),
+        status="candidate",
+        note=note,
+        registered_by=user_id,
+    )
     session.add(row)
     session.flush()
     return row
@@ -114,8 +121,13 @@ def ensure_live_row(session: Session, shipped: Path) -> ModelVersion:
     version, sha = version_of(shipped)
     row = session.scalars(select(ModelVersion).where(ModelVersion.version == version)).first()
     if row is None:
-        row = ModelVersion(version=version, sha256=sha, path=str(shipped), status="live",
-                           note="shipped with cxr-triage")  # fmt: skip
+        row = ModelVersion(
+            version=version,
+            sha256=sha,
+            path=str(shipped),
+            status="live",
+            note="shipped with cxr-triage",
+        )
         session.add(row)
     row.status = "live"
     session.flush()
@@ -136,8 +148,9 @@ def start_shadow(
     ensure_live_row(session, shipped)
     row = _get(session, version)
     if row.status not in ("candidate", "retired"):
-        raise RegistryError(f"{version} is {row.status}: only a candidate or a retired model "
-                            "can go into shadow")  # fmt: skip
+        raise RegistryError(
+            f"{version} is {row.status}: only a candidate or a retired model can go into shadow"
+        )
     for other in session.scalars(select(ModelVersion).where(ModelVersion.status == "shadow")):
         other.status, other.changed_by, other.changed_at = "candidate", user_id, utcnow()
     row.status, row.changed_by, row.changed_at, row.shadow_since = (
@@ -191,20 +204,31 @@ def listing(session: Session) -> list[dict[str, Any]]:
 
     names = {u.id: u.username for u in session.scalars(select(User))}
     out = []
-    for row in session.scalars(select(ModelVersion).order_by(ModelVersion.registered_at.desc(),
-                                                             ModelVersion.id.desc())):  # fmt: skip
-        out.append({"version": row.version, "status": row.status, "note": row.note,
-                    "registered_by": names.get(row.registered_by or -1),
-                    "registered_at": row.registered_at.isoformat(timespec="minutes"),
-                    "changed_by": names.get(row.changed_by or -1),
-                    "changed_at": row.changed_at.isoformat(timespec="minutes") if row.changed_at else None,
-                    "shadow_since": row.shadow_since.isoformat(timespec="minutes")
-                    if row.shadow_since else None})  # fmt: skip
+    for row in session.scalars(
+        select(ModelVersion).order_by(ModelVersion.registered_at.desc(), ModelVersion.id.desc())
+    ):
+        out.append(
+            {
+                "version": row.version,
+                "status": row.status,
+                "note": row.note,
+                "registered_by": names.get(row.registered_by or -1),
+                "registered_at": row.registered_at.isoformat(timespec="minutes"),
+                "changed_by": names.get(row.changed_by or -1),
+                "changed_at": row.changed_at.isoformat(timespec="minutes")
+                if row.changed_at
+                else None,
+                "shadow_since": row.shadow_since.isoformat(timespec="minutes")
+                if row.shadow_since
+                else None,
+            }
+        )
     return out
 
 
-def comparison(session: Session, routine_threshold: float | None,
-               temperature_scale: float = 1.0) -> dict[str, Any] | None:  # fmt: skip
+def comparison(
+    session: Session, routine_threshold: float | None, temperature_scale: float = 1.0
+) -> dict[str, Any] | None:
     """Live against shadow on the studies reviewed since the shadow started; None: no shadow.
 
     Both models' probabilities are read under the policy's temperature before its routine
@@ -225,17 +249,24 @@ def comparison(session: Session, routine_threshold: float | None,
         select(Study.id, Study.p_abnormal, ShadowPrediction.p_abnormal)
         .join(Image, Image.study_id == Study.id)
         .join(ShadowPrediction, ShadowPrediction.image_id == Image.id)
-        .where(Study.id.in_(list(truths)), ShadowPrediction.model_version == shadow.version,
-               Study.p_abnormal.is_not(None))
-    ).all()  # fmt: skip
+        .where(
+            Study.id.in_(list(truths)),
+            ShadowPrediction.model_version == shadow.version,
+            Study.p_abnormal.is_not(None),
+        )
+    ).all()
     best: dict[int, tuple[float, float]] = {}
     for sid, live_p, shadow_p in rows:  # a study's score is its highest image's
         old = best.get(sid, (0.0, 0.0))
         best[sid] = (float(live_p or 0.0), max(old[1], float(shadow_p)))
     ids = sorted(best)
     y = np.array([truths[i].abnormal for i in ids], bool)
-    doc: dict[str, Any] = {"shadow_version": shadow.version, "since": since.isoformat(timespec="minutes"),
-                           "studies": len(ids), "abnormal": int(y.sum())}  # fmt: skip
+    doc: dict[str, Any] = {
+        "shadow_version": shadow.version,
+        "since": since.isoformat(timespec="minutes"),
+        "studies": len(ids),
+        "abnormal": int(y.sum()),
+    }
     for name, k in (("live", 0), ("shadow", 1)):
         s = np.array([rescale(best[i][k], temperature_scale) for i in ids], float)
         doc[name] = {"auc": performance.auc_delong(s, y)}

@@ -40,19 +40,30 @@ def cmd_register(args: argparse.Namespace, settings: Settings) -> int:
                 msg = f"--user {args.user!r} is not an active admin account"
                 return _out(args, {"ok": False, "error": msg}, f"cxr-triage models: {msg}", 2)
             try:
-                row = register(session, Path(args.file), Path(settings.data_dir), user.id,
-                               args.note)  # fmt: skip
+                row = register(
+                    session, Path(args.file), Path(settings.data_dir), user.id, args.note
+                )
             except (RegistryError, OSError) as exc:
                 session.rollback()
                 return _out(args, {"ok": False, "error": str(exc)}, f"cxr-triage models: {exc}", 2)
-            session.add(AuditEvent(user_id=user.id, action="model_register",
-                                   target=f"model:{row.version}"[:80], detail=args.note))  # fmt: skip
+            session.add(
+                AuditEvent(
+                    user_id=user.id,
+                    action="model_register",
+                    target=f"model:{row.version}"[:80],
+                    detail=args.note,
+                )
+            )
             session.commit()
             doc = {"ok": True, "version": row.version, "status": row.status, "path": row.path}
     finally:
         engine.dispose()
-    return _out(args, doc, f"registered {doc['version']} as a candidate; the console's Models "
-                           "page puts it in shadow or promotes it")  # fmt: skip
+    return _out(
+        args,
+        doc,
+        f"registered {doc['version']} as a candidate; the console's Models "
+        "page puts it in shadow or promotes it",
+    )
 
 
 def cmd_list(args: argparse.Namespace, settings: Settings) -> int:

@@ -69,7 +69,7 @@ def claim_for_requeue(
                 queued_at=now,
                 started_at=None,
                 done_at=None,
-            )  # fmt: skip
+            )
             .execution_options(synchronize_session=False)
         )
         if moved.rowcount == 1:  # type: ignore[attr-defined]
@@ -104,6 +104,14 @@ def requeue_study(
         image_ids, lane = claim_for_requeue(session, study_id, thresholds)
     sent = 0
     if redis_client is not None and dispatcher is not None:
-        sent = enqueue(factory, redis_client, dispatcher, image_ids, input_size, ttl_s, lane=lane,
-                       preprocess=preprocess)  # fmt: skip
+        sent = enqueue(
+            factory,
+            redis_client,
+            dispatcher,
+            image_ids,
+            input_size,
+            ttl_s,
+            lane=lane,
+            preprocess=preprocess,
+        )
     return {"study_id": study_id, "image_ids": image_ids, "sent": sent, "lane": lane}

@@ -120,9 +120,17 @@ def _evidence(result: StudyResult) -> list[Dataset]:
         ds.SeriesInstanceUID = img.series_instance_uid
         ds.SOPInstanceUID = img.sop_instance_uid
         ds.SOPClassUID = img.sop_class_uid
-        for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex",
-                        "AccessionNumber", "StudyID", "StudyDate", "StudyTime",
-                        "ReferringPhysicianName"):  # fmt: skip
+        for keyword in (
+            "PatientName",
+            "PatientID",
+            "PatientBirthDate",
+            "PatientSex",
+            "AccessionNumber",
+            "StudyID",
+            "StudyDate",
+            "StudyTime",
+            "ReferringPhysicianName",
+        ):
             setattr(ds, keyword, result.patient.get(keyword) or None)
         for keyword in ("PatientAge", "IssuerOfPatientID", "StudyDescription"):
             if result.patient.get(keyword):
@@ -175,15 +183,23 @@ def _group(
     measurements = [
         Measurement(
             name=_local("PABN", "Abnormal probability"), value=round(p, 6), unit=codes.UCUM.NoUnits
-        )  # fmt: skip
+        )
     ]
     evaluations: list[Any] = []
     if triage_class is not None:
-        measurements.append(Measurement(name=_local("PRIO", "Triage priority score"),
-                                        value=result.priority, unit=codes.UCUM.NoUnits))  # fmt: skip
-        evaluations.append(QualitativeEvaluation(
-            _local("TRIAGE", "Triage class"),
-            _local(triage_class.upper(), triage_class.capitalize())))  # fmt: skip
+        measurements.append(
+            Measurement(
+                name=_local("PRIO", "Triage priority score"),
+                value=result.priority,
+                unit=codes.UCUM.NoUnits,
+            )
+        )
+        evaluations.append(
+            QualitativeEvaluation(
+                _local("TRIAGE", "Triage class"),
+                _local(triage_class.upper(), triage_class.capitalize()),
+            )
+        )
     common: dict[str, Any] = {
         "tracking_identifier": TrackingIdentifier(uid=uid, identifier=tracking),
         "finding_type": finding_code(label),  # the model's call
@@ -246,18 +262,35 @@ def build_sr(result: StudyResult) -> Dataset:
             name=MANUFACTURER,
             manufacturer_name=MANUFACTURER,
             model_name=result.model_name[:64],
-        ),  # fmt: skip
+        ),
     )
     # The study's group lies on the region of its highest-scoring film, each film's on its
     # own: the strongest cell of the CAM, where the snapshot says where that is.
     top = max(result.images, key=lambda i: i.p_abnormal) if result.images else None
-    groups = [_group(result, "AI triage: study", result.images, result.p_abnormal,
-                     result.label, result.triage_class,
-                     peak_region(top) if top is not None else None)]  # fmt: skip
+    groups = [
+        _group(
+            result,
+            "AI triage: study",
+            result.images,
+            result.p_abnormal,
+            result.label,
+            result.triage_class,
+            peak_region(top) if top is not None else None,
+        )
+    ]
     if len(result.images) > 1:
         for n, img in enumerate(result.images, start=1):
-            groups.append(_group(result, f"AI triage: image {n}", (img,), img.p_abnormal,
-                                 img.label, None, peak_region(img)))  # fmt: skip
+            groups.append(
+                _group(
+                    result,
+                    f"AI triage: image {n}",
+                    (img,),
+                    img.p_abnormal,
+                    img.label,
+                    None,
+                    peak_region(img),
+                )
+            )
     report = MeasurementReport(
         observation_context=ObservationContext(observer_device_context=observer),
         procedure_reported=_code("399208008", "SCT", "Plain chest X-ray"),

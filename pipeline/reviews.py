@@ -117,16 +117,25 @@ def record_review(
             raise ReviewError("this study has no triage class to agree or disagree with")
         implied = call if action == "agree" else not call
         if abnormal is not None and abnormal != implied:
-            raise ReviewError(f"a read of {'abnormal' if abnormal else 'normal'} cannot "
-                              f"{action} with a model that called it "
-                              f"{'abnormal' if call else 'normal'}")  # fmt: skip
+            raise ReviewError(
+                f"a read of {'abnormal' if abnormal else 'normal'} cannot "
+                f"{action} with a model that called it "
+                f"{'abnormal' if call else 'normal'}"
+            )
         abnormal = implied
     elif abnormal is not None and call is not None:
         action = "agree" if abnormal == call else "disagree"
     key = check_finding(finding, abnormal)
-    review = Review(study_id=study_id, user_id=user_id, action=action, comment=text,
-                    abnormal=abnormal, finding=key, source="console",
-                    **model_snapshot(study, abnormal))  # fmt: skip
+    review = Review(
+        study_id=study_id,
+        user_id=user_id,
+        action=action,
+        comment=text,
+        abnormal=abnormal,
+        finding=key,
+        source="console",
+        **model_snapshot(study, abnormal),
+    )
     session.add(review)
     session.flush()
     return review
@@ -136,8 +145,11 @@ def model_snapshot(study: Study, abnormal: bool | None) -> dict[str, object]:
     """The model's call on the study now, kept on a review that records a truth."""
     if abnormal is None or study.status != "done":
         return {"model_class": None, "model_p": None, "model_version": None}
-    return {"model_class": study.triage_class, "model_p": study.p_abnormal,
-            "model_version": study.model_version}  # fmt: skip
+    return {
+        "model_class": study.triage_class,
+        "model_p": study.p_abnormal,
+        "model_version": study.model_version,
+    }
 
 
 def reviewed_study_ids(session: Session, study_ids: list[int]) -> set[int]:
@@ -176,13 +188,18 @@ def latest_truths(
     if study_ids is not None:
         query = query.where(Review.study_id.in_(list(study_ids)))
     if since is not None:  # only studies with a truth recorded in the window can qualify
-        recent = select(Review.study_id).where(Review.abnormal.is_not(None),
-                                               Review.created_at >= since)  # fmt: skip
+        recent = select(Review.study_id).where(
+            Review.abnormal.is_not(None), Review.created_at >= since
+        )
         query = query.where(Review.study_id.in_(recent))
     out: dict[int, Truth] = {}
     for r in session.scalars(query.order_by(Review.created_at, Review.id)):
-        out[r.study_id] = Truth(r.study_id, bool(r.abnormal), r.finding, r.source, r.id,
-                                r.created_at, r.model_class)  # fmt: skip
-    return {sid: t for sid, t in out.items()
-            if (since is None or as_utc(t.recorded_at) >= since)
-            and (until is None or as_utc(t.recorded_at) < until)}  # fmt: skip
+        out[r.study_id] = Truth(
+            r.study_id, bool(r.abnormal), r.finding, r.source, r.id, r.created_at, r.model_class
+        )
+    return {
+        sid: t
+        for sid, t in out.items()
+        if (since is None or as_utc(t.recorded_at) >= since)
+        and (until is None or as_utc(t.recorded_at) < until)
+    }

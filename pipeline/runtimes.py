@@ -56,8 +56,9 @@ class GreyNet(torch.nn.Module):
     def __init__(self, model: Any) -> None:
         super().__init__()
         conv = model.conv1
-        grey = torch.nn.Conv2d(1, conv.out_channels, conv.kernel_size, conv.stride,
-                               conv.padding, bias=False)  # fmt: skip
+        grey = torch.nn.Conv2d(
+            1, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=False
+        )
         with torch.no_grad():
             grey.weight.copy_(conv.weight.sum(dim=1, keepdim=True))
         self.conv1, self.bn1, self.relu, self.maxpool = grey, model.bn1, model.relu, model.maxpool
@@ -96,10 +97,16 @@ def export_onnx(model: Any, input_size: int, path: Path) -> Path:
     # The TorchScript exporter: the default one needs onnxscript, and this graph is plain.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        torch.onnx.export(net, (x,), str(tmp), input_names=["x"],
-                          output_names=["logits", "features"],
-                          dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}, "features": {0: "n"}},
-                          opset_version=17, dynamo=False)  # fmt: skip
+        torch.onnx.export(
+            net,
+            (x,),
+            str(tmp),
+            input_names=["x"],
+            output_names=["logits", "features"],
+            dynamic_axes={"x": {0: "n"}, "logits": {0: "n"}, "features": {0: "n"}},
+            opset_version=17,
+            dynamo=False,
+        )
     os.replace(tmp, path)
     return path
 
@@ -125,9 +132,15 @@ def quantize_int8(fp32_onnx: Path, calibration: np.ndarray, path: Path) -> Path:
     pre = path.with_suffix(".pre.onnx")
     quant_pre_process(str(fp32_onnx), str(pre))
     try:
-        quantize_static(str(pre), str(path), Reader(), quant_format=QuantFormat.QDQ,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        per_channel=True)  # fmt: skip
+        quantize_static(
+            str(pre),
+            str(path),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+        )
     finally:
         pre.unlink(missing_ok=True)
     return path
@@ -153,8 +166,11 @@ def _openvino(path: Path, threads: int) -> Forward:
     import openvino as ov
 
     # f32 throughout: on a CPU with BF16 OpenVINO would otherwise choose bf16 for what is not int8.
-    config = {"INFERENCE_NUM_THREADS": max(1, threads), "PERFORMANCE_HINT": "LATENCY",
-              "INFERENCE_PRECISION_HINT": "f32"}  # fmt: skip
+    config = {
+        "INFERENCE_NUM_THREADS": max(1, threads),
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_PRECISION_HINT": "f32",
+    }
     compiled = ov.Core().compile_model(str(path), "CPU", config)
     request = compiled.create_infer_request()
 
@@ -183,9 +199,14 @@ def _compiled(model: Any, pad_to: int) -> Forward:
 
 
 def build_forward(
-    name: str, model: Any, input_size: int, onnx_dir: Path, sha256: str, threads: int,
+    name: str,
+    model: Any,
+    input_size: int,
+    onnx_dir: Path,
+    sha256: str,
+    threads: int,
     pad_to: int = 0,
-) -> Forward:  # fmt: skip
+) -> Forward:
     """The forward pass of runtime ``name``; RuntimeUnavailable when it cannot run here."""
     if name == "compile":
         return _compiled(model, pad_to)
@@ -199,8 +220,10 @@ def build_forward(
     if name in INT8:
         path = onnx_dir / f"{sha256[:12]}.int8.onnx"
         if not path.exists():
-            raise RuntimeUnavailable(f"no int8 model {path.name} in {onnx_dir} "
-                                     "(made by `cxr-triage bench --choose-runtime`)")  # fmt: skip
+            raise RuntimeUnavailable(
+                f"no int8 model {path.name} in {onnx_dir} "
+                "(made by `cxr-triage bench --choose-runtime`)"
+            )
     else:
         path = onnx_dir / f"{sha256[:12]}.onnx"
         if not path.exists():
@@ -274,7 +297,9 @@ def resolve(requested: str, weights: Path, sha256: str) -> str:
         return requested
     choice = recorded_choice(weights, sha256)
     if choice is None:
-        log.info("runtime: eager PyTorch (no runtime measured for these weights on this CPU; "
-                 "`cxr-triage bench --choose-runtime` measures one)")  # fmt: skip
+        log.info(
+            "runtime: eager PyTorch (no runtime measured for these weights on this CPU; "
+            "`cxr-triage bench --choose-runtime` measures one)"
+        )
         return "eager"
     return choice

@@ -56,12 +56,21 @@ def study_result(snapshot: dict[str, Any]) -> StudyResult:
         )
 
     images = tuple(
-        SourceImage(i["sop_class_uid"], i["sop_instance_uid"], i["series_instance_uid"],
-                    i["p_abnormal"], i["label"], i.get("sc_uid"), i.get("view_position"),
-                    box(i.get("cam_box")), box(i.get("cam_peak")), i.get("columns"),
-                    i.get("rows"))
+        SourceImage(
+            i["sop_class_uid"],
+            i["sop_instance_uid"],
+            i["series_instance_uid"],
+            i["p_abnormal"],
+            i["label"],
+            i.get("sc_uid"),
+            i.get("view_position"),
+            box(i.get("cam_box")),
+            box(i.get("cam_peak")),
+            i.get("columns"),
+            i.get("rows"),
+        )
         for i in snapshot["images"]
-    )  # fmt: skip
+    )
     return StudyResult(
         study_instance_uid=snapshot["study_instance_uid"],
         patient=dict(snapshot["patient"]),
@@ -91,9 +100,11 @@ def build_payload(session: Session, obj: ResultObject) -> bytes:
     image = next(i for i in result.images if i.sc_uid == obj.uid)
     img = session.get(Image, obj.image_id)
     pred = session.scalars(
-        select(Prediction).where(Prediction.image_id == obj.image_id,
-                                 Prediction.model_version == obj.model_version)
-        .order_by(Prediction.id.desc()).limit(1)).first()  # fmt: skip
+        select(Prediction)
+        .where(Prediction.image_id == obj.image_id, Prediction.model_version == obj.model_version)
+        .order_by(Prediction.id.desc())
+        .limit(1)
+    ).first()
     if img is None or img.preview is None or pred is None:
         raise LookupError(f"image {obj.image_id} has no stored preview or CAM to capture")
     cam = cam_array(pred.cam, pred.cam_h, pred.cam_w)
@@ -123,8 +134,13 @@ def alert_document(obj: ResultObject) -> dict[str, Any]:
 def _hl7_text(value: Any) -> str:
     """A value safe inside an HL7 field (the delimiters escaped, no line breaks)."""
     text = "" if value is None else str(value)
-    for ch, esc in (("\\", "\\E\\"), ("|", "\\F\\"), ("^", "\\S\\"), ("&", "\\T\\"),
-                    ("~", "\\R\\")):  # fmt: skip
+    for ch, esc in (
+        ("\\", "\\E\\"),
+        ("|", "\\F\\"),
+        ("^", "\\S\\"),
+        ("&", "\\T\\"),
+        ("~", "\\R\\"),
+    ):
         text = text.replace(ch, esc)
     return text.replace("\r", " ").replace("\n", " ")
 
@@ -154,8 +170,9 @@ def oru_message(obj: ResultObject, sending_facility: str = "CXRTRIAGE") -> str:
 # --------------------------------------------------------------------------- transports
 
 
-def send_dicom(settings: Settings, dest: Destination, items: list[tuple[int, bytes]],
-               report: Report) -> None:  # fmt: skip
+def send_dicom(
+    settings: Settings, dest: Destination, items: list[tuple[int, bytes]], report: Report
+) -> None:
     """C-STORE each object over one association; an association failure fails them all."""
     import io
 
@@ -174,8 +191,10 @@ def send_dicom(settings: Settings, dest: Destination, items: list[tuple[int, byt
     if not assoc.is_established:
         why = "rejected" if assoc.is_rejected else "aborted or unreachable"
         for item_id, _ in items:
-            report(item_id, Outcome(False, f"association with {dest.ae_title}@{dest.host}:"
-                                           f"{dest.port} {why}"))  # fmt: skip
+            report(
+                item_id,
+                Outcome(False, f"association with {dest.ae_title}@{dest.host}:{dest.port} {why}"),
+            )
         return
     try:
         for n, (item_id, data) in enumerate(items):
@@ -191,8 +210,14 @@ def send_dicom(settings: Settings, dest: Destination, items: list[tuple[int, byt
                 report(item_id, Outcome(True))
             else:
                 comment = getattr(status, "ErrorComment", "") or ""
-                report(item_id, Outcome(False, f"C-STORE status 0x{int(code):04X} {comment}".strip(),
-                                        transient=(int(code) & 0xFF00) == 0xA700))  # fmt: skip
+                report(
+                    item_id,
+                    Outcome(
+                        False,
+                        f"C-STORE status 0x{int(code):04X} {comment}".strip(),
+                        transient=(int(code) & 0xFF00) == 0xA700,
+                    ),
+                )
     finally:
         if assoc.is_established:
             assoc.release()
@@ -217,19 +242,24 @@ def _http_outcome(exc: Exception) -> Outcome:
     return Outcome(False, f"{type(exc).__name__}: {exc}")
 
 
-def send_stow(settings: Settings, dest: Destination, study_uid: str, item_id: int, data: bytes,
-              report: Report) -> None:  # fmt: skip
+def send_stow(
+    settings: Settings, dest: Destination, study_uid: str, item_id: int, data: bytes, report: Report
+) -> None:
     """STOW-RS one object to ``{url}/studies/{study}``; a FailedSOPSequence is a rejection."""
     boundary = uuid.uuid4().hex
-    body = (f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + data
-            + f"\r\n--{boundary}--\r\n".encode())  # fmt: skip
+    body = (
+        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     headers = {
         "Content-Type": f'multipart/related; type="application/dicom"; boundary={boundary}',
         "Accept": "application/dicom+json",
         **_http_headers(settings, dest),
     }
-    req = urllib.request.Request(f"{dest.url}/studies/{study_uid}", data=body, method="POST",
-                                 headers=headers)  # fmt: skip
+    req = urllib.request.Request(
+        f"{dest.url}/studies/{study_uid}", data=body, method="POST", headers=headers
+    )
     try:
         with urllib.request.urlopen(req, timeout=TIMEOUT_S) as resp:
             answer = resp.read()
@@ -241,8 +271,10 @@ def send_stow(settings: Settings, dest: Destination, study_uid: str, item_id: in
     if code == 200 and not failed:
         report(item_id, Outcome(True))
     else:
-        report(item_id, Outcome(False, f"STOW-RS {code}: failed {failed or 'unknown'}",
-                                transient=False))  # fmt: skip
+        report(
+            item_id,
+            Outcome(False, f"STOW-RS {code}: failed {failed or 'unknown'}", transient=False),
+        )
 
 
 def _failed_sops(answer: bytes) -> list[str]:
@@ -254,8 +286,9 @@ def _failed_sops(answer: bytes) -> list[str]:
     return [str((i.get("00081197") or {}).get("Value", ["?"])[0]) for i in seq]
 
 
-def send_webhook(settings: Settings, dest: Destination, item_id: int, data: bytes,
-                 report: Report) -> None:  # fmt: skip
+def send_webhook(
+    settings: Settings, dest: Destination, item_id: int, data: bytes, report: Report
+) -> None:
     """POST the alert JSON with ``X-CXR-Signature: sha256=HMAC(key, body)``."""
     headers = {"Content-Type": "application/json"}
     key = decrypt(settings, dest.secret) if dest.auth == "hmac" else None

@@ -119,8 +119,9 @@ class Settings:
                 continue
             convert = converters.get(f.name)
             if convert is None:
-                convert = (int if f.type in ("int", int) else float if f.type in ("float", float)
-                           else str)  # fmt: skip
+                convert = (
+                    int if f.type in ("int", int) else float if f.type in ("float", float) else str
+                )
             try:
                 values[f.name] = convert(raw)
             except ValueError as exc:

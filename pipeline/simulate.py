@@ -244,8 +244,9 @@ def run_experiment(
         delays = (read - arrivals)[counted]
         doc[name] = summarise(delays, abnormal[counted], cls)
         curves[name] = delays
-    doc["achieved_share"] = {name: achieved_share(doc, name) for name in disciplines
-                             if name != "fifo"}  # fmt: skip
+    doc["achieved_share"] = {
+        name: achieved_share(doc, name) for name in disciplines if name != "fifo"
+    }
     return doc, curves
 
 

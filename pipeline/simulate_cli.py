@@ -124,8 +124,12 @@ def build_pool(
         p, truth = sim.synthetic_predictions(
             20_000, prevalence, args.sensitivity, args.specificity, thresholds["routine"], rng
         )
-        source = {"source": "synthetic", "sensitivity": args.sensitivity,
-                  "specificity": args.specificity, "prevalence": prevalence}  # fmt: skip
+        source = {
+            "source": "synthetic",
+            "sensitivity": args.sensitivity,
+            "specificity": args.specificity,
+            "prevalence": prevalence,
+        }
     source["pool_size"] = int(len(p))
     if truth is None:
         # Without ground truth the groups are the model's own calls, and say so.
@@ -204,8 +208,13 @@ def cmd_simulate(args: argparse.Namespace, settings: Settings) -> int:
     if model["groups"] != "ground truth":
         result["sensitivity"] = result["specificity"] = None
     fifo_max = max(v["max_h"] or 0 for v in result["fifo"].values())  # type: ignore[attr-defined]
-    doc = {"scenario": scenario.as_dict(), "thresholds": thresholds, "model": model, **result,
-           "fifo_meets_cap": fifo_max <= scenario.cap_h}  # fmt: skip
+    doc = {
+        "scenario": scenario.as_dict(),
+        "thresholds": thresholds,
+        "model": model,
+        **result,
+        "fifo_meets_cap": fifo_max <= scenario.cap_h,
+    }
     if args.plot:
         from pipeline.simulate_plot import plot_delays
 

@@ -27,8 +27,9 @@ class SiteDataError(ValueError):
     """Too little reviewed data to train on; the message says how much there is."""
 
 
-def export_reviewed(session: Session, out_dir: Path, since: datetime | None = None,
-                    minimum: int = 20) -> tuple[Path, dict[str, int]]:  # fmt: skip
+def export_reviewed(
+    session: Session, out_dir: Path, since: datetime | None = None, minimum: int = 20
+) -> tuple[Path, dict[str, int]]:
     """Write the reviewed studies' images and their labels.csv; return its path and counts."""
     truths = latest_truths(session, since=since)
     folder = out_dir / SOURCE
@@ -38,10 +39,11 @@ def export_reviewed(session: Session, out_dir: Path, since: datetime | None = No
     ids = sorted(truths)
     for start in range(0, len(ids), 500):
         chunk = ids[start : start + 500]
-        query = (select(Image.id, Image.preview, Study.id, Study.patient_id)
-                 .join(Study, Study.id == Image.study_id)
-                 .where(Image.study_id.in_(chunk), Image.status == "done",
-                        Image.preview.is_not(None)))  # fmt: skip
+        query = (
+            select(Image.id, Image.preview, Study.id, Study.patient_id)
+            .join(Study, Study.id == Image.study_id)
+            .where(Image.study_id.in_(chunk), Image.status == "done", Image.preview.is_not(None))
+        )
         for image_id, preview, study_id, patient in session.execute(query):
             truth = truths[study_id]
             label = "abnormal" if truth.abnormal else "normal"
@@ -51,8 +53,10 @@ def export_reviewed(session: Session, out_dir: Path, since: datetime | None = No
             rows.append((rel, label, patient or f"study-{study_id}", truth.finding or ""))
             counts[label] += 1
     if counts["abnormal"] < minimum or counts["normal"] < minimum:
-        raise SiteDataError(f"{counts['abnormal']} abnormal and {counts['normal']} normal reviewed "
-                            f"images: at least {minimum} of each are needed to train")  # fmt: skip
+        raise SiteDataError(
+            f"{counts['abnormal']} abnormal and {counts['normal']} normal reviewed "
+            f"images: at least {minimum} of each are needed to train"
+        )
     table = folder / "labels.csv"
     with table.open("w", newline="") as fh:
         w = csv.writer(fh)

@@ -84,8 +84,10 @@ def cmd_dicom_listen(args: argparse.Namespace, settings: Settings) -> int:
     intake = Intake(settings)
     server = start_listener(settings, intake, args.host or settings.host, port)
     allowed = ",".join(settings.dicom_allowed_aes) or "any"
-    print(f"DICOM listener {settings.dicom_ae_title} on port {port}, calling AEs: {allowed}",
-          flush=True)  # fmt: skip
+    print(
+        f"DICOM listener {settings.dicom_ae_title} on port {port}, calling AEs: {allowed}",
+        flush=True,
+    )
     try:
         _stop_on_signals().wait()
     finally:
@@ -116,8 +118,14 @@ def cmd_pull(args: argparse.Namespace, settings: Settings) -> int:
     try:
         while True:
             try:
-                report = pull_once(intake, node, parse_since(since_text), modalities,
-                                   move_to=args.move_to, calling_ae=args.ae_title)  # fmt: skip
+                report = pull_once(
+                    intake,
+                    node,
+                    parse_since(since_text),
+                    modalities,
+                    move_to=args.move_to,
+                    calling_ae=args.ae_title,
+                )
                 doc = report.as_json()
             except (ConnectionError, OSError, RuntimeError) as exc:
                 doc, status = {"error": f"{type(exc).__name__}: {exc}"}, 2
@@ -128,10 +136,12 @@ def cmd_pull(args: argparse.Namespace, settings: Settings) -> int:
             elif "error" in doc:
                 print(f"cxr-triage pull: {doc['error']}", file=sys.stderr)
             else:
-                print(f"{doc['studies']} studies, {doc['instances']} instances in "
-                      f"{', '.join(modalities)} since {since_text}: {doc['already_held']} already "
-                      f"held, {doc['retrieved']} retrieved {doc['ingested']}, "
-                      f"{doc['failed']} failed at the PACS")  # fmt: skip
+                print(
+                    f"{doc['studies']} studies, {doc['instances']} instances in "
+                    f"{', '.join(modalities)} since {since_text}: {doc['already_held']} already "
+                    f"held, {doc['retrieved']} retrieved {doc['ingested']}, "
+                    f"{doc['failed']} failed at the PACS"
+                )
             if not args.every or stop.wait(args.every):
                 break
     finally:
@@ -143,29 +153,54 @@ def register(sub: Any) -> None:
     """Add the ``watch``, ``dicom-listen`` and ``pull`` commands."""
     w = sub.add_parser("watch", help="ingest files dropped into a folder")
     w.add_argument("folder")
-    w.add_argument("--settle", type=float, default=None,
-                   help="seconds a file must stay unchanged (default CXR_WATCH_SETTLE_MS)")  # fmt: skip
+    w.add_argument(
+        "--settle",
+        type=float,
+        default=None,
+        help="seconds a file must stay unchanged (default CXR_WATCH_SETTLE_MS)",
+    )
     w.add_argument("--once", action="store_true", help="ingest what is there, then exit")
     w.set_defaults(handler=cmd_watch)
     d = sub.add_parser("dicom-listen", help="DICOM C-ECHO and C-STORE listener")
     d.add_argument("--port", type=int, default=None, help="default CXR_DICOM_PORT, else 11112")
     d.add_argument("--host", default=None, help="bind address (default CXR_HOST)")
     d.add_argument("--ae-title", default=None, help="our AE title (default CXR_DICOM_AE_TITLE)")
-    d.add_argument("--allow", default=None,
-                   help="comma-separated calling AE titles (default CXR_DICOM_ALLOWED_AES: any)")  # fmt: skip
+    d.add_argument(
+        "--allow",
+        default=None,
+        help="comma-separated calling AE titles (default CXR_DICOM_ALLOWED_AES: any)",
+    )
     d.set_defaults(handler=cmd_dicom_listen)
     p = sub.add_parser("pull", help="query a PACS and ingest the studies not seen yet")
-    p.add_argument("--from", dest="source", default=None, metavar="dicom://AE@HOST:PORT",
-                   help="the PACS (default CXR_PULL_FROM)")  # fmt: skip
-    p.add_argument("--since", default=None,
-                   help="30m, 12h, 2d, 1w or YYYYMMDD (default CXR_PULL_SINCE, 1d)")  # fmt: skip
-    p.add_argument("--modality", default=None,
-                   help="comma-separated modalities (default CXR_MODALITIES: CR,DX)")  # fmt: skip
-    p.add_argument("--move-to", default=None, metavar="AE",
-                   help="retrieve by C-MOVE to this AE (our listener) instead of C-GET")  # fmt: skip
+    p.add_argument(
+        "--from",
+        dest="source",
+        default=None,
+        metavar="dicom://AE@HOST:PORT",
+        help="the PACS (default CXR_PULL_FROM)",
+    )
+    p.add_argument(
+        "--since", default=None, help="30m, 12h, 2d, 1w or YYYYMMDD (default CXR_PULL_SINCE, 1d)"
+    )
+    p.add_argument(
+        "--modality",
+        default=None,
+        help="comma-separated modalities (default CXR_MODALITIES: CR,DX)",
+    )
+    p.add_argument(
+        "--move-to",
+        default=None,
+        metavar="AE",
+        help="retrieve by C-MOVE to this AE (our listener) instead of C-GET",
+    )
     p.add_argument("--ae-title", default=None, help="our calling AE (default CXR_DICOM_AE_TITLE)")
     p.add_argument("--lane", choices=("live", "bulk"), default="live")
-    p.add_argument("--every", type=int, default=0, metavar="SECONDS",
-                   help="repeat every SECONDS until stopped (what `run` starts)")  # fmt: skip
+    p.add_argument(
+        "--every",
+        type=int,
+        default=0,
+        metavar="SECONDS",
+        help="repeat every SECONDS until stopped (what `run` starts)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON line: what was found and done")
     p.set_defaults(handler=cmd_pull)

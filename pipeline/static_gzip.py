@@ -79,6 +79,12 @@ def precompress(root: Path) -> Compressed:
         bytes_in, bytes_out = bytes_in + len(data), bytes_out + len(packed)
     done = Compressed(files, kept, bytes_in, bytes_out, time.perf_counter() - t0)
     if files:
-        log.info("precompressed %d files under %s: %.1f MB -> %.1f MB in %.1f s", files, root,
-                 bytes_in / 1e6, bytes_out / 1e6, done.seconds)  # fmt: skip
+        log.info(
+            "precompressed %d files under %s: %.1f MB -> %.1f MB in %.1f s",
+            files,
+            root,
+            bytes_in / 1e6,
+            bytes_out / 1e6,
+            done.seconds,
+        )
     return done

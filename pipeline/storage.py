@@ -20,8 +20,10 @@ class StorageFull(Exception):
     """Nothing of the file was stored: the disk the database or the upload spool is on is full."""
 
     def __init__(self, where: str = "the database") -> None:
-        super().__init__(f"the disk holding {where} is full: the file was not stored; "
-                         "free space there and send it again")  # fmt: skip
+        super().__init__(
+            f"the disk holding {where} is full: the file was not stored; "
+            "free space there and send it again"
+        )
         self.where = where
         self.report: Any = None  # ingest_paths: what was stored before the disk filled
 

@@ -47,23 +47,43 @@ def refresh_studies(
     images: dict[int, list[Image]] = {i: [] for i in by_id}
     # Only what _derive reads: a worker's batch refreshes its studies on every commit, and
     # whole rows would bring each image's header and each prediction's CAM along.
-    query = select(Image).where(Image.study_id.in_(list(by_id))).options(
-        load_only(Image.id, Image.study_id, Image.status, Image.reason))  # fmt: skip
+    query = (
+        select(Image)
+        .where(Image.study_id.in_(list(by_id)))
+        .options(load_only(Image.id, Image.study_id, Image.status, Image.reason))
+    )
     for img in session.scalars(query):
         images[img.study_id].append(img)
     done = [img.id for imgs in images.values() for img in imgs if img.status == "done"]
     latest: dict[int, Prediction] = {}
     if done:
-        preds = (select(Prediction).where(Prediction.image_id.in_(done))
-                 .options(load_only(Prediction.id, Prediction.image_id, Prediction.created_at,
-                                    Prediction.p_abnormal, Prediction.label,
-                                    Prediction.model_version))
-                 .order_by(Prediction.created_at.desc(), Prediction.id.desc()))  # fmt: skip
+        preds = (
+            select(Prediction)
+            .where(Prediction.image_id.in_(done))
+            .options(
+                load_only(
+                    Prediction.id,
+                    Prediction.image_id,
+                    Prediction.created_at,
+                    Prediction.p_abnormal,
+                    Prediction.label,
+                    Prediction.model_version,
+                )
+            )
+            .order_by(Prediction.created_at.desc(), Prediction.id.desc())
+        )
         for pred in session.scalars(preds):
             latest.setdefault(pred.image_id, pred)
     for study_id, study in by_id.items():
-        _derive(study, images[study_id], latest, policy.thresholds_for(thresholds),
-                policy.stat_boost, policy.version, policy.temperature_scale)  # fmt: skip
+        _derive(
+            study,
+            images[study_id],
+            latest,
+            policy.thresholds_for(thresholds),
+            policy.stat_boost,
+            policy.version,
+            policy.temperature_scale,
+        )
 
 
 def _derive(
@@ -79,8 +99,11 @@ def _derive(
     if any(s in ("received", "queued", "processing") for s in statuses):
         study.status = "processing" if "processing" in statuses else "queued"
         return
-    scored = [(latest[img.id].p_abnormal, latest[img.id]) for img in images
-              if img.status == "done" and img.id in latest]  # fmt: skip
+    scored = [
+        (latest[img.id].p_abnormal, latest[img.id])
+        for img in images
+        if img.status == "done" and img.id in latest
+    ]
     if scored:
         p, top = max(scored, key=lambda pair: pair[0])
         study.status = "done"
@@ -90,8 +113,9 @@ def _derive(
         study.model_version = top.model_version
         site_p = triage.rescale(p, temperature_scale)
         study.triage_class = triage.triage_class(site_p, thresholds)
-        study.priority = triage.priority_score(site_p, thresholds, study.requested_priority,
-                                               stat_boost=stat_boost)  # fmt: skip
+        study.priority = triage.priority_score(
+            site_p, thresholds, study.requested_priority, stat_boost=stat_boost
+        )
         study.policy_version = policy_version
         study.done_at = study.done_at or utcnow()
         return
@@ -143,8 +167,15 @@ class WorklistFilter:
             raise FilterError("date_from is after date_to")
         keys = ("status", "triage", "reviewed", "date_from", "date_to", "q")
         params = {k: str(args[k]).strip() for k in keys if str(args.get(k) or "").strip()}
-        return cls(statuses, classes, {"": None, "yes": True, "no": False}[reviewed_raw],
-                   date_from, date_to, search, params)  # fmt: skip
+        return cls(
+            statuses,
+            classes,
+            {"": None, "yes": True, "no": False}[reviewed_raw],
+            date_from,
+            date_to,
+            search,
+            params,
+        )
 
     def conditions(self) -> list[ColumnElement[bool]]:
         """SQL conditions on ``Study`` for these filters."""
@@ -166,8 +197,12 @@ class WorklistFilter:
             end = datetime.combine(self.date_to + timedelta(days=1), time(), UTC)
             where.append(Study.received_at < end)
         if self.search:
-            where.append(or_(_prefix(Study.accession_number, self.search),
-                             _prefix(Study.patient_id, self.search)))  # fmt: skip
+            where.append(
+                or_(
+                    _prefix(Study.accession_number, self.search),
+                    _prefix(Study.patient_id, self.search),
+                )
+            )
         return where
 
 
@@ -226,7 +261,9 @@ class WorklistPage:
     policy_version: int
 
 
-def _reading(session: Session, policy: Any, now: datetime) -> tuple[list[int], Iterator[tuple[int, bool]]]:  # fmt: skip
+def _reading(
+    session: Session, policy: Any, now: datetime
+) -> tuple[list[int], Iterator[tuple[int, bool]]]:
     """The ids of the studies waiting for a read (arrival order) and their lazy reading order."""
     import numpy as np
 
@@ -234,9 +271,10 @@ def _reading(session: Session, policy: Any, now: datetime) -> tuple[list[int], I
     from pipeline.policy import awaiting_read
 
     rows = session.execute(
-        select(Study.id, Study.priority, Study.received_at).where(awaiting_read())
+        select(Study.id, Study.priority, Study.received_at)
+        .where(awaiting_read())
         .order_by(Study.received_at.asc(), Study.id.asc())
-    ).all()  # fmt: skip
+    ).all()
     ids = [r[0] for r in rows]
     prio = np.array([float(r[1] or 0.0) for r in rows])
     arrivals = np.array([as_utc(r[2]).timestamp() for r in rows])
@@ -307,16 +345,24 @@ def neighbour_ids(
         return _neighbours_in_reading_order(session, study, filters, policy)
     p, received = _UNSCORED_LAST, Study.received_at
     mine_p = -1.0 if study.priority is None else study.priority
-    later = or_(p < mine_p, and_(p == mine_p, received > study.received_at),
-                and_(p == mine_p, received == study.received_at, Study.id > study.id))  # fmt: skip
-    earlier = or_(p > mine_p, and_(p == mine_p, received < study.received_at),
-                  and_(p == mine_p, received == study.received_at, Study.id < study.id))  # fmt: skip
+    later = or_(
+        p < mine_p,
+        and_(p == mine_p, received > study.received_at),
+        and_(p == mine_p, received == study.received_at, Study.id > study.id),
+    )
+    earlier = or_(
+        p > mine_p,
+        and_(p == mine_p, received < study.received_at),
+        and_(p == mine_p, received == study.received_at, Study.id < study.id),
+    )
     where = filters.conditions() if filters is not None else []
     nxt = session.scalar(worklist_query(1).where(later, *where).with_only_columns(Study.id))
     prev = session.scalar(
-        select(Study.id).where(earlier, *where)
-        .order_by(p.asc(), received.desc(), Study.id.desc()).limit(1)
-    )  # fmt: skip
+        select(Study.id)
+        .where(earlier, *where)
+        .order_by(p.asc(), received.desc(), Study.id.desc())
+        .limit(1)
+    )
     return prev, nxt
 
 
@@ -346,8 +392,10 @@ def _neighbours_in_reading_order(
     if k == 0:
         for last_waiting in waiting:  # noqa: B007 - the last one is the one before the rest
             pass
-    return (others[k - 1] if k > 0 else last_waiting,
-            others[k + 1] if k + 1 < len(others) else None)  # fmt: skip
+    return (
+        others[k - 1] if k > 0 else last_waiting,
+        others[k + 1] if k + 1 < len(others) else None,
+    )
 
 
 def iso(dt: datetime | None) -> str | None:
@@ -399,7 +447,7 @@ def worklist_document(
         "limit": limit,
         "studies": [
             {**study_summary(s, s.id in reviewed), "due": s.id in page.due} for s in page.studies
-        ],  # fmt: skip
+        ],
     }
 
 

@@ -214,8 +214,9 @@ class Supervisor:
             try:
                 self.on_exit(child)
             except Exception:
-                log.exception("re-sending what %s held failed; the heartbeat check retries",
-                              child.name)  # fmt: skip
+                log.exception(
+                    "re-sending what %s held failed; the heartbeat check retries", child.name
+                )
         # Back off when a child keeps dying at start (bad config, port taken).
         if time.monotonic() - child.started_at < 5:
             time.sleep(2)

@@ -87,8 +87,13 @@ def augment(
     x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
     warped = None
     if masks is not None:
-        warped = F.grid_sample(masks.float().unsqueeze(1), grid, mode="bilinear",
-                               padding_mode="zeros", align_corners=False)  # fmt: skip
+        warped = F.grid_sample(
+            masks.float().unsqueeze(1),
+            grid,
+            mode="bilinear",
+            padding_mode="zeros",
+            align_corners=False,
+        )
     mean = x.mean(dim=(2, 3), keepdim=True)
     c = 1 + uniform(n, 1, 1, 1) * contrast
     b = uniform(n, 1, 1, 1) * brightness

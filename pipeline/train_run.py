@@ -122,13 +122,17 @@ def prepare(cfg: TrainConfig) -> Prepared:
         if subset == "train" and not keep:
             raise ds.DatasetError("no training images with a label in the model's classes")
         paths = [samples[i].path for i in keep]
-        log.info("loading %d %s images at %d px (%s)", len(paths), subset, cfg.input_size,
-                 cfg.preprocess)  # fmt: skip
+        log.info(
+            "loading %d %s images at %d px (%s)", len(paths), subset, cfg.input_size, cfg.preprocess
+        )
         if subset == "train" and cfg.cam_guide > 0:
             arr, masks = ds.cached_located(paths, cfg.input_size, cache, cfg.preprocess)
             lung_masks = torch.from_numpy(masks)
-            log.info("lungs found on %d of the %d train images",
-                     int(lung_masks.flatten(1).any(1).sum()), len(paths))  # fmt: skip
+            log.info(
+                "lungs found on %d of the %d train images",
+                int(lung_masks.flatten(1).any(1).sum()),
+                len(paths),
+            )
         else:
             arr = ds.cached_images(paths, cfg.input_size, cache, preprocess=cfg.preprocess)
         images[subset] = torch.from_numpy(arr)
@@ -140,8 +144,9 @@ def prepare(cfg: TrainConfig) -> Prepared:
             lungs_only = torch.from_numpy(
                 ds.cached_images(paths, cfg.input_size, cache, preprocess="lungs")
             )
-    return Prepared(images, labels, abnormal, sources, source_names, counts, holdout,
-                    lungs_only, lung_masks)  # fmt: skip
+    return Prepared(
+        images, labels, abnormal, sources, source_names, counts, holdout, lungs_only, lung_masks
+    )
 
 
 def val_scores(model: torch.nn.Module, data: Prepared, cfg: TrainConfig) -> dict[str, Any]:
@@ -217,8 +222,12 @@ def fit(cfg: TrainConfig, data: Prepared) -> tuple[torch.nn.Module, list[dict[st
     """Train for cfg.epochs with a checkpoint after each; return the best model by validation."""
     torch.manual_seed(cfg.seed)
     device = choose_device(cfg.device)
-    meta = {"arch": cfg.arch, "head": cfg.head, "classes": cfg.model_classes,
-            "findings": cfg.findings}  # fmt: skip
+    meta = {
+        "arch": cfg.arch,
+        "head": cfg.head,
+        "classes": cfg.model_classes,
+        "findings": cfg.findings,
+    }
     model = build_model(cfg.arch, head_outputs(meta), cfg.layer4_stride)
     if cfg.init:
         tr.load_init(model, Path(cfg.init))
@@ -268,14 +277,31 @@ def fit(cfg: TrainConfig, data: Prepared) -> tuple[torch.nn.Module, list[dict[st
         if adversary is not None:
             adversary.train()
         losses = tr.train_epoch(
-            model, opt, sched, data.images["train"], data.labels["train"], order,
-            cfg.batch_size, gen, (cfg.mean, cfg.std), bar, augment_fn=augment_fn, amp=cfg.amp,
-            loss_fn=loss_fn, alt_images=data.lungs_only, alt_share=cfg.mix_lungs,
+            model,
+            opt,
+            sched,
+            data.images["train"],
+            data.labels["train"],
+            order,
+            cfg.batch_size,
+            gen,
+            (cfg.mean, cfg.std),
+            bar,
+            augment_fn=augment_fn,
+            amp=cfg.amp,
+            loss_fn=loss_fn,
+            alt_images=data.lungs_only,
+            alt_share=cfg.mix_lungs,
             masks=data.lung_masks,
-        )  # fmt: skip
+        )
         seconds = time.perf_counter() - t0
-        row = {"epoch": epoch + 1, "train_loss": float(np.mean(losses)), "seconds": seconds,
-               "images_per_s": per_epoch / seconds, **val_scores(model, data, cfg)}  # fmt: skip
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": float(np.mean(losses)),
+            "seconds": seconds,
+            "images_per_s": per_epoch / seconds,
+            **val_scores(model, data, cfg),
+        }
         history.append(row)
         log.info(
             "epoch %s", {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
@@ -283,12 +309,19 @@ def fit(cfg: TrainConfig, data: Prepared) -> tuple[torch.nn.Module, list[dict[st
         if _better(row, best and best["scores"]):
             state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
             best = {"epoch": epoch + 1, "scores": row, "state": state}
-        tr.save_checkpoint(ckpt_path, {
-            "epoch": epoch, "model": model.state_dict(), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(), "history": history, "best": best,
-            "config": dataclasses.asdict(cfg),
-            "adversary": adversary.state_dict() if adversary is not None else None,
-        })  # fmt: skip
+        tr.save_checkpoint(
+            ckpt_path,
+            {
+                "epoch": epoch,
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "history": history,
+                "best": best,
+                "config": dataclasses.asdict(cfg),
+                "adversary": adversary.state_dict() if adversary is not None else None,
+            },
+        )
     if best is not None:
         model.load_state_dict(best["state"])
     return model, history
@@ -308,8 +341,11 @@ def calibrate(model: torch.nn.Module, data: Prepared, cfg: TrainConfig) -> dict[
         temperature = ev.fit_temperature(logits, y)
     meta["temperature"] = temperature
     probs = head_probabilities(torch.from_numpy(logits).float(), meta).numpy()
-    thresholds = ev.choose_thresholds(1.0 - probs[:, 0 if cfg.head == "abnormal" else
-                                      cfg.classes.index("normal")], abnormal, cfg.sensitivity)  # fmt: skip
+    thresholds = ev.choose_thresholds(
+        1.0 - probs[:, 0 if cfg.head == "abnormal" else cfg.classes.index("normal")],
+        abnormal,
+        cfg.sensitivity,
+    )
     metrics = ev.summarize(probs, y, abnormal, cfg.model_classes, thresholds["routine"])
     return {"temperature": temperature, "thresholds": thresholds, "validation": metrics}
 
@@ -362,7 +398,7 @@ def run(cfg: TrainConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
                 for k, v in dataclasses.asdict(cfg).items()
                 if k not in ("checkpoint", "cache_dir")
             },
-        },  # fmt: skip
+        },
         "metrics": {"validation": cal["validation"], "history": history, "best_epoch": best_epoch},
         "operating_point": (
             f"routine: sensitivity >= {cfg.sensitivity} on validation; urgent: specificity >= 0.99; "
@@ -376,10 +412,15 @@ def run(cfg: TrainConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
     if data.holdout:
         from pipeline.evaluate_run import evaluate_samples, record_metrics
 
-        result = evaluate_samples(data.holdout, Path(cfg.out), label_map=cfg.label_map,
-                                  device=cfg.device)  # fmt: skip
-        record_metrics(Path(cfg.out), "held_out_source", result,
-                       f"held out: {cfg.holdout_source} (every image of it)")  # fmt: skip
+        result = evaluate_samples(
+            data.holdout, Path(cfg.out), label_map=cfg.label_map, device=cfg.device
+        )
+        record_metrics(
+            Path(cfg.out),
+            "held_out_source",
+            result,
+            f"held out: {cfg.holdout_source} (every image of it)",
+        )
         meta["metrics"]["held_out_source"] = result
         log.info("held-out source %s: AUC %.4f", cfg.holdout_source, result["auc_abnormal"])
     return model, meta

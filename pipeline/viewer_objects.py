@@ -36,10 +36,14 @@ def _scored(session: Session, study: Study) -> list[tuple[Image, Prediction, Ins
         select(Image, Prediction, Instance)
         .join(Prediction, Prediction.image_id == Image.id)
         .join(Instance, Instance.image_id == Image.id)
-        .where(Image.study_id == study.id, Image.status == "done",
-               Prediction.model_version == study.model_version,
-               Instance.kind.in_(SOURCE_KINDS))
-        .order_by(Image.id, Prediction.id.desc())).all()  # fmt: skip
+        .where(
+            Image.study_id == study.id,
+            Image.status == "done",
+            Prediction.model_version == study.model_version,
+            Instance.kind.in_(SOURCE_KINDS),
+        )
+        .order_by(Image.id, Prediction.id.desc())
+    ).all()
     seen: set[int] = set()
     out = []
     for image, prediction, instance in rows:
@@ -49,36 +53,56 @@ def _scored(session: Session, study: Study) -> list[tuple[Image, Prediction, Ins
     return out
 
 
-def _snapshot(session: Session, study: Study, scored: list[tuple[Image, Prediction, Instance]],
-              weights: Path | None) -> tuple[dict[str, Any], str]:  # fmt: skip
+def _snapshot(
+    session: Session,
+    study: Study,
+    scored: list[tuple[Image, Prediction, Instance]],
+    weights: Path | None,
+) -> tuple[dict[str, Any], str]:
     """The PACS's snapshot and SR UID where one was made for this model, else a new one."""
     mv = str(study.model_version)
     sent = session.scalars(
-        select(ResultObject).where(ResultObject.study_id == study.id, ResultObject.kind == "sr",
-                                   ResultObject.model_version == mv,
-                                   ResultObject.status == "ready")
-        .order_by(ResultObject.images.desc(), ResultObject.id.desc())).first()  # fmt: skip
+        select(ResultObject)
+        .where(
+            ResultObject.study_id == study.id,
+            ResultObject.kind == "sr",
+            ResultObject.model_version == mv,
+            ResultObject.status == "ready",
+        )
+        .order_by(ResultObject.images.desc(), ResultObject.id.desc())
+    ).first()
     if sent is not None and len(sent.snapshot.get("images", ())) == len(scored):
         return sent.snapshot, sent.uid
     patient = patient_of(study, scored[0][0].meta or {})
     when = (study.done_at or study.received_at).replace(microsecond=0, tzinfo=None)
     policy = f"policy {study.policy_version}" if study.policy_version else "the weights' policy"
     snapshot = {
-        "study_instance_uid": study.study_uid, "patient": patient,
-        "p_abnormal": float(study.p_abnormal or 0.0), "triage_class": study.triage_class,
-        "label": study.label, "priority": float(study.priority or 0.0),
-        "model_version": mv, "model_name": "cxr-triage",
+        "study_instance_uid": study.study_uid,
+        "patient": patient,
+        "p_abnormal": float(study.p_abnormal or 0.0),
+        "triage_class": study.triage_class,
+        "label": study.label,
+        "priority": float(study.priority or 0.0),
+        "model_version": mv,
+        "model_name": "cxr-triage",
         "policy_version": str(study.policy_version or "weights"),
         "policy_parameters": [f"ranked under {policy}"],
         "content_datetime": when.isoformat(),
-        "images": [{
-            "image_id": image.id, "sop_class_uid": inst.sop_class_uid,
-            "sop_instance_uid": inst.sop_uid, "series_instance_uid": inst.series_uid,
-            "p_abnormal": float(pred.p_abnormal), "label": pred.label,
-            "sc_uid": derived_uid("cam", inst.sop_uid, mv), "view_position": image.view_position,
-            **snapshot_fields(session, image, pred, weights),
-        } for image, pred, inst in scored],
-    }  # fmt: skip
+        "images": [
+            {
+                "image_id": image.id,
+                "sop_class_uid": inst.sop_class_uid,
+                "sop_instance_uid": inst.sop_uid,
+                "series_instance_uid": inst.series_uid,
+                "p_abnormal": float(pred.p_abnormal),
+                "label": pred.label,
+                "sc_uid": derived_uid("cam", inst.sop_uid, mv),
+                "view_position": image.view_position,
+                **snapshot_fields(session, image, pred, weights),
+            }
+            for image, pred, inst in scored
+        ],
+    }
     return snapshot, derived_uid("sr", str(study.study_uid), mv, str(len(scored)))
 
 
@@ -95,12 +119,20 @@ def ensure_results(
         return 0
     mv = study.model_version
     sc_series = series_uid(study_uid, "sc", mv)
-    have = set(session.scalars(select(Instance.image_id).where(
-        Instance.study_id == study.id, Instance.kind == "cam", Instance.series_uid == sc_series)))  # fmt: skip
+    have = set(
+        session.scalars(
+            select(Instance.image_id).where(
+                Instance.study_id == study.id,
+                Instance.kind == "cam",
+                Instance.series_uid == sc_series,
+            )
+        )
+    )
     scored = _scored(session, study)
     sr_series = series_uid(study_uid, "sr", mv)
-    has_sr = session.scalars(select(Instance.id).where(
-        Instance.study_id == study.id, Instance.series_uid == sr_series)).first()  # fmt: skip
+    has_sr = session.scalars(
+        select(Instance.id).where(Instance.study_id == study.id, Instance.series_uid == sr_series)
+    ).first()
     if not scored or (has_sr is not None and all(i.id in have for i, _, _ in scored)):
         return 0
     snapshot, sr_uid = _snapshot(session, study, scored, weights)
@@ -117,8 +149,15 @@ def ensure_results(
             keep(session, store, study, image.id, "cam", data, study_uid)
             added += 1
         if has_sr is None:
-            keep(session, store, study, None, "sr", to_bytes(build_sr(replace(result, sr_uid=sr_uid))),
-                 study_uid)  # fmt: skip
+            keep(
+                session,
+                store,
+                study,
+                None,
+                "sr",
+                to_bytes(build_sr(replace(result, sr_uid=sr_uid))),
+                study_uid,
+            )
             added += 1
         session.commit()
     except IntegrityError:  # another request made them first

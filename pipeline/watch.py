@@ -109,8 +109,12 @@ class FolderWatcher:
             sst = side.stat() if side else None
         except OSError:
             return None
-        return (st.st_size, st.st_mtime_ns, sst.st_size if sst else -1,
-                sst.st_mtime_ns if sst else -1)  # fmt: skip
+        return (
+            st.st_size,
+            st.st_mtime_ns,
+            sst.st_size if sst else -1,
+            sst.st_mtime_ns if sst else -1,
+        )
 
     def ready(self, now: float | None = None) -> list[Path]:
         """Files whose size and mtime (and their sidecar's) held still for the settle time."""
@@ -161,8 +165,12 @@ class FolderWatcher:
             else:
                 item = self.intake.submit(data, path.name, "watch", extra)
         self._move(path, side, item)
-        log.info("watched file: study %s %s%s", item.study_id, item.status,
-                 " (duplicate)" if item.duplicate else "")  # fmt: skip
+        log.info(
+            "watched file: study %s %s%s",
+            item.study_id,
+            item.status,
+            " (duplicate)" if item.duplicate else "",
+        )
         return item
 
     def _move(self, path: Path, side: Path | None, item: IngestItem) -> None:

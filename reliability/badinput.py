@@ -23,8 +23,9 @@ def bad_input_row(system: System, phi: PhiRegistry, timeout: float) -> Row:
     assert system.factory is not None and system.settings is not None
     row = Row("bad input corpus (CLI ingest)", system.profile.name)
     corpus = cases(phi)
-    files = write_corpus(system.workdir / "corpus", corpus,
-                         system.settings.max_file_mb * 1024 * 1024)  # fmt: skip
+    files = write_corpus(
+        system.workdir / "corpus", corpus, system.settings.max_file_mb * 1024 * 1024
+    )
     before = work_counters(system.factory)
     started = time.monotonic()
     sender = CliSender(system, list(files)).start()
@@ -44,8 +45,9 @@ def bad_input_row(system: System, phi: PhiRegistry, timeout: float) -> Row:
         if status == case.status and case.reason in reason:
             matched += 1
         else:
-            row.failures.append(f"{case.kind}: expected {case.status} '{case.reason}', "
-                                f"got {status} '{reason[:80]}'")  # fmt: skip
+            row.failures.append(
+                f"{case.kind}: expected {case.status} '{case.reason}', got {status} '{reason[:80]}'"
+            )
     for service in (*system.workers, system.dashboard):
         if service is not None and not service.alive():
             row.failures.append(f"the {service.name} died")

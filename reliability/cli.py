@@ -72,8 +72,9 @@ OWN_SYSTEM_ROWS: list[tuple[str, Callable[[Profile, Plan, PhiRegistry, Path], Ro
 ]
 
 
-def run_own_system_rows(profile: Profile, plan: Plan, workdir: Path,
-                        postgres_admin_url: str | None = None) -> list[Row]:  # fmt: skip
+def run_own_system_rows(
+    profile: Profile, plan: Plan, workdir: Path, postgres_admin_url: str | None = None
+) -> list[Row]:
     """Each row on a system of its own; on PostgreSQL each in a database of its own."""
     rows = []
     for name, row_fn in OWN_SYSTEM_ROWS:

@@ -86,63 +86,63 @@ def cases(phi: PhiRegistry, seed: int = 900_000) -> list[Case]:
             lambda: good[:-2000],
             "rejected",
             "truncated",
-        ),  # fmt: skip
+        ),
         Case(
             "truncated JPEG",
             "truncated.jpg",
             lambda: jpeg_bytes(chest_like(160, seed=seed + 2))[:600],
             "rejected",
             "JPEG",
-        ),  # fmt: skip
+        ),
         Case(
             "header only DICOM",
             "header-only.dcm",
             dcm(pixel_data=False),
             "rejected",
             "no pixel data",
-        ),  # fmt: skip
+        ),
         Case(
             "decompression bomb PNG (100 Mpx header)",
             "bomb.png",
             lambda: png_bomb(10_000, 10_000),
             "rejected",
             "pixels, over the",
-        ),  # fmt: skip
+        ),
         Case(
             "decompression bomb PNG (3.6 Gpx header)",
             "bomb-huge.png",
             png_bomb,
             "rejected",
             "pixel limit (a decompression bomb)",
-        ),  # fmt: skip
+        ),
         Case(
             "huge dimensions in a DICOM header",
             "huge.dcm",
             dcm(rows_cols=(60000, 60000)),
             "rejected",
             "pixels, over the",
-        ),  # fmt: skip
+        ),
         Case(
             "wrong magic: PNG bytes named .dcm",
             "wrong-magic.dcm",
             lambda: png_bytes(chest_like(96, seed=seed + 3)),
             "rejected",
             "not a DICOM file",
-        ),  # fmt: skip
+        ),
         Case(
             "wrong magic: GIF named .jpg",
             "gif.jpg",
             gif_bytes,
             "rejected",
             "unsupported image format GIF",
-        ),  # fmt: skip
+        ),
         Case(
             "non-image: text named .png",
             "notes.png",
             lambda: b"hello, not an image\n" * 40,
             "rejected",
             "not a readable",
-        ),  # fmt: skip
+        ),
         Case("multi-frame DICOM", "multi.dcm", dcm(frames=3), "rejected", "multi-frame"),
         Case("colour DICOM (RGB)", "rgb.dcm", dcm(samples=3), "rejected", "colour image"),
         Case("colour JPEG", "colour.jpg", colour_jpeg, "rejected", "colour image"),
@@ -152,7 +152,7 @@ def cases(phi: PhiRegistry, seed: int = 900_000) -> list[Case]:
             dcm(modality="CT"),
             "rejected",
             "modality CT is not accepted",
-        ),  # fmt: skip
+        ),
         Case(
             "invalid characters in DICOM tags",
             "bad-chars.dcm",
@@ -160,13 +160,13 @@ def cases(phi: PhiRegistry, seed: int = 900_000) -> list[Case]:
                 chest_like(96, seed=seed + 4), p(seed + 4), raw_elements=invalid_chars
             ),
             "done",
-        ),  # fmt: skip
+        ),
         Case(
             "shell and unicode characters in a file name",
             "x; rm -rf ~ $(id) ü.png",
             lambda: png_bytes(chest_like(96, seed=seed + 5)),
             "done",
-        ),  # fmt: skip
+        ),
         Case(
             "oversized file (sparse, over CXR_MAX_FILE_MB)",
             "oversized.dcm",
@@ -174,7 +174,7 @@ def cases(phi: PhiRegistry, seed: int = 900_000) -> list[Case]:
             "rejected",
             "MB limit",
             source="<sparse>",
-        ),  # fmt: skip
+        ),
         *shared_cases(),
     ]
 

@@ -53,9 +53,20 @@ class SmallDisk:
 
     def mount(self) -> SmallDisk:
         self.path.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={self.size_mb}m,mode=0700",
-                        "cxr-diskfull", str(self.path)], check=True, capture_output=True,
-                       text=True)  # fmt: skip
+        subprocess.run(
+            [
+                "mount",
+                "-t",
+                "tmpfs",
+                "-o",
+                f"size={self.size_mb}m,mode=0700",
+                "cxr-diskfull",
+                str(self.path),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         self.mounted = True
         return self
 
@@ -102,14 +113,26 @@ def _sop(path: Path) -> str:
 def _stow(system: System, paths: list[Path]) -> tuple[int, list[int]]:
     """One STOW-RS request with these instances; (HTTP status, the failed parts' statuses)."""
     boundary = "cxr" + secrets.token_hex(12)
-    body = b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-                    + p.read_bytes() + b"\r\n" for p in paths) + f"--{boundary}--\r\n".encode()  # fmt: skip
+    body = (
+        b"".join(
+            f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
+            + p.read_bytes()
+            + b"\r\n"
+            for p in paths
+        )
+        + f"--{boundary}--\r\n".encode()
+    )
     ctype = f'multipart/related; type="application/dicom"; boundary={boundary}'
     feed = system.accounts["feed"][2]
-    status, doc = post(system.base_url, "/dicomweb/studies", body,
-                       {"Authorization": f"Bearer {feed}", "Content-Type": ctype})  # fmt: skip
-    failed = [int(item["00081197"]["Value"][0])
-              for item in doc.get("00081198", {}).get("Value", [])]  # fmt: skip
+    status, doc = post(
+        system.base_url,
+        "/dicomweb/studies",
+        body,
+        {"Authorization": f"Bearer {feed}", "Content-Type": ctype},
+    )
+    failed = [
+        int(item["00081197"]["Value"][0]) for item in doc.get("00081198", {}).get("Value", [])
+    ]
     return status, failed
 
 
@@ -133,9 +156,14 @@ def _cli_ingest(system: System, folder: Path) -> tuple[int, dict[str, Any], str]
     assert system.settings is not None
     env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
     env.update(system.settings.as_env(), **system.extra_env)
-    proc = subprocess.run([sys.executable, "-m", "pipeline.cli", "ingest", "--json", str(folder)],
-                          env=env, cwd=PACKAGE_ROOT, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", "ingest", "--json", str(folder)],
+        env=env,
+        cwd=PACKAGE_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     lines = proc.stdout.strip().splitlines()
     try:
         doc = json.loads(lines[-1]) if len(lines) == 1 else {}
@@ -151,17 +179,22 @@ def _half_written(system: System, refused_sops: set[str], spool: Path) -> list[s
     assert system.factory is not None
     problems = []
     with system.factory() as session:
-        orphans = session.scalar(select(func.count(Study.id)).where(
-            ~exists().where(Image.study_id == Study.id)))  # fmt: skip
+        orphans = session.scalar(
+            select(func.count(Study.id)).where(~exists().where(Image.study_id == Study.id))
+        )
         if orphans:
             problems.append(f"{orphans} studies without an image")
         if refused_sops:
-            stored = session.scalar(select(func.count(Image.id)).where(
-                Image.sop_uid.in_(refused_sops)))  # fmt: skip
+            stored = session.scalar(
+                select(func.count(Image.id)).where(Image.sop_uid.in_(refused_sops))
+            )
             if stored:
                 problems.append(f"{stored} files answered as refused were stored")
-        no_preview = session.scalar(select(func.count(Image.id)).where(
-            Image.status.in_(("queued", "processing")), Image.preview.is_(None)))  # fmt: skip
+        no_preview = session.scalar(
+            select(func.count(Image.id)).where(
+                Image.status.in_(("queued", "processing")), Image.preview.is_(None)
+            )
+        )
         if no_preview:
             problems.append(f"{no_preview} queued images without their preview")
         if system.profile.database_url is None:
@@ -196,8 +229,9 @@ class _Tally:
         return ", ".join(f"{p} {c[1]}/{sum(c)} refused" for p, c in self.counts.items())
 
 
-def _while_full(system: System, disk: SmallDisk, files: list[Path], tally: _Tally,
-                phi: PhiRegistry) -> tuple[dict[Path, int], set[Path], set[Path]]:  # fmt: skip
+def _while_full(
+    system: System, disk: SmallDisk, files: list[Path], tally: _Tally, phi: PhiRegistry
+) -> tuple[dict[Path, int], set[Path], set[Path]]:
     """Send files through every path with the disk full.
 
     Returns (accepted file -> image id, refused files to send again, the refused of which
@@ -205,8 +239,12 @@ def _while_full(system: System, disk: SmallDisk, files: list[Path], tally: _Tall
     """
     feed = system.accounts["feed"][2]
     quarter = max(1, len(files) // 4)
-    http, stow, scp, cli = (files[:quarter], files[quarter : 2 * quarter],
-                            files[2 * quarter : 3 * quarter], files[3 * quarter :])  # fmt: skip
+    http, stow, scp, cli = (
+        files[:quarter],
+        files[quarter : 2 * quarter],
+        files[2 * quarter : 3 * quarter],
+        files[3 * quarter :],
+    )
     accepted_sops: dict[Path, str] = {}
     refused: set[Path] = set()
     strict: set[Path] = set()
@@ -263,8 +301,13 @@ def _while_full(system: System, disk: SmallDisk, files: list[Path], tally: _Tall
         tally.add("ingest", "unexpected", f"exit {code}: {err.strip()[-160:]}")
     assert system.factory is not None
     with system.factory() as session:
-        by_sop = dict(session.execute(select(Image.sop_uid, Image.id).where(
-            Image.sop_uid.in_(list(accepted_sops.values())))).all())  # fmt: skip
+        by_sop = dict(
+            session.execute(
+                select(Image.sop_uid, Image.id).where(
+                    Image.sop_uid.in_(list(accepted_sops.values()))
+                )
+            ).all()
+        )
     ids = {p: by_sop[s] for p, s in accepted_sops.items() if s in by_sop}
     missing = sorted(p.name for p in accepted_sops if p not in ids)
     if missing:
@@ -274,8 +317,9 @@ def _while_full(system: System, disk: SmallDisk, files: list[Path], tally: _Tall
 
 def disk_full_row(profile: Profile, plan: Any, phi: PhiRegistry, workdir: Path) -> Row:
     """Fill the data directory's disk mid-run, send through every path, free it, recover."""
-    row = Row(f"disk full ({plan.disk_mb} MB tmpfs: data dir, SQLite, Redis AOF, spool)",
-              profile.name)  # fmt: skip
+    row = Row(
+        f"disk full ({plan.disk_mb} MB tmpfs: data dir, SQLite, Redis AOF, spool)", profile.name
+    )
     if profile.database_url is not None:
         row.scenario = f"disk full ({plan.disk_mb} MB tmpfs: data dir, Redis AOF, spool)"
     workdir.mkdir(parents=True, exist_ok=True)
@@ -300,12 +344,14 @@ def disk_full_row(profile: Profile, plan: Any, phi: PhiRegistry, workdir: Path) 
         feed = system.accounts["feed"][2]
         studies = system.workdir / "studies"
         first = write_studies(studies / "before", plan.disk_studies, phi, start=900_000)
-        full_files = _dicom(write_studies(studies / "full", plan.disk_studies * 3 // 2 + 4, phi,
-                                          start=910_000))[: max(8, plan.disk_studies // 2)]  # fmt: skip
+        full_files = _dicom(
+            write_studies(studies / "full", plan.disk_studies * 3 // 2 + 4, phi, start=910_000)
+        )[: max(8, plan.disk_studies // 2)]
         after = write_studies(studies / "after", plan.disk_studies // 2, phi, start=920_000)
         # Accepted before the disk fills; still being classified when it does.
-        sender = HttpSender(system.base_url, feed, first, threads=2,
-                            give_up_after_s=plan.recover_timeout_s).start()  # fmt: skip
+        sender = HttpSender(
+            system.base_url, feed, first, threads=2, give_up_after_s=plan.recover_timeout_s
+        ).start()
         sender.join(plan.recover_timeout_s)
         tally = _Tally()
         full_ids, refused, strict = _while_full(system, disk, full_files, tally, phi)
@@ -314,21 +360,41 @@ def disk_full_row(profile: Profile, plan: Any, phi: PhiRegistry, workdir: Path) 
         space_at = time.monotonic()
         disk.release()
         # Senders send the refused files again, and new studies come in.
-        again = HttpSender(system.base_url, feed, sorted(refused), threads=2,
-                           give_up_after_s=plan.recover_timeout_s).start()  # fmt: skip
-        new_http = HttpSender(system.base_url, feed, after[: len(after) // 2], threads=2,
-                              give_up_after_s=plan.recover_timeout_s).start()  # fmt: skip
-        new_scp = ScpSender(system.scp_port, _dicom(after[len(after) // 2 :]),
-                            give_up_after_s=plan.recover_timeout_s).start()  # fmt: skip
+        again = HttpSender(
+            system.base_url,
+            feed,
+            sorted(refused),
+            threads=2,
+            give_up_after_s=plan.recover_timeout_s,
+        ).start()
+        new_http = HttpSender(
+            system.base_url,
+            feed,
+            after[: len(after) // 2],
+            threads=2,
+            give_up_after_s=plan.recover_timeout_s,
+        ).start()
+        new_scp = ScpSender(
+            system.scp_port,
+            _dicom(after[len(after) // 2 :]),
+            give_up_after_s=plan.recover_timeout_s,
+        ).start()
         for s in (again, new_http, new_scp):
             s.join(plan.recover_timeout_s)
         with system.factory() as session:
             sops = list(new_scp.outcome.sop_uids.values())
-            scp_ids = dict(session.execute(select(Image.sop_uid, Image.id).where(
-                Image.sop_uid.in_(sops))).all())  # fmt: skip
-        ids = {*sender.outcome.image_ids.values(), *full_ids.values(),
-               *again.outcome.image_ids.values(), *new_http.outcome.image_ids.values(),
-               *scp_ids.values()}  # fmt: skip
+            scp_ids = dict(
+                session.execute(
+                    select(Image.sop_uid, Image.id).where(Image.sop_uid.in_(sops))
+                ).all()
+            )
+        ids = {
+            *sender.outcome.image_ids.values(),
+            *full_ids.values(),
+            *again.outcome.image_ids.values(),
+            *new_http.outcome.image_ids.values(),
+            *scp_ids.values(),
+        }
         finished = wait_final(system.factory, sorted(ids), plan.recover_timeout_s)
         row.recover_s = time.monotonic() - space_at if finished else None
         sent = len(first) + len(full_files) + len(after[: len(after) // 2]) + len(new_scp.paths)
@@ -344,9 +410,11 @@ def disk_full_row(profile: Profile, plan: Any, phi: PhiRegistry, workdir: Path) 
             )
         if row.done != row.sent:
             row.failures.append(f"{row.sent - row.done} studies not done")
-        row.note = (f"while full: {tally.summary()}; {len(stored_refused)} of the refused had "
-                    "been stored before the disk filled mid-request; nothing half-written; "
-                    f"shipped timeouts; {supervisor.summary()}")  # fmt: skip
+        row.note = (
+            f"while full: {tally.summary()}; {len(stored_refused)} of the refused had "
+            "been stored before the disk filled mid-request; nothing half-written; "
+            f"shipped timeouts; {supervisor.summary()}"
+        )
     except Exception as exc:
         log.exception("disk full row failed")
         row.failures.append(f"{type(exc).__name__}: {exc}")

@@ -59,9 +59,18 @@ class Plan:
     @classmethod
     def full(cls) -> Plan:
         visibility_s = Settings().visibility_timeout_s  # the shipped default: 600 s
-        return cls(studies=240, outage_s=10.0, recover_timeout_s=600.0, load_studies=2000,
-                   fuzz_inputs=2000, disk_studies=96, partition_s=visibility_s + 30.0,
-                   soak_studies=20_000, soak_rate=20.0, own_rows_on_postgres=True)  # fmt: skip
+        return cls(
+            studies=240,
+            outage_s=10.0,
+            recover_timeout_s=600.0,
+            load_studies=2000,
+            fuzz_inputs=2000,
+            disk_studies=96,
+            partition_s=visibility_s + 30.0,
+            soak_studies=20_000,
+            soak_rate=20.0,
+            own_rows_on_postgres=True,
+        )
 
 
 def _count(system: System, ids: list[int], status: str) -> int:
@@ -202,8 +211,11 @@ HUNG_ROW = "worker hung (SIGSTOP mid-batch), woken after its batch was re-run"
 def _claims_of(system: System, worker: str) -> list[int]:
     assert system.factory is not None
     with system.factory() as session:
-        return list(session.scalars(select(Image.id).where(
-            Image.status == "processing", Image.worker == worker)))  # fmt: skip
+        return list(
+            session.scalars(
+                select(Image.id).where(Image.status == "processing", Image.worker == worker)
+            )
+        )
 
 
 def hung_worker_row(system: System, plan: Plan, phi: PhiRegistry, offset: int) -> Row:
@@ -257,29 +269,45 @@ def hung_worker_row(system: System, plan: Plan, phi: PhiRegistry, offset: int) -
     sender: CliSender = seen["sender"]
     # Counted again now that the woken worker's batch is over: a late write would show here.
     fill(row, system.factory, sorted(set(sender.image_ids.values())), len(sender.paths), before)
-    row.note = (f"{len(held)} claimed images re-run elsewhere {seen['rerun_s']:.1f} s after "
-                f"SIGSTOP; woken, it dropped {_dropped(system) - dropped_before} results "
-                f"{'' if woken else '(none seen) '}and wrote none; shipped timeouts")  # fmt: skip
+    row.note = (
+        f"{len(held)} claimed images re-run elsewhere {seen['rerun_s']:.1f} s after "
+        f"SIGSTOP; woken, it dropped {_dropped(system) - dropped_before} results "
+        f"{'' if woken else '(none seen) '}and wrote none; shipped timeouts"
+    )
     return row
 
 
 def _count_final(system: System, ids: list[int]) -> int:
     assert system.factory is not None
     with system.factory() as session:
-        return int(session.scalar(select(func.count(Image.id)).where(
-            Image.id.in_(ids), Image.status.in_(FINAL_STATES))) or 0)  # fmt: skip
+        return int(
+            session.scalar(
+                select(func.count(Image.id)).where(
+                    Image.id.in_(ids), Image.status.in_(FINAL_STATES)
+                )
+            )
+            or 0
+        )
 
 
 def _final_state(system: System, ids: list[int]) -> dict[int, tuple[str, str | None]]:
     assert system.factory is not None
     with system.factory() as session:
-        return {i: (st, w) for i, st, w in session.execute(
-            select(Image.id, Image.status, Image.worker).where(Image.id.in_(ids)))}  # fmt: skip
+        return {
+            i: (st, w)
+            for i, st, w in session.execute(
+                select(Image.id, Image.status, Image.worker).where(Image.id.in_(ids))
+            )
+        }
 
 
 def _dropped(system: System) -> int:
     """Results computed and dropped so far: batch images neither written done nor failed."""
     assert system.factory is not None
     with system.factory() as session:
-        return int(session.scalar(select(func.coalesce(
-            func.sum(Batch.size - Batch.done - Batch.failed), 0))) or 0)  # fmt: skip
+        return int(
+            session.scalar(
+                select(func.coalesce(func.sum(Batch.size - Batch.done - Batch.failed), 0))
+            )
+            or 0
+        )

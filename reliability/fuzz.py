@@ -75,10 +75,19 @@ def run_fuzz(n: int, limits: Limits | None = None) -> FuzzResult:
     limits = limits or Limits(max_bytes=8 * 1024 * 1024)
     op = st.tuples(st.integers(0, 4), st.integers(0, 1 << 20), st.integers(0, 255))
 
-    @settings(max_examples=n, derandomize=True, database=None, deadline=None,
-              phases=[Phase.generate], suppress_health_check=list(HealthCheck))  # fmt: skip
-    @given(st.integers(0, len(corpus) - 1), st.lists(op, min_size=1, max_size=6),
-           st.sampled_from([None, ".dcm", ".jpg", ".png", ""]))  # fmt: skip
+    @settings(
+        max_examples=n,
+        derandomize=True,
+        database=None,
+        deadline=None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(
+        st.integers(0, len(corpus) - 1),
+        st.lists(op, min_size=1, max_size=6),
+        st.sampled_from([None, ".dcm", ".jpg", ".png", ""]),
+    )
     def one(index: int, ops: list[tuple[int, int, int]], suffix: str | None) -> None:
         name, data = corpus[index]
         filename = name if suffix is None else "fuzz" + suffix
@@ -125,5 +134,9 @@ def fuzz_row(n: int) -> Row:
 
 
 def describe(result: FuzzResult) -> dict[str, Any]:
-    return {"inputs": result.inputs, "decoded": result.decoded, "rejected": result.rejected,
-            "unhandled": dict(result.unhandled)}  # fmt: skip
+    return {
+        "inputs": result.inputs,
+        "decoded": result.decoded,
+        "rejected": result.rejected,
+        "unhandled": dict(result.unhandled),
+    }

@@ -27,14 +27,17 @@ def multipart(filename: str, data: bytes, field_name: str = "file") -> tuple[byt
     """A multipart/form-data body with one file; returns (body, Content-Type)."""
     boundary = "cxr" + secrets.token_hex(12)
     quoted = filename.replace("\\", "\\\\").replace('"', '\\"')
-    head = (f'--{boundary}\r\nContent-Disposition: form-data; name="{field_name}"; '
-            f'filename="{quoted}"\r\nContent-Type: application/octet-stream\r\n\r\n')  # fmt: skip
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="{field_name}"; '
+        f'filename="{quoted}"\r\nContent-Type: application/octet-stream\r\n\r\n'
+    )
     body = head.encode() + data + f"\r\n--{boundary}--\r\n".encode()
     return body, f"multipart/form-data; boundary={boundary}"
 
 
-def post(base_url: str, path: str, body: bytes, headers: dict[str, str],
-         timeout: float = 60.0) -> tuple[int, dict[str, Any]]:  # fmt: skip
+def post(
+    base_url: str, path: str, body: bytes, headers: dict[str, str], timeout: float = 60.0
+) -> tuple[int, dict[str, Any]]:
     """POST raw bytes; (status, JSON body or {})."""
     url = urlsplit(base_url)
     conn = http.client.HTTPConnection(url.hostname or "127.0.0.1", url.port, timeout=timeout)
@@ -54,8 +57,9 @@ def post(base_url: str, path: str, body: bytes, headers: dict[str, str],
 def upload(base_url: str, token: str, filename: str, data: bytes) -> tuple[int, dict[str, Any]]:
     """One study through ``POST /api/studies`` with a feed token."""
     body, ctype = multipart(filename, data)
-    return post(base_url, "/api/studies", body,
-                {"Authorization": f"Bearer {token}", "Content-Type": ctype})  # fmt: skip
+    return post(
+        base_url, "/api/studies", body, {"Authorization": f"Bearer {token}", "Content-Type": ctype}
+    )
 
 
 @dataclass
@@ -72,8 +76,14 @@ class Outcome:
 class HttpSender:
     """``threads`` uploaders draining a queue of files; retry on refusal or 5xx."""
 
-    def __init__(self, base_url: str, token: str, paths: list[Path], threads: int = 4,
-                 give_up_after_s: float = 120.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        paths: list[Path],
+        threads: int = 4,
+        give_up_after_s: float = 120.0,
+    ) -> None:
         self.base_url, self.token = base_url, token
         self.todo: queue.Queue[Path] = queue.Queue()
         for p in paths:
@@ -128,8 +138,13 @@ class HttpSender:
 class ScpSender:
     """One DICOM association at a time, many C-STOREs per association; retry on failure."""
 
-    def __init__(self, port: int, paths: list[Path], give_up_after_s: float = 120.0,
-                 ae_title: str = "CXRTRIAGE") -> None:  # fmt: skip
+    def __init__(
+        self,
+        port: int,
+        paths: list[Path],
+        give_up_after_s: float = 120.0,
+        ae_title: str = "CXRTRIAGE",
+    ) -> None:
         self.port, self.paths, self.ae_title = port, paths, ae_title
         self.give_up_after_s = give_up_after_s
         self.outcome = Outcome()

@@ -39,8 +39,12 @@ def _dicom(paths: list[Path]) -> list[Path]:
 def _processing(system: System, ids: list[int]) -> int:
     assert system.factory is not None
     with system.factory() as session:
-        return int(session.scalar(select(func.count(Image.id)).where(
-            Image.id.in_(ids), Image.status == "processing")) or 0)  # fmt: skip
+        return int(
+            session.scalar(
+                select(func.count(Image.id)).where(Image.id.in_(ids), Image.status == "processing")
+            )
+            or 0
+        )
 
 
 def partition_row(profile: Profile, plan: Any, phi: PhiRegistry, workdir: Path) -> Row:
@@ -60,8 +64,9 @@ def partition_row(profile: Profile, plan: Any, phi: PhiRegistry, workdir: Path) 
         before = work_counters(system.factory)
         feed = system.accounts["feed"][2]
         first = write_studies(workdir / "studies" / "before", plan.studies, phi, start=1_000_000)
-        during = write_studies(workdir / "studies" / "during", plan.studies * 3 // 2, phi,
-                               start=1_100_000)  # fmt: skip
+        during = write_studies(
+            workdir / "studies" / "during", plan.studies * 3 // 2, phi, start=1_100_000
+        )
         during_http = [p for p in during if p.suffix == ".png"] + _dicom(during)[
             : plan.studies // 4
         ]
@@ -91,10 +96,14 @@ def partition_row(profile: Profile, plan: Any, phi: PhiRegistry, workdir: Path) 
         for s in (sender, http, scp):
             s.join(give_up)
         with system.factory() as session:
-            scp_ids = list(session.scalars(select(Image.id).where(
-                Image.sop_uid.in_(list(scp.outcome.sop_uids.values())))))  # fmt: skip
-        ids = sorted({*sender.outcome.image_ids.values(), *http.outcome.image_ids.values(),
-                      *scp_ids})  # fmt: skip
+            scp_ids = list(
+                session.scalars(
+                    select(Image.id).where(Image.sop_uid.in_(list(scp.outcome.sop_uids.values())))
+                )
+            )
+        ids = sorted(
+            {*sender.outcome.image_ids.values(), *http.outcome.image_ids.values(), *scp_ids}
+        )
         finished = wait_final(system.factory, ids, plan.recover_timeout_s)
         row.recover_s = time.monotonic() - healed_at if finished else None
         fill(row, system.factory, ids, len(first) + len(during_http) + len(during_scp), before)
@@ -108,9 +117,11 @@ def partition_row(profile: Profile, plan: Any, phi: PhiRegistry, workdir: Path) 
         crashed = system.dashboard.log_path.read_text(errors="replace").count("Exception on ")
         if crashed:  # cut off from its database it must say 503, not fail with a traceback
             row.failures.append(f"the dashboard answered {crashed} requests with a 500")
-        row.note = (f"{longer} than the shipped visibility timeout ({visibility_s} s); recover "
-                    f"s from the heal; uploader retried {http.outcome.retries}x; "
-                    f"{supervisor.summary()}; shipped timeouts")  # fmt: skip
+        row.note = (
+            f"{longer} than the shipped visibility timeout ({visibility_s} s); recover "
+            f"s from the heal; uploader retried {http.outcome.retries}x; "
+            f"{supervisor.summary()}; shipped timeouts"
+        )
     except Exception as exc:
         log.exception("partition row failed")
         row.failures.append(f"{type(exc).__name__}: {exc}")

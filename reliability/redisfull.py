@@ -39,12 +39,18 @@ HELD_FULL_S = 8.0  # how long Redis stays full: shorter than the 15 s heartbeat 
 def _image_ids(system: System, paths: list[Path]) -> list[int]:
     """Images stored from these files: DICOM by SOP Instance UID, the others by file name."""
     assert system.factory is not None
-    sops = [str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
-            for p in paths if p.suffix == ".dcm"]  # fmt: skip
+    sops = [
+        str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID)
+        for p in paths
+        if p.suffix == ".dcm"
+    ]
     names = [p.name for p in paths if p.suffix != ".dcm"]
     with system.factory() as session:
-        return list(session.scalars(select(Image.id).where(
-            Image.sop_uid.in_(sops) | Image.filename.in_(names))))  # fmt: skip
+        return list(
+            session.scalars(
+                select(Image.id).where(Image.sop_uid.in_(sops) | Image.filename.in_(names))
+            )
+        )
 
 
 def redis_full_row(system: System, plan: Plan, phi: PhiRegistry, offset: int) -> Row:
@@ -54,10 +60,12 @@ def redis_full_row(system: System, plan: Plan, phi: PhiRegistry, offset: int) ->
     root = system.workdir / "studies" / "redisfull"
     background = write_studies(root / "background", plan.studies, phi, start=offset)
     refused_http = write_studies(root / "http", 3, phi, start=offset + 10_000)
-    refused_stow = [p for p in write_studies(root / "stow", 3, phi, start=offset + 20_000)
-                    if p.suffix == ".dcm"][:1]  # fmt: skip
-    refused_scp = [p for p in write_studies(root / "scp", 6, phi, start=offset + 30_000)
-                   if p.suffix == ".dcm"][:3]  # fmt: skip
+    refused_stow = [
+        p for p in write_studies(root / "stow", 3, phi, start=offset + 20_000) if p.suffix == ".dcm"
+    ][:1]
+    refused_scp = [
+        p for p in write_studies(root / "scp", 6, phi, start=offset + 30_000) if p.suffix == ".dcm"
+    ][:3]
     refused_cli = write_studies(root / "cli", 2, phi, start=offset + 40_000)
     client = redis.Redis.from_url(system.redis.url)
     before = work_counters(system.factory)
@@ -89,8 +97,9 @@ def redis_full_row(system: System, plan: Plan, phi: PhiRegistry, offset: int) ->
             code, doc, _ = _cli_ingest(system, cli_dir)
             checks.append(f"ingest exit {code}{' with its JSON line' if doc.get('error') else ''}")
             if ok_http != len(codes) or status != 503 or any(s != 0xA700 for s in scp):
-                row.failures.append("a sender was not refused with a retryable error: "
-                                    + ", ".join(checks))  # fmt: skip
+                row.failures.append(
+                    "a sender was not refused with a retryable error: " + ", ".join(checks)
+                )
             if code != 5 or "_lines" in doc or not doc.get("error"):
                 row.failures.append(f"cxr-triage ingest exited {code} ({doc})")
             if stored := _image_ids(system, refused):
@@ -125,8 +134,11 @@ def redis_full_row(system: System, plan: Plan, phi: PhiRegistry, offset: int) ->
     row.failures += sender.errors
     if not finished:
         row.failures.append(f"not all final after {plan.recover_timeout_s:.0f} s")
-    notes = [f"while full: {', '.join(checks)}; nothing refused was stored",
-             f"CLI sender retried {sender.retries}x", "shipped timeouts"]  # fmt: skip
+    notes = [
+        f"while full: {', '.join(checks)}; nothing refused was stored",
+        f"CLI sender retried {sender.retries}x",
+        "shipped timeouts",
+    ]
     if supervisor.restarts:
         notes.append(supervisor.summary())
     row.note = "; ".join(notes)
@@ -141,8 +153,9 @@ def _wait_done(system: System, sender: CliSender, timeout: float) -> bool:
         ids = list(sender.image_ids.values())
         if ids:
             with system.factory() as session:
-                if session.scalar(select(func.count(Image.id)).where(
-                        Image.id.in_(ids), Image.status == "done")):  # fmt: skip
+                if session.scalar(
+                    select(func.count(Image.id)).where(Image.id.in_(ids), Image.status == "done")
+                ):
                     return True
         time.sleep(0.05)
     return False

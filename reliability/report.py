@@ -6,16 +6,37 @@ import json
 
 from reliability.metrics import Row
 
-COLUMNS = ("scenario", "profile", "sent", "done", "rejected", "lost", "duplicated",
-           "recomputed", "recover s", "ok", "note")  # fmt: skip
+COLUMNS = (
+    "scenario",
+    "profile",
+    "sent",
+    "done",
+    "rejected",
+    "lost",
+    "duplicated",
+    "recomputed",
+    "recover s",
+    "ok",
+    "note",
+)
 
 
 def _cells(row: Row) -> list[str]:
     recover = "-" if row.recover_s is None else f"{row.recover_s:.1f}"
     note = "; ".join([row.note] + row.failures if row.note else row.failures)
-    return [row.scenario, row.profile, str(row.sent), str(row.done), str(row.rejected),
-            str(row.lost), str(row.duplicated), str(row.recomputed), recover,
-            "yes" if row.ok else "**NO**", note]  # fmt: skip
+    return [
+        row.scenario,
+        row.profile,
+        str(row.sent),
+        str(row.done),
+        str(row.rejected),
+        str(row.lost),
+        str(row.duplicated),
+        str(row.recomputed),
+        recover,
+        "yes" if row.ok else "**NO**",
+        note,
+    ]
 
 
 def markdown(rows: list[Row]) -> str:

@@ -54,9 +54,13 @@ class RunProcess:
 
     def start(self) -> RunProcess:
         with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen([*_cxr_triage(), "run", "--port", str(self.port)],
-                                         env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True)  # fmt: skip
+            self.proc = subprocess.Popen(
+                [*_cxr_triage(), "run", "--port", str(self.port)],
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         return self
 
     def wait_serving(self, timeout: float = 180.0) -> None:
@@ -136,9 +140,13 @@ class IngestSender:
     def _run(self) -> None:
         for chunk in self.chunks:
             for _ in range(60):
-                proc = subprocess.run([*_cxr_triage(), "ingest", str(chunk), "--json"],
-                                      env=self.env, capture_output=True, text=True,
-                                      timeout=300)  # fmt: skip
+                proc = subprocess.run(
+                    [*_cxr_triage(), "ingest", str(chunk), "--json"],
+                    env=self.env,
+                    capture_output=True,
+                    text=True,
+                    timeout=300,
+                )
                 if proc.returncode == 0:
                     doc = json.loads(proc.stdout)
                     self.study_ids.update(s["id"] for s in doc["studies"])
@@ -156,8 +164,9 @@ def run_kill_row(profile: Profile, plan: Plan, phi: PhiRegistry, workdir: Path) 
     workdir.mkdir(parents=True, exist_ok=True)
     data = workdir / "var"
     env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
-    env.update(CXR_DATA_DIR=str(data), CXR_ADMIN_PASSWORD=secrets.token_urlsafe(12),
-               PYTHONUNBUFFERED="1")  # fmt: skip
+    env.update(
+        CXR_DATA_DIR=str(data), CXR_ADMIN_PASSWORD=secrets.token_urlsafe(12), PYTHONUNBUFFERED="1"
+    )
     if "CXR_WEIGHTS" in os.environ:  # the operator's model, as every row uses
         env["CXR_WEIGHTS"] = os.environ["CXR_WEIGHTS"]
     if profile.database_url:
@@ -185,8 +194,9 @@ def run_kill_row(profile: Profile, plan: Plan, phi: PhiRegistry, workdir: Path) 
 
         def counts() -> dict[str, int]:
             with factory() as session:
-                return dict(session.execute(select(Image.status, func.count())
-                                            .group_by(Image.status)).all())  # fmt: skip
+                return dict(
+                    session.execute(select(Image.status, func.count()).group_by(Image.status)).all()
+                )
 
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline:
@@ -218,8 +228,11 @@ def run_kill_row(profile: Profile, plan: Plan, phi: PhiRegistry, workdir: Path) 
         sender.join(plan.recover_timeout_s)
         ids: list[int] = []
         with factory() as session:
-            ids = list(session.scalars(select(Image.id).where(
-                Image.study_id.in_(sorted(sender.study_ids)))))  # fmt: skip
+            ids = list(
+                session.scalars(
+                    select(Image.id).where(Image.study_id.in_(sorted(sender.study_ids)))
+                )
+            )
         finished = wait_final(factory, ids, plan.recover_timeout_s)
         row.recover_s = time.monotonic() - fault_at if finished else None
         fill(row, factory, ids, len(paths), before)
@@ -233,11 +246,13 @@ def run_kill_row(profile: Profile, plan: Plan, phi: PhiRegistry, workdir: Path) 
             row.failures.append(f"{len(survivors)} of the killed run's processes outlived it")
         if redis_count != 1:
             row.failures.append(f"{redis_count} redis-servers on the data dir's Redis files")
-        row.note = (f"{len(children)} processes of the killed run gone in {gone_s:.1f} s, "
-                    f"{'leftovers stopped by the next run; ' if cleaned else ''}"
-                    f"restarted run serving {up_s:.1f} s after the kill; at the kill "
-                    f"{at_kill.get('processing', 0)} processing, {at_kill.get('done', 0)} done; "
-                    f"ingest retried {sender.retries}x; shipped defaults")  # fmt: skip
+        row.note = (
+            f"{len(children)} processes of the killed run gone in {gone_s:.1f} s, "
+            f"{'leftovers stopped by the next run; ' if cleaned else ''}"
+            f"restarted run serving {up_s:.1f} s after the kill; at the kill "
+            f"{at_kill.get('processing', 0)} processing, {at_kill.get('done', 0)} done; "
+            f"ingest retried {sender.retries}x; shipped defaults"
+        )
     finally:
         if sender is not None:
             sender.join(1)

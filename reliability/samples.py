@@ -113,8 +113,15 @@ def dicom_bytes(
     return buf.getvalue()
 
 
-def set_pixels(ds: Any, values: np.ndarray, bits: int, photometric: str, samples: int = 1,
-               frames: int = 1, pixel_data: bool = True) -> None:  # fmt: skip
+def set_pixels(
+    ds: Any,
+    values: np.ndarray,
+    bits: int,
+    photometric: str,
+    samples: int = 1,
+    frames: int = 1,
+    pixel_data: bool = True,
+) -> None:
     """The image pixel module of a generated radiograph: size, bit depth, frames, pixel data."""
     ds.SamplesPerPixel = samples
     ds.PhotometricInterpretation = photometric if samples == 1 else "RGB"

@@ -60,8 +60,11 @@ class Client:
         return found.group(1) if found else ""
 
     def login(self, username: str, password: str) -> Client:
-        status, where = self.call("POST", "/login", {"username": username,
-                                  "password": password, "csrf_token": self.csrf()})  # fmt: skip
+        status, where = self.call(
+            "POST",
+            "/login",
+            {"username": username, "password": password, "csrf_token": self.csrf()},
+        )
         if status != 302:
             raise RuntimeError(f"login as {username} failed: HTTP {status}")
         return self
@@ -116,8 +119,11 @@ def route_failures(system: System) -> tuple[int, list[str]]:
                 form = {"csrf_token": client.csrf(page)}
             status, body = client.call(method, path, form)
             checks += 1
-            if status >= 500 or (not allowed and not _is_denied(status, body)) or (
-                allowed and _is_denied(status, body)):  # fmt: skip
+            if (
+                status >= 500
+                or (not allowed and not _is_denied(status, body))
+                or (allowed and _is_denied(status, body))
+            ):
                 failures.append(f"{who} {method} {path}: HTTP {status}")
     return checks, failures
 
@@ -126,8 +132,11 @@ def csrf_failures(system: System) -> tuple[int, list[str]]:
     """A logged-in radiologist's form posts without the CSRF token are refused (400)."""
     acc = system.accounts["radiologist"]
     rad = Client(system.base_url).login(acc[0], acc[1] or "")
-    posts = [("/studies/1/review", {"action": "read"}), ("/logout", {}),
-             ("/login", {"username": acc[0], "password": acc[1] or ""})]  # fmt: skip
+    posts = [
+        ("/studies/1/review", {"action": "read"}),
+        ("/logout", {}),
+        ("/login", {"username": acc[0], "password": acc[1] or ""}),
+    ]
     failures = []
     for path, form in posts:
         status, _ = rad.call("POST", path, form)
@@ -144,21 +153,27 @@ def phi_hits(system: System, phi: PhiRegistry) -> tuple[int, list[str]]:
         text = log.read_text(errors="replace")
         found = [n for n in needles if n in text]
         if found:
-            hits.append(f"{log.relative_to(system.workdir)}: {len(found)} PHI strings, "
-                        f"e.g. {found[0][:6]}…")  # fmt: skip
+            hits.append(
+                f"{log.relative_to(system.workdir)}: {len(found)} PHI strings, e.g. {found[0][:6]}…"
+            )
     return len(system.log_files()), hits
 
 
 def stored_name_failures(system: System) -> list[str]:
     """Nothing the system stored may be named after an uploaded or sent file."""
-    sent = {p.name for d in ("studies", "corpus", "load") for p in (system.workdir / d).rglob("*")
-            if p.is_file()}  # fmt: skip
+    sent = {
+        p.name
+        for d in ("studies", "corpus", "load")
+        for p in (system.workdir / d).rglob("*")
+        if p.is_file()
+    }
     sent |= {"cxr-evil.png", "cxr-evil2.png", "cxr-evil3.png", "big.dcm", "file.dcm"}
     assert system.settings is not None
     stored = [p for p in system.settings.data_dir.rglob("*") if p.is_file()]
     bad = [str(p) for p in stored if p.name in sent]
-    escaped = [str(p) for p in (Path("/tmp/cxr-evil.png"), Path("/etc/cxr-evil3.png"))
-               if p.exists()]  # fmt: skip
+    escaped = [
+        str(p) for p in (Path("/tmp/cxr-evil.png"), Path("/etc/cxr-evil3.png")) if p.exists()
+    ]
     return [f"stored under a sent name: {b}" for b in bad[:5]] + [
         f"written outside the data dir: {e}" for e in escaped
     ]
@@ -173,6 +188,8 @@ def security_row(system: System, phi: PhiRegistry) -> Row:
     names = stored_name_failures(system)
     row.sent = n_routes + n_csrf
     row.failures = failures[:8] + csrf + hits + names
-    row.note = (f"{n_routes} route×role checks, {n_csrf} CSRF checks, {len(phi.names)} names and "
-                f"{len(phi.ids)} ids searched in {n_logs} logs: {len(hits)} with PHI")  # fmt: skip
+    row.note = (
+        f"{n_routes} route×role checks, {n_csrf} CSRF checks, {len(phi.names)} names and "
+        f"{len(phi.ids)} ids searched in {n_logs} logs: {len(hits)} with PHI"
+    )
     return row

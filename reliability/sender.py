@@ -25,8 +25,14 @@ log = logging.getLogger(__name__)
 class CliSender:
     """Ingest files in chunks from a background thread; remember each file's image id."""
 
-    def __init__(self, system: System, paths: list[Path], chunk: int = 16,
-                 give_up_after_s: float = 120.0, pause_s: float = 0.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        system: System,
+        paths: list[Path],
+        chunk: int = 16,
+        give_up_after_s: float = 120.0,
+        pause_s: float = 0.0,
+    ) -> None:
         self.system, self.paths, self.chunk = system, paths, chunk
         self.give_up_after_s, self.pause_s = give_up_after_s, pause_s
         self.image_ids: dict[Path, int] = {}
@@ -53,11 +59,19 @@ class CliSender:
         try:
 
             def sink(ids: list[int]) -> int:
-                return enqueue(factory, client, dispatcher, ids, size, settings.payload_ttl_s,
-                               preprocess=preprocess)  # fmt: skip
+                return enqueue(
+                    factory,
+                    client,
+                    dispatcher,
+                    ids,
+                    size,
+                    settings.payload_ttl_s,
+                    preprocess=preprocess,
+                )
 
-            limits = Limits(settings.max_file_mb * 1024 * 1024, settings.max_pixels,
-                            settings.modalities)  # fmt: skip
+            limits = Limits(
+                settings.max_file_mb * 1024 * 1024, settings.max_pixels, settings.modalities
+            )
             return ingest_paths(
                 factory, chunk, limits, source="cli", sink=sink, store=InstanceStore.of(settings)
             )

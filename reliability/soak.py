@@ -81,8 +81,15 @@ def memory(system: System) -> dict[str, float]:
 class PacedSender:
     """Send studies number ``start + k*step`` at ``t0 + k/rate`` over HTTP or C-STORE."""
 
-    def __init__(self, system: System, kind: str, numbers: list[int], rate: float,
-                 phi: PhiRegistry, give_up_after_s: float) -> None:  # fmt: skip
+    def __init__(
+        self,
+        system: System,
+        kind: str,
+        numbers: list[int],
+        rate: float,
+        phi: PhiRegistry,
+        give_up_after_s: float,
+    ) -> None:
         self.system, self.kind, self.numbers, self.rate = system, kind, numbers, rate
         self.phi, self.give_up_after_s = phi, give_up_after_s
         self.image_ids: list[int] = []
@@ -158,8 +165,9 @@ class PacedSender:
                 deadline = time.monotonic() + self.give_up_after_s
                 while True:
                     if assoc is None or not assoc.is_established:
-                        assoc = ae.associate("127.0.0.1", self.system.scp_port,
-                                             ae_title="CXRTRIAGE")  # fmt: skip
+                        assoc = ae.associate(
+                            "127.0.0.1", self.system.scp_port, ae_title="CXRTRIAGE"
+                        )
                     code = (
                         getattr(assoc.send_c_store(ds), "Status", None)
                         if assoc.is_established
@@ -198,20 +206,25 @@ def reconciler_cost(system: System, ids: list[int]) -> tuple[float, float]:
     assert system.factory is not None
     settled = _pass_s(system)
     with system.factory() as session:
-        saved = session.execute(select(Image.id, Image.status, Image.queued_at)
-                                .where(Image.id.in_(ids))).all()  # fmt: skip
+        saved = session.execute(
+            select(Image.id, Image.status, Image.queued_at).where(Image.id.in_(ids))
+        ).all()
         # Queued "now" as far as the passes can tell (a timestamp ahead of them), so neither
         # these passes nor the system's own reconciler re-send them while they are timed.
-        session.execute(update(Image).where(Image.id.in_(ids))
-                        .values(status="queued", queued_at=utcnow() + timedelta(hours=1))
-                        .execution_options(synchronize_session=False))  # fmt: skip
+        session.execute(
+            update(Image)
+            .where(Image.id.in_(ids))
+            .values(status="queued", queued_at=utcnow() + timedelta(hours=1))
+            .execution_options(synchronize_session=False)
+        )
         session.commit()
     try:
         backlog = _pass_s(system)
     finally:
         with system.factory() as session:  # put every image back as it was (by primary key)
-            session.execute(update(Image), [{"id": i, "status": st, "queued_at": q}
-                                            for i, st, q in saved])  # fmt: skip
+            session.execute(
+                update(Image), [{"id": i, "status": st, "queued_at": q} for i, st, q in saved]
+            )
             session.commit()
     return settled, backlog
 
@@ -235,16 +248,19 @@ def soak_row(profile: Profile, plan: Any, phi: PhiRegistry, workdir: Path) -> Ro
         numbers = list(range(2_000_000, 2_000_000 + n))
         http_a, http_b, scp_n = numbers[0::3], numbers[1::3], numbers[2::3]
         give_up = plan.recover_timeout_s
-        senders = [PacedSender(system, "http", http_a, rate / 3, phi, give_up),
-                   PacedSender(system, "http", http_b, rate / 3, phi, give_up),
-                   PacedSender(system, "scp", scp_n, rate / 3, phi, give_up)]  # fmt: skip
+        senders = [
+            PacedSender(system, "http", http_a, rate / 3, phi, give_up),
+            PacedSender(system, "http", http_b, rate / 3, phi, give_up),
+            PacedSender(system, "scp", scp_n, rate / 3, phi, give_up),
+        ]
         t0 = time.monotonic()
         for s in senders:
             s.start(t0)
         samples: dict[str, dict[str, float]] = {}
         for label, share in (("start", 0.05), ("middle", 0.5)):
             while sum(s.sent for s in senders) < n * share and any(
-                    s._thread.is_alive() for s in senders):  # fmt: skip
+                s._thread.is_alive() for s in senders
+            ):
                 time.sleep(0.5)
             samples[label] = memory(system)
         for s in senders:
@@ -253,8 +269,13 @@ def soak_row(profile: Profile, plan: Any, phi: PhiRegistry, workdir: Path) -> Ro
         sent = sum(s.sent for s in senders)
         with system.factory() as session:
             sops = [u for s in senders for u in s.sop_uids]
-            scp_ids = [i for start in range(0, len(sops), 5000) for i in session.scalars(
-                select(Image.id).where(Image.sop_uid.in_(sops[start : start + 5000])))]  # fmt: skip
+            scp_ids = [
+                i
+                for start in range(0, len(sops), 5000)
+                for i in session.scalars(
+                    select(Image.id).where(Image.sop_uid.in_(sops[start : start + 5000]))
+                )
+            ]
         ids = sorted({*(i for s in senders for i in s.image_ids), *scp_ids})
         finished = wait_final(system.factory, ids, plan.recover_timeout_s)
         total_s = time.monotonic() - t0
@@ -268,9 +289,13 @@ def soak_row(profile: Profile, plan: Any, phi: PhiRegistry, workdir: Path) -> Ro
         if row.done != row.sent:
             row.failures.append(f"{row.sent - row.done} studies not done")
         with system.factory() as session:
-            latencies = sorted(float(x) / 1000 for x in session.scalars(
-                select(Image.latency_ms).where(Image.id.in_(ids), Image.latency_ms.is_not(None)))
-                if x is not None)  # fmt: skip
+            latencies = sorted(
+                float(x) / 1000
+                for x in session.scalars(
+                    select(Image.latency_ms).where(Image.id.in_(ids), Image.latency_ms.is_not(None))
+                )
+                if x is not None
+            )
         p50 = statistics.median(latencies) if latencies else 0.0
         p95 = latencies[int(0.95 * (len(latencies) - 1))] if latencies else 0.0
         grown = []
@@ -281,13 +306,15 @@ def soak_row(profile: Profile, plan: Any, phi: PhiRegistry, workdir: Path) -> Ro
         row.failures += grown
         settled_s, backlog_s = reconciler_cost(system, ids)
         late = max(s.late_s for s in senders)
-        row.note = (f"{n / total_s:.1f} studies/s end to end, sent at {sent / sent_s:.1f}/s "
-                    f"(at most {late:.1f} s behind schedule); latency p50 {p50:.1f} s, p95 "
-                    f"{p95:.1f} s; RSS MB start: {_fmt(samples['start'])}; middle: "
-                    f"{_fmt(samples['middle'])}; end: {_fmt(samples['end'])}; bound middle->end "
-                    f"+{GROWTH_BOUND:.0%} +{GROWTH_SLACK_MB:.0f} MB; reconciler pass "
-                    f"{settled_s * 1000:.0f} ms over {len(ids)} done, {backlog_s * 1000:.0f} ms "
-                    f"with {len(ids)} queued; {supervisor.summary()}")  # fmt: skip
+        row.note = (
+            f"{n / total_s:.1f} studies/s end to end, sent at {sent / sent_s:.1f}/s "
+            f"(at most {late:.1f} s behind schedule); latency p50 {p50:.1f} s, p95 "
+            f"{p95:.1f} s; RSS MB start: {_fmt(samples['start'])}; middle: "
+            f"{_fmt(samples['middle'])}; end: {_fmt(samples['end'])}; bound middle->end "
+            f"+{GROWTH_BOUND:.0%} +{GROWTH_SLACK_MB:.0f} MB; reconciler pass "
+            f"{settled_s * 1000:.0f} ms over {len(ids)} done, {backlog_s * 1000:.0f} ms "
+            f"with {len(ids)} queued; {supervisor.summary()}"
+        )
     except Exception as exc:
         log.exception("soak row failed")
         row.failures.append(f"{type(exc).__name__}: {exc}")

@@ -19,9 +19,11 @@ from reliability.system import System
 def _sop_ids(system: System, sops: dict[Path, str]) -> dict[Path, int]:
     assert system.factory is not None
     with system.factory() as session:
-        found = dict(session.execute(
-            select(Image.sop_uid, Image.id).where(Image.sop_uid.in_(list(sops.values())))
-        ).all())  # fmt: skip
+        found = dict(
+            session.execute(
+                select(Image.sop_uid, Image.id).where(Image.sop_uid.in_(list(sops.values())))
+            ).all()
+        )
     return {p: found[s] for p, s in sops.items() if s in found}
 
 
@@ -56,12 +58,21 @@ def load_row(system: System, n: int, phi: PhiRegistry, timeout: float) -> Row:
         row.failures.append("not all final")
     row.recover_s = total_s
     with system.factory() as session:
-        latencies = [float(x) for x in session.scalars(select(Image.latency_ms).where(
-            Image.id.in_(image_ids), Image.latency_ms.is_not(None))) if x is not None]  # fmt: skip
+        latencies = [
+            float(x)
+            for x in session.scalars(
+                select(Image.latency_ms).where(
+                    Image.id.in_(image_ids), Image.latency_ms.is_not(None)
+                )
+            )
+            if x is not None
+        ]
     p95 = statistics.quantiles(latencies, n=20)[-1] / 1000 if len(latencies) >= 20 else None
-    row.note = (f"{n / total_s:.1f} studies/s end to end, ingest {n / sent_s:.1f}/s; "
-                f"latency p50 {statistics.median(latencies) / 1000 if latencies else 0:.1f} s, "
-                f"p95 {p95 or 0:.1f} s")  # fmt: skip
+    row.note = (
+        f"{n / total_s:.1f} studies/s end to end, ingest {n / sent_s:.1f}/s; "
+        f"latency p50 {statistics.median(latencies) / 1000 if latencies else 0:.1f} s, "
+        f"p95 {p95 or 0:.1f} s"
+    )
     return row
 
 
@@ -71,8 +82,9 @@ def dashboard_restart_row(system: System, n: int, phi: PhiRegistry, timeout: flo
     row = Row("dashboard killed+restarted during uploads", system.profile.name)
     paths = write_studies(system.workdir / "studies" / "dashboard", n, phi, start=700_000)
     before = work_counters(system.factory)
-    sender = HttpSender(system.base_url, system.accounts["feed"][2], paths, threads=2,
-                        give_up_after_s=timeout).start()  # fmt: skip
+    sender = HttpSender(
+        system.base_url, system.accounts["feed"][2], paths, threads=2, give_up_after_s=timeout
+    ).start()
     deadline = time.monotonic() + timeout
     while len(sender.outcome.image_ids) < max(1, n // 4) and time.monotonic() < deadline:
         time.sleep(0.02)
@@ -109,28 +121,36 @@ def http_bad_requests_row(system: System) -> Row:
         row.failures.append(f"a stored name keeps a path: {stored_names}")
     too_big = b"\0" * (system.settings.max_request_mb * 1024 * 1024 + 1)
     body, ctype = multipart("big.dcm", too_big)
-    checks.append(("body over CXR_MAX_REQUEST_MB", 413,
-                   _status(system, body, ctype, auth, refused_unread=True)))  # fmt: skip
+    checks.append(
+        (
+            "body over CXR_MAX_REQUEST_MB",
+            413,
+            _status(system, body, ctype, auth, refused_unread=True),
+        )
+    )
     body, ctype = multipart("file.dcm", b"\0" * (system.settings.max_file_mb * 1024 * 1024 + 1))
     checks.append(("file over CXR_MAX_FILE_MB", 413, _status(system, body, ctype, auth)))
     good, ctype = multipart("x.png", png_bytes(chest_like(96, 800_010)))
     truncated = good[: len(good) // 2]
     checks.append(("multipart cut off mid-file", 400, _status(system, truncated, ctype, auth)))
-    checks.append(("multipart without a boundary", 400,
-                   _status(system, good, "multipart/form-data", auth)))  # fmt: skip
+    checks.append(
+        ("multipart without a boundary", 400, _status(system, good, "multipart/form-data", auth))
+    )
     checks.append(("not multipart", 415, _status(system, b"{}", "application/json", auth)))
     checks.append(("no token", 401, _status(system, good, ctype, {})))
     rad = {"Authorization": f"Bearer {system.accounts['radiologist'][2]}"}
     checks.append(("a radiologist's token", 403, _status(system, good, ctype, rad)))
     row.sent = len(checks)
-    row.failures += [f"{what}: expected {want}, got {got}" for what, want, got in checks
-                     if want != got]  # fmt: skip
+    row.failures += [
+        f"{what}: expected {want}, got {got}" for what, want, got in checks if want != got
+    ]
     row.note = f"{row.sent - len(row.failures)}/{row.sent} answered as documented"
     return row
 
 
-def _status(system: System, body: bytes, ctype: str, headers: dict[str, str],
-            refused_unread: bool = False) -> int:  # fmt: skip
+def _status(
+    system: System, body: bytes, ctype: str, headers: dict[str, str], refused_unread: bool = False
+) -> int:
     try:
         return post(system.base_url, "/api/studies", body, {**headers, "Content-Type": ctype})[0]
     except OSError:

@@ -53,8 +53,9 @@ class Supervising:
                     try:
                         self.system.worker_died(child)
                     except Exception as exc:  # Redis or the database unavailable: heartbeat
-                        log.info("re-sending %s's claims failed: %s", child.name,
-                                 type(exc).__name__)  # fmt: skip
+                        log.info(
+                            "re-sending %s's claims failed: %s", child.name, type(exc).__name__
+                        )
                 if time.monotonic() - self._started.get(child.name, 0.0) < 5:
                     time.sleep(2)
                 child.start()

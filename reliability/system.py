@@ -71,9 +71,18 @@ class ComposeRedis(EmbeddedRedis):
     """The same redis-server binary with the production compose file's flags (AOF everysec)."""
 
     def command(self) -> list[str]:
-        return [find_redis_server(), *compose_redis_flags(), "--port", str(self.port),
-                "--bind", "127.0.0.1", "--dir", str(self.directory),
-                "--logfile", str(self.directory / "redis.log")]  # fmt: skip
+        return [
+            find_redis_server(),
+            *compose_redis_flags(),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.directory),
+            "--logfile",
+            str(self.directory / "redis.log"),
+        ]
 
 
 class Service:
@@ -85,9 +94,14 @@ class Service:
 
     def start(self) -> Service:
         with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen(self.command, env=self.env, stdout=out,
-                                         stderr=subprocess.STDOUT, cwd=PACKAGE_ROOT,
-                                         start_new_session=True)  # fmt: skip
+            self.proc = subprocess.Popen(
+                self.command,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=PACKAGE_ROOT,
+                start_new_session=True,
+            )
         return self
 
     def alive(self) -> bool:
@@ -121,8 +135,14 @@ class Profile:
 class System:
     """Start, fault and stop the parts; count nothing (see reliability.metrics)."""
 
-    def __init__(self, profile: Profile, workdir: Path, stuck_after_s: int | None = None,
-                 data_root: Path | None = None, partitionable: bool = False) -> None:  # fmt: skip
+    def __init__(
+        self,
+        profile: Profile,
+        workdir: Path,
+        stuck_after_s: int | None = None,
+        data_root: Path | None = None,
+        partitionable: bool = False,
+    ) -> None:
         self.profile, self.workdir = profile, workdir
         # Where the data lives (SQLite, the data dir, Redis's files): a small mount for the
         # disk-full row, else the run directory. Logs stay under workdir.
@@ -192,14 +212,21 @@ class System:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
         env.update(settings.as_env(), PYTHONUNBUFFERED="1", **self.extra_env)
         worker_env, dashboard_env = self._partitionable_envs(env)
-        self.workers = [Service(name, command, child_env, self.logs / f"{name}.log")
-                        for name, command, child_env in worker_children(settings, worker_env, "reliability")]  # fmt: skip
-        self.dashboard = Service("dashboard", dashboard_command(settings), dashboard_env,
-                                 self.logs / "dashboard.log")  # fmt: skip
+        self.workers = [
+            Service(name, command, child_env, self.logs / f"{name}.log")
+            for name, command, child_env in worker_children(settings, worker_env, "reliability")
+        ]
+        self.dashboard = Service(
+            "dashboard", dashboard_command(settings), dashboard_env, self.logs / "dashboard.log"
+        )
         self.base_url = f"http://127.0.0.1:{settings.port}"
         self.scp_port = free_port()
-        self.scp = Service("dicom-listen", [sys.executable, "-m", "pipeline.cli", "dicom-listen",
-                           "--port", str(self.scp_port)], env, self.logs / "dicom-listen.log")  # fmt: skip
+        self.scp = Service(
+            "dicom-listen",
+            [sys.executable, "-m", "pipeline.cli", "dicom-listen", "--port", str(self.scp_port)],
+            env,
+            self.logs / "dicom-listen.log",
+        )
         self._create_accounts()
         log_sizes = [w.log_path.stat().st_size if w.log_path.exists() else 0 for w in self.workers]
         for worker in self.workers:
@@ -227,8 +254,12 @@ class System:
             name, _, port = upstream.partition(":")
             self.dashboard_db_proxy = TcpProxy((name, int(port or 5432))).up()
             host = self.settings.db_url.split("@", 1)[-1].split("/", 1)[0]
-            dashboard_env = {**env, "CXR_DATABASE_URL": self.settings.db_url.replace(
-                host, f"127.0.0.1:{self.dashboard_db_proxy.port}")}  # fmt: skip
+            dashboard_env = {
+                **env,
+                "CXR_DATABASE_URL": self.settings.db_url.replace(
+                    host, f"127.0.0.1:{self.dashboard_db_proxy.port}"
+                ),
+            }
         return worker_env, dashboard_env
 
     def _reconcile_loop(self) -> None:

@@ -31,14 +31,31 @@ NOW = datetime(2026, 11, 22, 10, 30, 20, tzinfo=UTC)
 THRESHOLDS = {"routine": 0.4, "urgent": 0.7, "critical": 0.9}
 
 
-def add_study(session, status: str, *, preview: bytes | None = None, reason: str | None = None,  # type: ignore[no-untyped-def]
-              done_at: datetime | None = None, latency_ms: float | None = None) -> Study:  # fmt: skip
+def add_study(
+    session,
+    status: str,
+    *,
+    preview: bytes | None = None,
+    reason: str | None = None,  # type: ignore[no-untyped-def]
+    done_at: datetime | None = None,
+    latency_ms: float | None = None,
+) -> Study:
     study = Study(status=status, reason=reason, lane="live", done_at=done_at)
     session.add(study)
     session.flush()
-    session.add(Image(study_id=study.id, dedup_key=f"sha256:{uuid.uuid4().hex}", kind="jpeg",
-                      status=status, reason=reason, preview=preview, done_at=done_at,
-                      latency_ms=latency_ms, queued_at=NOW - timedelta(hours=3)))  # fmt: skip
+    session.add(
+        Image(
+            study_id=study.id,
+            dedup_key=f"sha256:{uuid.uuid4().hex}",
+            kind="jpeg",
+            status=status,
+            reason=reason,
+            preview=preview,
+            done_at=done_at,
+            latency_ms=latency_ms,
+            queued_at=NOW - timedelta(hours=3),
+        )
+    )
     session.flush()
     return study
 
@@ -52,8 +69,13 @@ def test_console_numbers(database_url, settings) -> None:  # type: ignore[no-unt
             at = NOW if i < 4 else NOW - timedelta(minutes=5)
             add_study(session, "done", done_at=at, latency_ms=100.0 * (i + 1))
         add_study(session, "done", done_at=NOW - timedelta(hours=2), latency_ms=99999.0)
-        failed = add_study(session, "failed", preview=preview, reason="gave up after 3 attempts",
-                           done_at=NOW - timedelta(minutes=5))  # fmt: skip
+        failed = add_study(
+            session,
+            "failed",
+            preview=preview,
+            reason="gave up after 3 attempts",
+            done_at=NOW - timedelta(minutes=5),
+        )
         rejected = add_study(session, "rejected", reason="corrupt DICOM file")
         session.commit()
     client = redis_client(settings.redis_url)
@@ -87,16 +109,29 @@ def test_requeue_sends_once_when_two_admins_click(database_url, settings) -> Non
     upgrade(database_url)
     factory = make_session_factory(make_engine(database_url))
     with factory() as session:
-        study_id = add_study(session, "failed", preview=encode_preview(chest_like(64)),
-                             reason="gave up after 3 attempts").id  # fmt: skip
+        study_id = add_study(
+            session,
+            "failed",
+            preview=encode_preview(chest_like(64)),
+            reason="gave up after 3 attempts",
+        ).id
         session.commit()
     outcomes: list[object] = []
 
     def click() -> None:
         client, dispatcher = redis_client(settings.redis_url), Dispatcher(settings.redis_url)
         try:
-            outcomes.append(requeue_study(factory, client, dispatcher, study_id, input_size=64,
-                                          ttl_s=60, thresholds=THRESHOLDS))  # fmt: skip
+            outcomes.append(
+                requeue_study(
+                    factory,
+                    client,
+                    dispatcher,
+                    study_id,
+                    input_size=64,
+                    ttl_s=60,
+                    thresholds=THRESHOLDS,
+                )
+            )
         except RequeueError as exc:
             outcomes.append(exc)
         finally:
@@ -151,9 +186,19 @@ def test_requeue_a_failed_study_through_a_real_worker(
     report = ingest_paths(populated, [tmp_path / "late"], Limits())  # queued, never sent
     image_id = report.accepted[0].image_id
     # The reconciler gives up on it (no attempts allowed): failed, with its reason.
-    assert requeue_stuck(populated, redis_client(settings.redis_url), Dispatcher(settings.redis_url),
-                         stuck_after_s=0, max_attempts=0, input_size=224, ttl_s=60,
-                         thresholds=THRESHOLDS)["failed"] == 1  # fmt: skip
+    assert (
+        requeue_stuck(
+            populated,
+            redis_client(settings.redis_url),
+            Dispatcher(settings.redis_url),
+            stuck_after_s=0,
+            max_attempts=0,
+            input_size=224,
+            ttl_s=60,
+            thresholds=THRESHOLDS,
+        )["failed"]
+        == 1
+    )
     with populated() as session:
         failed = session.get(Image, image_id).study_id
         rejected = session.scalars(select(Study.id).where(Study.status == "rejected")).one()
@@ -193,12 +238,17 @@ def test_requeue_a_failed_study_through_a_real_worker(
             session.scalar(select(func.count(Prediction.id)).where(Prediction.image_id == image_id))
             == 1
         )
-        events = session.execute(select(AuditEvent.action, AuditEvent.target)
-                                 .where(AuditEvent.action.like("requeue%")).order_by(AuditEvent.id)).all()  # fmt: skip
-    assert [tuple(e) for e in events] == [("requeue", f"study:{failed}"),
-                                          ("requeue_refused", f"study:{failed}"),
-                                          ("requeue_refused", f"study:{done}"),
-                                          ("requeue_refused", f"study:{rejected}")]  # fmt: skip
+        events = session.execute(
+            select(AuditEvent.action, AuditEvent.target)
+            .where(AuditEvent.action.like("requeue%"))
+            .order_by(AuditEvent.id)
+        ).all()
+    assert [tuple(e) for e in events] == [
+        ("requeue", f"study:{failed}"),
+        ("requeue_refused", f"study:{failed}"),
+        ("requeue_refused", f"study:{done}"),
+        ("requeue_refused", f"study:{rejected}"),
+    ]
 
 
 def test_audit_log_pages_and_filters(settings, populated, admin_client) -> None:  # type: ignore[no-untyped-def]

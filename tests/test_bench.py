@@ -12,15 +12,44 @@ pytestmark = pytest.mark.e2e
 
 
 def test_bench_json_contract(settings) -> None:  # type: ignore[no-untyped-def]
-    proc = run_cli(["bench", "--n", "8", "--latency-n", "3", "--rate", "5", "--json",
-                    "--batch-size", "4", "--batch-wait-ms", "100", "--no-runtimes"], settings,
-                   timeout=400)  # fmt: skip
+    proc = run_cli(
+        [
+            "bench",
+            "--n",
+            "8",
+            "--latency-n",
+            "3",
+            "--rate",
+            "5",
+            "--json",
+            "--batch-size",
+            "4",
+            "--batch-wait-ms",
+            "100",
+            "--no-runtimes",
+        ],
+        settings,
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads(proc.stdout)
-    assert list(doc) == ["device", "n", "model_only_img_s", "pipeline_img_s", "naive_img_s",
-                         "pipeline_vs_model", "pipeline_vs_naive", "latency_p50_ms",
-                         "latency_p95_ms", "runtime", "ingest_wait_s", "naive_s_same_images",
-                         "startup_s", "runtimes", "profile"]  # fmt: skip
+    assert list(doc) == [
+        "device",
+        "n",
+        "model_only_img_s",
+        "pipeline_img_s",
+        "naive_img_s",
+        "pipeline_vs_model",
+        "pipeline_vs_naive",
+        "latency_p50_ms",
+        "latency_p95_ms",
+        "runtime",
+        "ingest_wait_s",
+        "naive_s_same_images",
+        "startup_s",
+        "runtimes",
+        "profile",
+    ]
     assert doc["runtime"] == "eager" and doc["runtimes"] == []  # nothing recorded for these weights
     assert doc["ingest_wait_s"] > 0 and doc["startup_s"] > 0
     # rounded to 0.01 s: an absolute tolerance too, for a fast naive run

@@ -37,8 +37,15 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None, reason="Chromium not installed (.ci/run installs Debian's chromium)"
 )
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 CXR = SHARED_DATA / "cxr"
 REAL = [
     CXR / "kaggle-pneumonia/test/PNEUMONIA/person100_bacteria_475.jpeg",
@@ -148,8 +155,12 @@ class Page:
             shutil.copy(self.tmp / name, Path(target) / name)
 
     def rows(self) -> list[int]:
-        return [int(x) for x in self.page.eval_on_selector_all(
-            "#worklist tbody tr[data-study-id]", "rows => rows.map(r => r.dataset.studyId)")]  # fmt: skip
+        return [
+            int(x)
+            for x in self.page.eval_on_selector_all(
+                "#worklist tbody tr[data-study-id]", "rows => rows.map(r => r.dataset.studyId)"
+            )
+        ]
 
     def selected(self) -> int:
         return int(self.page.get_attribute("#worklist tr.selected", "data-study-id"))
@@ -189,8 +200,10 @@ def test_radiologist_worklist_live_keyboard_cam_and_read(
         from pipeline.models import Image
 
         system.classify([i.id for i in session.query(Image).filter_by(study_id=study_id)])
-    page.wait_for_function(f"() => document.querySelector('{row} td.status').textContent.startsWith('done')",
-                           timeout=15_000)  # fmt: skip
+    page.wait_for_function(
+        f"() => document.querySelector('{row} td.status').textContent.startsWith('done')",
+        timeout=15_000,
+    )
     assert page.evaluate("() => window.__same_page") is marker is True  # never reloaded
     expected = [sid for sid, _ in system.order()]
     assert ui.rows() == expected

@@ -45,19 +45,38 @@ def seed(settings: Settings, n_abn: int = 60, n_norm: int = 60, waiting: int = 1
                 sid += 1
                 z = rng.normal(1.0 if abnormal else -1.0, 1.2) * 3.0  # logits 3x too sure
                 p = 1 / (1 + math.exp(-z))
-                session.add(Study(id=sid, status="done", p_abnormal=p,
-                                  triage_class=triage.triage_class(p, MODEL),
-                                  priority=triage.priority_score(p, MODEL)))  # fmt: skip
+                session.add(
+                    Study(
+                        id=sid,
+                        status="done",
+                        p_abnormal=p,
+                        triage_class=triage.triage_class(p, MODEL),
+                        priority=triage.priority_score(p, MODEL),
+                    )
+                )
                 session.flush()
-                session.add(Review(study_id=sid, user_id=boss.id, action="read",
-                                   abnormal=abnormal, source="console",
-                                   created_at=utcnow() - timedelta(days=3)))  # fmt: skip
+                session.add(
+                    Review(
+                        study_id=sid,
+                        user_id=boss.id,
+                        action="read",
+                        abnormal=abnormal,
+                        source="console",
+                        created_at=utcnow() - timedelta(days=3),
+                    )
+                )
         for k in range(waiting):  # waiting for a read, p spread over the range
             sid += 1
             p = (k + 0.5) / waiting
-            session.add(Study(id=sid, status="done", p_abnormal=p,
-                              triage_class=triage.triage_class(p, MODEL),
-                              priority=triage.priority_score(p, MODEL)))  # fmt: skip
+            session.add(
+                Study(
+                    id=sid,
+                    status="done",
+                    p_abnormal=p,
+                    triage_class=triage.triage_class(p, MODEL),
+                    priority=triage.priority_score(p, MODEL),
+                )
+            )
         session.commit()
     return factory
 
@@ -129,9 +148,11 @@ def test_console_proposes_applies_and_rejects(settings: Settings) -> None:
     html = client.get("/admin/policy?calibrate=1&target=0.9").get_data(as_text=True)
     assert 'id="proposal" data-reviewed="120"' in html
     token = csrf_from(html)
-    page = client.post("/admin/policy/calibration/reject",
-                       data={"csrf_token": token, "summary": "x", "reason": "too few reads"},
-                       follow_redirects=True).get_data(as_text=True)  # fmt: skip
+    page = client.post(
+        "/admin/policy/calibration/reject",
+        data={"csrf_token": token, "summary": "x", "reason": "too few reads"},
+        follow_redirects=True,
+    ).get_data(as_text=True)
     assert "Calibration proposal rejected" in page
     # Apply: the form posts exactly the proposed numbers.
     form = {k: v for k, v in _hidden(html, "apply-proposal").items()}

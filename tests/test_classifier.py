@@ -64,10 +64,14 @@ def abnormal_head_file(tmp_path, temperature: float = 1.5):
     from pipeline.classifier import build_from_meta, default_meta, save_weights
 
     meta = default_meta() | {
-        "head": "abnormal", "classes": ["normal", "pneumonia", "covid19", "other"],
-        "findings": ["pneumonia", "covid19", "other"], "input_size": 128, "layer4_stride": 1,
-        "preprocess": "thorax", "temperature": temperature,
-    }  # fmt: skip
+        "head": "abnormal",
+        "classes": ["normal", "pneumonia", "covid19", "other"],
+        "findings": ["pneumonia", "covid19", "other"],
+        "input_size": 128,
+        "layer4_stride": 1,
+        "preprocess": "thorax",
+        "temperature": temperature,
+    }
     torch.manual_seed(3)
     model = build_from_meta(meta)
     path = tmp_path / "abnormal.pt"

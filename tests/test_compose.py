@@ -16,8 +16,9 @@ def test_compose_file_validates() -> None:
     if shutil.which("docker-compose") is None:
         pytest.skip("docker-compose is not installed (.ci/run installs Debian's package)")
     env = {**os.environ, "POSTGRES_PASSWORD": "pw", "CXR_SECRET_KEY": "secret"}
-    proc = subprocess.run(["docker-compose", "config"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        ["docker-compose", "config"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     config = yaml.safe_load(proc.stdout)
     services = config["services"]
@@ -34,6 +35,12 @@ def test_compose_file_validates() -> None:
     assert services["orthanc"]["environment"]["DICOM_WEB_PLUGIN_ENABLED"] == "true"
     # Without the secrets the file refuses to render, so production cannot start with defaults.
     bare = {k: v for k, v in os.environ.items() if k not in ("POSTGRES_PASSWORD", "CXR_SECRET_KEY")}
-    refused = subprocess.run(["docker-compose", "config", "-q"], cwd=REPO, env=bare,
-                             capture_output=True, text=True, timeout=60)  # fmt: skip
+    refused = subprocess.run(
+        ["docker-compose", "config", "-q"],
+        cwd=REPO,
+        env=bare,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert refused.returncode != 0

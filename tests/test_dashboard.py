@@ -31,8 +31,9 @@ def csrf_from(html: str) -> str:
 
 def login(client, username="rad", password=PASSWORD):
     token = csrf_from(client.get("/login").get_data(as_text=True))
-    return client.post("/login", data={"username": username, "password": password,
-                                       "csrf_token": token})  # fmt: skip
+    return client.post(
+        "/login", data={"username": username, "password": password, "csrf_token": token}
+    )
 
 
 def test_everything_but_health_needs_authentication(client) -> None:
@@ -148,8 +149,9 @@ def test_feed_token_sends_studies_only_and_machine_accounts_cannot_log_in(
         assert response.status_code == 403, url
         assert "feed" in response.get_json()["error"]
     page = client.get("/login").get_data(as_text=True)
-    response = client.post("/login", data={"username": "modality-1", "password": "",
-                                           "csrf_token": csrf_from(page)})  # fmt: skip
+    response = client.post(
+        "/login", data={"username": "modality-1", "password": "", "csrf_token": csrf_from(page)}
+    )
     assert response.status_code == 401
 
 
@@ -164,8 +166,9 @@ def test_review_actions_are_recorded_with_who_and_when(client, populated) -> Non
     token = csrf_from(page)
     url = f"/studies/{done.id}/review"
     assert client.post(url, data={"action": "read"}).status_code == 400  # no CSRF token
-    resp = client.post(url, data={"action": "disagree", "comment": "  consolidation is old  ",
-                                  "csrf_token": token})  # fmt: skip
+    resp = client.post(
+        url, data={"action": "disagree", "comment": "  consolidation is old  ", "csrf_token": token}
+    )
     assert resp.status_code == 302
     assert client.post(url, data={"action": "delete", "csrf_token": token}).status_code == 400
     bad = client.post(
@@ -231,8 +234,12 @@ def test_study_with_several_images_shows_thumbnails(client, populated, settings,
     by_name = {i.path.rsplit("/", 1)[-1]: i for i in report.items}
     pa, lat = by_name["pa.dcm"], by_name["lat.dcm"]
     assert pa.study_id == lat.study_id and lat.status == "skipped"
-    classify_images(populated, redis_client(settings.redis_url),
-                    Classifier(settings.weights, "cpu", 1), [pa.image_id])  # fmt: skip
+    classify_images(
+        populated,
+        redis_client(settings.redis_url),
+        Classifier(settings.weights, "cpu", 1),
+        [pa.image_id],
+    )
     login(client)
     html = client.get(f"/studies/{pa.study_id}").get_data(as_text=True)
     thumbs = re.findall(r'class="thumb( current)?" data-image-id="(\d+)"', html)
@@ -243,4 +250,6 @@ def test_study_with_several_images_shows_thumbnails(client, populated, settings,
     assert re.search(r'data-tag="ViewPosition"><th>ViewPosition</th><td>LL</td>', other)
     assert 'id="cam-toggle"' not in other  # a skipped lateral has no CAM
     assert re.findall(r'class="thumb( current)?" data-image-id="(\d+)"', other)[0] == (
-        " current", str(lat.image_id))  # fmt: skip
+        " current",
+        str(lat.image_id),
+    )

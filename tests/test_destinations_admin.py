@@ -40,9 +40,16 @@ def test_add_destination_send_fail_then_resend(settings: Settings, populated: An
     page = client.get("/admin/destinations").get_data(as_text=True)
     token = csrf_from(page)
     dead_port = free_port()  # nothing listens: the PACS is down
-    form = {"csrf_token": token, "name": "main PACS", "kind": "dicomweb",
-            "url": f"http://127.0.0.1:{dead_port}/dicom-web", "auth": "bearer",
-            "secret": "s3cret-token", "want_sr": "1", "want_sc": "1"}  # fmt: skip
+    form = {
+        "csrf_token": token,
+        "name": "main PACS",
+        "kind": "dicomweb",
+        "url": f"http://127.0.0.1:{dead_port}/dicom-web",
+        "auth": "bearer",
+        "secret": "s3cret-token",
+        "want_sr": "1",
+        "want_sc": "1",
+    }
     assert client.post("/admin/destinations", data=form).status_code == 302
     bad = {**form, "name": "x", "url": "ftp://nowhere"}
     client.post("/admin/destinations", data=bad)
@@ -68,10 +75,16 @@ def test_add_destination_send_fail_then_resend(settings: Settings, populated: An
     item_id = dest["items"][0]["id"]
     with session_scope(populated) as session:
         before = session.get(OutboxItem, item_id).next_attempt_at
-    assert client.post(f"/admin/outbox/{item_id}/resend",
-                       data={"csrf_token": token}).status_code == 302  # fmt: skip
-    assert client.post(f"/admin/destinations/{dest['id']}/retry",
-                       data={"csrf_token": token}).status_code == 302  # fmt: skip
+    assert (
+        client.post(f"/admin/outbox/{item_id}/resend", data={"csrf_token": token}).status_code
+        == 302
+    )
+    assert (
+        client.post(
+            f"/admin/destinations/{dest['id']}/retry", data={"csrf_token": token}
+        ).status_code
+        == 302
+    )
     with session_scope(populated) as session:
         item = session.get(OutboxItem, item_id)
         assert item.status == "pending" and item.next_attempt_at <= before

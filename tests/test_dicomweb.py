@@ -43,10 +43,21 @@ STUDY = "1.2.826.0.1.3680043.8.498.1001"
 
 
 class Served:
-    def __init__(self, url: str, tokens: dict[str, str], files: dict[str, Path],
-                 store: InstanceStore, settings: Settings) -> None:  # fmt: skip
-        self.url, self.tokens, self.files, self.store, self.settings = (url, tokens, files,
-                                                                        store, settings)  # fmt: skip
+    def __init__(
+        self,
+        url: str,
+        tokens: dict[str, str],
+        files: dict[str, Path],
+        store: InstanceStore,
+        settings: Settings,
+    ) -> None:
+        self.url, self.tokens, self.files, self.store, self.settings = (
+            url,
+            tokens,
+            files,
+            store,
+            settings,
+        )
 
     def client(self, role: str = "radiologist") -> Any:
         return dicomweb_client.DICOMwebClient(
@@ -84,12 +95,20 @@ def served(settings: Settings, tmp_path: Path) -> Iterator[Served]:
     store = InstanceStore.of(settings)
     report = ingest_paths(factory, list(files.values()), Limits(), store=store)
     assert [i.status for i in report.items] == ["queued"] * len(files)
-    classify_images(factory, redis_client(settings.redis_url),
-                    Classifier(settings.weights, "cpu", 1), [i.image_id for i in report.items])  # fmt: skip
+    classify_images(
+        factory,
+        redis_client(settings.redis_url),
+        Classifier(settings.weights, "cpu", 1),
+        [i.image_id for i in report.items],
+    )
     with factory() as session:
-        tokens = {role: issue_token(session, create_user(session, role, None if role == "feed"
-                                                         else "pw-123456789", role))
-                  for role in ("radiologist", "feed")}  # fmt: skip
+        tokens = {
+            role: issue_token(
+                session,
+                create_user(session, role, None if role == "feed" else "pw-123456789", role),
+            )
+            for role in ("radiologist", "feed")
+        }
         session.commit()
     app = create_app({"CXR_SETTINGS": settings, "TESTING": True})
     server = make_server("127.0.0.1", 0, app, threaded=True)
@@ -116,12 +135,14 @@ def test_qido_finds_studies_by_the_usual_keys(served: Served) -> None:
     assert [s["0020000D"]["Value"][0] for s in cr] == [STUDY]
     assert cr[0]["00100010"]["Value"][0]["Alphabetic"] == "Test^Patient"
     assert cr[0]["00080061"]["Value"] == ["CR"]
-    assert client.search_for_studies(search_filters={"AccessionNumber": "ACC-0001"})[0][
-        "0020000D"]["Value"] == [STUDY]  # fmt: skip
+    assert client.search_for_studies(search_filters={"AccessionNumber": "ACC-0001"})[0]["0020000D"][
+        "Value"
+    ] == [STUDY]
     assert len(client.search_for_studies(search_filters={"StudyDate": "20261101-20261130"})) == 1
     assert client.search_for_studies(search_filters={"StudyDate": "20270101-"}) == []
-    assert client.search_for_studies(search_filters={"PatientName": "Test*"})[0][
-        "0020000D"]["Value"] == [STUDY]  # fmt: skip
+    assert client.search_for_studies(search_filters={"PatientName": "Test*"})[0]["0020000D"][
+        "Value"
+    ] == [STUDY]
     assert client.search_for_studies(search_filters={"ModalitiesInStudy": "MR"}) == []
     page = client.search_for_studies(limit=1, offset=1)
     assert len(page) == 1 and page[0] != studies[0]
@@ -158,13 +179,17 @@ def test_wado_returns_the_bytes_received(served: Served) -> None:
         expected = pydicom.dcmread(io.BytesIO(original))
         assert np.array_equal(ds.pixel_array, expected.pixel_array)
         assert str(ds.file_meta.TransferSyntaxUID) == str(expected.file_meta.TransferSyntaxUID)
-        status, headers, body = served.get(f"/dicomweb/studies/{study}/series/{series}/instances/{sop}",
-                                           Accept='multipart/related; type="application/dicom"')  # fmt: skip
+        status, headers, body = served.get(
+            f"/dicomweb/studies/{study}/series/{series}/instances/{sop}",
+            Accept='multipart/related; type="application/dicom"',
+        )
         assert status == 200 and headers["Content-Type"].startswith("multipart/related")
         assert hashlib.sha256(original).hexdigest() == headers["ETag"].strip('"')
         assert original in body  # unchanged, byte for byte
-        again = served.get(f"/dicomweb/studies/{study}/series/{series}/instances/{sop}",
-                           **{"If-None-Match": headers["ETag"]})  # fmt: skip
+        again = served.get(
+            f"/dicomweb/studies/{study}/series/{series}/instances/{sop}",
+            **{"If-None-Match": headers["ETag"]},
+        )
         assert again[0] == 304
     if "rg1" in served.files:
         rg1 = client.retrieve_instance(*_uids(served.files["rg1"].read_bytes()))
@@ -181,8 +206,9 @@ def test_metadata_refers_to_bulk_data_and_frames_come_as_stored(served: Served) 
     assert meta["00020010"]["Value"] == ["1.2.840.10008.1.2.1"]
     assert meta["7FE00010"]["BulkDataURI"].endswith(f"/instances/{sop}/bulk/7FE00010")
     assert len(client.retrieve_series_metadata(study, series)) == 1
-    frame = client.retrieve_instance_frames(study, series, sop, [1],
-                                            media_types=(("application/octet-stream", "*"),))  # fmt: skip
+    frame = client.retrieve_instance_frames(
+        study, series, sop, [1], media_types=(("application/octet-stream", "*"),)
+    )
     assert frame[0] == pydicom.dcmread(io.BytesIO(original)).PixelData
     # dicomweb-client sends Host without the port, so the URI names port 80: put it back.
     uri = meta["7FE00010"]["BulkDataURI"].replace("http://127.0.0.1/", served.url + "/")
@@ -195,19 +221,26 @@ def test_metadata_refers_to_bulk_data_and_frames_come_as_stored(served: Served) 
     if "rg1_j2k" in served.files:
         j2k = served.files["rg1_j2k"].read_bytes()
         study, series, sop = _uids(j2k)
-        stored = client.retrieve_instance_frames(study, series, sop, [1],
-                                                 media_types=(("application/octet-stream", "*"),))  # fmt: skip
+        stored = client.retrieve_instance_frames(
+            study, series, sop, [1], media_types=(("application/octet-stream", "*"),)
+        )
         from pydicom.encaps import generate_frames
 
         ds = pydicom.dcmread(io.BytesIO(j2k))
         assert stored[0].rstrip(b"\0") == next(
             generate_frames(ds.PixelData, number_of_frames=1)
         ).rstrip(b"\0")
-        native = client.retrieve_instance_frames(study, series, sop, [1],
-                                                 media_types=(("application/octet-stream",
-                                                               "1.2.840.10008.1.2.1"),))  # fmt: skip
-        assert np.frombuffer(native[0], "<u2").reshape(ds.Rows, ds.Columns).tolist() == \
-            ds.pixel_array.tolist()  # fmt: skip
+        native = client.retrieve_instance_frames(
+            study,
+            series,
+            sop,
+            [1],
+            media_types=(("application/octet-stream", "1.2.840.10008.1.2.1"),),
+        )
+        assert (
+            np.frombuffer(native[0], "<u2").reshape(ds.Rows, ds.Columns).tolist()
+            == ds.pixel_array.tolist()
+        )
 
 
 def test_jpeg_and_png_studies_are_secondary_captures(served: Served) -> None:

@@ -43,9 +43,12 @@ def full_disk(tmp_path: Path, settings: Settings) -> Iterator[tuple[Settings, Sm
         pytest.skip(f"cannot mount a tmpfs here: {exc}")
     try:
         # The database's disk: the instance store's full disk is tests/test_instances.py's.
-        on_disk = settings.with_(database_url=f"sqlite:///{disk.path / 'cxr.db'}",
-                                 data_dir=disk.path / "data", redis_url=None,
-                                 store_dir=tmp_path / "store")  # fmt: skip
+        on_disk = settings.with_(
+            database_url=f"sqlite:///{disk.path / 'cxr.db'}",
+            data_dir=disk.path / "data",
+            redis_url=None,
+            store_dir=tmp_path / "store",
+        )
         upgrade(on_disk.db_url)
         factory = make_session_factory(make_engine(on_disk.db_url))
         with factory() as session:
@@ -59,14 +62,18 @@ def full_disk(tmp_path: Path, settings: Settings) -> Iterator[tuple[Settings, Sm
 def _counts(settings: Settings) -> tuple[int, int]:
     factory = make_session_factory(make_engine(settings.db_url))
     with factory() as session:
-        return (int(session.scalar(select(func.count(Study.id))) or 0),
-                int(session.scalar(select(func.count(Image.id))) or 0))  # fmt: skip
+        return (
+            int(session.scalar(select(func.count(Study.id))) or 0),
+            int(session.scalar(select(func.count(Image.id))) or 0),
+        )
 
 
 def _form(filename: str, data: bytes) -> tuple[bytes, str]:
     boundary = uuid.uuid4().hex
-    body = (f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"'
-            "\r\nContent-Type: application/octet-stream\r\n\r\n").encode() + data  # fmt: skip
+    body = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{filename}"'
+        "\r\nContent-Type: application/octet-stream\r\n\r\n"
+    ).encode() + data
     return body + f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
@@ -99,8 +106,11 @@ def test_http_answers_507_and_c_store_0xa700_on_a_full_disk(full_disk) -> None: 
     codes = []
     for n in range(40):
         body, ctype = _form(f"{n}.dcm", dicom_bytes(chest_like(seed=100 + n)))
-        resp = client.post("/api/studies", data=body, headers={
-            "Content-Type": ctype, "Authorization": f"Bearer {token}"})  # fmt: skip
+        resp = client.post(
+            "/api/studies",
+            data=body,
+            headers={"Content-Type": ctype, "Authorization": f"Bearer {token}"},
+        )
         codes.append(resp.status_code)
         if resp.status_code == 507:
             assert "full" in resp.get_json()["error"] and resp.headers["Retry-After"] == "60"
@@ -108,8 +118,10 @@ def test_http_answers_507_and_c_store_0xa700_on_a_full_disk(full_disk) -> None: 
     assert codes[-1] == 507 and set(codes[:-1]) <= {202}, codes
     before = _counts(settings)
     data = dicom_bytes(chest_like(seed=300))
-    event = SimpleNamespace(encoded_dataset=lambda include_meta=True: data,
-                            request=SimpleNamespace(AffectedSOPInstanceUID="1.2.3.4"))  # fmt: skip
+    event = SimpleNamespace(
+        encoded_dataset=lambda include_meta=True: data,
+        request=SimpleNamespace(AffectedSOPInstanceUID="1.2.3.4"),
+    )
     status = handle_store(event, intake)
     assert status.Status == 0xA700 and "disk full" in status.ErrorComment
     assert _counts(settings) == before
@@ -146,7 +158,10 @@ def test_an_unreachable_database_is_503_with_retry_after_not_500(settings: Setti
     unreachable = settings.with_(database_url="postgresql://postgres@127.0.0.1:1/none")
     client = create_app({"CXR_SETTINGS": unreachable, "TESTING": True}).test_client()
     body, ctype = _form("a.dcm", dicom_bytes(chest_like(seed=7)))
-    resp = client.post("/api/studies", data=body, headers={
-        "Content-Type": ctype, "Authorization": "Bearer not-checked-without-a-database"})  # fmt: skip
+    resp = client.post(
+        "/api/studies",
+        data=body,
+        headers={"Content-Type": ctype, "Authorization": "Bearer not-checked-without-a-database"},
+    )
     assert resp.status_code == 503 and resp.headers["Retry-After"] == "5"
     assert "database is unavailable" in resp.get_json()["error"]

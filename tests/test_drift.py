@@ -48,30 +48,61 @@ def settings(settings: Settings, database_url: str, tmp_path: Path) -> Settings:
 def reference(settings: Settings) -> dict[str, Any]:
     """A reference like the shipped one: JPEG films of 224 px, mid-grey, scores spread."""
     rng = np.random.default_rng(0)
-    doc = drift.profile(list(rng.uniform(0, 1, 500)), list(rng.normal(120, 15, 500)),
-                        [math.log2(224)] * 500, ["jpeg"] * 500)  # fmt: skip
-    ref = {"weights_sha256": file_sha256(settings.weights), "made": "2026-12-04", "n": 500,
-           "from": {"test": True}, "features": {k: v for k, v in doc.items() if k != "n"}}  # fmt: skip
+    doc = drift.profile(
+        list(rng.uniform(0, 1, 500)),
+        list(rng.normal(120, 15, 500)),
+        [math.log2(224)] * 500,
+        ["jpeg"] * 500,
+    )
+    ref = {
+        "weights_sha256": file_sha256(settings.weights),
+        "made": "2026-12-04",
+        "n": 500,
+        "from": {"test": True},
+        "features": {k: v for k, v in doc.items() if k != "n"},
+    }
     drift.reference_path(settings.weights).write_text(json.dumps(ref))
     return ref
 
 
-def add_images(session: Any, n: int, kind: str, modality: str | None, side: int,
-               mean: float, start: int = 0) -> None:  # fmt: skip
+def add_images(
+    session: Any, n: int, kind: str, modality: str | None, side: int, mean: float, start: int = 0
+) -> None:
     rng = np.random.default_rng(start)
     study = Study(status="done")
     session.add(study)
     session.flush()
     for i in range(start, start + n):
-        img = Image(study_id=study.id, dedup_key=f"k{i}", kind=kind, modality=modality,
-                    width=side, height=side, status="done", done_at=utcnow(),
-                    meta={"input": {"mean": float(rng.normal(mean, 15)), "std": 40.0}})  # fmt: skip
+        img = Image(
+            study_id=study.id,
+            dedup_key=f"k{i}",
+            kind=kind,
+            modality=modality,
+            width=side,
+            height=side,
+            status="done",
+            done_at=utcnow(),
+            meta={"input": {"mean": float(rng.normal(mean, 15)), "std": 40.0}},
+        )
         session.add(img)
         session.flush()
-        session.add(Prediction(image_id=img.id, model_version="m", probabilities={}, label="x",
-                               p_abnormal=float(rng.uniform(0, 1)), triage_class="routine",
-                               priority=30.0, cam_class="x", cam=b"", cam_h=0, cam_w=0,
-                               batch_size=1, inference_ms=1.0))  # fmt: skip
+        session.add(
+            Prediction(
+                image_id=img.id,
+                model_version="m",
+                probabilities={},
+                label="x",
+                p_abnormal=float(rng.uniform(0, 1)),
+                triage_class="routine",
+                priority=30.0,
+                cam_class="x",
+                cam=b"",
+                cam_h=0,
+                cam_w=0,
+                batch_size=1,
+                inference_ms=1.0,
+            )
+        )
     session.commit()
 
 
@@ -129,8 +160,9 @@ def test_banner_metrics_console_and_site_reference(settings: Settings) -> None:
     doc = boss.get("/api/admin/drift").get_json()
     assert doc["alarm"] is True and doc["live_images"] == 200
     # The admin validated the model on these films: they become this site's reference.
-    page = boss.post("/admin/drift/accept", data={"csrf_token": csrf_from(console)},
-                     follow_redirects=True).get_data(as_text=True)  # fmt: skip
+    page = boss.post(
+        "/admin/drift/accept", data={"csrf_token": csrf_from(console)}, follow_redirects=True
+    ).get_data(as_text=True)
     assert "The last 200 scored images are now this site" in page
     site = json.loads(drift.site_reference_path(Path(settings.data_dir)).read_text())
     assert site["from"] == {"live": 200, "by": "boss"} and site["features"]["kind"] == {
@@ -166,8 +198,9 @@ def test_drift_reference_command(settings: Settings, tmp_path: Path) -> None:
     assert ref["features"]["kind"] == {"png": 1.0}
     assert abs(sum(ref["features"]["score"]) - 1.0) < 1e-4
     assert ref["features"]["size"][drift.EDGES["size"].index(8.0)] == 1.0  # 256 px: log2 8
-    proc = run_cli(["drift-reference", str(root / "labels.csv"), "--subset", "val", "--json"],
-                   settings)  # fmt: skip
+    proc = run_cli(
+        ["drift-reference", str(root / "labels.csv"), "--subset", "val", "--json"], settings
+    )
     assert proc.returncode == 2 and "no images in subset 'val'" in json.loads(proc.stdout)["error"]
 
 

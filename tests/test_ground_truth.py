@@ -28,16 +28,36 @@ from tests.test_dashboard import csrf_from, login
 TH = {"routine": 0.4, "urgent": 0.7, "critical": 0.9}
 
 
-def add_study(session, p: float | None, *, accession: str | None = None,  # type: ignore[no-untyped-def]
-              institution: str | None = "North", modality: str = "CR", view: str = "PA") -> Study:  # fmt: skip
-    study = Study(status="done" if p is not None else "queued", p_abnormal=p,
-                  triage_class=None if p is None else triage_class(p, TH),
-                  accession_number=accession, lane="live")  # fmt: skip
+def add_study(
+    session,
+    p: float | None,
+    *,
+    accession: str | None = None,  # type: ignore[no-untyped-def]
+    institution: str | None = "North",
+    modality: str = "CR",
+    view: str = "PA",
+) -> Study:
+    study = Study(
+        status="done" if p is not None else "queued",
+        p_abnormal=p,
+        triage_class=None if p is None else triage_class(p, TH),
+        accession_number=accession,
+        lane="live",
+    )
     session.add(study)
     session.flush()
     meta = {"InstitutionName": institution} if institution else {}
-    session.add(Image(study_id=study.id, dedup_key=f"sha256:{uuid.uuid4().hex}", kind="dicom",
-                      status=study.status, modality=modality, view_position=view, meta=meta))  # fmt: skip
+    session.add(
+        Image(
+            study_id=study.id,
+            dedup_key=f"sha256:{uuid.uuid4().hex}",
+            kind="dicom",
+            status=study.status,
+            modality=modality,
+            view_position=view,
+            meta=meta,
+        )
+    )
     session.flush()
     return study
 
@@ -62,8 +82,10 @@ def test_a_read_records_the_truth_and_agreement_follows(factory) -> None:  # typ
         r4 = record_review(session, low.id, rad.id, "disagree", "missed it")
         r5 = record_review(session, waiting.id, rad.id, "read", abnormal=False)  # not scored yet
         r6 = record_review(session, waiting.id, rad.id, "read")  # "mark read": no truth
-        got = [(r.action, r.abnormal, r.finding, r.source, r.model_class) for r in
-               (r1, r2, r3, r4, r5, r6)]  # fmt: skip
+        got = [
+            (r.action, r.abnormal, r.finding, r.source, r.model_class)
+            for r in (r1, r2, r3, r4, r5, r6)
+        ]
         assert got == [
             ("agree", True, "effusion", "console", "urgent"),
             ("disagree", True, None, "console", "normal"),
@@ -94,19 +116,36 @@ def test_migration_gives_old_opinions_the_truth_they_imply(database_url) -> None
     engine = create_engine(database_url.replace("postgresql://", "postgresql+psycopg://"))
     now = datetime(2026, 11, 1, tzinfo=UTC)
     with engine.begin() as conn:
-        conn.execute(text("INSERT INTO users (id, username, password_hash, role, active, "
-                          "created_at) VALUES (1, 'rad', 'x', 'radiologist', :t, :now)"),
-                     {"t": True, "now": now})  # fmt: skip
+        conn.execute(
+            text(
+                "INSERT INTO users (id, username, password_hash, role, active, "
+                "created_at) VALUES (1, 'rad', 'x', 'radiologist', :t, :now)"
+            ),
+            {"t": True, "now": now},
+        )
         for sid, cls in ((1, "urgent"), (2, "normal"), (3, "critical")):
-            conn.execute(text("INSERT INTO studies (id, source, lane, status, triage_class, "
-                              "p_abnormal, model_version, received_at, updated_at) VALUES "
-                              "(:id, 'cli', 'live', 'done', :cls, 0.5, 'm1', :now, :now)"),
-                         {"id": sid, "cls": cls, "now": now})  # fmt: skip
-        for rid, sid, action in ((1, 1, "agree"), (2, 1, "disagree"), (3, 2, "agree"),
-                                 (4, 2, "disagree"), (5, 3, "read")):  # fmt: skip
-            conn.execute(text("INSERT INTO reviews (id, study_id, user_id, action, created_at) "
-                              "VALUES (:id, :sid, 1, :action, :now)"),
-                         {"id": rid, "sid": sid, "action": action, "now": now})  # fmt: skip
+            conn.execute(
+                text(
+                    "INSERT INTO studies (id, source, lane, status, triage_class, "
+                    "p_abnormal, model_version, received_at, updated_at) VALUES "
+                    "(:id, 'cli', 'live', 'done', :cls, 0.5, 'm1', :now, :now)"
+                ),
+                {"id": sid, "cls": cls, "now": now},
+            )
+        for rid, sid, action in (
+            (1, 1, "agree"),
+            (2, 1, "disagree"),
+            (3, 2, "agree"),
+            (4, 2, "disagree"),
+            (5, 3, "read"),
+        ):
+            conn.execute(
+                text(
+                    "INSERT INTO reviews (id, study_id, user_id, action, created_at) "
+                    "VALUES (:id, :sid, 1, :action, :now)"
+                ),
+                {"id": rid, "sid": sid, "action": action, "now": now},
+            )
     engine.dispose()
     upgrade(database_url)
     with make_session_factory(make_engine(database_url))() as session:
@@ -130,19 +169,30 @@ def test_the_viewer_form_records_a_read_with_a_finding(settings, populated) -> N
     assert 'name="truth" value="abnormal"' in page and 'value="pneumothorax"' in page
     token = csrf_from(page)
     url = f"/studies/{done.id}/review"
-    resp = client.post(url, data={"action": "read", "truth": "abnormal", "finding": "pneumothorax",
-                                  "csrf_token": token}, follow_redirects=True)  # fmt: skip
+    resp = client.post(
+        url,
+        data={
+            "action": "read",
+            "truth": "abnormal",
+            "finding": "pneumothorax",
+            "csrf_token": token,
+        },
+        follow_redirects=True,
+    )
     verdict = "agree" if called_abnormal else "disagree"
     assert resp.status_code == 200
     assert f"Recorded: abnormal (pneumothorax); you {verdict} with the AI." in resp.get_data(
         as_text=True
     )
     assert f"{verdict} by rad" in resp.get_data(as_text=True)
-    bad = client.post(url, data={"action": "read", "truth": "normal", "finding": "effusion",
-                                 "csrf_token": token})  # fmt: skip
+    bad = client.post(
+        url, data={"action": "read", "truth": "normal", "finding": "effusion", "csrf_token": token}
+    )
     assert bad.status_code == 400 and "only an abnormal read" in bad.get_data(as_text=True)
-    assert client.post(url, data={"action": "read", "truth": "maybe",
-                                  "csrf_token": token}).status_code == 400  # fmt: skip
+    assert (
+        client.post(url, data={"action": "read", "truth": "maybe", "csrf_token": token}).status_code
+        == 400
+    )
     with populated() as session:
         rows = session.scalars(select(Review)).all()
         assert [(r.action, r.abnormal, r.finding) for r in rows] == [
@@ -160,9 +210,11 @@ def test_import_refuses_a_file_with_any_bad_row(factory) -> None:  # type: ignor
         add_study(session, 0.5, accession="TWICE")
         add_study(session, 0.6, accession="TWICE")
         session.commit()
-        bad = (b"Accession_Number,Abnormal,Finding\r\n"
-               b"A1,yes,effusion\r\nNOPE,1,\r\nTWICE,0,\r\nA2,maybe,\r\n"
-               b"A2,no,effusion\r\nA1,1,gout\r\n,1,\r\n\r\nA2,normal\r\n")  # fmt: skip
+        bad = (
+            b"Accession_Number,Abnormal,Finding\r\n"
+            b"A1,yes,effusion\r\nNOPE,1,\r\nTWICE,0,\r\nA2,maybe,\r\n"
+            b"A2,no,effusion\r\nA1,1,gout\r\n,1,\r\n\r\nA2,normal\r\n"
+        )
         report = import_labels(session, bad, admin.id)
         assert [(e.row, e.error.split(";")[0].split(" (")[0]) for e in report.errors] == [
             (3, "no study has this accession number"),
@@ -180,9 +232,12 @@ def test_import_refuses_a_file_with_any_bad_row(factory) -> None:  # type: ignor
         session.commit()
         assert (report.imported, report.unchanged, report.abnormal) == (2, 0, 1)
         rows = session.scalars(select(Review).order_by(Review.id)).all()
-        assert [(r.action, r.source, r.abnormal, r.finding, r.user_id, r.model_class)
-                for r in rows] == [("import", "ris", True, "mass_nodule", admin.id, "urgent"),
-                                   ("import", "ris", False, None, admin.id, "normal")]  # fmt: skip
+        assert [
+            (r.action, r.source, r.abnormal, r.finding, r.user_id, r.model_class) for r in rows
+        ] == [
+            ("import", "ris", True, "mass_nodule", admin.id, "urgent"),
+            ("import", "ris", False, None, admin.id, "normal"),
+        ]
         again = import_labels(session, good, admin.id)
         assert (again.imported, again.unchanged) == (0, 2)
 
@@ -217,8 +272,9 @@ def test_labels_import_command(settings, populated, tmp_path) -> None:  # type: 
             ("ris", True, "cardiomegaly"),
             ("ris", False, None),
         ]
-        audit = session.scalars(select(AuditEvent).where(AuditEvent.action == "labels_import")
-                                .order_by(AuditEvent.id)).all()  # fmt: skip
+        audit = session.scalars(
+            select(AuditEvent).where(AuditEvent.action == "labels_import").order_by(AuditEvent.id)
+        ).all()
         assert [a.detail.split(";")[0] for a in audit] == [
             "refused: 1 bad row(s) of 2",
             "2 imported (1 abnormal), 0 unchanged of 2",
@@ -235,21 +291,49 @@ def seed_reads(session, now: datetime, user_id: int) -> tuple[list[float], list[
         abnormal = bool(rng.uniform() < 0.4)
         p = float(np.clip(rng.normal(0.65 if abnormal else 0.35, 0.2), 0.0, 1.0))
         north = i % 2 == 0
-        s = add_study(session, p, institution="North" if north else "South",
-                      modality="CR" if north else "DX", view="PA" if north else "AP")  # fmt: skip
-        session.add(Review(study_id=s.id, user_id=user_id, action="read", abnormal=abnormal,
-                           source="console" if i % 4 else "ris", model_class=s.triage_class,
-                           created_at=now - timedelta(days=1 + i % 28)))  # fmt: skip
+        s = add_study(
+            session,
+            p,
+            institution="North" if north else "South",
+            modality="CR" if north else "DX",
+            view="PA" if north else "AP",
+        )
+        session.add(
+            Review(
+                study_id=s.id,
+                user_id=user_id,
+                action="read",
+                abnormal=abnormal,
+                source="console" if i % 4 else "ris",
+                model_class=s.triage_class,
+                created_at=now - timedelta(days=1 + i % 28),
+            )
+        )
         scores.append(p)
         truths.append(abnormal)
     for _ in range(5):
         s = add_study(session, 0.95, institution=None)
-        session.add(Review(study_id=s.id, user_id=user_id, action="read", abnormal=False,
-                           model_class="critical", created_at=now - timedelta(days=40)))  # fmt: skip
+        session.add(
+            Review(
+                study_id=s.id,
+                user_id=user_id,
+                action="read",
+                abnormal=False,
+                model_class="critical",
+                created_at=now - timedelta(days=40),
+            )
+        )
     for _ in range(3):
         s = add_study(session, None)
-        session.add(Review(study_id=s.id, user_id=user_id, action="read", abnormal=True,
-                           created_at=now - timedelta(days=2)))  # fmt: skip
+        session.add(
+            Review(
+                study_id=s.id,
+                user_id=user_id,
+                action="read",
+                abnormal=True,
+                created_at=now - timedelta(days=2),
+            )
+        )
     session.commit()
     return scores, truths
 
@@ -268,13 +352,19 @@ def test_live_performance_numbers_and_splits(factory) -> None:  # type: ignore[n
         assert 0.75 < o["auc"]["auc"] < 0.95  # separated means 0.65 vs 0.35, sd 0.2
         for name in TH:
             assert o["thresholds"][name] == expected["thresholds"][name]
-        top_expected = [triage_class(p, TH) in ("urgent", "critical")
-                        for p, t in zip(scores, truths, strict=True) if t]  # fmt: skip
+        top_expected = [
+            triage_class(p, TH) in ("urgent", "critical")
+            for p, t in zip(scores, truths, strict=True)
+            if t
+        ]
         assert o["top"]["k"] == sum(top_expected) and o["top"]["n"] == sum(truths)
         assert doc["sources"] == {"console": 153, "ris": 50}
         by = {split: {g["group"]: g["reviewed"] for g in rows} for split, rows in doc["by"].items()}
-        assert by == {"institution": {"North": 100, "South": 100}, "modality": {"CR": 100, "DX": 100},
-                      "view": {"PA": 100, "AP": 100}}  # fmt: skip
+        assert by == {
+            "institution": {"North": 100, "South": 100},
+            "modality": {"CR": 100, "DX": 100},
+            "view": {"PA": 100, "AP": 100},
+        }
         north = next(g for g in doc["by"]["institution"] if g["group"] == "North")
         assert north["unscored"] == 3
         expected_north = summarize(scores[::2], truths[::2], TH)
@@ -297,8 +387,10 @@ def test_performance_page_json_and_metrics(settings, database_url) -> None:  # t
     assert 'id="reviewed">200<' in html and 'id="calibration-chart"' in html
     assert html.count('class="bin"') >= 5 and 'data-threshold="routine"' in html
     assert 'data-group="North" data-reviewed="100"' in html
-    assert admin.get("/admin/performance?days=90").get_data(as_text=True).count(
-        'id="reviewed">205<') == 1  # fmt: skip
+    assert (
+        admin.get("/admin/performance?days=90").get_data(as_text=True).count('id="reviewed">205<')
+        == 1
+    )
     doc = admin.get("/api/admin/performance?days=7").get_json()
     assert doc["window_days"] == 7 and 0 < doc["overall"]["reviewed"] < 200
     rad_client = create_app({"CXR_SETTINGS": conf, "TESTING": True}).test_client()
@@ -309,8 +401,11 @@ def test_performance_page_json_and_metrics(settings, database_url) -> None:  # t
     assert 'cxr_live_reviewed{group="all",split="all",window="30d"} 200.0' in metrics
     assert 'cxr_live_reviewed{group="all",split="all",window="90d"} 205.0' in metrics
     assert 'cxr_live_reviewed{group="North",split="institution",window="30d"} 100.0' in metrics
-    line = next(m for m in metrics.splitlines()
-                if m.startswith('cxr_live_auc{group="all",split="all",window="30d"}'))  # fmt: skip
+    line = next(
+        m
+        for m in metrics.splitlines()
+        if m.startswith('cxr_live_auc{group="all",split="all",window="30d"}')
+    )
     assert float(line.split()[-1]) == pytest.approx(doc_30(admin)["overall"]["auc"]["auc"])
     assert (
         'cxr_live_sensitivity{group="all",split="all",threshold="urgent",window="30d"}' in metrics

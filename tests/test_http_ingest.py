@@ -45,12 +45,17 @@ def _form(files: dict[str, tuple[str, bytes]], fields: dict[str, str] | None = N
     boundary = uuid.uuid4().hex
     chunks = []
     for name, value in (fields or {}).items():
-        chunks.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
-                      f"{value}\r\n".encode())  # fmt: skip
+        chunks.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n'
+            f"{value}\r\n".encode()
+        )
     for name, (filename, data) in files.items():
-        chunks.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; '
-                      f'filename="{filename}"\r\nContent-Type: application/octet-stream\r\n\r\n'
-                      .encode() + data + b"\r\n")  # fmt: skip
+        chunks.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; '
+            f'filename="{filename}"\r\nContent-Type: application/octet-stream\r\n\r\n'.encode()
+            + data
+            + b"\r\n"
+        )
     body = b"".join(chunks) + f"--{boundary}--\r\n".encode()
     return body, f"multipart/form-data; boundary={boundary}"
 
@@ -93,9 +98,15 @@ def test_a_feed_token_uploads_and_no_one_else_can(ingest_env) -> None:
 
 def test_form_fields_give_a_jpeg_its_header(ingest_env) -> None:
     _, factory, app, tokens = ingest_env
-    body, ctype = _form({"file": ("x.jpg", jpeg_bytes(chest_like(seed=22)))},
-                        {"AccessionNumber": "ACC-9", "RequestedProcedurePriority": "stat",
-                         "ViewPosition": "AP", "Nonsense": "ignored"})  # fmt: skip
+    body, ctype = _form(
+        {"file": ("x.jpg", jpeg_bytes(chest_like(seed=22)))},
+        {
+            "AccessionNumber": "ACC-9",
+            "RequestedProcedurePriority": "stat",
+            "ViewPosition": "AP",
+            "Nonsense": "ignored",
+        },
+    )
     resp = _post(app.test_client(), tokens["feed"], body, ctype)
     assert resp.status_code == 202
     with factory() as session:
@@ -155,10 +166,17 @@ def server(ingest_env) -> Iterator[str]:
 
 def _stow(url: str, token: str | None, parts: list[bytes], type_: str = "application/dicom"):  # type: ignore[no-untyped-def]
     boundary = uuid.uuid4().hex
-    body = b"".join(f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + p
-                    + b"\r\n" for p in parts) + f"--{boundary}--\r\n".encode()  # fmt: skip
-    headers = {"Content-Type": f'multipart/related; type="{type_}"; boundary={boundary}',
-               "Accept": "application/dicom+json"}  # fmt: skip
+    body = (
+        b"".join(
+            f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + p + b"\r\n"
+            for p in parts
+        )
+        + f"--{boundary}--\r\n".encode()
+    )
+    headers = {
+        "Content-Type": f'multipart/related; type="{type_}"; boundary={boundary}',
+        "Accept": "application/dicom+json",
+    }
     if token:
         headers["Authorization"] = f"Bearer {token}"
     req = urllib.request.Request(f"{url}/dicomweb/studies", data=body, headers=headers)
@@ -194,7 +212,10 @@ def test_stow_stores_some_fails_others_and_says_which(server, ingest_env) -> Non
     with factory() as session:
         rows = session.scalars(select(Study).order_by(Study.id)).all()
     assert [(s.source, s.status) for s in rows] == [
-        ("stow", "queued"), ("stow", "rejected"), ("stow", "rejected")]  # fmt: skip
+        ("stow", "queued"),
+        ("stow", "rejected"),
+        ("stow", "rejected"),
+    ]
 
     # All stored (a duplicate counts: it is known) → 200; all failed → 409.
     status, _, doc = _stow(server, tokens["feed"], [good, dicom_bytes(chest_like(seed=34))])

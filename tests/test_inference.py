@@ -53,8 +53,11 @@ def test_concurrent_insert_conflict_keeps_one_row_and_inserts_the_rest(
     with factory() as session:
         _insert_predictions(session, copies, clf.version)
         session.commit()
-        per_image = dict(session.execute(
-            select(Prediction.image_id, func.count()).group_by(Prediction.image_id)).all())  # fmt: skip
+        per_image = dict(
+            session.execute(
+                select(Prediction.image_id, func.count()).group_by(Prediction.image_id)
+            ).all()
+        )
     assert per_image == {i: 1 for i in ids}
 
 
@@ -77,8 +80,10 @@ def test_a_worker_that_wakes_after_its_claims_were_re_sent_writes_nothing(
 
     def state() -> dict[int, tuple]:  # type: ignore[type-arg]
         with factory() as session:
-            return {i.id: (i.status, i.worker, i.attempts, i.done_at, i.latency_ms)
-                    for i in session.scalars(select(Image).where(Image.id.in_(ids)))}  # fmt: skip
+            return {
+                i.id: (i.status, i.worker, i.attempts, i.done_at, i.latency_ms)
+                for i in session.scalars(select(Image).where(Image.id.in_(ids)))
+            }
 
     frozen, _ = claim(factory, ids, "a@h")
     assert frozen == {i: 1 for i in ids}
@@ -97,10 +102,16 @@ def test_a_worker_that_wakes_after_its_claims_were_re_sent_writes_nothing(
     assert state() == finished
     assert {s[:3] for s in finished.values()} == {("done", "b@h", 2)}
     with factory() as session:
-        per_image = dict(session.execute(select(Prediction.image_id, func.count()).group_by(
-            Prediction.image_id)).all())  # fmt: skip
-        studies = set(session.scalars(select(Study.status).where(
-            Study.id.in_([i.study_id for i in report.accepted]))))  # fmt: skip
+        per_image = dict(
+            session.execute(
+                select(Prediction.image_id, func.count()).group_by(Prediction.image_id)
+            ).all()
+        )
+        studies = set(
+            session.scalars(
+                select(Study.status).where(Study.id.in_([i.study_id for i in report.accepted]))
+            )
+        )
     assert per_image == {i: 1 for i in ids}
     assert studies == {"done"}
     client.close()

@@ -98,8 +98,12 @@ def test_chunk_conflicting_with_a_concurrent_ingest_keeps_every_file(
     result: dict[str, list] = {}
     worker = threading.Thread(
         target=lambda: result.setdefault(
-            "items", ingest_many(factory, [(ours[0], "a.dcm"), (shared, "shared.dcm"),
-                                           (ours[1], "b.dcm")], Limits())))  # fmt: skip
+            "items",
+            ingest_many(
+                factory, [(ours[0], "a.dcm"), (shared, "shared.dcm"), (ours[1], "b.dcm")], Limits()
+            ),
+        )
+    )
     worker.start()
     # Commit theirs only once our chunk is blocked on their uncommitted unique key.
     deadline = time.monotonic() + 30
@@ -111,7 +115,10 @@ def test_chunk_conflicting_with_a_concurrent_ingest_keeps_every_file(
     worker.join(30)
     items = result["items"]
     assert [(i.path, i.status, i.duplicate) for i in items] == [
-        ("a.dcm", "queued", False), ("shared.dcm", "queued", True), ("b.dcm", "queued", False)]  # fmt: skip
+        ("a.dcm", "queued", False),
+        ("shared.dcm", "queued", True),
+        ("b.dcm", "queued", False),
+    ]
     assert items[1].study_id == their_item.study_id
     with factory() as session:
         assert len(session.scalars(select(Image)).all()) == 3
@@ -122,9 +129,14 @@ def _waiting_on_a_lock(url: str) -> bool:
     engine = make_engine(url)
     try:
         with engine.connect() as conn:
-            return bool(conn.execute(text(
-                "SELECT count(*) FROM pg_stat_activity "
-                "WHERE wait_event_type = 'Lock' AND datname = current_database()")).scalar())  # fmt: skip
+            return bool(
+                conn.execute(
+                    text(
+                        "SELECT count(*) FROM pg_stat_activity "
+                        "WHERE wait_event_type = 'Lock' AND datname = current_database()"
+                    )
+                ).scalar()
+            )
     finally:
         engine.dispose()
 
@@ -136,13 +148,20 @@ def test_header_control_characters_and_long_values_never_fail_a_chunk(database_u
 
     upgrade(database_url)
     factory = make_session_factory(make_engine(database_url))
-    bad = raw_dicom(chest_like(seed=5), ("Bad^Header", "P1"), raw_elements={
-        0x00100010: ("PN", b"DOE^JANE\x00\x1b[31m\x01"),
-        0x00080050: ("SH", b"ACC\x00\x1b[31m"),
-        0x00100020: ("LO", b"P" * 300),
-    })  # fmt: skip
-    files = [(dicom_bytes(chest_like(seed=4)), "a.dcm"), (bad, "bad\x00\x07.dcm"),
-             (dicom_bytes(chest_like(seed=6)), "c.dcm")]  # fmt: skip
+    bad = raw_dicom(
+        chest_like(seed=5),
+        ("Bad^Header", "P1"),
+        raw_elements={
+            0x00100010: ("PN", b"DOE^JANE\x00\x1b[31m\x01"),
+            0x00080050: ("SH", b"ACC\x00\x1b[31m"),
+            0x00100020: ("LO", b"P" * 300),
+        },
+    )
+    files = [
+        (dicom_bytes(chest_like(seed=4)), "a.dcm"),
+        (bad, "bad\x00\x07.dcm"),
+        (dicom_bytes(chest_like(seed=6)), "c.dcm"),
+    ]
     items = ingest_many(factory, files, Limits())
     assert [i.status for i in items] == ["queued", "queued", "queued"]
     with factory() as session:
@@ -204,15 +223,25 @@ def test_a_chunk_with_a_repeated_file_and_a_shared_study(database_url) -> None:
     stored = dicom_bytes(chest_like(seed=40))
     [before] = ingest_many(factory, [(stored, "before.dcm")], Limits())
     again = dicom_bytes(chest_like(seed=41))
-    files = [(again, "a.dcm"), (dicom_bytes(chest_like(seed=42), study_uid=uid), "pa1.dcm"),
-             (again, "a-copy.dcm"), (dicom_bytes(chest_like(seed=43), study_uid=uid), "pa2.dcm"),
-             (stored, "before-copy.dcm"), (b"not an image", "junk.dcm"),
-             (b"not an image", "junk-copy.dcm")]  # fmt: skip
+    files = [
+        (again, "a.dcm"),
+        (dicom_bytes(chest_like(seed=42), study_uid=uid), "pa1.dcm"),
+        (again, "a-copy.dcm"),
+        (dicom_bytes(chest_like(seed=43), study_uid=uid), "pa2.dcm"),
+        (stored, "before-copy.dcm"),
+        (b"not an image", "junk.dcm"),
+        (b"not an image", "junk-copy.dcm"),
+    ]
     items = ingest_many(factory, files, Limits())
     assert [(i.path, i.status, i.duplicate) for i in items] == [
-        ("a.dcm", "queued", False), ("pa1.dcm", "queued", False), ("a-copy.dcm", "queued", True),
-        ("pa2.dcm", "queued", False), ("before-copy.dcm", "queued", True),
-        ("junk.dcm", "rejected", False), ("junk-copy.dcm", "rejected", True)]  # fmt: skip
+        ("a.dcm", "queued", False),
+        ("pa1.dcm", "queued", False),
+        ("a-copy.dcm", "queued", True),
+        ("pa2.dcm", "queued", False),
+        ("before-copy.dcm", "queued", True),
+        ("junk.dcm", "rejected", False),
+        ("junk-copy.dcm", "rejected", True),
+    ]
     assert (items[2].image_id, items[2].study_id) == (items[0].image_id, items[0].study_id)
     assert items[1].study_id == items[3].study_id and items[1].image_id != items[3].image_id
     assert (items[4].image_id, items[4].study_id) == (before.image_id, before.study_id)

@@ -21,7 +21,11 @@ def test_bench_reports_both_syntaxes(settings) -> None:
     doc = run(2, settings)
     assert doc["n"] == 2
     for syntax in ("uncompressed", "jpeg2000"):
-        assert set(doc[syntax]) == {"files_per_s", "decode_only_files_per_s",
-                                    "ingest_vs_decode", "mb_per_file"}  # fmt: skip
+        assert set(doc[syntax]) == {
+            "files_per_s",
+            "decode_only_files_per_s",
+            "ingest_vs_decode",
+            "mb_per_file",
+        }
         assert doc[syntax]["files_per_s"] > 0
     assert doc["jpeg2000"]["mb_per_file"] < doc["uncompressed"]["mb_per_file"]

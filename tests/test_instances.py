@@ -29,20 +29,21 @@ from reliability.diskfull import SmallDisk
 from tests.conftest import chest_like, dicom_bytes, jpeg_bytes, png_bytes
 
 
-def _ingest(settings: Settings, folder: Path, names: dict[str, bytes],
-            store: InstanceStore | None = None) -> list[int]:  # fmt: skip
+def _ingest(
+    settings: Settings, folder: Path, names: dict[str, bytes], store: InstanceStore | None = None
+) -> list[int]:
     folder.mkdir(parents=True, exist_ok=True)
     for name, data in names.items():
         (folder / name).write_bytes(data)
     factory = make_session_factory(make_engine(settings.db_url))
-    report = ingest_paths(factory, [folder / n for n in names], Limits(),
-                          store=store or InstanceStore.of(settings))  # fmt: skip
+    report = ingest_paths(
+        factory, [folder / n for n in names], Limits(), store=store or InstanceStore.of(settings)
+    )
     return [i.study_id for i in report.items]
 
 
 def _store_settings(database_url: str, tmp_path: Path, **kw: object) -> Settings:
-    settings = Settings(data_dir=tmp_path / "data", database_url=database_url, redis_url=None,
-                        **kw)  # type: ignore[arg-type]  # fmt: skip
+    settings = Settings(data_dir=tmp_path / "data", database_url=database_url, redis_url=None, **kw)  # type: ignore[arg-type]
     upgrade(settings.db_url)
     return settings
 
@@ -63,8 +64,11 @@ def test_received_bytes_are_kept_and_captures_made(database_url: str, tmp_path: 
     with factory() as session:
         rows = {r.kind + ":" + r.transfer_syntax: r for r in session.scalars(select(Instance))}
         studies = {s.id: s for s in session.scalars(select(Study))}
-        assert sorted(rows) == ["capture:1.2.840.10008.1.2.1", "capture:1.2.840.10008.1.2.4.50",
-                                "received:1.2.840.10008.1.2.1"]  # fmt: skip
+        assert sorted(rows) == [
+            "capture:1.2.840.10008.1.2.1",
+            "capture:1.2.840.10008.1.2.4.50",
+            "received:1.2.840.10008.1.2.1",
+        ]
         received = rows["received:1.2.840.10008.1.2.1"]
         with store.open(received.path) as fh:
             assert fh.read() == dicom
@@ -74,8 +78,10 @@ def test_received_bytes_are_kept_and_captures_made(database_url: str, tmp_path: 
         with store.open(rows["capture:1.2.840.10008.1.2.4.50"].path) as fh:
             ds = pydicom.dcmread(fh)
         assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"
-        assert ds.PatientID == "" and ds.StudyInstanceUID == rows[
-            "capture:1.2.840.10008.1.2.4.50"].study_uid  # fmt: skip
+        assert (
+            ds.PatientID == ""
+            and ds.StudyInstanceUID == rows["capture:1.2.840.10008.1.2.4.50"].study_uid
+        )
     # the same files again: duplicates, nothing new in the store
     _ingest(settings, tmp_path / "again", {"a.dcm": dicom, "b.jpg": jpeg})
     with factory() as session:
@@ -159,8 +165,11 @@ def test_size_limit_expires_oldest_read_then_refuses(database_url: str, tmp_path
     one = len(dicom_bytes(chest_like(seed=20)))
     limit_gb = (2.5 * one) / 1024**3  # room for two films and a half
     settings = _store_settings(database_url, tmp_path, store_max_gb=limit_gb)
-    ids = _ingest(settings, tmp_path / "a", {"a.dcm": dicom_bytes(chest_like(seed=20)),
-                                             "b.dcm": dicom_bytes(chest_like(seed=21))})  # fmt: skip
+    ids = _ingest(
+        settings,
+        tmp_path / "a",
+        {"a.dcm": dicom_bytes(chest_like(seed=20)), "b.dcm": dicom_bytes(chest_like(seed=21))},
+    )
     store = InstanceStore.of(settings)
     _ingest(settings, tmp_path / "c", {"c.dcm": dicom_bytes(chest_like(seed=22))}, store)
     _age(settings, ids[0], 3)
@@ -178,8 +187,12 @@ def test_size_limit_expires_oldest_read_then_refuses(database_url: str, tmp_path
     with factory() as session:
         studies_before = session.scalar(select(func.count(Study.id)))
     with pytest.raises(StorageFull, match="instance store .* still wait for a read"):
-        _ingest(settings, tmp_path / "e", {"e.dcm": dicom_bytes(chest_like(seed=24))},
-                InstanceStore.of(settings))  # fmt: skip
+        _ingest(
+            settings,
+            tmp_path / "e",
+            {"e.dcm": dicom_bytes(chest_like(seed=24))},
+            InstanceStore.of(settings),
+        )
     with factory() as session:
         assert session.scalar(select(func.count(Study.id))) == studies_before  # nothing stored
         assert session.scalar(select(func.count(Instance.id))) == 3
@@ -193,8 +206,9 @@ def test_a_full_disk_refuses_new_studies_and_loses_nothing(tmp_path: Path) -> No
     except (OSError, subprocess.CalledProcessError) as exc:
         pytest.skip(f"cannot mount a tmpfs here: {exc}")
     try:
-        settings = _store_settings(f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path,
-                                   store_dir=disk.path / "store")  # fmt: skip
+        settings = _store_settings(
+            f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, store_dir=disk.path / "store"
+        )
         first = dicom_bytes(chest_like(seed=30))
         _ingest(settings, tmp_path / "a", {"a.dcm": first})
         disk.fill()

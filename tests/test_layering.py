@@ -39,8 +39,14 @@ def _modules(package: str) -> list[str]:
 
 def _import(names: list[str]) -> dict:
     env_clear = {"CXR_REDIS_URL": "redis://127.0.0.1:6399/0"}  # nothing listens there
-    proc = subprocess.run([sys.executable, "-c", PROBE, *names], cwd=REPO, capture_output=True,
-                          text=True, timeout=300, env={**_env(), **env_clear})  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, *names],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**_env(), **env_clear},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -75,7 +81,13 @@ def test_the_worker_never_imports_the_dashboard(module: str) -> None:
 def test_the_celery_app_is_built_without_asking_redis(tmp_path: Path) -> None:
     (tmp_path / "runtime.json").write_text(json.dumps({"redis_url": "redis://127.0.0.1:6399/0"}))
     env = {**_env(), "CXR_DATA_DIR": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "-c", PROBE, "worker.celery_app"], cwd=REPO,
-                          capture_output=True, text=True, timeout=120, env=env)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, "worker.celery_app"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["opened"] == []

@@ -32,8 +32,11 @@ def make_sources(root: Path, n: int = 10, size: int = 40) -> list[Path]:
     """Three sources; abnormal films carry a bright blob, and each source its own exposure."""
     rng = np.random.default_rng(0)
     out = []
-    layouts = {"peds": ("NORMAL", "PNEUMONIA"), "adults": ("normal", "covid19"),
-               "hospital": ("normal", "abnormal")}  # fmt: skip
+    layouts = {
+        "peds": ("NORMAL", "PNEUMONIA"),
+        "adults": ("normal", "covid19"),
+        "hospital": ("normal", "abnormal"),
+    }
     for k, (name, (neg, pos)) in enumerate(layouts.items()):
         folder = root / name
         folder.mkdir(parents=True)
@@ -66,8 +69,13 @@ def test_holdout_source_is_out_of_training_and_validation(tmp_path: Path) -> Non
         "hospital"
     }
     assert len(held) == 20 and len(kept) == 40
-    cfg = TrainConfig(data=[str(p) for p in data], out=str(tmp_path / "w.pt"), input_size=32,
-                      holdout_source="adults", val_fraction=0.3)  # fmt: skip
+    cfg = TrainConfig(
+        data=[str(p) for p in data],
+        out=str(tmp_path / "w.pt"),
+        input_size=32,
+        holdout_source="adults",
+        val_fraction=0.3,
+    )
     prep = prepare(cfg)
     assert prep.source_names == ["hospital", "peds"]
     assert set(prep.counts) == {"hospital", "peds"}
@@ -118,13 +126,34 @@ def test_loso_command_trains_one_model_per_source_and_records_the_summary(tmp_pa
     data = make_sources(tmp_path / "data", n=8, size=32)
     out_dir, final = tmp_path / "loso", tmp_path / "final.pt"
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "loso",
-         *map(str, data), "--input-size", "32", "--epochs", "1", "--epoch-size", "16",
-         "--batch-size", "8", "--val-fraction", "0.3", "--out-dir", str(out_dir),
-         "--final", str(final), "--json"],
-        capture_output=True, text=True, timeout=600, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "loso",
+            *map(str, data),
+            "--input-size",
+            "32",
+            "--epochs",
+            "1",
+            "--epoch-size",
+            "16",
+            "--batch-size",
+            "8",
+            "--val-fraction",
+            "0.3",
+            "--out-dir",
+            str(out_dir),
+            "--final",
+            str(final),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
         env={**os.environ, "CXR_DATA_DIR": str(tmp_path / "var")},
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     lines = proc.stdout.splitlines()
     assert len(lines) == 1, proc.stdout  # --json: exactly one line

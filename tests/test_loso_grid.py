@@ -82,10 +82,24 @@ def test_grid_runs_each_cell_as_its_own_loso_and_merges_them(tmp_path: Path) -> 
     out = tmp_path / "grid"
     tiny = "--epochs 1 --epoch-size 16 --input-size 32 --batch-size 8 --val-fraction 0.3"
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.loso_grid", str(tmp_path / "data"), str(out),
-         "--sources", ",".join(NAMES), "--parallel", "3", "--recipe", f"tiny={tiny}"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "bench.loso_grid",
+            str(tmp_path / "data"),
+            str(out),
+            "--sources",
+            ",".join(NAMES),
+            "--parallel",
+            "3",
+            "--recipe",
+            f"tiny={tiny}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     grid = json.loads((out / "grid.json").read_text())
     row = grid["recipes"]["tiny"]

@@ -74,11 +74,20 @@ def test_install_unpacks_dist_only_and_stamps_version_and_integrity(tmp_path: Pa
     done = ohif.install(target, tarball=tgz, integrity=integrity)
     assert (done.changed, done.files, done.path) == (True, 3, target)
     files = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())
-    assert files == [ohif.STAMP, "app.bundle.0123456789abcdef.js", "index.html",
-                     "sub/0123456789abcdef.wasm"]  # fmt: skip
+    assert files == [
+        ohif.STAMP,
+        "app.bundle.0123456789abcdef.js",
+        "index.html",
+        "sub/0123456789abcdef.wasm",
+    ]
     assert (target / "sub/0123456789abcdef.wasm").read_bytes() == b"\0asm\1\0\0\0"
-    assert ohif.read_stamp(target) == {"package": "@ohif/app", "version": ohif.VERSION,
-                                       "integrity": integrity, "files": 3, "gzip": 0}  # fmt: skip
+    assert ohif.read_stamp(target) == {
+        "package": "@ohif/app",
+        "version": ohif.VERSION,
+        "integrity": integrity,
+        "files": 3,
+        "gzip": 0,
+    }
     assert ohif.installed(target, integrity) and not ohif.installed(target)  # not the pinned one
     assert tgz.exists()  # the operator's file is left where it was
     assert [p.name for p in target.parent.iterdir()] == [ohif.VERSION]  # no scratch left
@@ -100,9 +109,12 @@ def test_a_second_install_does_nothing(tmp_path: Path) -> None:
 
 def test_install_precompresses_what_pays_and_an_older_install_gets_it(tmp_path: Path) -> None:
     script = b"function f(){return 'the same line again';}\n" * 200  # 9 KB, compresses well
-    files = {**FILES, "package/dist/big.bundle.0123456789abcdef.js": script,
-             "package/dist/noise.js": bytes(random.Random(1).randbytes(4096)),
-             "package/dist/a.png": b"\x89PNG" + b"\0" * 4096}  # fmt: skip
+    files = {
+        **FILES,
+        "package/dist/big.bundle.0123456789abcdef.js": script,
+        "package/dist/noise.js": bytes(random.Random(1).randbytes(4096)),
+        "package/dist/a.png": b"\x89PNG" + b"\0" * 4096,
+    }
     tgz = tarball(tmp_path / "app.tgz", files)
     integrity, target = ohif.sri(tgz), tmp_path / "viewer"
     done = ohif.install(target, tarball=tgz, integrity=integrity)
@@ -282,9 +294,11 @@ BUILD = {
     "es6-shim.min.js": b"/* no public path here */",
     "assets/fav.ico": b"\0\0\1\0",
 }
-PAGE_CSP = ("default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
-            "img-src 'self' data:; font-src 'self'; connect-src 'self'; worker-src 'self'; "
-            "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'self'")  # fmt: skip
+PAGE_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; font-src 'self'; connect-src 'self'; worker-src 'self'; "
+    "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'self'"
+)
 
 
 @pytest.fixture
@@ -313,8 +327,13 @@ def viewer(settings, populated, build):  # type: ignore[no-untyped-def]
 
 def test_the_viewer_needs_a_session(settings, populated, build) -> None:  # type: ignore[no-untyped-def]
     client = _app(settings, ohif_dir=str(build)).test_client()
-    for path in ("/ohif/", "/ohif/viewer?StudyInstanceUIDs=1.2.3", "/ohif/app-config.js",
-                 "/ohif/0ddf166f7a343eda.wasm", "/ohif/_cxr/inline-0.js"):  # fmt: skip
+    for path in (
+        "/ohif/",
+        "/ohif/viewer?StudyInstanceUIDs=1.2.3",
+        "/ohif/app-config.js",
+        "/ohif/0ddf166f7a343eda.wasm",
+        "/ohif/_cxr/inline-0.js",
+    ):
         response = client.get(path)
         assert response.status_code == 302, path
         assert response.headers["Location"].startswith("/login?next=%2Fohif%2F"), path
@@ -327,9 +346,14 @@ def test_index_is_rewritten_for_the_base_without_inline_scripts(viewer) -> None:
     html = response.get_data(as_text=True)
     assert response.status_code == 200 and response.mimetype == "text/html"
     assert re.findall(r'(?:src|href)="([^"]+)"', html) == [
-        "/ohif/_cxr/inline-0.js", "/ohif/manifest.json", "/ohif/assets/fav.ico",
-        "/ohif/app-config.js", "/ohif/_cxr/inline-1.js", "/ohif/app.bundle.0123456789abcdef.js",
-        "/ohif/app.bundle.css"]  # fmt: skip
+        "/ohif/_cxr/inline-0.js",
+        "/ohif/manifest.json",
+        "/ohif/assets/fav.ico",
+        "/ohif/app-config.js",
+        "/ohif/_cxr/inline-1.js",
+        "/ohif/app.bundle.0123456789abcdef.js",
+        "/ohif/app.bundle.css",
+    ]
     assert "<script>" not in html and "init-service-worker" not in html
     assert viewer.get("/ohif/_cxr/inline-0.js").get_data() == (
         b'console.time("scriptToView"),window.PUBLIC_URL="/ohif/"'
@@ -349,12 +373,21 @@ def test_index_is_rewritten_for_the_base_without_inline_scripts(viewer) -> None:
 
 def test_the_apps_own_routes_get_index_and_missing_files_404(viewer) -> None:  # type: ignore[no-untyped-def]
     index = viewer.get("/ohif/").get_data()
-    for route in ("/ohif/viewer?StudyInstanceUIDs=1.2.840.1", "/ohif/viewer/dicomweb",
-                  "/ohif/index.html", "/ohif/segmentation"):  # fmt: skip
+    for route in (
+        "/ohif/viewer?StudyInstanceUIDs=1.2.840.1",
+        "/ohif/viewer/dicomweb",
+        "/ohif/index.html",
+        "/ohif/segmentation",
+    ):
         response = viewer.get(route)
         assert (response.status_code, response.get_data()) == (200, index), route
-    for missing in ("/ohif/nothere.js", "/ohif/assets/none.png", f"/ohif/{ohif.STAMP}",
-                    "/ohif/..%2Fsecret.txt", "/ohif/assets/..%2F..%2Fsecret.txt"):  # fmt: skip
+    for missing in (
+        "/ohif/nothere.js",
+        "/ohif/assets/none.png",
+        f"/ohif/{ohif.STAMP}",
+        "/ohif/..%2Fsecret.txt",
+        "/ohif/assets/..%2F..%2Fsecret.txt",
+    ):
         response = viewer.get(missing)
         assert response.status_code == 404, missing
         assert b"outside the build" not in response.get_data()
@@ -362,12 +395,19 @@ def test_the_apps_own_routes_get_index_and_missing_files_404(viewer) -> None:  #
 
 def test_assets_are_rewritten_typed_and_cached(viewer, build) -> None:  # type: ignore[no-untyped-def]
     bundle = viewer.get("/ohif/app.bundle.0123456789abcdef.js")
-    assert bundle.get_data() == (b'(() => {\n__webpack_require__.p = "/ohif/";\n})();\n'
-                                 b"window.browserImportFunction('/ohif/dicom-microscopy-viewer/v.min.js');")  # fmt: skip
+    assert bundle.get_data() == (
+        b'(() => {\n__webpack_require__.p = "/ohif/";\n})();\n'
+        b"window.browserImportFunction('/ohif/dicom-microscopy-viewer/v.min.js');"
+    )
     assert bundle.mimetype == "text/javascript"
     assert bundle.headers["Cache-Control"] == "private, max-age=31536000, immutable"
-    assert viewer.get("/ohif/app.bundle.0123456789abcdef.js",
-                      headers={"If-None-Match": bundle.headers["ETag"]}).status_code == 304  # fmt: skip
+    assert (
+        viewer.get(
+            "/ohif/app.bundle.0123456789abcdef.js",
+            headers={"If-None-Match": bundle.headers["ETag"]},
+        ).status_code
+        == 304
+    )
     css = viewer.get("/ohif/app.bundle.css")
     assert css.get_data() == b"@font-face{src:url(/ohif/a34f9d1faa5f3315.woff2) format('woff2')}"
     assert (css.mimetype, css.headers["Cache-Control"]) == ("text/css", "private, no-cache")
@@ -375,14 +415,21 @@ def test_assets_are_rewritten_typed_and_cached(viewer, build) -> None:  # type: 
     assert (wasm.mimetype, wasm.get_data()) == ("application/wasm", b"\0asm\1\0\0\0")
     assert wasm.headers["Cache-Control"] == "private, max-age=31536000, immutable"
     font = viewer.get("/ohif/a34f9d1faa5f3315.woff2")
-    assert (font.mimetype, font.headers["Cache-Control"]) == ("font/woff2", "private, max-age=31536000, immutable")  # fmt: skip
+    assert (font.mimetype, font.headers["Cache-Control"]) == (
+        "font/woff2",
+        "private, max-age=31536000, immutable",
+    )
     assert viewer.get("/ohif/manifest.json").get_json() == {
         "icons": [{"src": "/ohif/assets/android-chrome-36x36.png"}]
     }
     plain = viewer.get("/ohif/es6-shim.min.js")
     assert plain.get_data() == BUILD["es6-shim.min.js"] and plain.mimetype == "text/javascript"
-    assert viewer.get("/ohif/es6-shim.min.js",
-                      headers={"If-None-Match": plain.headers["ETag"]}).status_code == 304  # fmt: skip
+    assert (
+        viewer.get(
+            "/ohif/es6-shim.min.js", headers={"If-None-Match": plain.headers["ETag"]}
+        ).status_code
+        == 304
+    )
 
 
 def test_a_browser_that_accepts_gzip_gets_the_precompressed_build(viewer, build) -> None:  # type: ignore[no-untyped-def]
@@ -410,8 +457,10 @@ def test_a_browser_that_accepts_gzip_gets_the_precompressed_build(viewer, build)
     base = viewer.get("/ohif/app.bundle.fedcba9876543210.js", headers=gzip_ok)
     assert base.headers["Content-Encoding"] == "gzip"
     assert gzip.decompress(base.get_data()) == rewritten.replace(b'= "/"', b'= "/ohif/"')
-    same = viewer.get("/ohif/app.bundle.fedcba9876543210.js",
-                      headers={**gzip_ok, "If-None-Match": base.headers["ETag"]})  # fmt: skip
+    same = viewer.get(
+        "/ohif/app.bundle.fedcba9876543210.js",
+        headers={**gzip_ok, "If-None-Match": base.headers["ETag"]},
+    )
     assert same.status_code == 304
     # a file changed after its sibling was written is sent as it is now, not the stale sibling
     time.sleep(0.01)
@@ -455,23 +504,32 @@ def test_our_app_config_reads_this_dashboards_dicomweb(viewer) -> None:  # type:
     assert (c["imageRendering"], c["thumbnailRendering"]) == ("wadors", "wadors")
     assert c["bulkDataURI"] == {"enabled": True} and c["omitQuotationForMultipartRequest"] is True
     assert (c["supportsFuzzyMatching"], c["supportsWildcard"], c["dicomUploadEnabled"]) == (
-        False, False, False)  # fmt: skip
+        False,
+        False,
+        False,
+    )
     assert not re.search(r"https?://", js)  # nothing from elsewhere: no CDN, no analytics
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="node not installed")
 def test_the_app_config_makes_the_roots_absolute_against_the_page(viewer) -> None:  # type: ignore[no-untyped-def]
     js = viewer.get("/ohif/app-config.js").get_data(as_text=True)
-    probe = ("globalThis.window = {location: {origin: 'http://pacs-less.example:8000'}};\n" + js
-             + "\nconsole.log(JSON.stringify(window.config.dataSources[0].configuration));")  # fmt: skip
+    probe = (
+        "globalThis.window = {location: {origin: 'http://pacs-less.example:8000'}};\n"
+        + js
+        + "\nconsole.log(JSON.stringify(window.config.dataSources[0].configuration));"
+    )
     out = subprocess.run(["node", "-e", probe], capture_output=True, text=True, timeout=30)
     c = json.loads(out.stdout)
     assert c["qidoRoot"] == c["wadoRoot"] == "http://pacs-less.example:8000/dicomweb"
 
 
 def test_a_sites_pacs_as_the_data_source(settings, populated, build) -> None:  # type: ignore[no-untyped-def]
-    client = _app(settings, ohif_dir=str(build),
-                  viewer_dicomweb_url="https://pacs.example.org:8443/dicom-web/").test_client()  # fmt: skip
+    client = _app(
+        settings,
+        ohif_dir=str(build),
+        viewer_dicomweb_url="https://pacs.example.org:8443/dicom-web/",
+    ).test_client()
     login(client)
     c = _config(client.get("/ohif/app-config.js").get_data(as_text=True))["dataSources"][0]
     assert c["configuration"]["qidoRoot"] == "https://pacs.example.org:8443/dicom-web"
@@ -527,7 +585,8 @@ def test_links_to_the_viewer_only_with_a_build_and_a_study_uid(
     assert "<code>cxr-triage ohif install</code>" in plain  # and how to get the viewer
     assert 'id="viewer-missing"' not in page
     assert 'id="ohif-frame"' not in client_without_build.get(
-        f"/studies/{dicom.id}?view=ohif").get_data(as_text=True)  # fmt: skip
+        f"/studies/{dicom.id}?view=ohif"
+    ).get_data(as_text=True)
     assert "Open in viewer" not in client_without_build.get("/worklist/rows").get_data(as_text=True)
     assert "<th>Viewer</th>" not in client_without_build.get("/").get_data(as_text=True)
 
@@ -541,8 +600,9 @@ def test_the_viewer_beside_the_review_panel(viewer, populated) -> None:  # type:
     assert f'action="/studies/{dicom.id}/review?view=ohif"' in page  # comes back to this view
     assert f'<a id="open-in-viewer" href="/studies/{dicom.id}">' in page  # v: the preview
     token = page.split('name="csrf_token" value="', 1)[1].split('"', 1)[0]
-    done = viewer.post(f"/studies/{dicom.id}/review?view=ohif",
-                       data={"action": "read", "csrf_token": token})  # fmt: skip
+    done = viewer.post(
+        f"/studies/{dicom.id}/review?view=ohif", data={"action": "read", "csrf_token": token}
+    )
     assert done.status_code == 302 and done.headers["Location"] == f"/studies/{dicom.id}?view=ohif"
     framed = viewer.get(src)
     assert framed.headers["X-Frame-Options"] == "SAMEORIGIN"
@@ -560,9 +620,17 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 _DATA_DIR = Path(os.environ.get("CXR_DATA_DIR") or REPO / "var")
 REAL_BUILD = Path(os.environ.get("CXR_OHIF_DIR") or _DATA_DIR / "ohif" / ohif.VERSION)
 # Headless Chromium has no GPU: ANGLE on SwiftShader gives WebGL 2, which cornerstone needs.
-FLAGS = ["--no-sandbox", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--use-gl=angle",
-         "--use-angle=swiftshader", "--enable-unsafe-swiftshader"]  # fmt: skip
+FLAGS = [
+    "--no-sandbox",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--use-gl=angle",
+    "--use-angle=swiftshader",
+    "--enable-unsafe-swiftshader",
+]
 VIOLATIONS = """window.__csp = [];
 document.addEventListener('securitypolicyviolation', e => window.__csp.push(
   [e.effectiveDirective, e.blockedURI, e.sourceFile].join(' ')));"""
@@ -607,8 +675,12 @@ def test_ohif_loads_behind_login_from_this_origin_only(ohif_server) -> None:  # 
         requests, console, bad = [], [], []
         page.on("request", lambda r: requests.append(r))
         page.on("console", lambda m: console.append(m.text))
-        page.on("response", lambda r: bad.append(f"{r.status} {r.url}")
-                if r.status >= 400 and "/ohif/" in r.url else None)  # fmt: skip
+        page.on(
+            "response",
+            lambda r: (
+                bad.append(f"{r.status} {r.url}") if r.status >= 400 and "/ohif/" in r.url else None
+            ),
+        )
 
         # Logged out, /ohif/ sends the browser to log in, and the login brings it back.
         page.goto(base + "/ohif/")

@@ -34,8 +34,11 @@ from pipeline.settings import SHIPPED_WEIGHTS
 from tests.conftest import dicom_bytes
 from tests.test_ohif import REAL_BUILD
 
-WHY_NOT = site.available() or (None if ohif.installed(REAL_BUILD) else
-                               f"OHIF {ohif.VERSION} not installed at {REAL_BUILD}: `make install`")  # fmt: skip
+WHY_NOT = site.available() or (
+    None
+    if ohif.installed(REAL_BUILD)
+    else f"OHIF {ohif.VERSION} not installed at {REAL_BUILD}: `make install`"
+)
 needs_viewer = pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")
 UNCR_SOP = "1.3.6.1.4.1.5962.1.1.9.1.1.20040826185059.5457"
 J2K_SOP = "1.3.6.1.4.1.5962.1.1.9.1.2.20040826185059.5457"
@@ -98,10 +101,18 @@ class Watched:
         context = self.page.context
         context.on("request", lambda r: self.requests.append(r.url))
         context.on("requestfailed", lambda r: self.failed.append(f"{r.failure} {r.url}"))
-        context.on("response", lambda r: self.failed.append(f"{r.status} {r.url}")
-                   if r.status >= 400 else None)  # fmt: skip
-        self.page.on("console", lambda m: self.errors.append(f"{m.text} {m.location.get('url')}")
-                     if m.type == "error" else None)  # fmt: skip
+        context.on(
+            "response",
+            lambda r: self.failed.append(f"{r.status} {r.url}") if r.status >= 400 else None,
+        )
+        self.page.on(
+            "console",
+            lambda m: (
+                self.errors.append(f"{m.text} {m.location.get('url')}")
+                if m.type == "error"
+                else None
+            ),
+        )
 
     def open(self, study_uid: str) -> float:
         self.page.goto(site.viewer_url(self.base, study_uid))
@@ -211,9 +222,12 @@ def test_the_cr_renders_window_level_changes_it_and_the_ai_series_are_listed(
     # The study panel: both films, the CAM capture (in colour: the heat map), the SR.
     sets = page.evaluate(DISPLAY_SETS)
     series = sorted((s["series"], s["modality"], s["description"]) for s in sets)
-    assert series == [(1, "CR", ""), (1, "CR", ""),
-                      (9901, "SR", "AI triage - not a diagnosis"),
-                      (9902, "OT", "AI triage - not a diagnosis")]  # fmt: skip
+    assert series == [
+        (1, "CR", ""),
+        (1, "CR", ""),
+        (9901, "SR", "AI triage - not a diagnosis"),
+        (9902, "OT", "AI triage - not a diagnosis"),
+    ]
     thumbs = {t["series"]: t for t in page.evaluate(THUMBNAILS) if t["series"] != "1"}
     assert list(thumbs) == ["9902"] and "AI triage - not a diagnosis" in thumbs["9902"]["text"]
     films = [t for t in page.evaluate(THUMBNAILS) if t["series"] == "1"]
@@ -240,8 +254,10 @@ def test_the_cr_renders_window_level_changes_it_and_the_ai_series_are_listed(
         renders = page.evaluate("window.__renders")
         page.locator(".viewport-element").nth(index).click()
         page.dblclick(f"#thumbnail-{shown['uid']}")
-        page.wait_for_function(f"() => window.__renders > {renders}"
-                               f" && (window.__renderedImage || '').includes('{sop or '/series/'}')")  # fmt: skip
+        page.wait_for_function(
+            f"() => window.__renders > {renders}"
+            f" && (window.__renderedImage || '').includes('{sop or '/series/'}')"
+        )
     page.wait_for_function("() => window.__renders > 0")
     page.evaluate(
         "() => window.services.cineService.setIsCineEnabled(false)"
@@ -280,8 +296,11 @@ def test_the_jpeg_study_renders_as_its_secondary_capture(
     sd, p5, p95, levels = _spread(grey)
     assert sd > 40 and p5 < 40 and p95 > 180 and levels > 150, (sd, p5, p95, levels)
     sets = page.evaluate(DISPLAY_SETS)
-    assert sorted((s["series"], s["modality"]) for s in sets) == [(9900, "OT"), (9901, "SR"),
-                                                                  (9902, "OT")]  # fmt: skip
+    assert sorted((s["series"], s["modality"]) for s in sets) == [
+        (9900, "OT"),
+        (9901, "SR"),
+        (9902, "OT"),
+    ]
     shown = page.evaluate(VIEWPORT)["image"]
     capture = next(s for s in sets if s["series"] == 9900)
     assert capture["sop"] in shown and capture["description"] == "JPEG as received"

@@ -21,8 +21,9 @@ def queues(draw: st.DrawFn) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     n = draw(st.integers(1, 25))
     waited = sorted(draw(st.lists(st.floats(0.0, 2 * CAP), min_size=n, max_size=n)), reverse=True)
     arrivals = -np.asarray(waited)  # now is 0; the oldest first
-    priorities = np.asarray(draw(st.lists(st.sampled_from([10.0, 30.0, 60.0, 90.0]),
-                                          min_size=n, max_size=n)))  # fmt: skip
+    priorities = np.asarray(
+        draw(st.lists(st.sampled_from([10.0, 30.0, 60.0, 90.0]), min_size=n, max_size=n))
+    )
     step = draw(st.sampled_from([0.1, 0.5, 1.0]))
     return arrivals, priorities, step * np.arange(n + 1, dtype=float)
 
@@ -63,8 +64,9 @@ def test_an_old_normal_study_is_read_in_time_ahead_of_critical_ones_and_is_due()
     # 6 minutes to spare: two critical films first, then the old one (at 6 min), before the
     # third critical film, which it is due ahead of.
     assert out.order == [1, 2, 0, 3] and out.due == frozenset({0})
-    one_read = reading_order(priorities, np.array([-47.95 * hour, -60.0, -30.0, -10.0]), reads,
-                             48 * hour)  # fmt: skip
+    one_read = reading_order(
+        priorities, np.array([-47.95 * hour, -60.0, -30.0, -10.0]), reads, 48 * hour
+    )
     assert one_read.order == [1, 0, 2, 3] and one_read.due == frozenset({0})
     # With an hour more to spare it can wait: abnormal first, and nothing is due.
     later = reading_order(priorities, arrivals, reads, 49 * hour)

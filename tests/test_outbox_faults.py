@@ -83,8 +83,9 @@ def studies(settings: Settings, database_url: str, tmp_path: Path) -> tuple[Sett
     report = ingest_paths(factory, [folder], Limits())
     ids = [i.image_id for i in report.accepted]
     assert len(ids) == N_STUDIES
-    result = classify_images(factory, redis_client(settings.redis_url),
-                             Classifier(settings.weights, "cpu", 1), ids)  # fmt: skip
+    result = classify_images(
+        factory, redis_client(settings.redis_url), Classifier(settings.weights, "cpu", 1), ids
+    )
     assert sorted(result.done) == sorted(ids)
     return settings, factory
 
@@ -117,8 +118,12 @@ class SenderProcess:
         with open(log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "pipeline.cli", "send-results", "--every", "0.5"],
-                env=settings_env(settings), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)  # fmt: skip
+                env=settings_env(settings),
+                cwd=REPO,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
     def kill(self) -> None:
         os.kill(self.proc.pid, signal.SIGKILL)
@@ -184,8 +189,13 @@ def rows(factory: Any) -> list[OutboxItem]:
 
 def ready_uids(factory: Any) -> list[str]:
     with factory() as session:
-        return sorted(session.scalars(select(ResultObject.uid).where(
-            ResultObject.status == "ready", ResultObject.kind.in_(("sr", "sc")))))  # fmt: skip
+        return sorted(
+            session.scalars(
+                select(ResultObject.uid).where(
+                    ResultObject.status == "ready", ResultObject.kind.in_(("sr", "sc"))
+                )
+            )
+        )
 
 
 def all_sent(factory: Any, n: int) -> Callable[[], bool]:
@@ -202,13 +212,17 @@ def test_sender_sigkilled_mid_send_restarts_and_each_object_arrives_once(
     redis_trap: RedisTrap,
 ) -> None:
     settings, factory = studies
-    add_destination(factory, settings, parse_url(
-        f"dicom://{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}"))  # fmt: skip
+    add_destination(
+        factory, settings, parse_url(f"dicom://{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}")
+    )
     # No Redis: the sender is pointed at a port that only counts connections.
     env = settings.with_(redis_url=redis_trap.url, outbox_lease_s=2)
     first = sender_factory(env)
-    wait_for(lambda: count_stored(orthanc) >= 1 or first.proc.poll() is not None,
-             "the first object in Orthanc", 120)  # fmt: skip
+    wait_for(
+        lambda: count_stored(orthanc) >= 1 or first.proc.poll() is not None,
+        "the first object in Orthanc",
+        120,
+    )
     first.kill()
     at_kill = count_stored(orthanc)
     n = 2 * N_STUDIES
@@ -238,8 +252,9 @@ def test_pacs_sigkilled_mid_send_then_restarted_each_object_arrives_once(
     redis_trap: RedisTrap,
 ) -> None:
     settings, factory = studies
-    add_destination(factory, settings, parse_url(
-        f"dicom://{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}"))  # fmt: skip
+    add_destination(
+        factory, settings, parse_url(f"dicom://{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}")
+    )
     sender = sender_factory(settings.with_(redis_url=redis_trap.url))
     wait_for(lambda: count_stored(orthanc) >= 1, "the first object in Orthanc", 120)
     assert orthanc.proc is not None
@@ -247,10 +262,14 @@ def test_pacs_sigkilled_mid_send_then_restarted_each_object_arrives_once(
     orthanc.proc.wait()
     orthanc.proc = None
     n = 2 * N_STUDIES
-    failed = wait_for(lambda: [r for r in rows(factory) if r.status == "pending"
-                               and r.last_error], "the sender to see the PACS gone", 60)  # fmt: skip
-    assert any("association" in (r.last_error or "") or "C-STORE" in (r.last_error or "")
-               for r in failed), [r.last_error for r in failed]  # fmt: skip
+    failed = wait_for(
+        lambda: [r for r in rows(factory) if r.status == "pending" and r.last_error],
+        "the sender to see the PACS gone",
+        60,
+    )
+    assert any(
+        "association" in (r.last_error or "") or "C-STORE" in (r.last_error or "") for r in failed
+    ), [r.last_error for r in failed]
     assert [r.status for r in rows(factory)].count("sent") < n
     orthanc.start()  # same ports, same storage: the PACS is back with what it had stored
     wait_for(all_sent(factory, n), "every row sent once the PACS is back", 120, every=0.2)
@@ -277,8 +296,9 @@ class RecordingSCP:
         for sop in (SOP_SR, SOP_SC):
             ae.add_supported_context(sop, ALL_TRANSFER_SYNTAXES)
         self.port = pacs.free_port()
-        self.server = ae.start_server(("127.0.0.1", self.port), block=False,
-                                      evt_handlers=[(evt.EVT_C_STORE, self._store)])  # fmt: skip
+        self.server = ae.start_server(
+            ("127.0.0.1", self.port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)]
+        )
 
     def _store(self, event: Any) -> int:
         with self.lock:
@@ -375,11 +395,16 @@ def test_a_hung_pacs_does_not_hold_back_a_critical_alert(
     hung.listen(8)  # the kernel accepts; nobody ever reads or answers
     listener = MllpListener()
     try:
-        add_destination(populated, settings, parse_url(
-            f"dicom://HUNG@127.0.0.1:{hung.getsockname()[1]}"))  # fmt: skip
+        add_destination(
+            populated, settings, parse_url(f"dicom://HUNG@127.0.0.1:{hung.getsockname()[1]}")
+        )
         sender = sender_factory(settings.with_(redis_url=redis_trap.url))
-        wait_for(lambda: {r.status for r in rows(populated)} == {"sending"},
-                 "the PACS rows claimed and stuck", 60, every=0.1)  # fmt: skip
+        wait_for(
+            lambda: {r.status for r in rows(populated)} == {"sending"},
+            "the PACS rows claimed and stuck",
+            60,
+            every=0.1,
+        )
         add_destination(populated, settings, parse_url(f"mllp://127.0.0.1:{listener.port}"))
         wait_for(lambda: listener.messages, "the alert at the MLLP listener", 25, every=0.1)
         with populated() as session:
@@ -388,8 +413,14 @@ def test_a_hung_pacs_does_not_hold_back_a_critical_alert(
                 .join(Destination, Destination.id == OutboxItem.destination_id)
                 .where(Destination.kind == "mllp")
             )
-            wait_for(lambda: session.scalar(alert_row.execution_options(populate_existing=True))
-                     == "sent", "the ACK recorded", 25, every=0.1)  # fmt: skip
+            wait_for(
+                lambda: (
+                    session.scalar(alert_row.execution_options(populate_existing=True)) == "sent"
+                ),
+                "the ACK recorded",
+                25,
+                every=0.1,
+            )
         by_kind = sorted((r.destination_id, r.status) for r in rows(populated))
         assert by_kind == [(1, "sending"), (1, "sending"), (2, "sent")]  # the PACS still hangs
         sender.kill()  # rather than wait out the hung association

@@ -38,10 +38,14 @@ def factory(settings: Settings) -> Any:
 def add(session: Any, sid: int, p: float, waited_h: float, status: str = "done") -> Study:
     from pipeline import triage
 
-    study = Study(id=sid, status=status, p_abnormal=p if status == "done" else None,
-                  triage_class=triage.triage_class(p, MODEL) if status == "done" else None,
-                  priority=triage.priority_score(p, MODEL) if status == "done" else None,
-                  received_at=utcnow() - timedelta(hours=waited_h))  # fmt: skip
+    study = Study(
+        id=sid,
+        status=status,
+        p_abnormal=p if status == "done" else None,
+        triage_class=triage.triage_class(p, MODEL) if status == "done" else None,
+        priority=triage.priority_score(p, MODEL) if status == "done" else None,
+        received_at=utcnow() - timedelta(hours=waited_h),
+    )
     session.add(study)
     return study
 
@@ -58,14 +62,19 @@ def test_versions_reasons_rerank_and_rollback(factory: Any) -> None:
         assert pol.active(session).version == 0 and pol.active(session).max_wait_h == 48.0
         with pytest.raises(pol.PolicyError, match="say why"):
             pol.save(session, pol.Policy().body(), user.id, " ", MODEL)
-        bad = {**pol.Policy().body(), "thresholds": {"routine": 0.7, "urgent": 0.6,
-                                                     "critical": 0.9}}  # fmt: skip
+        bad = {
+            **pol.Policy().body(),
+            "thresholds": {"routine": 0.7, "urgent": 0.6, "critical": 0.9},
+        }
         with pytest.raises(pol.PolicyError, match="thresholds must rise"):
             pol.save(session, bad, user.id, "typo", MODEL)
         with pytest.raises(pol.PolicyError, match="reads per hour must be from 1 to 1000"):
             pol.save(session, {**pol.Policy().body(), "reads_per_hour": 0}, user.id, "x", MODEL)
-        site = {**pol.Policy().body(), "stat_boost": 10,
-                "thresholds": {"routine": 0.3, "urgent": 0.45, "critical": 0.95}}  # fmt: skip
+        site = {
+            **pol.Policy().body(),
+            "stat_boost": 10,
+            "thresholds": {"routine": 0.3, "urgent": 0.45, "critical": 0.95},
+        }
         assert pol.preview(session, site, MODEL) == 2  # 1: routine -> urgent, 2: critical -> urgent
         v1, moved = pol.save(session, site, user.id, "calibrated on 400 local reads", MODEL)
         session.commit()
@@ -119,8 +128,13 @@ def test_live_worklist_reads_an_old_study_in_time_and_marks_it_due(factory: Any)
         assert [(d["id"], d["due"]) for d in doc["studies"]][:2] == [(2, False), (1, True)]
         assert doc["policy_version"] == 0
         # A slower department: 6 reads an hour leaves no time, so the old film goes first.
-        slow, _ = pol.save(session, {**pol.Policy().body(), "reads_per_hour": 6}, user.id,
-                           "two radiologists off", MODEL)  # fmt: skip
+        slow, _ = pol.save(
+            session,
+            {**pol.Policy().body(), "reads_per_hour": 6},
+            user.id,
+            "two radiologists off",
+            MODEL,
+        )
         session.commit()
         assert [s.id for s in worklist_page(session, None).studies][:2] == [1, 2]
         # No maximum wait: priority alone, reviewed studies among the rest.
@@ -144,9 +158,17 @@ def test_console_saves_audits_and_rolls_back(settings: Settings, factory: Any) -
     assert login(client, "boss").status_code == 302
     html = client.get("/admin/policy").get_data(as_text=True)
     assert 'id="active" data-version="0"' in html and "built-in default" in html
-    form = {"csrf_token": csrf_from(html), "thresholds": "own", "t_routine": "0.3",
-            "t_urgent": "0.6", "t_critical": "0.9", "stat_boost": "15", "max_wait_h": "24",
-            "reads_per_hour": "30", "reason": ""}  # fmt: skip
+    form = {
+        "csrf_token": csrf_from(html),
+        "thresholds": "own",
+        "t_routine": "0.3",
+        "t_urgent": "0.6",
+        "t_critical": "0.9",
+        "stat_boost": "15",
+        "max_wait_h": "24",
+        "reads_per_hour": "30",
+        "reason": "",
+    }
     page = client.post("/admin/policy", data=form, follow_redirects=True).get_data(as_text=True)
     assert "Policy not saved: say why" in page
     form["reason"] = "site thresholds from the first month's reads"
@@ -157,8 +179,9 @@ def test_console_saves_audits_and_rolls_back(settings: Settings, factory: Any) -
     assert doc["active"]["max_wait_h"] == 24.0 and doc["active"]["created_by"] == "boss"
     assert [h["version"] for h in doc["history"]] == [1, 0]
     token = csrf_from(page)
-    page = client.post("/admin/policy/0/rollback", data={"csrf_token": token},
-                       follow_redirects=True).get_data(as_text=True)  # fmt: skip
+    page = client.post(
+        "/admin/policy/0/rollback", data={"csrf_token": token}, follow_redirects=True
+    ).get_data(as_text=True)
     assert "The rules of version 0 are in force again as version 2" in page
     with factory() as session:
         rows = session.scalars(select(PolicyVersion).order_by(PolicyVersion.version)).all()

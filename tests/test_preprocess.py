@@ -54,8 +54,15 @@ def bright_border(img: np.ndarray) -> np.ndarray:
 def burned_in_letter(img: np.ndarray) -> np.ndarray:
     out = img.copy()
     side = img.shape[0]
-    cv2.putText(out, "R", (side // 40, side // 8), cv2.FONT_HERSHEY_SIMPLEX, side / 180, 255,
-                max(2, side // 60))  # fmt: skip
+    cv2.putText(
+        out,
+        "R",
+        (side // 40, side // 8),
+        cv2.FONT_HERSHEY_SIMPLEX,
+        side / 180,
+        255,
+        max(2, side // 60),
+    )
     return out
 
 
@@ -63,8 +70,11 @@ def low_resolution(img: np.ndarray) -> np.ndarray:
     return cv2.resize(img, (64, 64), interpolation=cv2.INTER_AREA)
 
 
-VARIANTS = {"bright border": bright_border, "burned-in letter": burned_in_letter,
-            "64-px film": low_resolution}  # fmt: skip
+VARIANTS = {
+    "bright border": bright_border,
+    "burned-in letter": burned_in_letter,
+    "64-px film": low_resolution,
+}
 
 
 def probe_accuracy(a: np.ndarray, b: np.ndarray) -> float:

@@ -33,7 +33,9 @@ def test_push_read_and_difference_over_processes(redis_url: str) -> None:
     push(client, "w1@host:1", {"forward": (4.0, 3.0, 4)})
     after = read(client)
     assert sorted(k.decode() for k in client.scan_iter(f"{PROFILE_PREFIX}*")) == [
-        f"{PROFILE_PREFIX}w1@host:1", f"{PROFILE_PREFIX}w2@host:2"]  # fmt: skip
+        f"{PROFILE_PREFIX}w1@host:1",
+        f"{PROFILE_PREFIX}w2@host:2",
+    ]
     delta = difference(after, before)
     assert delta == {"forward": (4.0, 3.0, 4.0), "write": (0.0, 0.0, 0.0)}
     table = per_image(after, 4, order=("write", "forward"))

@@ -28,11 +28,17 @@ pytestmark = pytest.mark.skipif(pacs.missing() is not None, reason=pacs.missing(
 OLD = date(2000, 1, 1)
 
 
-def instance(study_uid: str, seed: int, modality: str = "CR", study_date: str = "20261122",
-             series_uid: str | None = None) -> bytes:  # fmt: skip
+def instance(
+    study_uid: str,
+    seed: int,
+    modality: str = "CR",
+    study_date: str = "20261122",
+    series_uid: str | None = None,
+) -> bytes:
     """A generated radiograph of this study (its own series unless one is given)."""
-    ds = pydicom.dcmread(io.BytesIO(dicom_bytes(chest_like(seed=seed), study_uid=study_uid,
-                                                modality=modality)))  # fmt: skip
+    ds = pydicom.dcmread(
+        io.BytesIO(dicom_bytes(chest_like(seed=seed), study_uid=study_uid, modality=modality))
+    )
     ds.StudyDate = study_date
     if series_uid:
         ds.SeriesInstanceUID = series_uid
@@ -69,8 +75,13 @@ def held(intake: Intake) -> dict[str, tuple[str, str | None]]:
 
 def test_nodes_and_windows_parse_or_say_what_is_wrong() -> None:
     assert parse_node("dicom://PACS_1@10.0.0.5:104") == DicomNode("PACS_1", "10.0.0.5", 104)
-    for bad in ("PACS@host:104", "dicom://@host:104", "dicom://A@host", "dicom://A@host:70000",
-                "dicom://SEVENTEENCHARSXXXX@h:1"):  # fmt: skip
+    for bad in (
+        "PACS@host:104",
+        "dicom://@host:104",
+        "dicom://A@host",
+        "dicom://A@host:70000",
+        "dicom://SEVENTEENCHARSXXXX@h:1",
+    ):
         with pytest.raises(ConfigError, match="dicom://AE_TITLE@host:port"):
             parse_node(bad)
     now = datetime(2026, 12, 3, 1, 0, tzinfo=UTC)
@@ -136,12 +147,14 @@ def test_c_move_sends_to_our_listener_and_ingests_once(
         study = generate_uid()
         for seed in (7, 8):
             orthanc.upload(instance(study, seed))
-        report = pull_once(intake, node_of(orthanc), OLD, ("CR", "DX"),
-                           move_to=settings.dicom_ae_title)  # fmt: skip
+        report = pull_once(
+            intake, node_of(orthanc), OLD, ("CR", "DX"), move_to=settings.dicom_ae_title
+        )
         assert (report.instances, report.retrieved, report.failed, report.errors) == (2, 2, 0, [])
         assert [s for s, _ in held(intake).values()] == ["dicom", "dicom"]
-        again = pull_once(intake, node_of(orthanc), OLD, ("CR", "DX"),
-                          move_to=settings.dicom_ae_title)  # fmt: skip
+        again = pull_once(
+            intake, node_of(orthanc), OLD, ("CR", "DX"), move_to=settings.dicom_ae_title
+        )
         assert (again.already_held, again.retrieved) == (2, 0)
     finally:
         server.shutdown()
@@ -214,9 +227,13 @@ def test_run_with_cxr_pull_from_pulls_and_classifies(
 
     study = generate_uid()
     orthanc.upload(instance(study, 11, study_date=datetime.now(UTC).strftime("%Y%m%d")))
-    settings = Settings(data_dir=tmp_path / "data", weights=weights_file, port=free_port(),
-                        pull_from=f"dicom://{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}",
-                        pull_every_s=10)  # fmt: skip
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        weights=weights_file,
+        port=free_port(),
+        pull_from=f"dicom://{orthanc.aet}@127.0.0.1:{orthanc.dicom_port}",
+        pull_every_s=10,
+    )
     log_path = tmp_path / "run.log"
     run = start_run(settings, log_path)
     try:

@@ -164,9 +164,15 @@ def test_users_cli(settings) -> None:  # type: ignore[no-untyped-def]
     from tests.conftest import REPO, settings_env
 
     def users(*args: str, stdin: str = "") -> subprocess.CompletedProcess:  # type: ignore[type-arg]
-        return subprocess.run([sys.executable, "-m", "pipeline.cli", "users", *args], input=stdin,
-                              env=settings_env(settings), cwd=REPO, capture_output=True, text=True,
-                              timeout=120)  # fmt: skip
+        return subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "users", *args],
+            input=stdin,
+            env=settings_env(settings),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
 
     ok = users(
         "create", "alice", "--role", "radiologist", "--password-stdin", stdin="s3cret-pass\n"
@@ -241,8 +247,12 @@ def test_what_dead_workers_claimed_is_re_sent_at_once_and_nothing_finished_is(
     }
     with factory() as session:
         state = {i.id: (i.status, i.worker) for i in session.scalars(select(Image))}
-    assert state == {ids[0]: ("queued", None), ids[1]: ("queued", None),
-                     ids[2]: ("processing", "busy@h"), final.id: ("rejected", "killed@h")}  # fmt: skip
+    assert state == {
+        ids[0]: ("queued", None),
+        ids[1]: ("queued", None),
+        ids[2]: ("processing", "busy@h"),
+        final.id: ("rejected", "killed@h"),
+    }
     assert client.llen("cxr.live") == 2
     # Sent once: the re-sent images are queued with a message now, not claimed by anyone.
     assert rescue_dead_workers(settings, settings.redis_url)["requeued"] == 0
@@ -298,16 +308,22 @@ def test_a_worker_whose_batch_runs_past_the_hung_timeout_has_its_claims_re_sent(
         ids = [i.id for i in images]
     client = redis_client(settings.redis_url)
     start = time.time() - 120
-    for name, busy in (("stalled@h", time.time() - 31), ("working@h", time.time() - 2),
-                       ("idle@h", None)):  # fmt: skip
-        client.set(f"{HEARTBEAT_PREFIX}{name}", json.dumps({"since": start, "busy_since": busy}),
-                   ex=15)  # fmt: skip
+    for name, busy in (
+        ("stalled@h", time.time() - 31),
+        ("working@h", time.time() - 2),
+        ("idle@h", None),
+    ):
+        client.set(
+            f"{HEARTBEAT_PREFIX}{name}", json.dumps({"since": start, "busy_since": busy}), ex=15
+        )
     assert rescue_dead_workers(settings, settings.redis_url)["requeued"] == 1
     with factory() as session:
-        state = {i.id: (i.status, i.worker) for i in session.scalars(select(Image))
-                 if i.id in ids}  # fmt: skip
-    assert state == {ids[0]: ("queued", None), ids[1]: ("processing", "working@h"),
-                     ids[2]: ("processing", "idle@h")}  # fmt: skip
+        state = {i.id: (i.status, i.worker) for i in session.scalars(select(Image)) if i.id in ids}
+    assert state == {
+        ids[0]: ("queued", None),
+        ids[1]: ("processing", "working@h"),
+        ids[2]: ("processing", "idle@h"),
+    }
     for name in ("stalled@h", "working@h", "idle@h"):
         client.delete(f"{HEARTBEAT_PREFIX}{name}")
     client.close()

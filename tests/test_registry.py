@@ -106,8 +106,13 @@ def test_shadow_scores_without_touching_the_worklist(
 
     assert view(factory_a) == view(factory_b)  # the order and every ranked field
     with factory_b() as session:
-        shadow = dict(session.execute(select(ShadowPrediction.image_id, ShadowPrediction.p_abnormal)
-                                      .where(ShadowPrediction.model_version == candidate.version)).all())  # fmt: skip
+        shadow = dict(
+            session.execute(
+                select(ShadowPrediction.image_id, ShadowPrediction.p_abnormal).where(
+                    ShadowPrediction.model_version == candidate.version
+                )
+            ).all()
+        )
         live = dict(session.execute(select(Prediction.image_id, Prediction.p_abnormal)).all())
         assert set(shadow) == set(ids) == set(live)
         assert any(abs(shadow[i] - live[i]) > 1e-6 for i in ids)  # another model's opinion
@@ -126,8 +131,10 @@ def test_shadow_scores_without_touching_the_worklist(
         session.commit()
         studies = session.scalars(select(Study).order_by(Study.id)).all()
         truth = {s.id: k % 2 == 0 for k, s in enumerate(studies)}
-        session.add_all(Review(study_id=sid, user_id=boss.id, action="read", abnormal=t)
-                        for sid, t in truth.items())  # fmt: skip
+        session.add_all(
+            Review(study_id=sid, user_id=boss.id, action="read", abnormal=t)
+            for sid, t in truth.items()
+        )
         session.commit()
     with factory_b() as session:  # a fresh session: what the database hands back
         doc = registry.comparison(session, 0.5)
@@ -149,8 +156,9 @@ def test_promotion_under_load_loses_and_doubles_nothing(
     first = send(settings, make_studies(tmp_path / "a", 24))
     with factory() as session:
         boss = create_user(session, "boss", PASSWORD, "admin")
-        new = registry.register(session, other_model(tmp_path / "n.pt", 3), Path(settings.data_dir),
-                                boss.id)  # fmt: skip
+        new = registry.register(
+            session, other_model(tmp_path / "n.pt", 3), Path(settings.data_dir), boss.id
+        )
         registry.promote(session, new.version, boss.id, Path(settings.weights))
         session.commit()
         version = new.version
@@ -167,10 +175,15 @@ def test_promotion_under_load_loses_and_doubles_nothing(
     later = send(settings, make_studies(tmp_path / "c", 4, start=200))
     wait_done(factory, later, settings)
     with factory() as session:
-        assert set(session.scalars(select(Prediction.model_version)
-                                   .where(Prediction.image_id.in_(later)))) == {version}  # fmt: skip
-        assert {s.model_version for s in session.scalars(select(Study).where(
-            Study.id.in_(select(Image.study_id).where(Image.id.in_(later)))))} == {version}  # fmt: skip
+        assert set(
+            session.scalars(select(Prediction.model_version).where(Prediction.image_id.in_(later)))
+        ) == {version}
+        assert {
+            s.model_version
+            for s in session.scalars(
+                select(Study).where(Study.id.in_(select(Image.study_id).where(Image.id.in_(later))))
+            )
+        } == {version}
     assert all(s.status == "done" for s in studies)
 
 
@@ -184,8 +197,10 @@ def test_console_and_command(settings: Settings, tmp_path: Path) -> None:
     cand = other_model(tmp_path / "cand.pt", 11)
     proc = run_cli(["models", "register", str(cand), "--user", "rad", "--json"], settings)
     assert proc.returncode == 2 and "not an active admin" in json.loads(proc.stdout)["error"]
-    proc = run_cli(["models", "register", str(cand), "--user", "boss", "--note", "from 400 reads",
-                    "--json"], settings)  # fmt: skip
+    proc = run_cli(
+        ["models", "register", str(cand), "--user", "boss", "--note", "from 400 reads", "--json"],
+        settings,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     (line,) = proc.stdout.strip().splitlines()
     version = json.loads(line)["version"]
@@ -207,14 +222,18 @@ def test_console_and_command(settings: Settings, tmp_path: Path) -> None:
     page = boss.get(resp.headers["Location"]).get_data(as_text=True)
     assert "is in shadow" in page, page[page.find("<main") :][:1500]
     assert f"{version} in shadow since" in page, page[page.find('id="comparison"') :][:800]
-    page = boss.post(f"/admin/models/{version}/promote", data={"csrf_token": token},
-                     follow_redirects=True).get_data(as_text=True)  # fmt: skip
+    page = boss.post(
+        f"/admin/models/{version}/promote", data={"csrf_token": token}, follow_redirects=True
+    ).get_data(as_text=True)
     assert "is live" in page
     doc = boss.get("/api/admin/models").get_json()
     assert {m["version"]: m["status"] for m in doc["models"]}[version] == "live"
     with factory() as session:
-        actions = [e.action for e in session.scalars(select(AuditEvent).order_by(AuditEvent.id))
-                   if e.action.startswith("model_")]  # fmt: skip
+        actions = [
+            e.action
+            for e in session.scalars(select(AuditEvent).order_by(AuditEvent.id))
+            if e.action.startswith("model_")
+        ]
     assert actions == ["model_register", "model_shadow", "model_promote"]
     proc = run_cli(["models", "list", "--json"], settings)
     assert {m["status"] for m in json.loads(proc.stdout)["models"]} == {"live", "retired"}

@@ -49,12 +49,16 @@ def test_quick_reliability_suite_loses_and_doubles_nothing(settings, tmp_path) -
     expected.add(("redis crash+restart (embedded, AOF)", "sqlite+embedded"))
     if with_pg:
         expected |= {(s, "postgresql+compose") for s in COMMON}
-        expected |= {("redis crash+restart (compose, AOF)", "postgresql+compose"),
-                     ("postgresql down 3 s", "postgresql+compose")}  # fmt: skip
+        expected |= {
+            ("redis crash+restart (compose, AOF)", "postgresql+compose"),
+            ("postgresql down 3 s", "postgresql+compose"),
+        }
     # Rows on a system of their own (reliability.cli.OWN_SYSTEM_ROWS); the disk-full row mounts
     # a tmpfs, which needs root.
-    own = {"sqlite+embedded": ["partition 20 s: workers-Redis"],
-           "postgresql+compose": ["partition 20 s: workers-Redis, dashboard-database"]}  # fmt: skip
+    own = {
+        "sqlite+embedded": ["partition 20 s: workers-Redis"],
+        "postgresql+compose": ["partition 20 s: workers-Redis, dashboard-database"],
+    }
     if os.geteuid() == 0:
         own["sqlite+embedded"].append("disk full (64 MB tmpfs: data dir, SQLite, Redis AOF, spool)")
         own["postgresql+compose"].append("disk full (64 MB tmpfs: data dir, Redis AOF, spool)")
@@ -68,8 +72,19 @@ def test_quick_reliability_suite_loses_and_doubles_nothing(settings, tmp_path) -
     assert {(r["scenario"], r["profile"]) for r in rows} == expected
     for row in rows:
         assert row["lost"] == 0 and row["duplicated"] == 0, row
-        if row["scenario"].startswith(("worker", "redis", "postgresql", "dashboard", "load",
-                                       "disk full", "partition", "soak", "run supervisor")):  # fmt: skip
+        if row["scenario"].startswith(
+            (
+                "worker",
+                "redis",
+                "postgresql",
+                "dashboard",
+                "load",
+                "disk full",
+                "partition",
+                "soak",
+                "run supervisor",
+            )
+        ):
             # Every study sent came out final: done (these scenarios send good studies only).
             assert row["done"] == row["sent"], row
     fuzz = next(r for r in rows if r["scenario"].startswith("decoder fuzz"))
@@ -78,6 +93,7 @@ def test_quick_reliability_suite_loses_and_doubles_nothing(settings, tmp_path) -
     assert all("0 with PHI" in r["note"] for r in security), security
     # The fault rows say they ran with the shipped timeouts (`make run`'s, not tuned ones).
     for row in rows:
-        if row["scenario"].startswith(("worker", "redis crash", "redis full",
-                                       "postgresql down", "run supervisor")):  # fmt: skip
+        if row["scenario"].startswith(
+            ("worker", "redis crash", "redis full", "postgresql down", "run supervisor")
+        ):
             assert "shipped" in row["note"], row

@@ -112,13 +112,17 @@ def test_sr_and_capture_are_valid_dicom_and_the_same_on_every_build(
         assert ds.StudyInstanceUID == study.study_uid
         assert ds.SeriesInstanceUID != source.series_uid
         assert (ds.PatientID, ds.PatientName, ds.AccessionNumber) == (
-            "PID-0001", "Test^Patient", "ACC-0001")  # fmt: skip
+            "PID-0001",
+            "Test^Patient",
+            "ACC-0001",
+        )
     assert sr.SeriesInstanceUID != sc.SeriesInstanceUID
     assert {o.uid for o in ready} == {sr.SOPInstanceUID, sc.SOPInstanceUID}
     # highdicom reads the SR back as a TID 1500 report with our values in it
     report = hd.sr.ComprehensiveSR.from_dataset(sr)
-    assert report.get_evidence() == [(study.study_uid, source.series_uid, source.sop_uid,
-                                      "1.2.840.10008.5.1.4.1.1.1")]  # fmt: skip
+    assert report.get_evidence() == [
+        (study.study_uid, source.series_uid, source.sop_uid, "1.2.840.10008.5.1.4.1.1.1")
+    ]
     assert report.content.get_image_measurement_groups() == []  # every group has a region
     groups = report.content.get_planar_roi_measurement_groups()
     assert [g.tracking_identifier for g in groups] == ["AI triage: study"]
@@ -137,17 +141,28 @@ def test_sr_and_capture_are_valid_dicom_and_the_same_on_every_build(
     )
     r0, r1, c0, c1 = placed.peak
     cols, rows = source.width, source.height
-    np.testing.assert_allclose(region.value, [[c0 * cols, r0 * rows], [c1 * cols, r0 * rows],
-                                              [c1 * cols, r1 * rows], [c0 * cols, r1 * rows],
-                                              [c0 * cols, r0 * rows]], atol=1.0)  # fmt: skip
+    np.testing.assert_allclose(
+        region.value,
+        [
+            [c0 * cols, r0 * rows],
+            [c1 * cols, r0 * rows],
+            [c1 * cols, r1 * rows],
+            [c0 * cols, r1 * rows],
+            [c0 * cols, r0 * rows],
+        ],
+        atol=1.0,
+    )
     b0, b1, a0, a1 = placed.box
     assert b0 - 1e-6 <= r0 < r1 <= b1 + 1e-6 and a0 - 1e-6 <= c0 < c1 <= a1 + 1e-6
     (p_abn,) = [m for m in groups[0].get_measurements() if m.name.meaning == "Abnormal probability"]
     assert p_abn.value == pytest.approx(study.p_abnormal, abs=1e-6)
     evaluations = {e.name.meaning: e.value.meaning for e in groups[0].get_qualitative_evaluations()}
     assert evaluations["Triage class"] == study.triage_class.capitalize()
-    assert groups[0].finding_type.meaning == {"normal": "Normal", "pneumonia": "Pneumonia",
-                                              "covid19": "COVID-19"}.get(study.label, study.label)  # fmt: skip
+    assert groups[0].finding_type.meaning == {
+        "normal": "Normal",
+        "pneumonia": "Pneumonia",
+        "covid19": "COVID-19",
+    }.get(study.label, study.label)
     texts = {e.value for e in sr.iterall() if e.keyword == "TextValue"}
     assert study.model_version in texts
     assert any(t.startswith(f"policy {study.model_version}/policy-") for t in texts), texts
@@ -164,13 +179,19 @@ def test_sr_and_capture_are_valid_dicom_and_the_same_on_every_build(
             assert not [ln for ln in lines if ln.startswith("Error")], lines
             # Allowed: our private coding scheme, and DICOMDIR-only attributes (Study ID, Study
             # Time) that are empty because the source study had none (Type 2, copied as is).
-            warnings = {ln for ln in lines if ln.startswith("Warning")
-                        and "needed to build DICOMDIR" not in ln}  # fmt: skip
-            assert warnings <= {"Warning - Unrecognized defined term <99CXRTRIAGE> for value 1 "
-                                "of attribute <Coding Scheme Designator>"}, warnings  # fmt: skip
+            warnings = {
+                ln
+                for ln in lines
+                if ln.startswith("Warning") and "needed to build DICOMDIR" not in ln
+            }
+            assert warnings <= {
+                "Warning - Unrecognized defined term <99CXRTRIAGE> for value 1 "
+                "of attribute <Coding Scheme Designator>"
+            }, warnings
     if shutil.which("dsrdump"):
-        out = subprocess.run(["dsrdump", "-v", str(tmp_path / "sr.dcm")], capture_output=True,
-                             text=True)  # fmt: skip
+        out = subprocess.run(
+            ["dsrdump", "-v", str(tmp_path / "sr.dcm")], capture_output=True, text=True
+        )
         assert out.returncode == 0 and "E:" not in out.stderr and "W:" not in out.stderr
         assert "Imaging Measurement Report" in out.stdout and "Abnormal probability" in out.stdout
 
@@ -199,8 +220,9 @@ def test_the_cam_lies_on_the_crop_the_model_read(
     factory = make_session_factory(make_engine(shipped.db_url))
     report = ingest_paths(factory, [study_folder], Limits())
     ids = [i.image_id for i in report.accepted]
-    done = classify_images(factory, redis_client(shipped.redis_url),
-                           Classifier(shipped.weights, "cpu", 1), ids)  # fmt: skip
+    done = classify_images(
+        factory, redis_client(shipped.redis_url), Classifier(shipped.weights, "cpu", 1), ids
+    )
     assert sorted(done.done) == sorted(ids)
     with factory() as session:
         create_user(session, "rad", PASSWORD, "radiologist")
@@ -213,8 +235,10 @@ def test_the_cam_lies_on_the_crop_the_model_read(
         pred = session.scalars(select(Prediction).where(Prediction.image_id == source.id)).one()
         placed = place(session, source, pred, shipped.weights_path)
         assert preprocess_of(session, pred.model_version, shipped.weights_path) == "thorax"
-        payloads = {o.kind: build_payload(session, o) for o in session.scalars(
-            select(ResultObject).where(ResultObject.status == "ready"))}  # fmt: skip
+        payloads = {
+            o.kind: build_payload(session, o)
+            for o in session.scalars(select(ResultObject).where(ResultObject.status == "ready"))
+        }
     assert placed.box != WHOLE
     b0, b1, a0, a1 = placed.box
     assert 0.0 <= b0 < b1 <= 1.0 and 0.0 <= a0 < a1 <= 1.0 and (b1 - b0) * (a1 - a0) < 0.95
@@ -244,12 +268,16 @@ def test_the_cam_lies_on_the_crop_the_model_read(
     # the SR's region: the strongest cell, inside the crop, in the film's pixels
     import highdicom as hd
 
-    (group,) = hd.sr.ComprehensiveSR.from_dataset(dcmread(io.BytesIO(payloads["sr"]))
-                                                  ).content.get_planar_roi_measurement_groups()  # fmt: skip
+    (group,) = hd.sr.ComprehensiveSR.from_dataset(
+        dcmread(io.BytesIO(payloads["sr"]))
+    ).content.get_planar_roi_measurement_groups()
     xs, ys = group.roi.value[:, 0] / source.width, group.roi.value[:, 1] / source.height
     r0, r1, c0, c1 = placed.peak
-    np.testing.assert_allclose([ys.min(), ys.max(), xs.min(), xs.max()], [r0, r1, c0, c1],
-                               atol=2.0 / min(source.width, source.height))  # fmt: skip
+    np.testing.assert_allclose(
+        [ys.min(), ys.max(), xs.min(), xs.max()],
+        [r0, r1, c0, c1],
+        atol=2.0 / min(source.width, source.height),
+    )
     assert b0 - 1e-6 <= r0 and r1 <= b1 + 1e-6 and a0 - 1e-6 <= c0 and c1 <= a1 + 1e-6
 
 
@@ -275,8 +303,11 @@ def test_frequent_passes_look_at_recent_studies_and_full_passes_at_all(
     add_destination(populated, settings, parse_url("dicom://PACS@127.0.0.1:1"))
     model = model_info(settings)
     later = datetime.now(UTC) + timedelta(minutes=1)  # every study finished before this
-    assert queue_results(populated, model, done_since=later) == {"studies": 0, "alerts": 0,
-                                                                 "outbox": 0}  # fmt: skip
+    assert queue_results(populated, model, done_since=later) == {
+        "studies": 0,
+        "alerts": 0,
+        "outbox": 0,
+    }
     assert queue_results(populated, model)["studies"] == 3
     sender = Sender(settings)
     try:
@@ -291,10 +322,20 @@ def test_frequent_passes_look_at_recent_studies_and_full_passes_at_all(
 def test_destination_urls() -> None:
     d = parse_url("dicom://ORTHANC@pacs.example:4242")
     assert (d.kind, d.ae_title, d.host, d.port, d.want_sr, d.want_sc) == (
-        "dicom", "ORTHANC", "pacs.example", 4242, True, True)  # fmt: skip
+        "dicom",
+        "ORTHANC",
+        "pacs.example",
+        4242,
+        True,
+        True,
+    )
     w = parse_url("https://pacs.example:8042/dicom-web/#sr")
     assert (w.kind, w.url, w.want_sr, w.want_sc) == (
-        "dicomweb", "https://pacs.example:8042/dicom-web", True, False)  # fmt: skip
+        "dicomweb",
+        "https://pacs.example:8042/dicom-web",
+        True,
+        False,
+    )
     assert parse_url("mllp://ris:2575").port == 2575
     for bad in ("dicom://pacs:104", "ftp://x", "dicom://WAY-TOO-LONG-AE-TITLE@h:1"):
         with pytest.raises(ValueError):
@@ -302,8 +343,11 @@ def test_destination_urls() -> None:
 
 
 def test_environment_destinations_are_synced(populated: Any, settings: Settings) -> None:
-    env = settings.with_(pacs_destinations="dicom://A@h:104, https://h/dicom-web",
-                         pacs_token="tok", alert_destinations="mllp://ris:2575")  # fmt: skip
+    env = settings.with_(
+        pacs_destinations="dicom://A@h:104, https://h/dicom-web",
+        pacs_token="tok",
+        alert_destinations="mllp://ris:2575",
+    )
     with session_scope(populated) as session:
         assert sync_env(session, env) == {"added": 3, "disabled": 0}
     with session_scope(populated) as session:
@@ -311,7 +355,9 @@ def test_environment_destinations_are_synced(populated: Any, settings: Settings)
         assert rows["https://h/dicom-web"].auth == "bearer"
         assert "tok" not in (rows["https://h/dicom-web"].secret or "")  # stored encrypted
         assert sync_env(session, settings.with_(pacs_destinations="dicom://A@h:104")) == {
-            "added": 0, "disabled": 2}  # fmt: skip
+            "added": 0,
+            "disabled": 2,
+        }
 
 
 # --------------------------------------------------------------------------- a real PACS
@@ -348,8 +394,9 @@ def test_sr_and_capture_arrive_by_cstore_and_stow(
             got = _stored(server)
             assert sorted(i["SOPClassUID"] for i in got) == sorted([SOP_SR, SOP_SC])
             assert {i["StudyInstanceUID"] for i in got} == {study.study_uid}
-            assert {i["SOPInstanceUID"] for i in got} == {o.uid for o in objects(populated)
-                                                          if o.status == "ready"}  # fmt: skip
+            assert {i["SOPInstanceUID"] for i in got} == {
+                o.uid for o in objects(populated) if o.status == "ready"
+            }
             assert len({i["SeriesInstanceUID"] for i in got}) == 2
         assert [i.status for i in outbox(populated)] == ["sent"] * 4
     finally:
@@ -387,7 +434,8 @@ def test_pacs_down_retries_then_every_object_arrives_once(
         sender.close()
     got = _stored(orthanc)
     assert sorted(i["SOPInstanceUID"] for i in got) == sorted(
-        o.uid for o in objects(populated) if o.status == "ready")  # fmt: skip
+        o.uid for o in objects(populated) if o.status == "ready"
+    )
     with populated() as session:
         dest = session.get(Destination, dest_id)
         assert dest is not None and dest.last_ok_at is not None and dest.last_error
@@ -405,8 +453,10 @@ def test_a_crash_between_send_and_commit_resends_the_same_instance(
     with populated() as session:
         dest = session.scalars(select(Destination)).one()
         session.expunge(dest)
-        items = [(i.id, build_payload(session, session.get(ResultObject, i.object_id)))
-                 for i in session.scalars(select(OutboxItem))]  # fmt: skip
+        items = [
+            (i.id, build_payload(session, session.get(ResultObject, i.object_id)))
+            for i in session.scalars(select(OutboxItem))
+        ]
     send_dicom(settings, dest, items, lambda *_: None)  # sent, then the sender "dies"
     assert len(_stored(orthanc)) == 2
     assert [i.status for i in outbox(populated)] == ["sending", "sending"]
@@ -497,8 +547,9 @@ def test_critical_study_alert_over_mllp_is_acknowledged(
     finally:
         listener.stop()
     assert len(listener.messages) == 1
-    segments = {line.split("|")[0]: line.split("|") for line in listener.messages[0].split("\r")
-                if line}  # fmt: skip
+    segments = {
+        line.split("|")[0]: line.split("|") for line in listener.messages[0].split("\r") if line
+    }
     assert segments["MSH"][8] == "ORU^R01^ORU_R01"
     assert segments["OBR"][2] == "ACC-0001" and segments["OBR"][5] == "S"
     assert "PID" not in segments and "Test^Patient" not in listener.messages[0]
@@ -508,11 +559,15 @@ def test_critical_study_alert_over_mllp_is_acknowledged(
     # audited: raised and delivered, by the system (no user), with no patient data
     with populated() as session:
         alert = session.scalars(select(ResultObject).where(ResultObject.kind == "alert")).one()
-        events = [(e.action, e.target, e.user_id, e.detail or "")
-                  for e in session.scalars(select(AuditEvent).order_by(AuditEvent.id))
-                  if e.action.startswith("alert_")]  # fmt: skip
-    assert [e[:3] for e in events] == [("alert_raised", f"study:{study.id}", None),
-                                       ("alert_sent", f"study:{study.id}", None)]  # fmt: skip
+        events = [
+            (e.action, e.target, e.user_id, e.detail or "")
+            for e in session.scalars(select(AuditEvent).order_by(AuditEvent.id))
+            if e.action.startswith("alert_")
+        ]
+    assert [e[:3] for e in events] == [
+        ("alert_raised", f"study:{study.id}", None),
+        ("alert_sent", f"study:{study.id}", None),
+    ]
     assert all(alert.uid in e[3] for e in events)
     assert "mllp destination" in events[1][3] and "attempt 1" in events[1][3]
     assert not [e for e in events if "Test^Patient" in e[3] or "PID-0001" in e[3]]
@@ -541,8 +596,10 @@ def test_critical_alert_webhook_is_signed(populated: Any, settings: Settings) ->
     server = http.server.HTTPServer(("127.0.0.1", 0), Hook)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        env = settings.with_(alert_destinations=f"http://127.0.0.1:{server.server_port}/hook",
-                             alert_webhook_secret="hook-key")  # fmt: skip
+        env = settings.with_(
+            alert_destinations=f"http://127.0.0.1:{server.server_port}/hook",
+            alert_webhook_secret="hook-key",
+        )
         with session_scope(populated) as session:
             sync_env(session, env)  # an env destination, backdated to before the study
             for row in session.scalars(select(Destination)):
@@ -557,5 +614,8 @@ def test_critical_alert_webhook_is_signed(populated: Any, settings: Settings) ->
     assert headers["X-CXR-Signature"] == f"sha256={expected}"
     doc = json.loads(body)
     assert (doc["accession_number"], doc["triage_class"], doc["priority"]) == (
-        "ACC-0001", "critical", 90.0)  # fmt: skip
+        "ACC-0001",
+        "critical",
+        90.0,
+    )
     assert "Test^Patient" not in body.decode() and "PID-0001" not in body.decode()

@@ -43,8 +43,9 @@ def routes(app: Any) -> list[tuple[str, str, str, Any]]:
     out = []
     for rule in app.url_map.iter_rules():
         for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
-            out.append((rule.endpoint, method, url_for_rule(app, rule),
-                        app.view_functions[rule.endpoint]))  # fmt: skip
+            out.append(
+                (rule.endpoint, method, url_for_rule(app, rule), app.view_functions[rule.endpoint])
+            )
     return sorted(out, key=lambda r: (r[2] == "/logout", r[2], r[1]))  # logout last
 
 
@@ -62,8 +63,10 @@ def admin_only(view: Any) -> bool:
 def app(settings, populated):  # type: ignore[no-untyped-def]
     with populated() as session:
         create_user(session, "boss", PASSWORD, "admin")
-        tokens = {role: issue_token(session, create_user(session, f"{role}-1", None, role))
-                  for role in ("feed", "monitor")}  # fmt: skip
+        tokens = {
+            role: issue_token(session, create_user(session, f"{role}-1", None, role))
+            for role in ("feed", "monitor")
+        }
         # People may hold tokens too (`cxr-triage users token NAME`); API routes that take a
         # token only (the CSRF-exempt ingest endpoints) are walked with them.
         for name, role in (("rad", "radiologist"), ("boss", "admin")):
@@ -86,8 +89,17 @@ def call(client: Any, method: str, url: str, headers: dict[str, str] | None = No
 
 def test_the_walk_covers_every_kind_of_route(app) -> None:  # type: ignore[no-untyped-def]
     urls = {url for _, _, url, _ in routes(app)}
-    assert {"/", "/studies/1", "/admin", "/api/worklist", "/api/admin/overview", "/metrics",
-            "/admin/studies/1/requeue", "/admin/audit", "/worklist/rows"} <= urls  # fmt: skip
+    assert {
+        "/",
+        "/studies/1",
+        "/admin",
+        "/api/worklist",
+        "/api/admin/overview",
+        "/metrics",
+        "/admin/studies/1/requeue",
+        "/admin/audit",
+        "/worklist/rows",
+    } <= urls
 
 
 def test_conventions_every_route_declares_its_check(app) -> None:  # type: ignore[no-untyped-def]

@@ -73,14 +73,20 @@ def test_run_serves_supervises_and_stops_cleanly(
     tmp_path: Path, weights_file, study_folder
 ) -> None:
     port = free_port()
-    settings = Settings(data_dir=tmp_path / "data", weights=weights_file, port=port,
-                        batch_size=4, batch_wait_ms=100)  # fmt: skip
+    settings = Settings(
+        data_dir=tmp_path / "data", weights=weights_file, port=port, batch_size=4, batch_wait_ms=100
+    )
     env = settings_env(settings)
     env.pop("CXR_REDIS_URL", None)
     env["CXR_ADMIN_PASSWORD"] = "first-admin-password"
     log = open(tmp_path / "run.log", "w+")
-    run = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--port", str(port)],
-                           env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    run = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "run", "--port", str(port)],
+        env=env,
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     parent = psutil.Process(run.pid)
     descendants: set[int] = set()
     try:
@@ -102,8 +108,11 @@ def test_run_serves_supervises_and_stops_cleanly(
         runtime = json.loads((settings.data_dir / "runtime.json").read_text())
         assert runtime["redis_url"].startswith("redis://127.0.0.1:")
         beats = redis_client(runtime["redis_url"])
-        wait_for(lambda: len(beats.keys(HEARTBEAT_PREFIX + "*")) == layout.processes, 60,
-                 "a heartbeat from every worker")  # fmt: skip
+        wait_for(
+            lambda: len(beats.keys(HEARTBEAT_PREFIX + "*")) == layout.processes,
+            60,
+            "a heartbeat from every worker",
+        )
         beats.close()
 
         # `ingest` finds the running system through the data dir.
@@ -118,8 +127,9 @@ def test_run_serves_supervises_and_stops_cleanly(
         opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
         html = opener.open(base + "/login").read().decode()
         token = re.search(r'name="csrf_token" value="([^"]+)"', html).group(1)
-        form = urllib.parse.urlencode({"username": "admin", "password": "first-admin-password",
-                                       "csrf_token": token}).encode()  # fmt: skip
+        form = urllib.parse.urlencode(
+            {"username": "admin", "password": "first-admin-password", "csrf_token": token}
+        ).encode()
         opener.open(base + "/login", data=form)
         api = json.loads(opener.open(base + "/api/worklist").read())
         priorities = [s["priority"] for s in api["studies"] if s["priority"] is not None]
@@ -137,10 +147,14 @@ def test_run_serves_supervises_and_stops_cleanly(
         redis_proc = running_children(parent, "redis-server", recursive=False)[0]
         redis_proc.kill()
         wait_for(
-            lambda: [p for p in running_children(parent, "redis-server", recursive=False)
-                     if p.pid != redis_proc.pid],
-            30, "a new redis-server",
-        )  # fmt: skip
+            lambda: [
+                p
+                for p in running_children(parent, "redis-server", recursive=False)
+                if p.pid != redis_proc.pid
+            ],
+            30,
+            "a new redis-server",
+        )
         more = tmp_path / "more"
         more.mkdir()
         (more / "late.png").write_bytes(png_bytes(chest_like(seed=9)))
@@ -161,8 +175,11 @@ def test_run_serves_supervises_and_stops_cleanly(
         log.close()
     assert code == 0, Path(log.name).read_text()[-3000:]
     time.sleep(0.5)
-    alive = [pid for pid in descendants if psutil.pid_exists(pid)
-             and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]  # fmt: skip
+    alive = [
+        pid
+        for pid in descendants
+        if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    ]
     assert alive == [], f"left running: {alive}"
     assert not (settings.data_dir / "runtime.json").exists()
 
@@ -181,9 +198,13 @@ def test_worker_command_runs_three_processes_that_share_the_work_and_stop_togeth
     settings = settings.with_(worker_processes=3, device="cpu")
     upgrade(settings.db_url)
     log = open(tmp_path / "worker.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "worker"],
-                            env=settings_env(settings), cwd=REPO, stdout=log,
-                            stderr=subprocess.STDOUT)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "worker"],
+        env=settings_env(settings),
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     parent = psutil.Process(proc.pid)
     try:
         workers = wait_for_workers(parent, 3)
@@ -213,8 +234,11 @@ def test_worker_command_runs_three_processes_that_share_the_work_and_stop_togeth
         log.close()
     assert code == 0, Path(log.name).read_text()[-3000:]
     time.sleep(0.5)
-    assert [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status()
-            != psutil.STATUS_ZOMBIE] == []  # fmt: skip
+    assert [
+        p
+        for p in pids
+        if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+    ] == []
 
 
 def start_run(settings: Settings, log_path: Path) -> subprocess.Popen:
@@ -222,8 +246,13 @@ def start_run(settings: Settings, log_path: Path) -> subprocess.Popen:
     env = settings_env(settings)
     env.pop("CXR_REDIS_URL", None)
     with open(log_path, "ab") as log:
-        return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run"], env=env,
-                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipeline.cli", "run"],
+            env=env,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def wait_serving(settings: Settings, run: subprocess.Popen, log_path: Path) -> None:
@@ -258,8 +287,13 @@ def test_killed_run_leaves_nothing_running_and_one_data_dir_has_one_system(
     from pipeline.lifetime import process_start
     from pipeline.redis_server import EmbeddedRedis
 
-    settings = Settings(data_dir=tmp_path / "data", weights=weights_file, port=free_port(),
-                        worker_processes=1, torch_threads=1)  # fmt: skip
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        weights=weights_file,
+        port=free_port(),
+        worker_processes=1,
+        torch_threads=1,
+    )
     log_path = tmp_path / "run.log"
     first = start_run(settings, log_path)
     started: list[subprocess.Popen] = [first]
@@ -279,8 +313,11 @@ def test_killed_run_leaves_nothing_running_and_one_data_dir_has_one_system(
         recorded = subprocess.Popen(["sleep", "600"], start_new_session=True)
         started.append(recorded)
         lock = settings.data_dir / "run.lock"
-        lock.write_text(json.dumps({"pid": first.pid,
-                                    "children": [[recorded.pid, process_start(recorded.pid)]]}))  # fmt: skip
+        lock.write_text(
+            json.dumps(
+                {"pid": first.pid, "children": [[recorded.pid, process_start(recorded.pid)]]}
+            )
+        )
         orphan = EmbeddedRedis(settings.data_dir / "redis").start().process
         assert orphan is not None
         started.append(orphan)
@@ -327,8 +364,11 @@ def test_a_killed_workers_batch_is_re_sent_at_once_under_the_shipped_defaults(
         wait_for_workers(parent, layout.processes)
         runtime = json.loads((settings.data_dir / "runtime.json").read_text())
         beats = redis_client(runtime["redis_url"])
-        wait_for(lambda: len(beats.keys(HEARTBEAT_PREFIX + "*")) == layout.processes, 90,
-                 "a heartbeat from every worker")  # fmt: skip
+        wait_for(
+            lambda: len(beats.keys(HEARTBEAT_PREFIX + "*")) == layout.processes,
+            90,
+            "a heartbeat from every worker",
+        )
         beats.close()
         folder = tmp_path / "in"
         folder.mkdir()
@@ -340,14 +380,24 @@ def test_a_killed_workers_batch_is_re_sent_at_once_under_the_shipped_defaults(
 
         def claims() -> list[tuple[int, str]]:
             with factory() as session:
-                return list(session.execute(select(Image.id, Image.worker).where(
-                    Image.status == "processing", Image.worker.is_not(None))).all())  # fmt: skip
+                return list(
+                    session.execute(
+                        select(Image.id, Image.worker).where(
+                            Image.status == "processing", Image.worker.is_not(None)
+                        )
+                    ).all()
+                )
 
         held: list[int] = []
         for _ in range(2):
             node = wait_for(claims, 120, "a batch in flight")[0][1]
-            victim = next(p for p in celery_children(parent) if node.startswith(
-                p.cmdline()[p.cmdline().index("--hostname") + 1].split("@")[0] + "@"))  # fmt: skip
+            victim = next(
+                p
+                for p in celery_children(parent)
+                if node.startswith(
+                    p.cmdline()[p.cmdline().index("--hostname") + 1].split("@")[0] + "@"
+                )
+            )
             victim.suspend()  # frozen: what it holds now is what it dies holding
             mine = [i for i, w in claims() if w == node]
             victim.kill()
@@ -357,19 +407,27 @@ def test_a_killed_workers_batch_is_re_sent_at_once_under_the_shipped_defaults(
 
         def all_final() -> bool:
             with factory() as session:
-                open_ = session.scalar(select(func.count(Image.id)).where(
-                    Image.status.in_(("received", "queued", "processing"))))  # fmt: skip
+                open_ = session.scalar(
+                    select(func.count(Image.id)).where(
+                        Image.status.in_(("received", "queued", "processing"))
+                    )
+                )
             return open_ == 0
 
         # Far inside kombu's 300 s visibility timeout and the 600 s stuck timeout.
         wait_for(all_final, 180, "every image final")
         with factory() as session:
-            statuses = dict(session.execute(select(Image.status, func.count()).group_by(
-                Image.status)).all())  # fmt: skip
-            per_image = dict(session.execute(select(Prediction.image_id, func.count()).group_by(
-                Prediction.image_id)).all())  # fmt: skip
-            attempts = dict(session.execute(select(Image.id, Image.attempts).where(
-                Image.id.in_(held))).all())  # fmt: skip
+            statuses = dict(
+                session.execute(select(Image.status, func.count()).group_by(Image.status)).all()
+            )
+            per_image = dict(
+                session.execute(
+                    select(Prediction.image_id, func.count()).group_by(Prediction.image_id)
+                ).all()
+            )
+            attempts = dict(
+                session.execute(select(Image.id, Image.attempts).where(Image.id.in_(held))).all()
+            )
         assert statuses == {"done": 96}
         assert len(per_image) == 96 and set(per_image.values()) == {1}
         assert min(attempts.values()) >= 2, attempts  # each killed claim really ran again

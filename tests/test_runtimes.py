@@ -21,9 +21,15 @@ SIZE = 64
 def small_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A seeded abnormal-head ResNet-18 at 64 px with layer4 at stride 1 (a 4 x 4 CAM)."""
     torch.manual_seed(3)
-    meta = {**default_meta(), "input_size": SIZE, "head": "abnormal", "layer4_stride": 1,
-            "classes": ["normal", "pneumonia", "covid19"], "findings": ["pneumonia", "covid19"],
-            "thresholds": {"critical": 0.9, "urgent": 0.7, "routine": 0.5}}  # fmt: skip
+    meta = {
+        **default_meta(),
+        "input_size": SIZE,
+        "head": "abnormal",
+        "layer4_stride": 1,
+        "classes": ["normal", "pneumonia", "covid19"],
+        "findings": ["pneumonia", "covid19"],
+        "thresholds": {"critical": 0.9, "urgent": 0.7, "routine": 0.5},
+    }
     model = build_from_meta(meta)
     with torch.no_grad():  # BN statistics of a trained network, not the identity of a new one
         for m in model.modules():
@@ -59,7 +65,7 @@ def int8_model(small_weights: Path) -> Path:
         ("compile", 1e-4, 1e-2),
         ("onnxruntime-int8", 0.05, 0.15),
         ("openvino-int8", 0.05, 0.15),
-    ],  # fmt: skip
+    ],
 )
 def test_runtime_matches_float32(
     small_weights: Path, int8_model: Path, runtime: str, p_tol: float, cam_tol: float
@@ -88,8 +94,10 @@ def test_missing_package_falls_back_to_eager_with_a_log_line(
     with caplog.at_level(logging.WARNING, logger="pipeline.classifier"):
         clf = Classifier(small_weights, "cpu", 1, "openvino")
     assert clf.runtime == "eager"
-    assert ("runtime openvino unavailable, falling back to eager PyTorch: the openvino package "
-            "is not installed") in caplog.text  # fmt: skip
+    assert (
+        "runtime openvino unavailable, falling back to eager PyTorch: the openvino package "
+        "is not installed"
+    ) in caplog.text
     ref = Classifier(small_weights, "cpu", 1).predict(_images(2, 0))
     assert np.array_equal(clf.predict(_images(2, 0)).probabilities, ref.probabilities)
 
@@ -116,8 +124,10 @@ def test_auto_uses_the_choice_recorded_for_this_cpu_and_these_weights(
         assert Classifier(weights, "cpu", 1, "auto").runtime == "eager"
     assert "no runtime measured for these weights on this CPU" in caplog.text
     sha = Classifier(weights, "cpu", 1).sha256
-    rows = [{"runtime": "eager", "img_s": 10.0, "passes": True},
-            {"runtime": "onnxruntime", "img_s": 12.0, "passes": True}]  # fmt: skip
+    rows = [
+        {"runtime": "eager", "img_s": 10.0, "passes": True},
+        {"runtime": "onnxruntime", "img_s": 12.0, "passes": True},
+    ]
     from bench.runtimes_bench import choose
 
     assert choose(rows) == "onnxruntime"

@@ -159,8 +159,11 @@ def run_simulate(
 
 @pytest.fixture
 def bare_settings(tmp_path) -> Settings:
-    return Settings(data_dir=tmp_path / "data", database_url=f"sqlite:///{tmp_path / 'sim.db'}",
-                    weights=tmp_path / "absent.pt")  # fmt: skip
+    return Settings(
+        data_dir=tmp_path / "data",
+        database_url=f"sqlite:///{tmp_path / 'sim.db'}",
+        weights=tmp_path / "absent.pt",
+    )
 
 
 SMALL = ["--days", "4", "--warmup-days", "1", "--volume", "60", "--cap-hours", "30"]
@@ -270,8 +273,14 @@ def waiting_db(bare_settings):  # type: ignore[no-untyped-def]
     with factory() as session:
         admin = create_user(session, "boss", "admin password 1", "admin")
         create_user(session, "rad", "radiologist pw 1", "radiologist")
-        rows = [("critical", "done", 10), ("urgent", "done", 4), ("normal", "done", 2),
-                ("normal", "done", 6), (None, "queued", 1), (None, "rejected", 30)]  # fmt: skip
+        rows = [
+            ("critical", "done", 10),
+            ("urgent", "done", 4),
+            ("normal", "done", 2),
+            ("normal", "done", 6),
+            (None, "queued", 1),
+            (None, "rejected", 30),
+        ]
         for cls, status, hours in rows:
             session.add(
                 Study(triage_class=cls, status=status, received_at=now - timedelta(hours=hours))

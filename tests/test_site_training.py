@@ -36,8 +36,9 @@ def reviewed_site(settings: Settings, tmp_path: Path, n: int) -> None:
             i = int(Path(img.filename or "").stem[1:])
             study = session.get(Study, img.study_id)
             study.status, study.patient_id = "done", f"P{i // 2}"  # two films a patient
-            session.add(Review(study_id=study.id, user_id=user.id, action="read",
-                               abnormal=i % 2 == 1))  # fmt: skip
+            session.add(
+                Review(study_id=study.id, user_id=user.id, action="read", abnormal=i % 2 == 1)
+            )
         session.commit()
 
 
@@ -61,8 +62,23 @@ def test_train_from_db_writes_a_candidate(settings: Settings, tmp_path: Path) ->
     assert all((table.parent / line.split(",")[0]).is_file() for line in lines[1:])
     before = file_sha256(settings.weights)
     out = tmp_path / "candidate.pt"
-    proc = run_cli(["train", "--from-db", "--epochs", "1", "--epoch-size", "16",
-                    "--input-size", "32", "--batch-size", "8", "--out", str(out)], settings)  # fmt: skip
+    proc = run_cli(
+        [
+            "train",
+            "--from-db",
+            "--epochs",
+            "1",
+            "--epoch-size",
+            "16",
+            "--input-size",
+            "32",
+            "--batch-size",
+            "8",
+            "--out",
+            str(out),
+        ],
+        settings,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "nothing live changed" in proc.stdout
     assert file_sha256(settings.weights) == before  # the model in use is untouched

@@ -27,8 +27,14 @@ print(json.dumps(sorted(m for m in {heavy!r} if m in sys.modules)))
 
 def _heavy_modules_after(body: str, settings: Settings) -> list[str]:
     code = PROBE.format(body=body, heavy=HEAVY)
-    proc = subprocess.run([sys.executable, "-c", code], env=settings_env(settings), cwd=REPO,
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env=settings_env(settings),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -69,8 +75,13 @@ def test_dashboard_app_does_not_import_torch(settings: Settings) -> None:
 def test_read_meta_equals_what_torch_loads(weights_file: Path, tmp_path: Path) -> None:
     from pipeline.classifier import build_model, default_meta, save_weights
 
-    meta = {**default_meta(), "input_size": 128, "head": "abnormal", "findings": ["pneumonia"],
-            "metrics": {"auc": 0.91, "per_source": {"a": [1, 2.5, None, True]}}}  # fmt: skip
+    meta = {
+        **default_meta(),
+        "input_size": 128,
+        "head": "abnormal",
+        "findings": ["pneumonia"],
+        "metrics": {"auc": 0.91, "per_source": {"a": [1, 2.5, None, True]}},
+    }
     path = tmp_path / "w.pt"
     save_weights(build_model("resnet18", 2), meta, path)
     assert read_meta(path) == torch.load(path, weights_only=True)["meta"] == meta

@@ -50,8 +50,11 @@ def test_folder_and_csv_layouts_map_labels(tmp_path: Path) -> None:
     lmap = ds.parse_label_map("Opacity=pneumonia")
     classes = ["normal", "pneumonia", "covid19"]
     assert [ds.map_label(x, lmap, classes) for x in ("NORMAL", "opacity", "COVID-19", "cat")] == [
-        "normal", "pneumonia", "covid19", None,
-    ]  # fmt: skip
+        "normal",
+        "pneumonia",
+        "covid19",
+        None,
+    ]
     table = tmp_path / "sub" / "labels.csv"
     table.parent.mkdir()
     with open(table, "w", newline="") as fh:
@@ -93,9 +96,18 @@ def test_a_few_steps_reduce_the_loss(amp: str) -> None:
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     order = np.tile(np.arange(32), 4)
     losses = tr.train_epoch(
-        model, opt, None, torch.from_numpy(imgs), labels, order, 16, torch.Generator().manual_seed(0),
-        (0.5, 0.25), augment_fn=lambda x, g, m: (x.float().div(255).unsqueeze(1), m), amp=amp,
-    )  # fmt: skip
+        model,
+        opt,
+        None,
+        torch.from_numpy(imgs),
+        labels,
+        order,
+        16,
+        torch.Generator().manual_seed(0),
+        (0.5, 0.25),
+        augment_fn=lambda x, g, m: (x.float().div(255).unsqueeze(1), m),
+        amp=amp,
+    )
     assert np.mean(losses[-3:]) < 0.5 * np.mean(losses[:2])
     assert {p.dtype for p in model.parameters()} == {torch.float32}
 
@@ -116,11 +128,20 @@ def test_alt_images_replace_the_configured_share_of_each_batch(share: float) -> 
     model = build_model("resnet18", 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     tr.train_epoch(
-        model, opt, None, images, torch.zeros(64, dtype=torch.long), np.tile(np.arange(64), 4), 32,
-        torch.Generator().manual_seed(1), (0.5, 0.25),
-        augment_fn=lambda x, g, m: (x.float().div(255).unsqueeze(1), m), loss_fn=loss_fn,
-        alt_images=alt, alt_share=share,
-    )  # fmt: skip
+        model,
+        opt,
+        None,
+        images,
+        torch.zeros(64, dtype=torch.long),
+        np.tile(np.arange(64), 4),
+        32,
+        torch.Generator().manual_seed(1),
+        (0.5, 0.25),
+        augment_fn=lambda x, g, m: (x.float().div(255).unsqueeze(1), m),
+        loss_fn=loss_fn,
+        alt_images=alt,
+        alt_share=share,
+    )
     means = torch.cat(seen)
     assert len(means) == 256
     from_alt = means > 0  # 0 -> (0 - 0.5) / 0.25 = -2; 200/255 -> about 1.1
@@ -199,8 +220,16 @@ def tiny_config(tmp_path: Path, **kw: object) -> TrainConfig:
     folder = tmp_path / "data"
     if not folder.exists():
         make_folder(folder)
-    base = {"data": [str(folder)], "out": str(tmp_path / "w.pt"), "input_size": 32, "epochs": 2,
-            "batch_size": 8, "val_fraction": 0.25, "lr": 1e-3, "checkpoint": str(tmp_path / "c.ckpt")}  # fmt: skip
+    base = {
+        "data": [str(folder)],
+        "out": str(tmp_path / "w.pt"),
+        "input_size": 32,
+        "epochs": 2,
+        "batch_size": 8,
+        "val_fraction": 0.25,
+        "lr": 1e-3,
+        "checkpoint": str(tmp_path / "c.ckpt"),
+    }
     base.update(kw)
     return TrainConfig(**base)  # type: ignore[arg-type]
 
@@ -228,8 +257,14 @@ def test_saved_weights_load_safely_and_reproduce_predictions(tmp_path: Path) -> 
 
 def test_softmax_head_still_trains_and_scores(tmp_path: Path) -> None:
     """The legacy head (one softmax over the classes) and the whole-film resize."""
-    cfg = tiny_config(tmp_path, head="softmax", preprocess="resize", layer4_stride=2,
-                      balance="class", augment="basic")  # fmt: skip
+    cfg = tiny_config(
+        tmp_path,
+        head="softmax",
+        preprocess="resize",
+        layer4_stride=2,
+        balance="class",
+        augment="basic",
+    )
     model, meta = run(cfg)
     images = prepare(cfg).images["val"]
     logits = tr.predict_logits(model, images, (cfg.mean, cfg.std))
@@ -276,9 +311,17 @@ def test_cam_peak_falls_inside_the_blob(tmp_path: Path) -> None:
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     order = np.random.default_rng(0).permutation(np.tile(np.arange(64), 3))
     tr.train_epoch(
-        model, opt, None, torch.from_numpy(imgs), labels, order, 16, torch.Generator(),
-        (0.5, 0.25), augment_fn=lambda x, g, m: (x.float().div(255).unsqueeze(1), m),
-    )  # fmt: skip
+        model,
+        opt,
+        None,
+        torch.from_numpy(imgs),
+        labels,
+        order,
+        16,
+        torch.Generator(),
+        (0.5, 0.25),
+        augment_fn=lambda x, g, m: (x.float().div(255).unsqueeze(1), m),
+    )
     meta = default_meta() | {"classes": ["normal", "blob"], "input_size": size}
     save_weights(model, meta, tmp_path / "blob.pt")
     clf = Classifier(tmp_path / "blob.pt", device="cpu")

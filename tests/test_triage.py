@@ -18,9 +18,16 @@ def test_p_abnormal_is_one_minus_normal() -> None:
 
 @pytest.mark.parametrize(
     ("p", "cls"),
-    [(0.0, "normal"), (0.39, "normal"), (0.4, "routine"), (0.69, "routine"),
-     (0.7, "urgent"), (0.9, "critical"), (1.0, "critical")],
-)  # fmt: skip
+    [
+        (0.0, "normal"),
+        (0.39, "normal"),
+        (0.4, "routine"),
+        (0.69, "routine"),
+        (0.7, "urgent"),
+        (0.9, "critical"),
+        (1.0, "critical"),
+    ],
+)
 def test_triage_class_thresholds(p: float, cls: str) -> None:
     assert triage.triage_class(p, T) == cls
 

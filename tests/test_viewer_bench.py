@@ -22,13 +22,20 @@ def _row(url: str, start: float, end: float) -> dict[str, object]:
 
 
 def test_requests_are_sorted_by_what_they_were_for() -> None:
-    assert [category(u) for u in (
-        f"{BASE}/ohif/viewer?StudyInstanceUIDs=1.2", f"{BASE}/ohif/app.bundle.0123.js",
-        f"{BASE}/ohif/app-config.js", f"{BASE}/dicomweb/studies?limit=101",
-        f"{STUDY}/series?includefield=0008103E", f"{STUDY}/series/3/metadata",
-        f"{STUDY}/series/3/instances/4/frames/1", f"{STUDY}/series/3/thumbnail",
-        f"{BASE}/login")] == ["page", "app", "app", "qido", "qido", "metadata", "frames",
-                              "other", "other"]  # fmt: skip
+    assert [
+        category(u)
+        for u in (
+            f"{BASE}/ohif/viewer?StudyInstanceUIDs=1.2",
+            f"{BASE}/ohif/app.bundle.0123.js",
+            f"{BASE}/ohif/app-config.js",
+            f"{BASE}/dicomweb/studies?limit=101",
+            f"{STUDY}/series?includefield=0008103E",
+            f"{STUDY}/series/3/metadata",
+            f"{STUDY}/series/3/instances/4/frames/1",
+            f"{STUDY}/series/3/thumbnail",
+            f"{BASE}/login",
+        )
+    ] == ["page", "app", "app", "qido", "qido", "metadata", "frames", "other", "other"]
 
 
 def test_milestones_count_only_what_came_before_the_first_image() -> None:
@@ -46,18 +53,33 @@ def test_milestones_count_only_what_came_before_the_first_image() -> None:
     ]
     got = phases(rows, 2500.0)
     assert list(got) == list(PHASES)
-    assert got == {"page": 20, "boot": 950, "qido": 1090, "metadata": 1180,
-                   "frame_asked": 1500, "frames": 2100, "first_image": 2500.0}  # fmt: skip
-    assert phases(rows[:1], 30.0) == {"page": 20, "boot": None, "qido": None, "metadata": None,
-                                      "frame_asked": None, "frames": None, "first_image": 30.0}  # fmt: skip
+    assert got == {
+        "page": 20,
+        "boot": 950,
+        "qido": 1090,
+        "metadata": 1180,
+        "frame_asked": 1500,
+        "frames": 2100,
+        "first_image": 2500.0,
+    }
+    assert phases(rows[:1], 30.0) == {
+        "page": 20,
+        "boot": None,
+        "qido": None,
+        "metadata": None,
+        "frame_asked": None,
+        "frames": None,
+        "first_image": 30.0,
+    }
 
 
 def test_the_twin_study_keeps_the_pixel_data_and_changes_every_uid(tmp_path: Path) -> None:
     if not (viewer_site.RG1 / "RG1_J2KR.dcm").exists():
         pytest.skip("../shared/data has no RG1 film")
     source = pydicom.dcmread(viewer_site.RG1 / "RG1_J2KR.dcm")
-    twin = pydicom.dcmread(viewer_bench.twin_study(viewer_site.RG1 / "RG1_J2KR.dcm",
-                                                   tmp_path / "twin.dcm"))  # fmt: skip
+    twin = pydicom.dcmread(
+        viewer_bench.twin_study(viewer_site.RG1 / "RG1_J2KR.dcm", tmp_path / "twin.dcm")
+    )
     assert twin.PixelData == source.PixelData
     assert twin.file_meta.TransferSyntaxUID == source.file_meta.TransferSyntaxUID
     for key in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
@@ -79,8 +101,9 @@ def test_a_network_is_rate_and_latency() -> None:
 @pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")
 def test_one_tiny_run_gives_the_documented_json(weights_file: Path) -> None:
     """One open each way, on an emulated network: compressed, and uncompressed in the same run."""
-    doc, last = viewer_bench.run(1, ("jpeg", "jpeg_identity"), weights=weights_file,
-                                 build=REAL_BUILD, network=(400.0, 1.0))  # fmt: skip
+    doc, last = viewer_bench.run(
+        1, ("jpeg", "jpeg_identity"), weights=weights_file, build=REAL_BUILD, network=(400.0, 1.0)
+    )
     assert json.loads(json.dumps(doc)) == doc and list(doc["studies"]) == ["jpeg", "jpeg_identity"]
     assert doc["network"] == "emulated by Chromium: 400 Mbit/s, 1 ms latency"
     ratio = doc["compressed_over_identity"]["jpeg"]

@@ -54,14 +54,28 @@ def worklist_db(database_url: str):  # type: ignore[no-untyped-def]
     with factory() as session:
         user = create_user(session, "rad", PASSWORD, "radiologist")
         for sid, (prio, cls, status, at, acc, pid) in ROWS.items():
-            session.add(Study(id=sid, priority=prio, triage_class=cls, status=status,
-                              received_at=at, accession_number=acc, patient_id=pid))  # fmt: skip
+            session.add(
+                Study(
+                    id=sid,
+                    priority=prio,
+                    triage_class=cls,
+                    status=status,
+                    received_at=at,
+                    accession_number=acc,
+                    patient_id=pid,
+                )
+            )
         session.flush()
         session.add_all(Review(study_id=s, user_id=user.id, action="read") for s in REVIEWED)
         # These studies waited weeks: under a maximum wait they would be read oldest first
         # (tests/test_ordering.py). Here the order under test is priority's alone.
-        policy.save(session, {**policy.Policy().body(), "max_wait_h": 0}, user.id,
-                    "priority alone", THRESHOLDS)  # fmt: skip
+        policy.save(
+            session,
+            {**policy.Policy().body(), "max_wait_h": 0},
+            user.id,
+            "priority alone",
+            THRESHOLDS,
+        )
         session.commit()
     return factory
 
@@ -155,7 +169,7 @@ def test_search_uses_the_indexes(worklist_db, database_url) -> None:  # type: ig
         (45 * 60, "45 min"),
         (3 * 3600 + 12 * 60 + 5, "3 h 12 min"),
         (26 * 3600, "1 d 2 h"),
-    ],  # fmt: skip
+    ],
 )
 def test_waiting_time_in_words(seconds, words) -> None:  # type: ignore[no-untyped-def]
     assert format_wait(seconds) == words
@@ -203,11 +217,14 @@ def test_a_search_leaves_no_patient_id_in_the_request_log(app, caplog) -> None: 
         with caplog.at_level(logging.INFO):
             form = browser.open(base + "/login", timeout=10).read().decode()
             token = re.search(r'name="csrf_token" value="([^"]+)"', form).group(1)  # type: ignore[union-attr]
-            data = urllib.parse.urlencode({"username": "rad", "password": PASSWORD,
-                                           "csrf_token": token}).encode()  # fmt: skip
+            data = urllib.parse.urlencode(
+                {"username": "rad", "password": PASSWORD, "csrf_token": token}
+            ).encode()
             browser.open(base + "/login", data=data, timeout=10)
-            bodies = [browser.open(base + path, timeout=10).read().decode()
-                      for path in ("/?q=P-3", "/api/worklist?q=P-3", "/worklist/rows?q=P-3")]  # fmt: skip
+            bodies = [
+                browser.open(base + path, timeout=10).read().decode()
+                for path in ("/?q=P-3", "/api/worklist?q=P-3", "/worklist/rows?q=P-3")
+            ]
     finally:
         server.shutdown()
         thread.join(timeout=10)

@@ -66,8 +66,9 @@ class Runtime:
 
 
 def _load(weights: Path) -> Classifier:
-    return Classifier(weights, _settings.device, _settings.torch_threads, _settings.runtime,
-                      _settings.batch_size)  # fmt: skip
+    return Classifier(
+        weights, _settings.device, _settings.torch_threads, _settings.runtime, _settings.batch_size
+    )
 
 
 _runtime: Runtime | None = None
@@ -88,13 +89,15 @@ def get_runtime() -> Runtime:
         if _runtime is None:
             factory = make_session_factory(make_engine(_settings.db_url))
             url = resolve_redis_url(_settings)
-            _runtime = Runtime(_load(ensure_weights(_settings)), factory,
-                               redis_client(url or app.conf.broker_url))  # fmt: skip
+            _runtime = Runtime(
+                _load(ensure_weights(_settings)), factory, redis_client(url or app.conf.broker_url)
+            )
             try:
                 _runtime.follow_registry()
             except Exception:  # an older database (no registry yet): the settings' weights
-                log.exception("the model registry could not be read; running %s",
-                              _runtime.classifier.version)  # fmt: skip
+                log.exception(
+                    "the model registry could not be read; running %s", _runtime.classifier.version
+                )
     return _runtime
 
 
@@ -124,8 +127,12 @@ def _heartbeat(runtime: Runtime, name: str, since: float) -> None:
     # was made by a process that died and was restarted under the name (pipeline.reconcile).
     # "busy_since": when the batch now running started (None: idle). A process that is frozen
     # (SIGSTOP, swapped out) stops beating and its key expires.
-    info = {"model": runtime.classifier.version, "device": str(runtime.classifier.device),
-            "batch_size": _settings.batch_size, "since": since}  # fmt: skip
+    info = {
+        "model": runtime.classifier.version,
+        "device": str(runtime.classifier.device),
+        "batch_size": _settings.batch_size,
+        "since": since,
+    }
     while True:
         try:
             beat = json.dumps({**info, "busy_since": _busy_since})
@@ -152,12 +159,22 @@ def retry_later(requests: list[SimpleRequest], exc: Exception) -> int:
     for req in requests:
         attempt = int((req.kwargs or {}).get("retry", 0))
         if attempt >= MAX_RETRIES:
-            log.error("image %s: giving up retries after %s; the reconciler re-sends it from the "
-                      "database", req.args[0] if req.args else "?", type(exc).__name__)  # fmt: skip
+            log.error(
+                "image %s: giving up retries after %s; the reconciler re-sends it from the "
+                "database",
+                req.args[0] if req.args else "?",
+                type(exc).__name__,
+            )
             continue
         queue = (req.delivery_info or {}).get("routing_key") or QUEUES["live"]
-        app.send_task(TASK_CLASSIFY, args=list(req.args), kwargs={"retry": attempt + 1},
-                      queue=queue, routing_key=queue, countdown=min(60, 2**attempt))  # fmt: skip
+        app.send_task(
+            TASK_CLASSIFY,
+            args=list(req.args),
+            kwargs={"retry": attempt + 1},
+            queue=queue,
+            routing_key=queue,
+            countdown=min(60, 2**attempt),
+        )
         sent += 1
     log.warning("transient %s: %d messages re-sent with backoff", type(exc).__name__, sent)
     return sent
@@ -174,8 +191,11 @@ class ClassifyBatches(ReconnectSafeBatches):
             return
         sums = STAGES.take()
         wall, cpu = time.perf_counter(), time.process_time()
-        sums[PROCESS] = ((wall - _profile_clock[0]) * 1000.0,
-                         (cpu - _profile_clock[1]) * 1000.0, 0.0)  # fmt: skip
+        sums[PROCESS] = (
+            (wall - _profile_clock[0]) * 1000.0,
+            (cpu - _profile_clock[1]) * 1000.0,
+            0.0,
+        )
         _profile_clock = (wall, cpu)
         push(_runtime.redis, _name, sums)
 
@@ -211,8 +231,10 @@ def _classify(requests: list[SimpleRequest]) -> dict[str, int]:
             except TRANSIENT_ERRORS:
                 raise
             except Exception:  # a registry row this worker cannot load: keep the model it has
-                log.exception("the model registry could not be followed; still running %s",
-                              runtime.classifier.version)  # fmt: skip
+                log.exception(
+                    "the model registry could not be followed; still running %s",
+                    runtime.classifier.version,
+                )
             worker = chunk[0].hostname if chunk else None
             result = classify_images(
                 runtime.factory, runtime.redis, runtime.classifier, ids, worker, runtime.shadow
@@ -224,11 +246,17 @@ def _classify(requests: list[SimpleRequest]) -> dict[str, int]:
             _busy_since = None
         log.info(
             "batch of %d messages: %d done, %d failed, %d already final, forward %.0f ms",
-            len(ids), len(result.done), len(result.failed), len(result.skipped),
+            len(ids),
+            len(result.done),
+            len(result.failed),
+            len(result.skipped),
             result.seconds * 1000,
-        )  # fmt: skip
+        )
         if result.revoked:
-            log.warning("%d results dropped: their claims were re-sent while this batch ran "
-                        "(this worker was judged dead or hung)", len(result.revoked))  # fmt: skip
+            log.warning(
+                "%d results dropped: their claims were re-sent while this batch ran "
+                "(this worker was judged dead or hung)",
+                len(result.revoked),
+            )
         done, failed = done + len(result.done), failed + len(result.failed)
     return {"done": done, "failed": failed}

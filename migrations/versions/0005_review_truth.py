@@ -32,16 +32,22 @@ def upgrade() -> None:
         batch_op.add_column(sa.Column("model_version", sa.String(length=80), nullable=True))
     reviews = sa.table(
         "reviews",
-        sa.column("id", sa.Integer), sa.column("study_id", sa.Integer),
-        sa.column("action", sa.String), sa.column("abnormal", sa.Boolean),
-        sa.column("source", sa.String), sa.column("model_class", sa.String),
-        sa.column("model_p", sa.Float), sa.column("model_version", sa.String),
-    )  # fmt: skip
+        sa.column("id", sa.Integer),
+        sa.column("study_id", sa.Integer),
+        sa.column("action", sa.String),
+        sa.column("abnormal", sa.Boolean),
+        sa.column("source", sa.String),
+        sa.column("model_class", sa.String),
+        sa.column("model_p", sa.Float),
+        sa.column("model_version", sa.String),
+    )
     studies = sa.table(
         "studies",
-        sa.column("id", sa.Integer), sa.column("triage_class", sa.String),
-        sa.column("p_abnormal", sa.Float), sa.column("model_version", sa.String),
-    )  # fmt: skip
+        sa.column("id", sa.Integer),
+        sa.column("triage_class", sa.String),
+        sa.column("p_abnormal", sa.Float),
+        sa.column("model_version", sa.String),
+    )
 
     def of_study(column: sa.ColumnClause) -> sa.ScalarSelect:
         return sa.select(column).where(studies.c.id == reviews.c.study_id).scalar_subquery()
@@ -49,25 +55,30 @@ def upgrade() -> None:
     op.execute(reviews.update().values(source="console"))
     opinions = reviews.c.action.in_(("agree", "disagree"))
     op.execute(
-        reviews.update().where(opinions).values(
+        reviews.update()
+        .where(opinions)
+        .values(
             model_class=of_study(studies.c.triage_class),
             model_p=of_study(studies.c.p_abnormal),
             model_version=of_study(studies.c.model_version),
         )
-    )  # fmt: skip
+    )
     called_abnormal = reviews.c.model_class != "normal"
     op.execute(
-        reviews.update().where(opinions, reviews.c.model_class.is_not(None)).values(
+        reviews.update()
+        .where(opinions, reviews.c.model_class.is_not(None))
+        .values(
             abnormal=sa.case(
                 (sa.and_(reviews.c.action == "agree", called_abnormal), sa.true()),
                 (sa.and_(reviews.c.action == "disagree", ~called_abnormal), sa.true()),
                 else_=sa.false(),
             )
         )
-    )  # fmt: skip
+    )
     with op.batch_alter_table("reviews", schema=None) as batch_op:
-        batch_op.alter_column("source", existing_type=sa.String(length=16), nullable=False,
-                              server_default=None)  # fmt: skip
+        batch_op.alter_column(
+            "source", existing_type=sa.String(length=16), nullable=False, server_default=None
+        )
 
 
 def downgrade() -> None:
