@@ -22,6 +22,7 @@ from dashboard.words import model_summary
 from pipeline.queue import Dispatcher, redis_client
 from pipeline.redis_server import resolve_redis_url
 from pipeline.requeue import RequeueError, requeue_study
+from pipeline.states import Role
 from pipeline.weights import describe_weights
 
 bp = Blueprint("admin", __name__)
@@ -35,11 +36,11 @@ def admin_required(view: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(view)
     @login_required
     def wrapped(*args: Any, **kwargs: Any) -> Any:
-        if current_user.role != "admin":
+        if current_user.role != Role.ADMIN:
             abort(403)
         return view(*args, **kwargs)
 
-    wrapped.required_role = "admin"  # type: ignore[attr-defined]
+    wrapped.required_role = Role.ADMIN  # type: ignore[attr-defined]
     return wrapped
 
 

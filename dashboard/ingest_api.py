@@ -27,6 +27,7 @@ from pipeline.imaging import header_fields
 from pipeline.ingest import IngestItem
 from pipeline.intake import STATUS_OUT_OF_RESOURCES, Intake, failure_status
 from pipeline.queue import QueueFull
+from pipeline.states import State
 from pipeline.storage import StorageFull, is_storage_full
 
 bp = Blueprint("ingest_api", __name__)
@@ -147,7 +148,7 @@ def post_study() -> Any:
         "duplicate": item.duplicate,
         "reason": item.reason,
     }
-    if item.status == "rejected":
+    if item.status == State.REJECTED:
         too_big = item.code == "too_large"
         return jsonify(error=item.reason, **doc), (413 if too_big else 422)
     return jsonify(doc), (200 if item.duplicate else 202)
@@ -196,7 +197,7 @@ def _stow_part(
     if part.content_type not in ("", "application/dicom"):
         return False, f"part {number} is {part.content_type}, not application/dicom", None
     item = _store(body, part, f"{sop_uid or f'stow-{number}'}.dcm", "stow", None)
-    return item.status != "rejected", item.reason, item.code
+    return item.status != State.REJECTED, item.reason, item.code
 
 
 @bp.post("/dicomweb/studies")

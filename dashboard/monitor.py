@@ -15,6 +15,7 @@ from pipeline.queue import HEARTBEAT_PREFIX, QUEUES, redis_client
 from pipeline.redis_server import resolve_redis_url
 from pipeline.requeue import requeueable_image_ids
 from pipeline.settings import Settings
+from pipeline.states import ACTIVE_STATES, State
 from pipeline.studies import iso
 
 
@@ -113,7 +114,7 @@ def overview(session: Session, settings: Settings) -> dict[str, Any]:
 
 
 ABNORMAL_CLASSES = ("critical", "urgent", "routine")
-WAITING_STATES = ("received", "queued", "processing", "done")
+WAITING_STATES = (*ACTIVE_STATES, State.DONE)
 
 
 def _wait_stats(hours: list[float]) -> dict[str, Any]:
@@ -162,14 +163,14 @@ def throughput_per_minute(session: Session, now: datetime) -> list[dict[str, Any
     start = end - timedelta(minutes=WINDOW_MIN)
     rows = session.execute(
         select(Image.done_at, Image.status).where(
-            Image.done_at >= start, Image.status.in_(("done", "failed"))
+            Image.done_at >= start, Image.status.in_((State.DONE, State.FAILED))
         )
     )
     done, failed = [0] * WINDOW_MIN, [0] * WINDOW_MIN
     for done_at, status in rows:
         slot = int((_minute(done_at) - start).total_seconds() // 60)
         if 0 <= slot < WINDOW_MIN:
-            (done if status == "done" else failed)[slot] += 1
+            (done if status == State.DONE else failed)[slot] += 1
     return [
         {"minute": iso(start + timedelta(minutes=i)), "done": done[i], "failed": failed[i]}
         for i in range(WINDOW_MIN)
@@ -205,7 +206,7 @@ def problem_studies(session: Session, limit: int = 50) -> list[dict[str, Any]]:
     """Failed and rejected studies, newest first, with their reasons and whether re-runnable."""
     rows = session.scalars(
         select(Study)
-        .where(Study.status.in_(("failed", "rejected")))
+        .where(Study.status.in_((State.FAILED, State.REJECTED)))
         .order_by(Study.updated_at.desc(), Study.id.desc())
         .limit(limit)
     ).all()
@@ -218,7 +219,7 @@ def problem_studies(session: Session, limit: int = 50) -> list[dict[str, Any]]:
             "source": s.source,
             "accession_number": s.accession_number,
             "received_at": iso(s.received_at),
-            "requeueable": s.status == "failed" and bool(rerun.get(s.id)),
+            "requeueable": s.status == State.FAILED and bool(rerun.get(s.id)),
         }
         for s in rows
     ]

@@ -30,6 +30,7 @@ from pipeline.reconcile import redis_restarted, requeue_dead_workers, requeue_st
 from pipeline.redis_server import EmbeddedRedis, clear_runtime, resolve_redis_url, write_runtime
 from pipeline.settings import ConfigError, Settings
 from pipeline.sources_cli import source_children
+from pipeline.states import Role, State
 from pipeline.storage import StorageFull
 from pipeline.studies import worklist_document
 from pipeline.supervisor import (
@@ -183,7 +184,7 @@ def first_run_admin(settings: Settings) -> None:
         if has_users(session):
             return
         password = os.environ.get("CXR_ADMIN_PASSWORD") or secrets.token_urlsafe(12)
-        create_user(session, "admin", password, "admin")
+        create_user(session, "admin", password, Role.ADMIN)
     print(f"Created the first account.  Username: admin   Password: {password}", flush=True)
     print("Add more with: cxr-triage users create NAME --role radiologist --password-stdin")
 
@@ -290,8 +291,8 @@ def _ingest_json(settings: Settings, report: IngestReport) -> dict[str, Any]:
         "accepted": len(report.accepted),
         "duplicates": len(report.duplicates),
         "rejected": [{"path": i.path, "reason": i.reason} for i in report.rejected],
-        "done": sum(1 for s in accepted if s.status == "done"),
-        "failed": sum(1 for s in accepted if s.status == "failed"),
+        "done": sum(1 for s in accepted if s.status == State.DONE),
+        "failed": sum(1 for s in accepted if s.status == State.FAILED),
         "studies": [
             {
                 "id": s.id,
@@ -357,7 +358,7 @@ def cmd_ingest(args: argparse.Namespace, settings: Settings) -> int:
             )
         except (StorageFull, QueueFull) as exc:
             full, report = exc, exc.report or IngestReport()
-        queued = [i for i in report.accepted if i.status == "queued"]
+        queued = [i for i in report.accepted if i.status == State.QUEUED]
         if redis_url is None and queued:
             print(
                 f"{len(queued)} images queued in the database; no system is running, so they "
@@ -530,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     uc.add_argument("username")
     uc.add_argument(
         "--role",
-        choices=ROLES,
+        choices=tuple(map(str, ROLES)),
         required=True,
         help="radiologist, admin (log in); feed (token may only send studies), "
         "monitor (token may only read /metrics)",

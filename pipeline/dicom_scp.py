@@ -24,6 +24,7 @@ from pipeline.intake import (
 )
 from pipeline.queue import QueueFull
 from pipeline.settings import ConfigError, Settings
+from pipeline.states import State
 from pipeline.storage import StorageFull
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def handle_store(event: Any, intake: Intake, source: str = "dicom") -> Any:
     except Exception as exc:
         log.exception("C-STORE could not be stored (%s)", type(exc).__name__)
         return _status(STATUS_PROCESSING_FAILURE, "storage failed; try again later")
-    if item.status == "rejected":
+    if item.status == State.REJECTED:
         log.info("C-STORE rejected into study %s", item.study_id)
         return _status(failure_status(item.code), item.reason)
     log.info("C-STORE stored: study %s %s", item.study_id, item.status)

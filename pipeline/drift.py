@@ -38,6 +38,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from pipeline.models import Image, Prediction
+from pipeline.states import State
 
 PSI_LIMIT = 0.25
 PSI_MODERATE = 0.1
@@ -175,7 +176,7 @@ def live_profile(session: Session, now: datetime) -> dict[str, Any]:
             Prediction.p_abnormal,
         )
         .join(Prediction, Prediction.image_id == Image.id)
-        .where(Image.status == "done", Image.done_at >= since)
+        .where(Image.status == State.DONE, Image.done_at >= since)
         .order_by(Image.done_at.desc(), Image.id.desc(), Prediction.id.desc())
         .limit(LIVE_IMAGES * 2)
     ).all()

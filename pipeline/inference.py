@@ -19,6 +19,7 @@ from pipeline.db import session_scope
 from pipeline.models import FINAL_STATES, Batch, Image, Prediction, Study, as_utc, utcnow
 from pipeline.profiling import STAGES
 from pipeline.queue import delete_payloads, get_payloads
+from pipeline.states import State
 from pipeline.studies import refresh_studies
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def claim(
             update(Image)
             .where(Image.id.in_(image_ids), Image.status.not_in(FINAL_STATES))
             .values(
-                status="processing",
+                status=State.PROCESSING,
                 started_at=utcnow(),
                 worker=worker,
                 attempts=func.coalesce(Image.attempts, 0) + 1,
@@ -69,8 +70,8 @@ def claim(
         if touched:
             session.execute(
                 update(Study)
-                .where(Study.id.in_(touched), Study.status.in_(("received", "queued")))
-                .values(status="processing")
+                .where(Study.id.in_(touched), Study.status.in_((State.RECEIVED, State.QUEUED)))
+                .values(status=State.PROCESSING)
                 .execution_options(synchronize_session=False)
             )
     return claimed, final
@@ -312,7 +313,7 @@ def _finish_many(
         update(table)
         .where(
             table.c.id == bindparam("k_id"),
-            table.c.status == "processing",
+            table.c.status == State.PROCESSING,
             table.c.worker.is_not_distinct_from(bindparam("k_worker")),
             table.c.attempts == bindparam("k_attempt"),
         )
@@ -373,14 +374,14 @@ def _write_results(
                 scored[image_id] = row
         done = {
             i: {
-                "status": "done",
+                "status": State.DONE,
                 "reason": None,
                 "done_at": now,
                 "latency_ms": _elapsed_ms(received[i], now) if i in received else None,
             }
             for i in scored
         }
-        finished = _finish_many(session, worker, claims, "done", done)
+        finished = _finish_many(session, worker, claims, State.DONE, done)
         rows = []
         for image_id, row in scored.items():
             if image_id not in finished:
@@ -391,11 +392,11 @@ def _write_results(
             result.done.append(image_id)
         _insert_predictions(session, rows, classifier.version)
         failed = {
-            i: {"status": "failed", "reason": reason, "done_at": now}
+            i: {"status": State.FAILED, "reason": reason, "done_at": now}
             for i, reason in result.failed.items()
             if i in received
         }
-        finished = _finish_many(session, worker, claims, "failed", failed)
+        finished = _finish_many(session, worker, claims, State.FAILED, failed)
         for image_id in failed:
             if image_id not in finished:
                 del result.failed[image_id]

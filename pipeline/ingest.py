@@ -31,6 +31,7 @@ from pipeline.queue import (
     is_queue_full,
     put_payloads,
 )
+from pipeline.states import ACTIVE_STATES, State
 from pipeline.storage import StorageFull, is_storage_full
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ class IngestReport:
 
     @property
     def accepted(self) -> list[IngestItem]:
-        return [i for i in self.items if not i.duplicate and i.status != "rejected"]
+        return [i for i in self.items if not i.duplicate and i.status != State.REJECTED]
 
     @property
     def duplicates(self) -> list[IngestItem]:
@@ -64,7 +65,7 @@ class IngestReport:
 
     @property
     def rejected(self) -> list[IngestItem]:
-        return [i for i in self.items if not i.duplicate and i.status == "rejected"]
+        return [i for i in self.items if not i.duplicate and i.status == State.REJECTED]
 
 
 def iter_input_files(paths: Iterable[Path]) -> Iterator[Path]:
@@ -121,7 +122,7 @@ def _existing(session: Session, key: str, filename: str) -> IngestItem | None:
 
 def _code(image: Any) -> str | None:
     """A rejected image's code, as recorded with it (an Image or a row with status and meta)."""
-    if image.status != "rejected":
+    if image.status != State.REJECTED:
         return None
     return str((image.meta or {}).get("rejection") or "unreadable")
 
@@ -140,7 +141,7 @@ def record_rejection(
     if existing is not None:
         return existing
     now = utcnow()
-    study = Study(source=source, lane=lane, status="rejected", reason=reason, done_at=now)
+    study = Study(source=source, lane=lane, status=State.REJECTED, reason=reason, done_at=now)
     session.add(study)
     session.flush()
     image = Image(
@@ -148,14 +149,14 @@ def record_rejection(
         dedup_key=key,
         filename=imaging.storable_name(filename),
         kind="unknown",
-        status="rejected",
+        status=State.REJECTED,
         reason=reason,
         done_at=now,
         meta={"rejection": code},
     )
     session.add(image)
     session.flush()
-    return IngestItem(filename, study.id, image.id, "rejected", reason, code=code)
+    return IngestItem(filename, study.id, image.id, State.REJECTED, reason, code=code)
 
 
 def _file_key(path: Path) -> str:
@@ -268,14 +269,14 @@ def persist_files(
             if p.decoded is None or f is None:
                 reason = p.reason or "rejected"
                 study = Study(
-                    source=source, lane=lane, status="rejected", reason=reason, done_at=now
+                    source=source, lane=lane, status=State.REJECTED, reason=reason, done_at=now
                 )
                 image = Image(
                     study=study,
                     dedup_key=p.key,
                     filename=imaging.storable_name(p.filename),
                     kind="unknown",
-                    status="rejected",
+                    status=State.REJECTED,
                     reason=reason,
                     done_at=now,
                     meta={"rejection": p.code or "unreadable"},
@@ -319,17 +320,17 @@ def persist_files(
                 )
             continue
         image, study = written_image, written_study
-        if image.status == "queued":
-            if study.status not in ("processing", "queued"):
+        if image.status == State.QUEUED:
+            if study.status not in (State.PROCESSING, State.QUEUED):
                 # A study that was final (its other images skipped) has work again.
-                study.status, study.done_at = "queued", None
-        elif image.status == "skipped" and not _has_other_work(session, study.id, image.id):
+                study.status, study.done_at = State.QUEUED, None
+        elif image.status == State.SKIPPED and not _has_other_work(session, study.id, image.id):
             # The study's only images are skipped: it is final now, not waiting for a worker.
-            study.status, study.reason, study.done_at = "skipped", image.reason, utcnow()
+            study.status, study.reason, study.done_at = State.SKIPPED, image.reason, utcnow()
         item = IngestItem(
             p.filename, study.id, image.id, image.status, image.reason, code=_code(image)
         )
-        if image.status == "queued":
+        if image.status == State.QUEUED:
             item.preview = p.preview
         items.append(item)
     return items
@@ -367,11 +368,11 @@ def _new_image(
     """The image row of a decoded file, and its study: found by UID, or new."""
     study = studies.get(fields["study_uid"]) if fields["study_uid"] else None
     if study is None:
-        study = Study(source=source, lane=lane, status="queued", **fields)
+        study = Study(source=source, lane=lane, status=State.QUEUED, **fields)
         if fields["study_uid"]:
             studies[fields["study_uid"]] = study
     reason = decoded.skip_reason  # lateral view or not a chest
-    status = "skipped" if reason else "queued"
+    status = State.SKIPPED if reason else State.QUEUED
     meta = decoded.meta
     # A new study is inserted in the same flush; an existing one is referred to by id (no load
     # of its image collection).
@@ -392,8 +393,8 @@ def _new_image(
         preview=p.preview,
         status=status,
         reason=reason,
-        queued_at=utcnow() if status == "queued" else None,
-        done_at=utcnow() if status == "skipped" else None,
+        queued_at=utcnow() if status == State.QUEUED else None,
+        done_at=utcnow() if status == State.SKIPPED else None,
     )
     return image, study
 
@@ -404,7 +405,7 @@ def _has_other_work(session: Session, study_id: int, image_id: int) -> bool:
         select(Image.id).where(
             Image.study_id == study_id,
             Image.id != image_id,
-            Image.status.in_(("received", "queued", "processing", "done")),
+            Image.status.in_((*ACTIVE_STATES, State.DONE)),
         )
     ).first()
     return found is not None
@@ -565,7 +566,7 @@ def mark_unsent(factory: sessionmaker[Session], image_ids: Iterable[int]) -> Non
         with session_scope(factory) as session:
             session.execute(
                 update(Image)
-                .where(Image.id.in_(ids), Image.status == "queued")
+                .where(Image.id.in_(ids), Image.status == State.QUEUED)
                 .values(queued_at=None)
                 .execution_options(synchronize_session=False)
             )
@@ -620,7 +621,7 @@ def _read_or_reject(
         return path.read_bytes()
     except OSError:
         # Nothing can be read, so nothing identifies it for dedup: reported, not stored.
-        return IngestItem(str(path), None, None, "rejected", "the file cannot be read")
+        return IngestItem(str(path), None, None, State.REJECTED, "the file cannot be read")
 
 
 def ingest_paths(
@@ -656,7 +657,7 @@ def ingest_paths(
         for path, item in zip(names, items, strict=True):
             item.path = str(path)
             report.items.append(item)
-            if item.status == "queued" and not item.duplicate and item.image_id is not None:
+            if item.status == State.QUEUED and not item.duplicate and item.image_id is not None:
                 queued[item.image_id] = item.preview
             item.preview = None  # the report outlives the chunk; the bytes need not
         files.clear()

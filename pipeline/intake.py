@@ -31,6 +31,7 @@ from pipeline.instances import InstanceStore
 from pipeline.queue import Dispatcher, QueueFull, is_queue_full, queue_has_room, redis_client
 from pipeline.redis_server import resolve_redis_url
 from pipeline.settings import Settings
+from pipeline.states import State
 
 log = logging.getLogger(__name__)
 SOURCES = ("http", "stow", "dicom", "watch", "pull")
@@ -112,7 +113,7 @@ class Intake:
             store=self.store,
         )
         item.path = filename
-        if item.status == "queued" and not item.duplicate and item.image_id is not None:
+        if item.status == State.QUEUED and not item.duplicate and item.image_id is not None:
             self.send([item.image_id])
         return item
 

@@ -22,6 +22,7 @@ from pipeline.db import make_engine, make_session_factory
 from pipeline.labels import LabelFileError, import_labels
 from pipeline.models import AuditEvent, User
 from pipeline.settings import Settings
+from pipeline.states import Role
 
 
 def _os_user() -> str:
@@ -51,7 +52,7 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
     try:
         with factory() as session:
             user = session.scalars(select(User).where(User.username == args.user)).first()
-            if user is None or not user.active or user.role != "admin":
+            if user is None or not user.active or user.role != Role.ADMIN:
                 return _fail(
                     args,
                     f"--user {args.user!r} is not an active admin account; "

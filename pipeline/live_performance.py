@@ -27,6 +27,7 @@ from sqlalchemy.orm import Session
 from pipeline.models import Image, Study, as_utc
 from pipeline.performance import share, summarize
 from pipeline.reviews import latest_truths
+from pipeline.states import State
 from pipeline.studies import iso
 
 WINDOWS_DAYS = (7, 30, 90)
@@ -85,7 +86,7 @@ def reviewed_studies(session: Session, since: datetime, until: datetime) -> list
     for sid in ids:
         t = truths[sid]
         p, cls, status = studies.get(sid, (None, None, "unknown"))
-        score = float(p) if p is not None and status == "done" else None
+        score = float(p) if p is not None and status == State.DONE else None
         g = groups.get(sid, {})
         rows.append(
             ReviewedStudy(

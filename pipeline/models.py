@@ -23,19 +23,22 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-# Final states: a study or image in one of these is never picked up again by the reconciler.
-FINAL_STATES = ("done", "failed", "rejected", "skipped")
-ACTIVE_STATES = ("received", "queued", "processing")
-# People log in with a password; machine accounts (feed, monitor) only hold an API token.
-ROLES = ("radiologist", "admin", "feed", "monitor")
-PERSON_ROLES = ("radiologist", "admin")
+# The state and role tuples live in pipeline.states; re-exported here, where modules import
+# them from.
+from pipeline.states import ACTIVE_STATES as ACTIVE_STATES
+from pipeline.states import ALL_STATES as ALL_STATES
+from pipeline.states import FINAL_STATES as FINAL_STATES
+from pipeline.states import PERSON_ROLES as PERSON_ROLES
+from pipeline.states import ROLES as ROLES
+from pipeline.states import ObjectState, OutboxState, Role, State
+
 # What each role may do. A feed token can send studies and nothing else; a monitoring token
 # can read /metrics and nothing else.
 SCOPES: dict[str, frozenset[str]] = {
-    "admin": frozenset({"read", "review", "admin", "ingest", "metrics"}),
-    "radiologist": frozenset({"read", "review"}),
-    "feed": frozenset({"ingest"}),
-    "monitor": frozenset({"metrics"}),
+    Role.ADMIN: frozenset({"read", "review", "admin", "ingest", "metrics"}),
+    Role.RADIOLOGIST: frozenset({"read", "review"}),
+    Role.FEED: frozenset({"ingest"}),
+    Role.MONITOR: frozenset({"metrics"}),
 }
 
 NAMING = {
@@ -75,7 +78,7 @@ class Study(Base):
     requested_priority: Mapped[str | None] = mapped_column(String(16))
     source: Mapped[str] = mapped_column(String(32), default="cli")
     lane: Mapped[str] = mapped_column(String(16), default="live")
-    status: Mapped[str] = mapped_column(String(16), default="received", index=True)
+    status: Mapped[str] = mapped_column(String(16), default=State.RECEIVED, index=True)
     reason: Mapped[str | None] = mapped_column(Text)
     label: Mapped[str | None] = mapped_column(String(32))
     p_abnormal: Mapped[float | None] = mapped_column(Float)
@@ -118,7 +121,7 @@ class Image(Base):
     # 8-bit greyscale PNG at display size; the model input is rebuilt from it after a Redis loss.
     # Deferred: loaded only where the pixels are needed, never with the row's state.
     preview: Mapped[bytes | None] = mapped_column(LargeBinary, deferred=True)
-    status: Mapped[str] = mapped_column(String(16), default="received", index=True)
+    status: Mapped[str] = mapped_column(String(16), default=State.RECEIVED, index=True)
     reason: Mapped[str | None] = mapped_column(Text)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
@@ -318,7 +321,7 @@ class ResultObject(Base):
     model_version: Mapped[str | None] = mapped_column(String(80))
     images: Mapped[int] = mapped_column(Integer, default=0)  # scored films it covers
     uid: Mapped[str] = mapped_column(String(64), unique=True)  # SOP Instance UID or event id
-    status: Mapped[str] = mapped_column(String(16), default="ready")  # ready | skipped
+    status: Mapped[str] = mapped_column(String(16), default=ObjectState.READY)  # ready | skipped
     reason: Mapped[str | None] = mapped_column(Text)
     snapshot: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(
@@ -334,9 +337,7 @@ class OutboxItem(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     object_id: Mapped[int] = mapped_column(ForeignKey("result_objects.id"))
     destination_id: Mapped[int] = mapped_column(ForeignKey("destinations.id"), index=True)
-    status: Mapped[str] = mapped_column(
-        String(16), default="pending"
-    )  # pending|sending|sent|failed
+    status: Mapped[str] = mapped_column(String(16), default=OutboxState.PENDING)  # OutboxState
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     claimed_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -42,6 +42,7 @@ from pipeline.models import (
     as_utc,
     utcnow,
 )
+from pipeline.states import ObjectState, OutboxState, State
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ class ModelInfo:
 def _n_done() -> Any:
     return (
         select(func.count(Image.id))
-        .where(Image.study_id == Study.id, Image.status == "done")
+        .where(Image.study_id == Study.id, Image.status == State.DONE)
         .scalar_subquery()
     )
 
@@ -157,7 +158,7 @@ def queue_results(
             owe_sr = list(
                 session.scalars(
                     select(Study.id)
-                    .where(Study.status == "done", Study.done_at >= since, ~has_sr)
+                    .where(Study.status == State.DONE, Study.done_at >= since, ~has_sr)
                     .order_by(Study.done_at)
                     .limit(limit)
                 )
@@ -174,7 +175,7 @@ def queue_results(
                 session.scalars(
                     select(Study.id)
                     .where(
-                        Study.status == "done",
+                        Study.status == State.DONE,
                         Study.triage_class == "critical",
                         Study.done_at >= since,
                         ~has_alert,
@@ -202,7 +203,7 @@ def _guarded(factory: sessionmaker[Session], study_id: int, model: ModelInfo, ma
     try:
         with session_scope(factory) as session:
             study = session.get(Study, study_id)
-            if study is None or study.status != "done":
+            if study is None or study.status != State.DONE:
                 return 0
             make(session, study, model)
         return 1
@@ -212,7 +213,9 @@ def _guarded(factory: sessionmaker[Session], study_id: int, model: ModelInfo, ma
 
 def _scored(session: Session, study: Study) -> list[tuple[Image, Prediction]]:
     images = session.scalars(
-        select(Image).where(Image.study_id == study.id, Image.status == "done").order_by(Image.id)
+        select(Image)
+        .where(Image.study_id == study.id, Image.status == State.DONE)
+        .order_by(Image.id)
     )
     out = []
     for img in images:
@@ -303,7 +306,7 @@ def _study_objects(session: Session, study: Study, model: ModelInfo) -> None:
                 model_version=mv,
                 images=len(scored),
                 uid=f"skipped-{key}"[:64],
-                status="skipped",
+                status=ObjectState.SKIPPED,
                 reason=NOT_DICOM,
             )
         )
@@ -398,7 +401,7 @@ def _fan_out(session: Session, dest: Destination) -> int:
     ids = session.scalars(
         select(ResultObject.id)
         .where(
-            ResultObject.status == "ready",
+            ResultObject.status == ObjectState.READY,
             ResultObject.kind.in_(kinds),
             ResultObject.created_at >= as_utc(dest.created_at),
             ~owed,
@@ -429,8 +432,8 @@ def claim_due(
     """
     now = now or utcnow()
     due = or_(
-        and_(OutboxItem.status == "pending", OutboxItem.next_attempt_at <= now),
-        and_(OutboxItem.status == "sending", OutboxItem.claimed_until < now),
+        and_(OutboxItem.status == OutboxState.PENDING, OutboxItem.next_attempt_at <= now),
+        and_(OutboxItem.status == OutboxState.SENDING, OutboxItem.claimed_until < now),
     )
     enabled = select(Destination.id).where(Destination.enabled.is_(True))
     if kinds is not None:
@@ -447,7 +450,7 @@ def claim_due(
         update(OutboxItem)
         .where(OutboxItem.id.in_(ids), due)
         .values(
-            status="sending",
+            status=OutboxState.SENDING,
             claimed_until=now + timedelta(seconds=lease_s),
             attempts=OutboxItem.attempts + 1,
         )
@@ -467,7 +470,7 @@ def renew(
     held = or_(*(and_(OutboxItem.id == i, OutboxItem.attempts == a) for i, a in claims.items()))
     moved = session.execute(
         update(OutboxItem)
-        .where(held, OutboxItem.status == "sending")
+        .where(held, OutboxItem.status == OutboxState.SENDING)
         .values(claimed_until=now + timedelta(seconds=lease_s))
         .execution_options(synchronize_session=False)
     )
@@ -499,7 +502,7 @@ def record(
     item = session.get(OutboxItem, item_id, with_for_update=True)
     if (
         item is None
-        or item.status != "sending"
+        or item.status != OutboxState.SENDING
         or (attempt is not None and item.attempts != attempt)
     ):
         return "gone"
@@ -507,7 +510,12 @@ def record(
     obj = session.get(ResultObject, item.object_id)
     where = f"{dest.kind} destination {dest.name!r}" if dest is not None else "a destination"
     if outcome.ok:
-        item.status, item.sent_at, item.last_error, item.claimed_until = "sent", now, None, None
+        item.status, item.sent_at, item.last_error, item.claimed_until = (
+            OutboxState.SENT,
+            now,
+            None,
+            None,
+        )
         if dest is not None:
             dest.last_ok_at = now
         if obj is not None and obj.kind == "alert":
@@ -518,13 +526,13 @@ def record(
                     detail=f"event {obj.uid} delivered to {where}, attempt {item.attempts}",
                 )
             )
-        return "sent"
+        return OutboxState.SENT
     item.last_error = (outcome.error or "failed")[:2000]
     item.claimed_until = None
     if dest is not None:
         dest.last_error, dest.last_error_at = item.last_error, now
     if not outcome.transient and item.attempts >= MAX_REJECTIONS:
-        item.status = "failed"
+        item.status = OutboxState.FAILED
         if obj is not None and obj.kind == "alert":
             session.add(
                 AuditEvent(
@@ -535,7 +543,7 @@ def record(
                 )
             )
     else:
-        item.status = "pending"
+        item.status = OutboxState.PENDING
         item.next_attempt_at = now + timedelta(seconds=backoff_s(item.attempts))
     return item.status
 
@@ -544,8 +552,8 @@ def resend(session: Session, item_id: int) -> bool:
     """Queue one row again now (an admin's resend): same object, same UID."""
     moved = session.execute(
         update(OutboxItem)
-        .where(OutboxItem.id == item_id, OutboxItem.status != "sending")
-        .values(status="pending", next_attempt_at=utcnow(), claimed_until=None)
+        .where(OutboxItem.id == item_id, OutboxItem.status != OutboxState.SENDING)
+        .values(status=OutboxState.PENDING, next_attempt_at=utcnow(), claimed_until=None)
         .execution_options(synchronize_session=False)
     )
     return bool(moved.rowcount)  # type: ignore[attr-defined]
@@ -557,9 +565,9 @@ def retry_now(session: Session, destination_id: int) -> int:
         update(OutboxItem)
         .where(
             OutboxItem.destination_id == destination_id,
-            OutboxItem.status.in_(("pending", "failed")),
+            OutboxItem.status.in_((OutboxState.PENDING, OutboxState.FAILED)),
         )
-        .values(status="pending", next_attempt_at=utcnow())
+        .values(status=OutboxState.PENDING, next_attempt_at=utcnow())
         .execution_options(synchronize_session=False)
     )
     return int(moved.rowcount)  # type: ignore[attr-defined]
@@ -580,15 +588,13 @@ def destination_states(session: Session) -> list[dict[str, Any]]:
     oldest = dict(
         session.execute(
             select(OutboxItem.destination_id, func.min(OutboxItem.created_at))
-            .where(OutboxItem.status.in_(("pending", "sending")))
+            .where(OutboxItem.status.in_((OutboxState.PENDING, OutboxState.SENDING)))
             .group_by(OutboxItem.destination_id)
         ).all()
     )
     out = []
     for dest in session.scalars(select(Destination).order_by(Destination.id)):
-        by = {
-            s: counts.get(dest.id, {}).get(s, 0) for s in ("pending", "sending", "sent", "failed")
-        }
+        by = {s: counts.get(dest.id, {}).get(s, 0) for s in OutboxState}
         waiting = oldest.get(dest.id)
         state = (
             "disabled"

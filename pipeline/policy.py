@@ -37,6 +37,7 @@ from sqlalchemy.orm import Session
 
 from pipeline import triage
 from pipeline.models import PolicyVersion, Review, Study, User
+from pipeline.states import State
 
 DEFAULT_MAX_WAIT_H = 48.0
 DEFAULT_READS_PER_HOUR = 20.0
@@ -216,7 +217,7 @@ def rollback(
 def awaiting_read() -> ColumnElement[bool]:
     """SQL condition: the study is scored and no radiologist has reviewed it."""
     return and_(
-        Study.status == "done",
+        Study.status == State.DONE,
         Study.priority.is_not(None),
         ~exists().where(Review.study_id == Study.id),
     )

@@ -28,6 +28,7 @@ from pipeline.queue import (
     images_in_flight,
     messages_held_since,
 )
+from pipeline.states import State
 from pipeline.studies import refresh_study
 
 log = logging.getLogger(__name__)
@@ -72,10 +73,10 @@ def requeue_stuck(
             .where(
                 or_(
                     and_(
-                        Image.status.in_(("received", "queued")),
+                        Image.status.in_((State.RECEIVED, State.QUEUED)),
                         or_(Image.queued_at.is_(None), Image.queued_at <= queued_cutoff),
                     ),
-                    and_(Image.status == "processing", Image.started_at <= cutoff),
+                    and_(Image.status == State.PROCESSING, Image.started_at <= cutoff),
                 )
             )
         ).all()
@@ -83,7 +84,7 @@ def requeue_stuck(
         # waiting in a backlog, not lost. Neither a payload nor any marker proves that: a sender
         # can die between payload and message, and kombu takes a message off its queue before
         # recording it as unacknowledged, so a Redis crash in between loses it. Look.
-        candidates = {img.id for img, _ in rows if img.status != "processing"}
+        candidates = {img.id for img, _ in rows if img.status != State.PROCESSING}
         waiting = (
             candidates & images_in_flight(redis_client, held_at_most_s=held_after_s)
             if candidates
@@ -112,7 +113,7 @@ def _mark_for_resend(
     failed = 0
     for img, lane in rows:
         if img.attempts >= max_attempts:
-            img.status, img.done_at = "failed", utcnow()
+            img.status, img.done_at = State.FAILED, utcnow()
             img.reason = (
                 f"gave up after {img.attempts} attempts: the worker did not finish "
                 "this image (an admin can requeue it)"
@@ -121,7 +122,7 @@ def _mark_for_resend(
             session.flush()
             refresh_study(session, session.get(Study, img.study_id), thresholds)  # type: ignore[arg-type]
             continue
-        img.status, img.queued_at, img.worker = "queued", utcnow(), None
+        img.status, img.queued_at, img.worker = State.QUEUED, utcnow(), None
         resend[lane if lane in resend else "live"].append(img.id)
     return resend, failed
 
@@ -217,7 +218,7 @@ def requeue_dead_workers(
             (image_id, worker, started_at)
             for image_id, worker, started_at in session.execute(
                 select(Image.id, Image.worker, Image.started_at).where(
-                    Image.status == "processing", Image.worker.is_not(None)
+                    Image.status == State.PROCESSING, Image.worker.is_not(None)
                 )
             )
             if worker is not None and started_at is not None
@@ -237,13 +238,13 @@ def requeue_dead_workers(
         # Committed, but their message could not be sent (mark_unsent): send them now.
         ids.update(
             session.scalars(
-                select(Image.id).where(Image.status == "queued", Image.queued_at.is_(None))
+                select(Image.id).where(Image.status == State.QUEUED, Image.queued_at.is_(None))
             )
         )
         if held:
             queued = session.execute(
                 select(Image.id, Image.queued_at).where(
-                    Image.id.in_(list(held)), Image.status.in_(("received", "queued"))
+                    Image.id.in_(list(held)), Image.status.in_((State.RECEIVED, State.QUEUED))
                 )
             )
             # Not one re-sent since that worker took it: that one has a fresh message.

@@ -31,9 +31,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from pipeline.models import Image, ModelVersion, Review, ShadowPrediction, Study, as_utc, utcnow
+from pipeline.states import MODEL_STATUSES, ModelStatus
 from pipeline.weights import WeightsError, file_sha256, read_meta
 
-STATUSES = ("candidate", "shadow", "live", "retired")
+STATUSES = MODEL_STATUSES
 
 
 class RegistryError(ValueError):
@@ -104,7 +105,7 @@ def register(
         version=version,
         sha256=sha,
         path=str(target),
-        status="candidate",
+        status=ModelStatus.CANDIDATE,
         note=note,
         registered_by=user_id,
     )
@@ -115,7 +116,9 @@ def register(
 
 def ensure_live_row(session: Session, shipped: Path) -> ModelVersion:
     """The live row; the shipped weights are recorded as live the first time one is needed."""
-    live = session.scalars(select(ModelVersion).where(ModelVersion.status == "live")).first()
+    live = session.scalars(
+        select(ModelVersion).where(ModelVersion.status == ModelStatus.LIVE)
+    ).first()
     if live is not None:
         return live
     version, sha = version_of(shipped)
@@ -125,11 +128,11 @@ def ensure_live_row(session: Session, shipped: Path) -> ModelVersion:
             version=version,
             sha256=sha,
             path=str(shipped),
-            status="live",
+            status=ModelStatus.LIVE,
             note="shipped with cxr-triage",
         )
         session.add(row)
-    row.status = "live"
+    row.status = ModelStatus.LIVE
     session.flush()
     return row
 
@@ -147,14 +150,16 @@ def start_shadow(
     """Put a candidate (or a retired model) in shadow; the one there before goes back."""
     ensure_live_row(session, shipped)
     row = _get(session, version)
-    if row.status not in ("candidate", "retired"):
+    if row.status not in (ModelStatus.CANDIDATE, ModelStatus.RETIRED):
         raise RegistryError(
             f"{version} is {row.status}: only a candidate or a retired model can go into shadow"
         )
-    for other in session.scalars(select(ModelVersion).where(ModelVersion.status == "shadow")):
-        other.status, other.changed_by, other.changed_at = "candidate", user_id, utcnow()
+    for other in session.scalars(
+        select(ModelVersion).where(ModelVersion.status == ModelStatus.SHADOW)
+    ):
+        other.status, other.changed_by, other.changed_at = ModelStatus.CANDIDATE, user_id, utcnow()
     row.status, row.changed_by, row.changed_at, row.shadow_since = (
-        "shadow",
+        ModelStatus.SHADOW,
         user_id,
         utcnow(),
         utcnow(),
@@ -167,12 +172,12 @@ def promote(session: Session, version: str, user_id: int | None, shipped: Path) 
     """Make a model live (a rollback when it was retired); the live one before is retired."""
     live = ensure_live_row(session, shipped)
     row = _get(session, version)
-    if row.status == "live":
+    if row.status == ModelStatus.LIVE:
         raise RegistryError(f"{version} is already live")
     if not Path(row.path).is_file():
         raise RegistryError(f"the file of {version} is missing: {row.path}")
-    live.status, live.changed_by, live.changed_at = "retired", user_id, utcnow()
-    row.status, row.changed_by, row.changed_at = "live", user_id, utcnow()
+    live.status, live.changed_by, live.changed_at = ModelStatus.RETIRED, user_id, utcnow()
+    row.status, row.changed_by, row.changed_at = ModelStatus.LIVE, user_id, utcnow()
     session.flush()
     return row
 
@@ -180,19 +185,21 @@ def promote(session: Session, version: str, user_id: int | None, shipped: Path) 
 def discard(session: Session, version: str, user_id: int | None) -> ModelVersion:
     """Retire a candidate or the shadow model (its file stays, for the record)."""
     row = _get(session, version)
-    if row.status == "live":
+    if row.status == ModelStatus.LIVE:
         raise RegistryError(f"{version} is live: promote another model to replace it")
-    row.status, row.changed_by, row.changed_at = "retired", user_id, utcnow()
+    row.status, row.changed_by, row.changed_at = ModelStatus.RETIRED, user_id, utcnow()
     session.flush()
     return row
 
 
 def in_force(session: Session) -> tuple[ModelVersion | None, ModelVersion | None]:
     """The live row (None: the settings' weights) and the shadow row (None: no shadow)."""
-    rows = session.scalars(select(ModelVersion).where(ModelVersion.status.in_(("live", "shadow"))))
+    rows = session.scalars(
+        select(ModelVersion).where(ModelVersion.status.in_((ModelStatus.LIVE, ModelStatus.SHADOW)))
+    )
     live = shadow = None
     for row in rows:
-        if row.status == "live":
+        if row.status == ModelStatus.LIVE:
             live = row
         else:
             shadow = row

@@ -18,6 +18,7 @@ from pipeline import migrate
 from pipeline.db import make_engine, make_session_factory
 from pipeline.models import AuditEvent, User
 from pipeline.settings import Settings
+from pipeline.states import Role
 
 
 def _out(args: argparse.Namespace, doc: dict[str, Any], text: str, code: int = 0) -> int:
@@ -36,7 +37,7 @@ def cmd_register(args: argparse.Namespace, settings: Settings) -> int:
     try:
         with make_session_factory(engine)() as session:
             user = session.scalars(select(User).where(User.username == args.user)).first()
-            if user is None or not user.active or user.role != "admin":
+            if user is None or not user.active or user.role != Role.ADMIN:
                 msg = f"--user {args.user!r} is not an active admin account"
                 return _out(args, {"ok": False, "error": msg}, f"cxr-triage models: {msg}", 2)
             try:

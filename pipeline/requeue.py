@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from pipeline.db import session_scope
 from pipeline.ingest import enqueue
 from pipeline.models import Image, Study, utcnow
+from pipeline.states import State
 from pipeline.studies import refresh_study
 
 
@@ -30,7 +31,9 @@ def requeueable_image_ids(session: Session, study_ids: list[int]) -> dict[int, l
         return {}
     rows = session.execute(
         select(Image.study_id, Image.id)
-        .where(Image.study_id.in_(study_ids), Image.status == "failed", Image.preview.is_not(None))
+        .where(
+            Image.study_id.in_(study_ids), Image.status == State.FAILED, Image.preview.is_not(None)
+        )
         .order_by(Image.id)
     )
     found: dict[int, list[int]] = {}
@@ -41,12 +44,15 @@ def requeueable_image_ids(session: Session, study_ids: list[int]) -> dict[int, l
 
 def _refusal(study: Study) -> str:
     reason = f" ({study.reason})" if study.reason else ""
-    return {
-        "done": f"study {study.id} is done: its result stands and is not re-run",
-        "rejected": f"study {study.id} was rejected at ingest{reason}: the file was never "
+    refusals: dict[str, str] = {
+        State.DONE: f"study {study.id} is done: its result stands and is not re-run",
+        State.REJECTED: f"study {study.id} was rejected at ingest{reason}: the file was never "
         "decoded, so there is nothing to re-run; fix the file and send it again",
-        "skipped": f"study {study.id} was skipped{reason}: the model reads frontal films only",
-    }.get(study.status, f"study {study.id} is {study.status}: it is already in the queue")
+        State.SKIPPED: f"study {study.id} was skipped{reason}: the model reads frontal films only",
+    }
+    return refusals.get(
+        study.status, f"study {study.id} is {study.status}: it is already in the queue"
+    )
 
 
 def claim_for_requeue(
@@ -61,9 +67,9 @@ def claim_for_requeue(
     for image_id in candidates:
         moved = session.execute(
             update(Image)
-            .where(Image.id == image_id, Image.status == "failed")
+            .where(Image.id == image_id, Image.status == State.FAILED)
             .values(
-                status="queued",
+                status=State.QUEUED,
                 reason=None,
                 attempts=0,
                 queued_at=now,

@@ -21,6 +21,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from pipeline.models import Review, Study, as_utc
+from pipeline.states import State
 
 ACTIONS = ("read", "agree", "disagree")
 MAX_COMMENT = 2000
@@ -106,12 +107,12 @@ def record_review(
     study = session.get(Study, study_id)
     if study is None:
         raise ReviewError(f"no study {study_id}")
-    if action in ("agree", "disagree") and study.status != "done":
+    if action in ("agree", "disagree") and study.status != State.DONE:
         raise ReviewError("only a classified study can be agreed or disagreed with")
     text = (comment or "").strip() or None
     if text is not None and len(text) > MAX_COMMENT:
         raise ReviewError(f"comment is longer than {MAX_COMMENT} characters")
-    call = model_calls_abnormal(study.triage_class) if study.status == "done" else None
+    call = model_calls_abnormal(study.triage_class) if study.status == State.DONE else None
     if action in ("agree", "disagree"):
         if call is None:
             raise ReviewError("this study has no triage class to agree or disagree with")
@@ -143,7 +144,7 @@ def record_review(
 
 def model_snapshot(study: Study, abnormal: bool | None) -> dict[str, object]:
     """The model's call on the study now, kept on a review that records a truth."""
-    if abnormal is None or study.status != "done":
+    if abnormal is None or study.status != State.DONE:
         return {"model_class": None, "model_p": None, "model_version": None}
     return {
         "model_class": study.triage_class,

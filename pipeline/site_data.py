@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from pipeline.models import Image, Study
 from pipeline.reviews import latest_truths
+from pipeline.states import State
 
 SOURCE = "site"
 
@@ -42,7 +43,9 @@ def export_reviewed(
         query = (
             select(Image.id, Image.preview, Study.id, Study.patient_id)
             .join(Study, Study.id == Image.study_id)
-            .where(Image.study_id.in_(chunk), Image.status == "done", Image.preview.is_not(None))
+            .where(
+                Image.study_id.in_(chunk), Image.status == State.DONE, Image.preview.is_not(None)
+            )
         )
         for image_id, preview, study_id, patient in session.execute(query):
             truth = truths[study_id]

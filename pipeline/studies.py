@@ -18,8 +18,9 @@ from sqlalchemy.orm import Session, load_only
 
 from pipeline import triage
 from pipeline.models import Image, Prediction, Review, Study, as_utc, utcnow
+from pipeline.states import ACTIVE_STATES, ALL_STATES, State
 
-STATUSES = ("received", "queued", "processing", "done", "failed", "rejected", "skipped")
+STATUSES = ALL_STATES
 TRIAGE_FILTERS = (*triage.CLASSES, "none")  # "none": not scored (yet, or never)
 MAX_SEARCH = 64  # the accession number and patient id columns are String(64)
 _UNSCORED_LAST = func.coalesce(Study.priority, -1.0)
@@ -54,7 +55,7 @@ def refresh_studies(
     )
     for img in session.scalars(query):
         images[img.study_id].append(img)
-    done = [img.id for imgs in images.values() for img in imgs if img.status == "done"]
+    done = [img.id for imgs in images.values() for img in imgs if img.status == State.DONE]
     latest: dict[int, Prediction] = {}
     if done:
         preds = (
@@ -96,17 +97,17 @@ def _derive(
     temperature_scale: float = 1.0,
 ) -> None:
     statuses = [img.status for img in images]
-    if any(s in ("received", "queued", "processing") for s in statuses):
-        study.status = "processing" if "processing" in statuses else "queued"
+    if any(s in ACTIVE_STATES for s in statuses):
+        study.status = State.PROCESSING if State.PROCESSING in statuses else State.QUEUED
         return
     scored = [
         (latest[img.id].p_abnormal, latest[img.id])
         for img in images
-        if img.status == "done" and img.id in latest
+        if img.status == State.DONE and img.id in latest
     ]
     if scored:
         p, top = max(scored, key=lambda pair: pair[0])
-        study.status = "done"
+        study.status = State.DONE
         study.reason = None
         study.p_abnormal = p
         study.label = top.label
@@ -119,7 +120,7 @@ def _derive(
         study.policy_version = policy_version
         study.done_at = study.done_at or utcnow()
         return
-    for final in ("failed", "skipped", "rejected"):
+    for final in (State.FAILED, State.SKIPPED, State.REJECTED):
         if final in statuses:
             study.status = final
             study.reason = next(img.reason for img in images if img.status == final)
@@ -130,7 +131,7 @@ def _derive(
 def open_image_count(session: Session, image_ids: list[int]) -> int:
     """How many of these images are still queued or being processed."""
     query = select(func.count(Image.id)).where(
-        Image.id.in_(image_ids), Image.status.in_(("received", "queued", "processing"))
+        Image.id.in_(image_ids), Image.status.in_(ACTIVE_STATES)
     )
     return int(session.scalar(query) or 0)
 

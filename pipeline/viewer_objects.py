@@ -26,6 +26,7 @@ from pipeline.models import Image, Instance, Prediction, ResultObject, Study
 from pipeline.outbox import patient_of
 from pipeline.render import cam_array
 from pipeline.results_dicom import build_sc, build_sr, series_uid, to_bytes
+from pipeline.states import ObjectState, State
 
 log = logging.getLogger(__name__)
 SOURCE_KINDS = ("received", "capture")
@@ -38,7 +39,7 @@ def _scored(session: Session, study: Study) -> list[tuple[Image, Prediction, Ins
         .join(Instance, Instance.image_id == Image.id)
         .where(
             Image.study_id == study.id,
-            Image.status == "done",
+            Image.status == State.DONE,
             Prediction.model_version == study.model_version,
             Instance.kind.in_(SOURCE_KINDS),
         )
@@ -67,7 +68,7 @@ def _snapshot(
             ResultObject.study_id == study.id,
             ResultObject.kind == "sr",
             ResultObject.model_version == mv,
-            ResultObject.status == "ready",
+            ResultObject.status == ObjectState.READY,
         )
         .order_by(ResultObject.images.desc(), ResultObject.id.desc())
     ).first()
@@ -115,7 +116,7 @@ def ensure_results(
     from pipeline.senders import study_result
 
     study = session.scalars(select(Study).where(Study.study_uid == study_uid)).first()
-    if study is None or study.status != "done" or not study.model_version:
+    if study is None or study.status != State.DONE or not study.model_version:
         return 0
     mv = study.model_version
     sc_series = series_uid(study_uid, "sc", mv)

@@ -23,6 +23,7 @@ from typing import Any
 from pipeline.imaging import ACCEPTED_SUFFIXES
 from pipeline.ingest import IngestItem
 from pipeline.intake import Intake, hash_stream
+from pipeline.states import State
 
 log = logging.getLogger(__name__)
 PROCESSED, REJECTED = "processed", "rejected"
@@ -174,7 +175,7 @@ class FolderWatcher:
         return item
 
     def _move(self, path: Path, side: Path | None, item: IngestItem) -> None:
-        rejected = item.status == "rejected"
+        rejected = item.status == State.REJECTED
         target = unique_target(self.folder / (REJECTED if rejected else PROCESSED), path.name)
         os.replace(path, target)
         if side is not None:
