@@ -231,7 +231,7 @@ def test_the_cr_renders_window_level_changes_it_and_the_ai_series_are_listed(
     thumbs = {t["series"]: t for t in page.evaluate(THUMBNAILS) if t["series"] != "1"}
     assert list(thumbs) == ["9902"] and "AI triage - not a diagnosis" in thumbs["9902"]["text"]
     films = [t for t in page.evaluate(THUMBNAILS) if t["series"] == "1"]
-    assert _thumbnail_colour(thumbs["9902"]["image"]) > 10
+    assert _thumbnail_colour(thumbs["9902"]["image"]) > 4  # the heat map: colour where it looked
     assert max(_thumbnail_colour(t["image"]) for t in films) < 1  # the films are grey
     sr = re.sub(r"\s+", " ", page.inner_text("[data-cy=study-browser-thumbnail-no-image]"))
     assert sr.strip() == "SR AI triage - not a diagnosis S:9901 1"
