@@ -37,7 +37,7 @@ reliability: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check $(LINT_DIRS)
 	$(VENV)/bin/ruff format --check $(LINT_DIRS)
-	$(VENV)/bin/mypy pipeline
+	$(VENV)/bin/mypy pipeline worker dashboard
 
 clean:
 	rm -rf $(VENV) var .pytest_cache .ruff_cache .mypy_cache

@@ -60,7 +60,8 @@ def _json(body: Any, cache: bool = False, etag: str | None = None) -> Response:
     if etag:
         response.set_etag(etag)
         response.headers["Cache-Control"] = IMMUTABLE
-        return response.make_conditional(request)
+        response.make_conditional(request)  # in place
+        return response
     response.headers["Cache-Control"] = "no-store"
     return response
 
@@ -193,7 +194,8 @@ def _retrieve(rows: list[Instance]) -> Response:
     if len(rows) == 1:
         response.set_etag(rows[0].sha256)
         response.headers["Cache-Control"] = IMMUTABLE
-        return response.make_conditional(request)
+        response.make_conditional(request)  # in place
+        return response
     response.headers["Cache-Control"] = "no-store"  # a study or series can still grow
     return response
 
@@ -273,7 +275,8 @@ def retrieve_frames(study: str, series: str, sop: str, numbers: str) -> Response
     response.set_etag(f"f-{row.sha256}-{numbers}-{syntax}")
     response.headers["Cache-Control"] = IMMUTABLE
     response.headers["Vary"] = "Accept"
-    return response.make_conditional(request)
+    response.make_conditional(request)  # in place
+    return response
 
 
 @bp.get("/studies/<study>/series/<series>/instances/<sop>/bulk/<tag>")
@@ -289,7 +292,8 @@ def retrieve_bulk(study: str, series: str, sop: str, tag: str) -> Response:
     response = _multipart([("application/octet-stream", iter([value]))], "application/octet-stream")
     response.set_etag(f"b-{row.sha256}-{tag.upper()}")
     response.headers["Cache-Control"] = IMMUTABLE
-    return response.make_conditional(request)
+    response.make_conditional(request)  # in place
+    return response
 
 
 def _render(row: Instance, side: int | None) -> Response:
@@ -308,7 +312,8 @@ def _render(row: Instance, side: int | None) -> Response:
     response = Response(body, mimetype=media)
     response.set_etag(f"r-{row.sha256}-{side}-{media}")
     response.headers["Cache-Control"] = IMMUTABLE
-    return response.make_conditional(request)
+    response.make_conditional(request)  # in place
+    return response
 
 
 def _first_image(rows: list[Instance]) -> Instance:

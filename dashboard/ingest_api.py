@@ -255,9 +255,9 @@ def stow() -> Any:
         doc[REFERENCED_SEQ] = {"vr": "SQ", "Value": referenced}
     if failed:
         doc[FAILED_SEQ] = {"vr": "SQ", "Value": failed}
-    code = 200 if not failed else (202 if referenced else 409)
+    status = 200 if not failed else (202 if referenced else 409)
     response = jsonify(doc)
-    response.status_code = code
+    response.status_code = status
     response.mimetype = "application/dicom+json"
     for text in warnings[:20]:  # the reasons in words, for people reading the sender's log
         safe = text.encode("ascii", "replace").decode().replace('"', "'")

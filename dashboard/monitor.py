@@ -168,6 +168,8 @@ def throughput_per_minute(session: Session, now: datetime) -> list[dict[str, Any
     )
     done, failed = [0] * WINDOW_MIN, [0] * WINDOW_MIN
     for done_at, status in rows:
+        if done_at is None:  # not selected (done_at >= start), but the column is nullable
+            continue
         slot = int((_minute(done_at) - start).total_seconds() // 60)
         if 0 <= slot < WINDOW_MIN:
             (done if status == State.DONE else failed)[slot] += 1
@@ -193,6 +195,7 @@ def latency_last_hour(session: Session, now: datetime) -> dict[str, Any]:
         for v in session.scalars(
             select(Image.latency_ms).where(Image.done_at >= since, Image.latency_ms.is_not(None))
         )
+        if v is not None
     ]
     p50, p95 = percentile(values, 50), percentile(values, 95)
     return {

@@ -90,7 +90,8 @@ def _encoded(response: Response, gzip: bool, varies: bool) -> Response:
 def _bytes(data: bytes, name: str, etag: str, cache: str = REVALIDATE) -> Response:
     response = Response(data, mimetype=_mimetype(name))
     response.set_etag(etag)
-    return _viewer(response.make_conditional(request), cache)
+    response.make_conditional(request)  # in place
+    return _viewer(response, cache)
 
 
 def _page(root: str) -> ohif_app.Page:

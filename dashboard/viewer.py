@@ -144,7 +144,8 @@ def review(study_id: int) -> Any:
     )
     flash(FLASH[review.action] if truth is None else f"Recorded: {truth}{AGREEMENT[review.action]}")
     view = "ohif" if request.args.get("view") == "ohif" else None
-    return redirect(url_for("viewer.study", study_id=study_id, view=view, **_filters().params))
+    params: dict[str, Any] = dict(_filters().params)
+    return redirect(url_for("viewer.study", study_id=study_id, view=view, **params))
 
 
 def _image_or_404(image_id: int) -> Image:
