@@ -20,7 +20,7 @@ from PIL import ImageDraw, ImageFont
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-from pipeline.render import overlay_rgb
+from pipeline.render import Box, overlay_rgb
 
 MANUFACTURER = "cxr-triage"
 LABEL_TEXT = "AI triage - not a diagnosis"
@@ -57,8 +57,8 @@ class SourceImage:
     view_position: str | None = None
     # Where the CAM lies on the film and its strongest cell, (r0, r1, c0, c1) fractions
     # (pipeline.cam_place); None in snapshots made before they were kept: the whole film.
-    cam_box: tuple[float, float, float, float] | None = None
-    cam_peak: tuple[float, float, float, float] | None = None
+    cam_box: Box | None = None
+    cam_peak: Box | None = None
     columns: int | None = None  # the film's size in pixels, for the SR's region
     rows: int | None = None
 
@@ -315,7 +315,7 @@ def build_sr(result: StudyResult) -> Dataset:
 
 
 def burn_overlay(
-    preview: np.ndarray, cam: np.ndarray, alpha: float = 0.45, box: Any = None
+    preview: np.ndarray, cam: np.ndarray, alpha: float = 0.45, box: Box | None = None
 ) -> np.ndarray:
     """The film with its CAM blended in (on ``box`` of it, None: all of it) and the label
     drawn on a black band: RGB uint8."""
