@@ -22,16 +22,16 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import imaging
+from pipeline.classifier.weights import describe_weights
 from pipeline.db import make_engine, make_session_factory
-from pipeline.imaging import Limits
-from pipeline.ingest import enqueue, ingest_paths
-from pipeline.instances import InstanceStore
+from pipeline.imaging import decode as imaging
+from pipeline.imaging.decode import Limits
+from pipeline.ingest.accept import enqueue, ingest_paths
 from pipeline.migrate import upgrade
-from pipeline.queue import Dispatcher, redis_client
-from pipeline.redis_server import EmbeddedRedis
+from pipeline.queue.dispatch import Dispatcher, redis_client
+from pipeline.queue.redis_server import EmbeddedRedis
 from pipeline.settings import Settings
-from pipeline.weights import describe_weights
+from pipeline.store.instances import InstanceStore
 
 RG1 = Path(__file__).resolve().parents[2] / "shared" / "data" / "dicom" / "chest_cr_rg1"
 SYNTAXES = ("uncompressed", "jpeg2000")
@@ -178,6 +178,6 @@ def register(sub: Any) -> None:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import main
+    from pipeline.cli.main import main
 
     sys.exit(main(["bench-ingest", *sys.argv[1:]]))

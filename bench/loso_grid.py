@@ -41,7 +41,7 @@ def run_cli(argv: list[str]) -> int:
     """Run one ``cxr-triage`` model command (train, loso, evaluate) in this process."""
     import logging
 
-    from pipeline import model_cli
+    from pipeline.cli import model as model_cli
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     parser = argparse.ArgumentParser(prog="cxr-triage")
@@ -116,7 +116,7 @@ def unpack(parts: list[Path], root: Path) -> int:
 
 
 def merge(cells: dict[str, dict[str, Any]], sources: tuple[str, ...] = SOURCES) -> dict[str, Any]:
-    """One recipe's summary from its finished cells (as pipeline.loso.summarise).
+    """One recipe's summary from its finished cells (as pipeline.training.loso.summarise).
 
     The mean and the worst are given only when every source's cell has an AUC.
     """

@@ -41,7 +41,7 @@ PASSWORD = "site-pass-1234"
 
 def _cli(args: list[str], env: dict[str, str], stdin: str | None = None) -> str:
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args],
+        [sys.executable, "-m", "pipeline.cli.main", *args],
         env=env,
         cwd=REPO,
         input=stdin,
@@ -80,8 +80,8 @@ def stage(rows: list[dict[str, str]], folder: Path) -> None:
 
 
 def rates(p: list[float], truth: list[bool], threshold: float) -> dict[str, float | None]:
-    """Sensitivity and specificity of "abnormal if p >= threshold" (pipeline.performance)."""
-    from pipeline.performance import at_threshold
+    """Sensitivity and specificity of "abnormal if p >= threshold" (pipeline.monitoring.performance)."""
+    from pipeline.monitoring.performance import at_threshold
 
     r = at_threshold(p, truth, threshold)
     return {
@@ -154,14 +154,14 @@ def run(
     epoch_size: int,
     screenshots: Path | None = None,
 ) -> dict[str, Any]:
+    from pipeline.classifier.registry import comparison, start_shadow
+    from pipeline.classifier.weights import describe_weights, ensure_weights
     from pipeline.db import make_engine, make_session_factory
     from pipeline.migrate import upgrade
     from pipeline.models import Study, User
-    from pipeline.performance import auc_delong
-    from pipeline.policy import active, save
-    from pipeline.registry import comparison, start_shadow
+    from pipeline.monitoring.performance import auc_delong
     from pipeline.settings import Settings
-    from pipeline.weights import describe_weights, ensure_weights
+    from pipeline.triage.policy import active, save
 
     rows = arrival_order(list(csv.DictReader((NIH / "labels.csv").open())))
     first, later = split_by_patient(rows, share)
@@ -185,7 +185,7 @@ def run(
     engine = make_engine(settings.db_url)
     factory = make_session_factory(engine)
     system = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "run"],
+        [sys.executable, "-m", "pipeline.cli.main", "run"],
         env=env,
         cwd=REPO,
         stdout=subprocess.DEVNULL,

@@ -33,31 +33,31 @@ import numpy as np
 from PIL import Image as PILImage
 from sqlalchemy import func, select
 
-from pipeline.datasets import load_one
+from pipeline.classifier.weights import ensure_weights
 from pipeline.db import make_engine, make_session_factory
-from pipeline.imaging import Limits
-from pipeline.ingest import Enqueuer, ingest_paths
-from pipeline.instances import InstanceStore
+from pipeline.imaging.decode import Limits
+from pipeline.imaging.preprocess import model_input_from_grey
+from pipeline.ingest.accept import Enqueuer, ingest_paths
 from pipeline.migrate import upgrade
 from pipeline.models import Batch, Image
-from pipeline.preprocess import model_input_from_grey
-from pipeline.profiling import PROCESS, STAGES, difference, per_image
-from pipeline.profiling import read as read_profile
-from pipeline.queue import Dispatcher, redis_client
-from pipeline.redis_server import EmbeddedRedis
+from pipeline.queue.dispatch import Dispatcher, redis_client
+from pipeline.queue.redis_server import EmbeddedRedis
+from pipeline.service.profiling import PROCESS, STAGES, difference, per_image
+from pipeline.service.profiling import read as read_profile
+from pipeline.service.supervisor import WorkerLayout, inference_layout, worker_children
 from pipeline.settings import Settings
-from pipeline.studies import open_image_count
-from pipeline.supervisor import WorkerLayout, inference_layout, worker_children
-from pipeline.weights import ensure_weights
+from pipeline.store.instances import InstanceStore
+from pipeline.training.datasets import load_one
+from pipeline.triage.studies import open_image_count
 
 if TYPE_CHECKING:  # torch is imported by the commands that run the model, not by the CLI
-    from pipeline.classifier import Classifier
+    from pipeline.classifier.network import Classifier
 
 SHARED_CXR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cxr"
 MODEL_BATCH_SIZES = (1, 8, 16, 32)
 LAYOUT_BATCH_SIZES = (8, 16, 32)
 WARMUP = 32  # images sent through the pipeline before timing
-# The profile's stages in pipeline order (pipeline.profiling): ingest in this process, then
+# The profile's stages in pipeline order (pipeline.service.profiling): ingest in this process, then
 # the workers' (Celery's fetch and decode, the batch wait, the batch's own stages, the acks).
 INGEST_STAGES = ("read", "decode", "preview", "sql", "model_input", "payload", "send")
 WORKER_STAGES = (
@@ -122,7 +122,7 @@ def _model_child(
     runtime: str = "eager",
 ) -> None:
     """One process of the layout: the model alone at each batch size, started with the others."""
-    from pipeline.classifier import Classifier
+    from pipeline.classifier.network import Classifier
 
     inputs = np.load(inputs_path)
     for bs in batch_sizes:
@@ -182,7 +182,7 @@ def _send(settings: Settings, factory: Any, paths: list[Path], size: int) -> lis
     client = redis_client(settings.redis_url or "")
     dispatcher = Dispatcher(settings.redis_url or "")
 
-    from pipeline.weights import describe_weights
+    from pipeline.classifier.weights import describe_weights
 
     preprocess = describe_weights(settings)["preprocess"]
     sink = Enqueuer(factory, client, dispatcher, size, 3600, preprocess=preprocess)
@@ -222,7 +222,7 @@ def measure_ingest(
 def _cli(settings: Settings, workdir: Path, args: list[str]) -> tuple[float, dict[str, Any]]:
     """Seconds of one `cxr-triage` command as a user runs it (start-up included), and its JSON."""
     script = Path(sys.executable).with_name("cxr-triage")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "pipeline.cli"]
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "pipeline.cli.main"]
     env = {**os.environ, **settings.with_(data_dir=workdir).as_env()}
     start = time.perf_counter()
     proc = subprocess.run([*command, *args], env=env, capture_output=True, text=True, timeout=900)
@@ -464,8 +464,8 @@ def run(
     pipeline runs at the model's best measured batch size unless pipeline_batch is given.
     """
     from bench.runtimes_bench import choose, compare_runtimes
-    from pipeline.classifier import Classifier
-    from pipeline.runtimes import write_choice
+    from pipeline.classifier.network import Classifier
+    from pipeline.classifier.runtimes import write_choice
 
     weights = ensure_weights(settings)
     settings = settings.with_(weights=weights)
@@ -648,6 +648,6 @@ def register(sub: Any) -> None:
 
 
 if __name__ == "__main__":
-    from pipeline.cli import main
+    from pipeline.cli.main import main
 
     sys.exit(main(["bench", *sys.argv[1:]]))

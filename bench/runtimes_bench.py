@@ -1,6 +1,6 @@
 """The model's runtimes side by side: speed, AUC against float32, CAM agreement; the choice.
 
-Every runtime of ``pipeline.runtimes`` runs the same test images (the test splits of
+Every runtime of ``pipeline.classifier.runtimes`` runs the same test images (the test splits of
 ``../shared/data/cxr/*/labels.csv``) and the same speed inputs, back to back in one run, so the
 ratios are fair even on a shared machine. Quality is measured against eager float32: the
 abnormal-vs-normal AUC (pooled over the sources) and the share of images whose CAM peaks in
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.supervisor import WorkerLayout
+from pipeline.service.supervisor import WorkerLayout
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ def labelled_images(
     subset: str, per_source: int, meta: dict[str, Any]
 ) -> tuple[list[Path], np.ndarray]:
     """Up to per_source files of each collection's subset, spread over it, and abnormal labels."""
-    from pipeline import datasets as ds
+    from pipeline.training import datasets as ds
 
     split = meta.get("training_data", {}).get("split", {})
     paths: list[Path] = []
@@ -79,7 +79,7 @@ def _speed_child(
     barrier: Any,
     out: Any,
 ) -> None:
-    from pipeline.classifier import Classifier
+    from pipeline.classifier.network import Classifier
 
     inputs = np.load(inputs_path)
     for bs in batch_sizes:
@@ -134,9 +134,9 @@ def ensure_int8(
     """Calibrate the int8 model unless one is beside the weights; True when one was written.
 
     Re-calibrating replaces the file that every CPU's recorded choice measured, so those
-    choices are dropped (pipeline.runtimes.forget_choices).
+    choices are dropped (pipeline.classifier.runtimes.forget_choices).
     """
-    from pipeline import runtimes as rt
+    from pipeline.classifier import runtimes as rt
 
     if int8.exists() and not requantise:
         log.info("int8 model %s kept (calibrated before; --requantise makes a new one)", int8.name)
@@ -168,10 +168,10 @@ def compare_runtimes(
     every CPU measures the same file. ``requantise`` calibrates it again, replacing the file; the
     other CPUs' records, made on the old one, are then dropped.
     """
-    from pipeline import runtimes as rt
-    from pipeline.classifier import Classifier
-    from pipeline.datasets import load_images
-    from pipeline.evaluate import auc
+    from pipeline.classifier import runtimes as rt
+    from pipeline.classifier.network import Classifier
+    from pipeline.training.datasets import load_images
+    from pipeline.training.evaluate import auc
 
     ref = Classifier(weights, "cpu", layout.threads)
     test_paths, abnormal = labelled_images("test", per_source, ref.meta)

@@ -84,7 +84,7 @@ def gunicorn(settings: Any, workdir: Path):  # type: ignore[no-untyped-def]
     """The dashboard as ``cxr-triage run`` starts it, on a free loopback port."""
     import urllib.request
 
-    from pipeline.supervisor import dashboard_command
+    from pipeline.service.supervisor import dashboard_command
 
     settings = settings.with_(port=_free_port(), host="127.0.0.1")
     out = open(workdir / "dashboard.log", "wb")
@@ -204,11 +204,11 @@ def run(
     network: tuple[float, float] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Set up the site on embedded defaults, measure, and return the --json document."""
-    from pipeline import ohif
-    from pipeline.queue import redis_client
-    from pipeline.redis_server import EmbeddedRedis
+    from pipeline.classifier.weights import ensure_weights
+    from pipeline.queue.dispatch import redis_client
+    from pipeline.queue.redis_server import EmbeddedRedis
     from pipeline.settings import Settings
-    from pipeline.weights import ensure_weights
+    from pipeline.viewer import ohif
 
     why = site.available()
     build = build or ohif.viewer_dir(Settings.from_env())

@@ -33,12 +33,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.db import make_engine, make_session_factory
-from pipeline.imaging import Limits, decode_bytes
-from pipeline.ingest import ingest_paths
-from pipeline.instances import InstanceStore
+from pipeline.imaging.decode import Limits, decode_bytes
+from pipeline.ingest.accept import ingest_paths
 from pipeline.migrate import upgrade
 from pipeline.models import Instance
 from pipeline.settings import Settings
+from pipeline.store.instances import InstanceStore
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 RG1 = SHARED / "dicom" / "chest_cr_rg1"
@@ -155,8 +155,8 @@ class Site:
 
 def populate(settings: Settings, paths: dict[str, Path], redis: Any) -> Site:
     """Ingest the films into the store, score them with the settings' weights, add the user."""
-    from pipeline.classifier import Classifier
-    from pipeline.inference import classify_images
+    from pipeline.classifier.inference import classify_images
+    from pipeline.classifier.network import Classifier
     from pipeline.users import create_user
 
     upgrade(settings.db_url)

@@ -19,11 +19,11 @@ from dashboard import db, monitor, settings
 from dashboard.auth import api_auth_required, audit
 from dashboard.charts import throughput_svg
 from dashboard.words import model_summary
-from pipeline.queue import Dispatcher, redis_client
-from pipeline.redis_server import resolve_redis_url
-from pipeline.requeue import RequeueError, requeue_study
+from pipeline.classifier.weights import describe_weights
+from pipeline.queue.dispatch import Dispatcher, redis_client
+from pipeline.queue.redis_server import resolve_redis_url
+from pipeline.queue.requeue import RequeueError, requeue_study
 from pipeline.states import Role
-from pipeline.weights import describe_weights
 
 bp = Blueprint("admin", __name__)
 REFRESH_S = 15

@@ -12,8 +12,8 @@ from sqlalchemy import text
 
 from dashboard import db, monitor, settings
 from dashboard.auth import api_auth_required
-from pipeline.studies import FilterError, WorklistFilter, worklist_document
-from pipeline.weights import describe_weights
+from pipeline.classifier.weights import describe_weights
+from pipeline.triage.studies import FilterError, WorklistFilter, worklist_document
 
 bp = Blueprint("api", __name__)
 
@@ -123,7 +123,7 @@ class _OutboxCollector:
 
 class _PerformanceCollector:
     """Live performance per window (7d, 30d, 90d) overall and per institution, modality, view
-    (``pipeline.live_performance``); a value absent where it is undefined (no studies)."""
+    (``pipeline.monitoring.live``); a value absent where it is undefined (no studies)."""
 
     RATES = ("sensitivity", "specificity", "ppv", "npv")
 
@@ -183,7 +183,7 @@ class _PerformanceCollector:
 
 
 class _DriftCollector:
-    """Drift of the recent films against the reference (``pipeline.drift``)."""
+    """Drift of the recent films against the reference (``pipeline.monitoring.drift``)."""
 
     def __init__(self, doc: dict[str, Any]) -> None:
         self.doc = doc
@@ -207,8 +207,8 @@ class _DriftCollector:
 @bp.route("/metrics")
 @api_auth_required(scope="metrics")
 def metrics() -> Response:
-    from pipeline.live_performance import live_performance_windows
-    from pipeline.outbox import destination_states
+    from pipeline.monitoring.live import live_performance_windows
+    from pipeline.results.outbox import destination_states
 
     registry = CollectorRegistry()
     registry.register(_Collector(monitor.overview(db(), settings())))

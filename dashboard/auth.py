@@ -30,7 +30,7 @@ from dashboard.ratelimit import (
     retry_after_s,
 )
 from pipeline.models import AuditEvent, User, utcnow
-from pipeline.studies import format_wait
+from pipeline.triage.studies import format_wait
 from pipeline.users import authenticate, has_scope, user_for_token
 
 bp = Blueprint("auth", __name__)

@@ -13,8 +13,9 @@ from sqlalchemy import select
 from dashboard import db, settings
 from dashboard.admin import admin_required
 from dashboard.auth import api_auth_required, audit
-from pipeline import outbox
-from pipeline.destinations import (
+from pipeline.models import Destination, OutboxItem
+from pipeline.results import outbox
+from pipeline.results.destinations import (
     KINDS,
     DestinationError,
     Spec,
@@ -23,7 +24,6 @@ from pipeline.destinations import (
     check_http,
     describe,
 )
-from pipeline.models import Destination, OutboxItem
 
 bp = Blueprint("destinations", __name__)
 

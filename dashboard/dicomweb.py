@@ -20,10 +20,9 @@ from sqlalchemy import select
 
 from dashboard import db, settings
 from dashboard.auth import api_auth_required
-from pipeline import dicomweb_query as qido
-from pipeline import dicomweb_retrieve as wado
-from pipeline.instances import InstanceStore, valid_uid
 from pipeline.models import Instance
+from pipeline.store import qido, wado
+from pipeline.store.instances import InstanceStore, valid_uid
 
 bp = Blueprint("dicomweb", __name__, url_prefix="/dicomweb")
 log = logging.getLogger(__name__)
@@ -148,7 +147,7 @@ def search_instances(study: str, series: str) -> Response:
 
 def _results(study_uid: str) -> None:
     """The viewer's result objects (CAM captures, the SR) of a study, made on first look."""
-    from pipeline.viewer_objects import ensure_results
+    from pipeline.store.viewer_objects import ensure_results
 
     try:
         ensure_results(db(), _store(), study_uid, settings().weights_path)

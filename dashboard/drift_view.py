@@ -1,6 +1,6 @@
 """Drift on the dashboard: the status the console, /metrics and the worklist banner show.
 
-``drift_state()`` computes ``pipeline.drift.status`` for the weights in use at most once every
+``drift_state()`` computes ``pipeline.monitoring.drift.status`` for the weights in use at most once every
 ``DRIFT_CACHE_S`` seconds per process (the worklist page refreshes every few seconds). An admin
 can make the recent films this site's reference once the model has been validated on them.
 """
@@ -19,8 +19,8 @@ from flask_login import current_user
 from dashboard import db, settings
 from dashboard.admin import admin_required
 from dashboard.auth import api_auth_required, audit
-from pipeline import drift
-from pipeline.weights import describe_weights, ensure_weights
+from pipeline.classifier.weights import describe_weights, ensure_weights
+from pipeline.monitoring import drift
 
 bp = Blueprint("drift", __name__)
 CACHE_S = 60.0

@@ -4,7 +4,7 @@ Both take a feed's bearer token only (scope ``ingest``), never a browser session
 exempt from CSRF, so a cookie must not be able to reach them. Bodies are spooled to disk under
 ``CXR_MAX_REQUEST_MB``; each file is held to ``CXR_MAX_FILE_MB``, and one over it is still
 identified by its hash and recorded as a rejected study. Everything goes through the same
-persist-then-send path as the CLI (``pipeline.intake``).
+persist-then-send path as the CLI (``pipeline.ingest.intake``).
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ from werkzeug.utils import secure_filename
 from dashboard import settings
 from dashboard.auth import api_auth_required
 from dashboard.multipart import BodyTooLarge, MalformedBody, Part, hash_range, split, spooled
-from pipeline.imaging import header_fields
-from pipeline.ingest import IngestItem
-from pipeline.intake import STATUS_OUT_OF_RESOURCES, Intake, failure_status
-from pipeline.queue import QueueFull
+from pipeline.imaging.decode import header_fields
+from pipeline.ingest.accept import IngestItem
+from pipeline.ingest.intake import STATUS_OUT_OF_RESOURCES, Intake, failure_status
+from pipeline.queue.dispatch import QueueFull
 from pipeline.states import State
 from pipeline.storage import StorageFull, is_storage_full
 

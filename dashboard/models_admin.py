@@ -1,4 +1,4 @@
-"""Admin: the model registry (pipeline.registry): shadow, compare, promote, discard, roll back."""
+"""Admin: the model registry (pipeline.classifier.registry): shadow, compare, promote, discard, roll back."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from flask_login import current_user
 from dashboard import db, settings
 from dashboard.admin import admin_required
 from dashboard.auth import api_auth_required, audit
-from pipeline import registry
-from pipeline.policy import active
-from pipeline.weights import describe_weights, ensure_weights
+from pipeline.classifier import registry
+from pipeline.classifier.weights import describe_weights, ensure_weights
+from pipeline.triage.policy import active
 
 bp = Blueprint("models", __name__)
 

@@ -11,12 +11,12 @@ from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session
 
 from pipeline.models import AuditEvent, Batch, Image, Prediction, Review, Study, User, as_utc
-from pipeline.queue import HEARTBEAT_PREFIX, QUEUES, redis_client
-from pipeline.redis_server import resolve_redis_url
-from pipeline.requeue import requeueable_image_ids
+from pipeline.queue.dispatch import HEARTBEAT_PREFIX, QUEUES, redis_client
+from pipeline.queue.redis_server import resolve_redis_url
+from pipeline.queue.requeue import requeueable_image_ids
 from pipeline.settings import Settings
 from pipeline.states import ACTIVE_STATES, State
-from pipeline.studies import iso
+from pipeline.triage.studies import iso
 
 
 def study_counts(session: Session) -> dict[str, int]:
@@ -262,7 +262,7 @@ def console(session: Session, settings: Settings, model: dict[str, Any], now: da
 
 def instance_store(session: Session, settings: Settings) -> dict[str, Any]:
     """The instance store: bytes held against the limit, instances, unread share."""
-    from pipeline.instances import InstanceStore, store_state
+    from pipeline.store.instances import InstanceStore, store_state
 
     state = store_state(session, InstanceStore.of(settings))
     state.pop("root")  # a path on the server: not for the page

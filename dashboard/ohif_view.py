@@ -5,7 +5,7 @@ page, which brings it back). A file of the build is served as it is or as rewrit
 base (dashboard.ohif_app); ``app-config.js`` is ours; any other path without a file extension is
 one of the app's own routes (``/ohif/viewer?StudyInstanceUIDs=…``, the study list) and gets
 index.html. Hashed bundles are cached for a year, everything else revalidated. A browser that
-accepts gzip gets the build's precompressed ``.gz`` sibling (pipeline.static_gzip), or a
+accepts gzip gets the build's precompressed ``.gz`` sibling (pipeline.viewer.static_gzip), or a
 rewritten file gzipped once in memory; every compressible file varies on Accept-Encoding. Responses carry
 the viewer's own Content-Security-Policy, the rest of the dashboard keeps its strict one. With
 no build installed, every ``/ohif/`` path answers a page that says how to install it.
@@ -34,7 +34,7 @@ from flask_login import login_required
 from werkzeug.security import safe_join
 
 from dashboard import ohif_app, settings
-from pipeline import ohif, static_gzip
+from pipeline.viewer import ohif, static_gzip
 
 bp = Blueprint("ohif", __name__, url_prefix="/ohif")
 IMMUTABLE = "private, max-age=31536000, immutable"

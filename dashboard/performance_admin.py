@@ -1,6 +1,6 @@
 """Admin: live performance of the model against the ground truth recorded in a window.
 
-The numbers come from ``pipeline.live_performance`` (one plain function returning a dict); the
+The numbers come from ``pipeline.monitoring.live`` (one plain function returning a dict); the
 same document is served as JSON under ``/api/admin/performance``.
 """
 
@@ -15,9 +15,9 @@ from dashboard import db, settings
 from dashboard.admin import admin_required
 from dashboard.auth import api_auth_required
 from dashboard.charts import reliability_svg
-from pipeline.live_performance import DEFAULT_DAYS, SPLITS, WINDOWS_DAYS, live_performance
-from pipeline.reviews import FINDINGS
-from pipeline.weights import describe_weights
+from pipeline.classifier.weights import describe_weights
+from pipeline.monitoring.live import DEFAULT_DAYS, SPLITS, WINDOWS_DAYS, live_performance
+from pipeline.monitoring.reviews import FINDINGS
 
 bp = Blueprint("performance", __name__)
 

@@ -1,4 +1,4 @@
-"""Admin: the site's triage policy (pipeline.policy): the one in force, its history, changes.
+"""Admin: the site's triage policy (pipeline.triage.policy): the one in force, its history, changes.
 
 Every save is a new version with a reason, audited; rollback saves an earlier version's rules as
 a new one. The page shows how many waiting studies a change would move to another triage class
@@ -15,8 +15,8 @@ from flask_login import current_user
 from dashboard import db, settings
 from dashboard.admin import admin_required
 from dashboard.auth import api_auth_required, audit
-from pipeline import policy as pol
-from pipeline.weights import describe_weights
+from pipeline.classifier.weights import describe_weights
+from pipeline.triage import policy as pol
 
 bp = Blueprint("policy", __name__)
 
@@ -37,7 +37,7 @@ def _proposal() -> tuple[dict[str, Any] | None, str | None]:
     """The calibration proposal asked for with ?calibrate=1&since=&target=, or why there is none."""
     from datetime import UTC, datetime, timedelta
 
-    from pipeline.calibrate import CalibrationError, propose
+    from pipeline.monitoring.calibrate import CalibrationError, propose
 
     if not request.args.get("calibrate"):
         return None, None

@@ -15,13 +15,19 @@ from dashboard import db, settings
 from dashboard.auth import audit
 from dashboard.ohif_view import study_url
 from dashboard.words import model_summary, operating_point
-from pipeline import render
-from pipeline.cam_place import place
+from pipeline.classifier.weights import describe_weights
+from pipeline.imaging import render
+from pipeline.imaging.cam_place import place
 from pipeline.models import Image, Prediction, Review, Study, User
-from pipeline.reviews import FINDINGS, ReviewError, parse_truth, record_review, truth_words
-from pipeline.studies import FilterError, WorklistFilter, format_wait, neighbour_ids
-from pipeline.studies import waiting_seconds as _waiting_seconds
-from pipeline.weights import describe_weights
+from pipeline.monitoring.reviews import (
+    FINDINGS,
+    ReviewError,
+    parse_truth,
+    record_review,
+    truth_words,
+)
+from pipeline.triage.studies import FilterError, WorklistFilter, format_wait, neighbour_ids
+from pipeline.triage.studies import waiting_seconds as _waiting_seconds
 
 bp = Blueprint("viewer", __name__)
 FLASH = {
@@ -54,7 +60,7 @@ def _latest_predictions(image_ids: list[int]) -> dict[int, Prediction]:
 
 def _operating_in_force(model: dict[str, Any]) -> dict[str, Any]:
     """The operating point in words, at the thresholds of the site's policy in force."""
-    from pipeline.policy import active
+    from pipeline.triage.policy import active
 
     policy = active(db())
     if not policy.thresholds:

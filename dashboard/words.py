@@ -1,6 +1,6 @@
 """The model and its operating point in words a radiologist reads at a glance.
 
-Thresholds and test-set metrics come from the weights file's metadata (``pipeline.weights``);
+Thresholds and test-set metrics come from the weights file's metadata (``pipeline.classifier.weights``);
 nothing here is typed in by hand, so the words change when the weights do.
 """
 

@@ -1,6 +1,6 @@
 """The radiologist's worklist: filters, search, pagination, and rows that refresh themselves.
 
-Filtering, search and order live in ``pipeline.studies`` (shared with ``GET /api/worklist``);
+Filtering, search and order live in ``pipeline.triage.studies`` (shared with ``GET /api/worklist``);
 this module only renders. ``/worklist/rows`` returns the table body alone, which the page's
 script fetches every few seconds so new studies appear without a reload.
 """
@@ -13,8 +13,9 @@ from flask import Blueprint, current_app, render_template, request
 from flask_login import login_required
 
 from dashboard import db, settings
-from pipeline.reviews import reviewed_study_ids
-from pipeline.studies import (
+from pipeline.classifier.weights import describe_weights
+from pipeline.monitoring.reviews import reviewed_study_ids
+from pipeline.triage.studies import (
     STATUSES,
     TRIAGE_FILTERS,
     FilterError,
@@ -24,7 +25,6 @@ from pipeline.studies import (
     worklist_count,
     worklist_page,
 )
-from pipeline.weights import describe_weights
 
 bp = Blueprint("worklist", __name__)
 PAGE_SIZE = 50

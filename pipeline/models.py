@@ -85,7 +85,7 @@ class Study(Base):
     triage_class: Mapped[str | None] = mapped_column(String(16))
     priority: Mapped[float | None] = mapped_column(Float)
     model_version: Mapped[str | None] = mapped_column(String(80))
-    # The triage policy (pipeline.policy) the study was ranked under; None: before policies.
+    # The triage policy (pipeline.triage.policy) the study was ranked under; None: before policies.
     policy_version: Mapped[int | None] = mapped_column(Integer)
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     done_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -197,7 +197,7 @@ class User(Base):
 
 class Review(Base):
     """A radiologist's action on a study (read, agree or disagree with the model), or an
-    outcome imported from the RIS; either may carry the ground truth (``pipeline.reviews``)."""
+    outcome imported from the RIS; either may carry the ground truth (``pipeline.monitoring.reviews``)."""
 
     __tablename__ = "reviews"
 
@@ -209,7 +209,7 @@ class Review(Base):
     comment: Mapped[str | None] = mapped_column(Text)
     # Ground truth: None when the read said nothing about the finding ("mark read").
     abnormal: Mapped[bool | None] = mapped_column()
-    finding: Mapped[str | None] = mapped_column(String(32))  # pipeline.reviews.FINDINGS
+    finding: Mapped[str | None] = mapped_column(String(32))  # pipeline.monitoring.reviews.FINDINGS
     source: Mapped[str] = mapped_column(String(16), default="console")  # console | ris
     # The model's call on the study when the truth was recorded.
     model_class: Mapped[str | None] = mapped_column(String(16))
@@ -221,20 +221,20 @@ class Review(Base):
 
 
 class PolicyVersion(Base):
-    """One version of the site's triage policy (pipeline.policy); the highest is in force."""
+    """One version of the site's triage policy (pipeline.triage.policy); the highest is in force."""
 
     __tablename__ = "policies"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     version: Mapped[int] = mapped_column(Integer, unique=True)
-    body: Mapped[str] = mapped_column(Text)  # JSON: pipeline.policy.Policy.body()
+    body: Mapped[str] = mapped_column(Text)  # JSON: pipeline.triage.policy.Policy.body()
     reason: Mapped[str] = mapped_column(Text)
     user_id: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class ModelVersion(Base):
-    """A model the site runs or tries (pipeline.registry): candidate, shadow, live or retired."""
+    """A model the site runs or tries (pipeline.classifier.registry): candidate, shadow, live or retired."""
 
     __tablename__ = "model_versions"
 
@@ -282,7 +282,7 @@ class AuditEvent(Base):
 class Destination(Base):
     """Where results go: a DICOM node (C-STORE), a DICOMweb service (STOW-RS), or, for
     critical alerts, an HL7 v2 receiver over MLLP or a webhook. Secrets are kept encrypted
-    (``pipeline.destinations``) and never shown back."""
+    (``pipeline.results.destinations``) and never shown back."""
 
     __tablename__ = "destinations"
 
@@ -355,7 +355,7 @@ class OutboxItem(Base):
 
 
 class Instance(Base):
-    """One DICOM instance in the instance store (``pipeline.instances``): a file as received,
+    """One DICOM instance in the instance store (``pipeline.store.instances``): a file as received,
     the Secondary Capture made at ingest of a JPEG/PNG, or a result object (the CAM capture,
     the SR) built for the viewer. The row holds what QIDO-RS answers; the file holds the rest."""
 

@@ -53,9 +53,9 @@ class Settings:
     max_attempts: int = 3
     payload_ttl_s: int = 7 * 24 * 3600
     torch_threads: int = 0
-    # How often a worker looks at the model registry (pipeline.registry) between batches.
+    # How often a worker looks at the model registry (pipeline.classifier.registry) between batches.
     registry_check_s: float = 5.0
-    # Where a CPU worker's forward pass runs (pipeline.runtimes): auto = the runtime the bench
+    # Where a CPU worker's forward pass runs (pipeline.classifier.runtimes): auto = the runtime the bench
     # measured best on this CPU for these weights, else eager PyTorch.
     runtime: str = "auto"
     # Inference worker processes; 0: one per core on a CPU (up to 8), one on a GPU.
@@ -71,7 +71,7 @@ class Settings:
     pull_from: str | None = None
     pull_every_s: int = 300
     pull_since: str = "1d"
-    # Results back to the hospital (pipeline.outbox): PACS destinations
+    # Results back to the hospital (pipeline.results.outbox): PACS destinations
     # (``dicom://AE@host:port``, ``http(s)://host:port/dicom-web``, comma-separated; a bearer
     # token for the DICOMweb ones) and critical-alert receivers (``mllp://host:port``,
     # ``http(s)://`` webhooks signed with the secret). The admin console adds more.
@@ -83,14 +83,14 @@ class Settings:
     # works): after a sender is killed, its rows are sent again this long after.
     outbox_lease_s: int = 120
     max_request_mb: int = 512
-    # The OHIF viewer at /ohif/ (pipeline.ohif, dashboard.ohif_view): the folder holding its
+    # The OHIF viewer at /ohif/ (pipeline.viewer.ohif, dashboard.ohif_view): the folder holding its
     # prebuilt app, a path (unset: <data dir>/ohif/<version>, where `cxr-triage ohif install`
     # puts it); and the DICOMweb root it reads studies from (unset: this dashboard's /dicomweb,
     # the session cookie authenticating; an http(s) URL: a site's own PACS, whose origin the
     # viewer's Content-Security-Policy then allows).
     ohif_dir: str | None = None
     viewer_dicomweb_url: str | None = None
-    # The instance store (pipeline.instances): every accepted DICOM instance as received, under
+    # The instance store (pipeline.store.instances): every accepted DICOM instance as received, under
     # ``store_dir`` (default: data_dir/instances). Read studies older than the retention are
     # expired; past the size limit the oldest read studies go first, and once only unread
     # studies remain new studies are refused with that reason. Unread studies are never expired.
@@ -160,7 +160,7 @@ class Settings:
         if self.batch_wait_ms < 0:
             raise ConfigError("CXR_BATCH_WAIT_MS must not be negative")
         if self.pull_from is not None:
-            from pipeline.pull import parse_node, parse_since
+            from pipeline.ingest.pull import parse_node, parse_since
 
             parse_node(self.pull_from)
             parse_since(self.pull_since)

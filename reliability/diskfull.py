@@ -157,7 +157,7 @@ def _cli_ingest(system: System, folder: Path) -> tuple[int, dict[str, Any], str]
     env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
     env.update(system.settings.as_env(), **system.extra_env)
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "ingest", "--json", str(folder)],
+        [sys.executable, "-m", "pipeline.cli.main", "ingest", "--json", str(folder)],
         env=env,
         cwd=PACKAGE_ROOT,
         capture_output=True,

@@ -17,8 +17,8 @@ from typing import Any
 from sqlalchemy import func, select
 
 from pipeline.models import FINAL_STATES, Batch, Image
+from pipeline.service.supervisor import worker_nodename
 from pipeline.settings import Settings
-from pipeline.supervisor import worker_nodename
 from reliability.metrics import Row, fill, wait_final, work_counters
 from reliability.samples import PhiRegistry, write_studies
 from reliability.sender import CliSender

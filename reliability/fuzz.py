@@ -16,7 +16,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.imaging import Limits, RejectedInput, UndecodableInput, decode_bytes
+from pipeline.imaging.decode import Limits, RejectedInput, UndecodableInput, decode_bytes
 from reliability.corpus import SHARED_DICOM
 from reliability.metrics import Row
 from reliability.samples import PhiRegistry, chest_like, dicom_bytes, jpeg_bytes, png_bytes

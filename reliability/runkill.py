@@ -27,8 +27,8 @@ from pathlib import Path
 from sqlalchemy import func, select
 
 from pipeline.db import make_engine, make_session_factory
-from pipeline.lifetime import process_start, redis_servers_on
 from pipeline.models import Image
+from pipeline.service.lifetime import process_start, redis_servers_on
 from pipeline.settings import Settings
 from reliability.faults import Plan
 from reliability.metrics import Row, fill, wait_final, work_counters
@@ -42,7 +42,7 @@ ROW = "run supervisor SIGKILL mid-load, restarted"
 def _cxr_triage() -> list[str]:
     """The installed console script, as an operator runs it."""
     script = Path(sys.executable).with_name("cxr-triage")
-    return [str(script)] if script.exists() else [sys.executable, "-m", "pipeline.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "pipeline.cli.main"]
 
 
 class RunProcess:

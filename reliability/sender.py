@@ -12,11 +12,11 @@ import threading
 import time
 from pathlib import Path
 
-from pipeline.imaging import Limits
-from pipeline.ingest import IngestReport, enqueue, ingest_paths
-from pipeline.instances import InstanceStore
-from pipeline.queue import Dispatcher, redis_client
-from pipeline.weights import describe_weights
+from pipeline.classifier.weights import describe_weights
+from pipeline.imaging.decode import Limits
+from pipeline.ingest.accept import IngestReport, enqueue, ingest_paths
+from pipeline.queue.dispatch import Dispatcher, redis_client
+from pipeline.store.instances import InstanceStore
 from reliability.system import System
 
 log = logging.getLogger(__name__)

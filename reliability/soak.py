@@ -37,7 +37,7 @@ import pydicom  # imported here, once: threads importing it at the same moment c
 from pynetdicom import AE, StoragePresentationContexts
 from sqlalchemy import select, update
 
-from pipeline.cli import reconcile_once
+from pipeline.cli.main import reconcile_once
 from pipeline.models import Image, utcnow
 from reliability.metrics import Row, fill, wait_final, work_counters
 from reliability.netsend import PROCESSING_FAILURE, upload

@@ -24,7 +24,8 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline.cli import (
+from pipeline.classifier.weights import ensure_weights
+from pipeline.cli.main import (
     DEAD_WORKER_CHECK_S,
     RECONCILE_EVERY_S,
     reconcile_once,
@@ -33,11 +34,10 @@ from pipeline.cli import (
 from pipeline.db import make_engine, make_session_factory, session_scope
 from pipeline.migrate import upgrade
 from pipeline.models import PERSON_ROLES, ROLES
-from pipeline.redis_server import EmbeddedRedis, find_redis_server
+from pipeline.queue.redis_server import EmbeddedRedis, find_redis_server
+from pipeline.service.supervisor import dashboard_command, worker_children, worker_nodename
 from pipeline.settings import PACKAGE_ROOT, Settings
-from pipeline.supervisor import dashboard_command, worker_children, worker_nodename
 from pipeline.users import create_user, issue_token
-from pipeline.weights import ensure_weights
 from reliability.tcp_proxy import TcpProxy
 
 log = logging.getLogger(__name__)
@@ -223,7 +223,14 @@ class System:
         self.scp_port = free_port()
         self.scp = Service(
             "dicom-listen",
-            [sys.executable, "-m", "pipeline.cli", "dicom-listen", "--port", str(self.scp_port)],
+            [
+                sys.executable,
+                "-m",
+                "pipeline.cli.main",
+                "dicom-listen",
+                "--port",
+                str(self.scp_port),
+            ],
             env,
             self.logs / "dicom-listen.log",
         )

@@ -15,14 +15,14 @@ import numpy as np
 import pytest
 from hypothesis import settings as hypothesis_settings
 
-from pipeline.classifier import Classifier, create_untrained_weights
+from pipeline.classifier.inference import classify_images
+from pipeline.classifier.network import Classifier, create_untrained_weights
 from pipeline.db import make_engine, make_session_factory
-from pipeline.imaging import Limits
-from pipeline.inference import classify_images
-from pipeline.ingest import ingest_paths
+from pipeline.imaging.decode import Limits
+from pipeline.ingest.accept import ingest_paths
 from pipeline.migrate import upgrade
-from pipeline.queue import redis_client
-from pipeline.redis_server import EmbeddedRedis
+from pipeline.queue.dispatch import redis_client
+from pipeline.queue.redis_server import EmbeddedRedis
 from pipeline.settings import Settings
 from pipeline.users import create_user
 from reliability import samples as samples_module
@@ -123,7 +123,7 @@ class WorkerProcess:
     """A real Celery worker subprocess running the product's worker command."""
 
     def __init__(self, settings: Settings, log_path: Path) -> None:
-        from pipeline.supervisor import worker_command
+        from pipeline.service.supervisor import worker_command
 
         self.log_path = log_path
         self.log = open(log_path, "wb")
@@ -180,7 +180,7 @@ def run_cli(
 ) -> subprocess.CompletedProcess:
     """Run the installed ``cxr-triage`` entry point as a user would."""
     return subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", *args],
+        [sys.executable, "-m", "pipeline.cli.main", *args],
         env=settings_env(settings),
         cwd=REPO,
         capture_output=True,

@@ -34,7 +34,8 @@ print(json.dumps({"modules": tops, "opened": opened}))
 
 
 def _modules(package: str) -> list[str]:
-    return sorted(f"{package}.{m.name}" for m in pkgutil.iter_modules([str(REPO / package)]))
+    found = pkgutil.walk_packages([str(REPO / package)], prefix=f"{package}.")
+    return sorted(m.name for m in found)
 
 
 def _import(names: list[str]) -> dict:

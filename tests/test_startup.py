@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from pipeline.classifier.weights import WeightsError, read_meta
 from pipeline.settings import Settings
-from pipeline.weights import WeightsError, read_meta
 from tests.conftest import REPO, settings_env
 
 HEAVY = ("torch", "torchvision", "onnxruntime", "openvino")
@@ -40,7 +40,7 @@ def _heavy_modules_after(body: str, settings: Settings) -> list[str]:
 
 
 def test_cli_import_and_parser_do_not_import_torch(settings: Settings) -> None:
-    body = "import pipeline.cli as cli\ncli.build_parser()"
+    body = "import pipeline.cli.main as cli\ncli.build_parser()"
     assert _heavy_modules_after(body, settings) == []
 
 
@@ -53,7 +53,7 @@ def test_worklist_db_and_ingest_without_a_system_do_not_import_torch(
 
     Image.fromarray(chest_like(256)).save(tmp_path / "a.png")
     body = (
-        "import contextlib, io\nfrom pipeline.cli import main\n"
+        "import contextlib, io\nfrom pipeline.cli.main import main\n"
         "with contextlib.redirect_stdout(io.StringIO()):\n"
         "    assert main(['db', 'upgrade']) == 0\n"
         "    assert main(['worklist', '--json']) == 0\n"
@@ -66,14 +66,14 @@ def test_worklist_db_and_ingest_without_a_system_do_not_import_torch(
 def test_dashboard_app_does_not_import_torch(settings: Settings) -> None:
     body = (
         "from dashboard import create_app\napp = create_app()\n"
-        "from pipeline.settings import Settings\nfrom pipeline.weights import describe_weights\n"
+        "from pipeline.settings import Settings\nfrom pipeline.classifier.weights import describe_weights\n"
         "assert describe_weights(Settings.from_env())['input_size'] > 0"
     )
     assert _heavy_modules_after(body, settings) == []
 
 
 def test_read_meta_equals_what_torch_loads(weights_file: Path, tmp_path: Path) -> None:
-    from pipeline.classifier import build_model, default_meta, save_weights
+    from pipeline.classifier.network import build_model, default_meta, save_weights
 
     meta = {
         **default_meta(),

@@ -11,10 +11,11 @@ from pathlib import Path
 
 from sqlalchemy import select, text
 
-from pipeline import models, registry, studies
+from pipeline import models
+from pipeline.classifier import registry
 from pipeline.db import make_engine, make_session_factory
-from pipeline.imaging import Limits
-from pipeline.ingest import ingest_paths
+from pipeline.imaging.decode import Limits
+from pipeline.ingest.accept import ingest_paths
 from pipeline.migrate import upgrade
 from pipeline.models import SCOPES, Image, ModelVersion, Study
 from pipeline.states import (
@@ -30,6 +31,7 @@ from pipeline.states import (
     Role,
     State,
 )
+from pipeline.triage import studies
 from tests.conftest import REPO, chest_like, dicom_bytes
 
 

@@ -10,8 +10,8 @@ import pytest
 
 from bench import viewer_bench, viewer_site
 from bench.viewer_timing import PHASES, category, phases
-from tests.test_ohif import REAL_BUILD
-from tests.test_ohif_viewer import WHY_NOT
+from tests.browser.test_ohif_viewer import WHY_NOT
+from tests.viewer.test_ohif import REAL_BUILD
 
 BASE = "http://127.0.0.1:5000"
 STUDY = f"{BASE}/dicomweb/studies/1.2"

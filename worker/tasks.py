@@ -16,14 +16,20 @@ import sqlalchemy.exc
 from celery import signals
 from celery_batches import SimpleRequest
 
-from pipeline.classifier import Classifier
+from pipeline.classifier.inference import classify_images
+from pipeline.classifier.network import Classifier
+from pipeline.classifier.weights import ensure_weights
 from pipeline.db import make_engine, make_session_factory
-from pipeline.inference import classify_images
-from pipeline.profiling import PROCESS, STAGES, push
-from pipeline.queue import HEARTBEAT_PREFIX, HEARTBEAT_TTL_S, QUEUES, TASK_CLASSIFY, redis_client
-from pipeline.redis_server import resolve_redis_url
+from pipeline.queue.dispatch import (
+    HEARTBEAT_PREFIX,
+    HEARTBEAT_TTL_S,
+    QUEUES,
+    TASK_CLASSIFY,
+    redis_client,
+)
+from pipeline.queue.redis_server import resolve_redis_url
+from pipeline.service.profiling import PROCESS, STAGES, push
 from pipeline.settings import Settings
-from pipeline.weights import ensure_weights
 from worker.batches import ReconnectSafeBatches
 from worker.celery_app import app
 
@@ -34,7 +40,7 @@ _settings: Settings = app.conf.cxr_settings
 @dataclass
 class Runtime:
     """What a worker process loads once: model, database sessions, Redis client; the live
-    and shadow models follow the registry (pipeline.registry), looked at between batches."""
+    and shadow models follow the registry (pipeline.classifier.registry), looked at between batches."""
 
     classifier: Classifier
     factory: Any
@@ -44,7 +50,7 @@ class Runtime:
 
     def follow_registry(self) -> None:
         """Load the live and shadow models the registry names (at most every CHECK_S s)."""
-        from pipeline.registry import in_force
+        from pipeline.classifier.registry import in_force
 
         if time.monotonic() - self.checked < _settings.registry_check_s:
             return
@@ -75,7 +81,7 @@ _runtime: Runtime | None = None
 _lock = threading.Lock()
 # When the batch this process is running started (time.time()); None between batches. The
 # heartbeat reports it, so a batch that never returns (a hung forward pass, a stalled disk)
-# is seen as a hung worker although its heartbeat thread still beats (pipeline.reconcile).
+# is seen as a hung worker although its heartbeat thread still beats (pipeline.queue.reconcile).
 _busy_since: float | None = None
 # This process's name, and its wall and CPU clocks when it last pushed its profile.
 _name = "worker"
@@ -124,7 +130,7 @@ def _heartbeat(runtime: Runtime, name: str, since: float) -> None:
     # A key with a TTL per live worker: the dashboard counts them ("workers alive"), and the
     # reconciler re-sends what a worker whose key expired had claimed.
     # "since": when this process started beating. A claim older than that under the same name
-    # was made by a process that died and was restarted under the name (pipeline.reconcile).
+    # was made by a process that died and was restarted under the name (pipeline.queue.reconcile).
     # "busy_since": when the batch now running started (None: idle). A process that is frozen
     # (SIGSTOP, swapped out) stops beating and its key expires.
     info = {
@@ -143,7 +149,7 @@ def _heartbeat(runtime: Runtime, name: str, since: float) -> None:
 
 
 # Errors that pass: the database or Redis restarting. Anything else is a bug or a poison item,
-# which pipeline.inference already confines to the image that caused it.
+# which pipeline.classifier.inference already confines to the image that caused it.
 TRANSIENT_ERRORS = (
     sqlalchemy.exc.OperationalError,
     sqlalchemy.exc.InterfaceError,

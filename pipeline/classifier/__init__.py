@@ -1,0 +1,1 @@
+"""The model at run time: weights metadata, the network and its CAM, runtimes, inference."""

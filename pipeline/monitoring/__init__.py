@@ -1,0 +1,1 @@
+"""Ground truth and watching the model: reviews, labels, performance, calibration, drift."""

@@ -1,0 +1,1 @@
+"""Processes: the supervisor of `cxr-triage run`, process lifetime, profiling."""

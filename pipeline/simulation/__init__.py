@@ -1,0 +1,1 @@
+"""The worklist simulation: how long the sickest patients wait under each ordering."""

@@ -1,0 +1,1 @@
+"""Datasets, training, leave-one-source-out and evaluation."""

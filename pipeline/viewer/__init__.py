@@ -1,0 +1,1 @@
+"""The OHIF viewer build the dashboard serves: install, checksum, precompression."""
