@@ -49,8 +49,9 @@ def create_app(config: dict[str, Any] | None = None) -> Flask:
     csrf.init_app(app)
     login_manager.init_app(app)
 
-    from dashboard import admin, api, auth, security, viewer, worklist
+    from dashboard import admin, api, auth, request_ids, security, viewer, worklist
 
+    request_ids.init_app(app)  # first: every later hook and view logs under the request's id
     security.init_app(app)
     app.register_blueprint(auth.bp)
     app.register_blueprint(worklist.bp)

@@ -8,7 +8,7 @@ holds its prefetched messages unacknowledged and never flushes them until the br
 visibility timeout (clokep/celery-batches#107; fixed upstream in #108, not yet released).
 The reliability suite's Redis crash scenario found it here: 16 studies stuck for minutes.
 
-It also times what Celery does around a batch (pipeline.service.profiling): decoding each message,
+It also times what Celery does around a batch (pipeline.profiling): decoding each message,
 the wait from a batch's first message to its flush, acknowledging, and the idle time between
 batches.
 """
@@ -21,7 +21,7 @@ from typing import Any
 
 from celery_batches import Batches
 
-from pipeline.service.profiling import STAGES
+from pipeline.profiling import STAGES
 
 
 class ReconnectSafeBatches(Batches):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from celery import Celery
 
 from pipeline.queue.dispatch import QUEUES, TASK_CLASSIFY, lane_queues
-from pipeline.queue.redis_server import recorded_redis_url
+from pipeline.queue.locate import recorded_redis_url
 from pipeline.settings import ConfigError, Settings
 
 

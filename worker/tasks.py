@@ -19,7 +19,8 @@ from celery_batches import SimpleRequest
 from pipeline.classifier.inference import classify_images
 from pipeline.classifier.network import Classifier
 from pipeline.classifier.weights import ensure_weights
-from pipeline.db import make_engine, make_session_factory
+from pipeline.db import session_factory
+from pipeline.profiling import PROCESS, STAGES, push
 from pipeline.queue.dispatch import (
     HEARTBEAT_PREFIX,
     HEARTBEAT_TTL_S,
@@ -27,8 +28,8 @@ from pipeline.queue.dispatch import (
     TASK_CLASSIFY,
     redis_client,
 )
-from pipeline.queue.redis_server import resolve_redis_url
-from pipeline.service.profiling import PROCESS, STAGES, push
+from pipeline.queue.locate import resolve_redis_url
+from pipeline.service.logs import log_context, task_label, use_format
 from pipeline.settings import Settings
 from worker.batches import ReconnectSafeBatches
 from worker.celery_app import app
@@ -93,7 +94,7 @@ def get_runtime() -> Runtime:
     global _runtime
     with _lock:
         if _runtime is None:
-            factory = make_session_factory(make_engine(_settings.db_url))
+            factory = session_factory(_settings)
             url = resolve_redis_url(_settings)
             _runtime = Runtime(
                 _load(ensure_weights(_settings)), factory, redis_client(url or app.conf.broker_url)
@@ -105,6 +106,12 @@ def get_runtime() -> Runtime:
                     "the model registry could not be read; running %s", _runtime.classifier.version
                 )
     return _runtime
+
+
+@signals.after_setup_logger.connect
+def _log_format(logger: logging.Logger, **_: Any) -> None:
+    # Celery's root handler, in the project's format: each line names its task.
+    use_format(logger.handlers)
 
 
 @signals.worker_init.connect
@@ -217,7 +224,7 @@ class ClassifyBatches(ReconnectSafeBatches):
 )
 def classify_image(requests: list[SimpleRequest]) -> dict[str, int]:
     """Classify a batch of images (one message per image id) in one forward pass."""
-    with STAGES.time("task", len(requests)):
+    with STAGES.time("task", len(requests)), log_context(task_label([r.id for r in requests])):
         return _classify(requests)
 
 

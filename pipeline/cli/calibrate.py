@@ -16,7 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pipeline import migrate
-from pipeline.db import make_engine, make_session_factory
+from pipeline.db import dispose_engines, session_factory
 from pipeline.settings import Settings
 
 DEFAULT_DAYS = 90
@@ -57,9 +57,8 @@ def cmd_calibrate(args: argparse.Namespace, settings: Settings) -> int:
         return _fail(args, str(exc))
     model = describe_weights(settings)
     migrate.upgrade(settings.db_url)
-    engine = make_engine(settings.db_url)
     try:
-        with make_session_factory(engine)() as session:
+        with session_factory(settings)() as session:
             doc = propose(
                 session,
                 since,
@@ -70,7 +69,7 @@ def cmd_calibrate(args: argparse.Namespace, settings: Settings) -> int:
     except CalibrationError as exc:
         return _fail(args, str(exc))
     finally:
-        engine.dispose()
+        dispose_engines()
     if args.json:
         print(json.dumps({"ok": True, **doc}))
         return 0

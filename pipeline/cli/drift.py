@@ -31,14 +31,7 @@ def build_reference(
     from pipeline.monitoring import drift
     from pipeline.training import datasets as ds
 
-    split = read_meta(weights).get("training_data", {}).get("split", {})
-    samples = ds.select(
-        ds.read_datasets(data),
-        subset,
-        val_fraction=float(split.get("val_fraction", 0.1)),
-        holdout_fraction=float(split.get("holdout_fraction", 0.2)),
-        seed=int(split.get("seed", 0)),
-    )
+    samples = ds.select_as_trained(ds.read_datasets(data), subset, read_meta(weights))
     by_source: dict[str, list[ds.Sample]] = {}
     for s in sorted(samples, key=lambda s: hashlib.sha256(s.key.encode()).hexdigest()):
         if len(by_source.setdefault(s.source, [])) < per_source:

@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import select
 
 from pipeline import migrate
-from pipeline.db import make_engine, make_session_factory
+from pipeline.db import dispose_engines, session_factory
 from pipeline.models import AuditEvent, User
 from pipeline.monitoring.labels import LabelFileError, import_labels
 from pipeline.settings import Settings
@@ -47,8 +47,7 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
     except OSError as exc:
         return _fail(args, f"cannot read {path}: {exc.strerror}")
     migrate.upgrade(settings.db_url)
-    engine = make_engine(settings.db_url)
-    factory = make_session_factory(engine)
+    factory = session_factory(settings)
     try:
         with factory() as session:
             user = session.scalars(select(User).where(User.username == args.user)).first()
@@ -83,7 +82,7 @@ def cmd_import(args: argparse.Namespace, settings: Settings) -> int:
             )
             session.commit()  # the outcomes and their audit event together, or only the refusal
     finally:
-        engine.dispose()
+        dispose_engines()
     if args.json:
         print(json.dumps(doc))
     elif report.errors:

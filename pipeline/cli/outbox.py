@@ -22,19 +22,13 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline import migrate
-from pipeline.db import make_engine, make_session_factory, session_scope
-from pipeline.models import Destination, OutboxItem, ResultObject
+from pipeline.db import dispose_engines, session_factory, session_scope
+from pipeline.results.claims import Outcome, claim_due, record, renew
 from pipeline.results.destinations import ALERT_KINDS, PACS_KINDS, DestinationError, sync_env
-from pipeline.results.outbox import (
-    ModelInfo,
-    Outcome,
-    claim_due,
-    policy,
-    queue_results,
-    record,
-    renew,
-)
+from pipeline.results.outbox import queue_results
+from pipeline.results.snapshots import ModelInfo, policy
 from pipeline.settings import Settings
+from pipeline.tables_results import Destination, OutboxItem, ResultObject
 
 log = logging.getLogger(__name__)
 SYNC_EVERY_S = 60.0
@@ -67,7 +61,7 @@ def send_pass(
 ) -> dict[str, int]:
     """Send every due outbox row (of destinations of these ``kinds``) once; return counts by
     outcome. The claims not yet recorded are renewed at least every third of the lease."""
-    from pipeline.results import senders
+    from pipeline.results.payloads import build_payload
 
     lease_s = float(settings.outbox_lease_s)
     counts: dict[str, int] = defaultdict(int)
@@ -107,7 +101,7 @@ def send_pass(
                 if obj is None:
                     continue
                 try:
-                    payloads.append((item_id, obj.kind, obj, senders.build_payload(session, obj)))
+                    payloads.append((item_id, obj.kind, obj, build_payload(session, obj)))
                 except (LookupError, ValueError, KeyError) as exc:
                     payloads.append((item_id, "error", obj, str(exc).encode()))
                 keep()
@@ -124,6 +118,7 @@ def _send_destination(
     report: Any,
 ) -> None:
     from pipeline.results import senders
+    from pipeline.results.payloads import oru_message
 
     good = []
     for item_id, kind, obj, data in payloads:
@@ -143,7 +138,7 @@ def _send_destination(
                 senders.send_webhook(settings, dest, item_id, data, report)
         elif dest.kind == "mllp":
             for item_id, obj, _ in good:
-                senders.send_mllp(dest, item_id, senders.oru_message(obj), report)
+                senders.send_mllp(dest, item_id, oru_message(obj), report)
     except DestinationError as exc:  # e.g. a secret that no longer decrypts
         for item_id, _, _ in good:
             report(item_id, Outcome(False, str(exc)))
@@ -159,8 +154,7 @@ class Sender:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.engine = make_engine(settings.db_url)
-        self.factory = make_session_factory(self.engine)
+        self.factory = session_factory(settings)
         self.model = model_info(settings)
         self.synced = 0.0
         self.sync_lock = threading.Lock()
@@ -225,7 +219,7 @@ class Sender:
         alerts.join(TIMEOUT_JOIN_S)
 
     def close(self) -> None:
-        self.engine.dispose()
+        dispose_engines()
 
 
 TIMEOUT_JOIN_S = 60.0

@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import select
 
 from pipeline import migrate
-from pipeline.db import make_engine, make_session_factory
+from pipeline.db import dispose_engines, session_factory
 from pipeline.models import AuditEvent, User
 from pipeline.settings import Settings
 from pipeline.states import Role
@@ -33,9 +33,8 @@ def cmd_register(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.classifier.registry import RegistryError, register
 
     migrate.upgrade(settings.db_url)
-    engine = make_engine(settings.db_url)
     try:
-        with make_session_factory(engine)() as session:
+        with session_factory(settings)() as session:
             user = session.scalars(select(User).where(User.username == args.user)).first()
             if user is None or not user.active or user.role != Role.ADMIN:
                 msg = f"--user {args.user!r} is not an active admin account"
@@ -58,7 +57,7 @@ def cmd_register(args: argparse.Namespace, settings: Settings) -> int:
             session.commit()
             doc = {"ok": True, "version": row.version, "status": row.status, "path": row.path}
     finally:
-        engine.dispose()
+        dispose_engines()
     return _out(
         args,
         doc,
@@ -71,12 +70,11 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.classifier.registry import listing
 
     migrate.upgrade(settings.db_url)
-    engine = make_engine(settings.db_url)
     try:
-        with make_session_factory(engine)() as session:
+        with session_factory(settings)() as session:
             rows = listing(session)
     finally:
-        engine.dispose()
+        dispose_engines()
     text = "\n".join(f"{r['version']:<24} {r['status']:<10} {r['registered_at']}" for r in rows)
     return _out(args, {"models": rows}, text or "no model registered (the shipped one is live)")
 

@@ -68,11 +68,12 @@ def load_database(settings: Settings, labels: Path | None) -> tuple[np.ndarray, 
     from sqlalchemy import select
 
     from pipeline import migrate
-    from pipeline.db import make_engine, make_session_factory
     from pipeline.models import Study
 
     migrate.upgrade(settings.db_url)
-    factory = make_session_factory(make_engine(settings.db_url))
+    from pipeline.db import session_factory
+
+    factory = session_factory(settings)
     with factory() as session:
         result = session.execute(
             select(Study.accession_number, Study.p_abnormal).where(Study.p_abnormal.is_not(None))

@@ -99,7 +99,8 @@ def cmd_dicom_listen(args: argparse.Namespace, settings: Settings) -> int:
 def cmd_pull(args: argparse.Namespace, settings: Settings) -> int:
     import json
 
-    from pipeline.ingest.pull import parse_node, parse_since, pull_once
+    from pipeline.ingest.pull import pull_once
+    from pipeline.settings import parse_node, parse_since
 
     source = args.source or settings.pull_from
     if not source:

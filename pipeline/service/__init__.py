@@ -1,1 +1,1 @@
-"""Processes: the supervisor of `cxr-triage run`, process lifetime, profiling."""
+"""Processes: the supervisor of `cxr-triage run`, the embedded Redis, process lifetime, the recovery passes, the log format."""

@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pipeline.classifier.weights import ensure_weights
 from pipeline.service.lifetime import die_with_parent
 from pipeline.settings import Settings
 
@@ -114,7 +115,7 @@ def dashboard_command(settings: Settings) -> list[str]:
         "--access-logfile",
         "-",
         "--access-logformat",
-        '%(h)s "%(m)s %(U)s" %(s)s %(L)ss',
+        '%(h)s "%(m)s %(U)s" %(s)s %(L)ss [request %({x-request-id}o)s]',
         "dashboard:create_app()",
     ]
 
@@ -265,3 +266,10 @@ class Supervisor:
         """Stop children in reverse start order."""
         for child in reversed(self.children):
             child.stop()
+
+
+def child_env(settings: Settings, redis_url: str) -> dict[str, str]:
+    """The environment of a child process: it resolves nothing itself (same data dir, database,
+    Redis and weights as its parent)."""
+    resolved = settings.with_(redis_url=redis_url, weights=ensure_weights(settings))
+    return {**os.environ, **resolved.as_env(), "PYTHONUNBUFFERED": "1"}

@@ -1,22 +1,23 @@
-"""The ``train`` and ``evaluate`` commands of ``cxr-triage``."""
+"""``cxr-triage train`` and ``cxr-triage loso``: train a model (on public data, or this site's
+reviewed studies), and leave each source out in turn."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import math
 import sys
 from pathlib import Path
 from typing import Any
 
+from pipeline.cli.common import rounded, torch_threads
 from pipeline.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
 def register(subparsers: Any) -> None:
-    """Add the train and evaluate parsers."""
+    """Add the train and loso parsers."""
     tr = subparsers.add_parser("train", help="train a classifier on labelled radiographs")
     _train_arguments(tr, data_optional=True)
     tr.add_argument(
@@ -47,24 +48,6 @@ def register(subparsers: Any) -> None:
     )
     lo.add_argument("--json", action="store_true", help="print the summary as one JSON line")
     lo.set_defaults(handler=cmd_loso)
-
-    ev = subparsers.add_parser("evaluate", help="measure a weights file on labelled radiographs")
-    ev.add_argument("data", nargs="+")
-    ev.add_argument("--weights", help="weights file (default: the one in use)")
-    ev.add_argument("--subset", choices=("all", "test", "val", "train"), default="all")
-    ev.add_argument("--label-map")
-    ev.add_argument("--json", action="store_true")
-    ev.add_argument("--report", help="folder for PNGs: confusion matrix, ROC, CAM grid")
-    ev.add_argument("--predictions-out", help="CSV path,label,abnormal,p_abnormal,predicted")
-    ev.add_argument("--record", metavar="NAME", help="store the summary in the weights' metrics")
-    ev.add_argument(
-        "--source-probe",
-        action="store_true",
-        help="also tell the sources apart with a linear probe on the model's features",
-    )
-    ev.add_argument("--threads", type=int, default=0)
-    ev.add_argument("--device", default="auto")
-    ev.set_defaults(handler=cmd_evaluate)
 
 
 def _train_arguments(tr: Any, data_optional: bool = False) -> None:
@@ -173,18 +156,11 @@ def _config(args: argparse.Namespace, out: str, holdout: str | None) -> Any:
     )
 
 
-def _torch_threads(n: int) -> None:
-    if n > 0:
-        import torch
-
-        torch.set_num_threads(n)
-
-
 def cmd_train(args: argparse.Namespace, settings: Settings) -> int:
     """Train and write a weights file."""
     from pipeline.training.run import run
 
-    _torch_threads(args.threads)
+    torch_threads(args.threads)
     if args.from_db:
         return _train_from_db(args, settings)
     if not args.data:
@@ -210,7 +186,7 @@ def _train_from_db(args: argparse.Namespace, settings: Settings) -> int:
 
     from pipeline import migrate
     from pipeline.classifier.weights import ensure_weights
-    from pipeline.db import make_engine, make_session_factory
+    from pipeline.db import dispose_engines, session_factory
     from pipeline.training.run import run
     from pipeline.training.site_data import SiteDataError, export_reviewed
 
@@ -222,17 +198,16 @@ def _train_from_db(args: argparse.Namespace, settings: Settings) -> int:
             print(f"cxr-triage train: --since {args.since!r} is not a date", file=sys.stderr)
             return 2
     migrate.upgrade(settings.db_url)
-    engine = make_engine(settings.db_url)
     Path(settings.data_dir).mkdir(parents=True, exist_ok=True)  # the films stay on the site's disk
     with tempfile.TemporaryDirectory(prefix="cxr-site-", dir=settings.data_dir) as tmp:
         try:
-            with make_session_factory(engine)() as session:
+            with session_factory(settings)() as session:
                 table, counts = export_reviewed(session, Path(tmp), since)
         except SiteDataError as exc:
             print(f"cxr-triage train --from-db: {exc}", file=sys.stderr)
             return 2
         finally:
-            engine.dispose()
+            dispose_engines()
         args.data = [str(table), *args.data]
         args.init = args.init or str(ensure_weights(settings))
         log.info("fine-tuning %s on %s reviewed images of this site", args.init, counts)
@@ -251,7 +226,7 @@ def cmd_loso(args: argparse.Namespace, settings: Settings) -> int:
     from pipeline.training import datasets as ds
     from pipeline.training.loso import run_loso
 
-    _torch_threads(args.threads)
+    torch_threads(args.threads)
     names = sorted({s.source for s in ds.read_datasets(Path(p) for p in args.data)})
     only = [n.strip() for n in (args.only or "").split(",") if n.strip()] or names
     out_dir = Path(args.out_dir)
@@ -259,7 +234,7 @@ def cmd_loso(args: argparse.Namespace, settings: Settings) -> int:
     for name, cfg in configs.items():
         cfg.checkpoint = str(out_dir / f"holdout-{name}.ckpt")
     final = _config(args, args.final, None) if args.final else None
-    summary = _clean(run_loso(configs, out_dir, final))
+    summary = rounded(run_loso(configs, out_dir, final))
     if args.json:
         print(json.dumps(summary, separators=(",", ":")))
         return 0
@@ -268,69 +243,4 @@ def cmd_loso(args: argparse.Namespace, settings: Settings) -> int:
     print(
         f"LOSO mean AUC {summary['mean_auc']}  worst {summary['worst_auc']} ({summary['worst_source']})"
     )
-    return 0
-
-
-def _clean(obj: Any) -> Any:
-    if isinstance(obj, float):
-        return None if math.isnan(obj) else round(obj, 6)
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_clean(v) for v in obj]
-    return obj
-
-
-def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
-    """Evaluate a weights file and print metrics."""
-    from pipeline.training.evaluate_run import run_evaluation
-
-    _torch_threads(args.threads)
-    if args.weights:
-        weights = Path(args.weights)
-    else:
-        from pipeline.classifier.weights import ensure_weights
-
-        weights = ensure_weights(settings)
-    result = run_evaluation(
-        [Path(p) for p in args.data],
-        weights,
-        subset=args.subset,
-        label_map=args.label_map,
-        report=Path(args.report) if args.report else None,
-        predictions_out=Path(args.predictions_out) if args.predictions_out else None,
-        device=args.device,
-        source_probe=args.source_probe,
-    )
-    result = _clean(result)
-    if args.record:
-        from pipeline.training.evaluate_run import record_metrics
-
-        command = "cxr-triage evaluate " + " ".join(args.data) + f" --subset {args.subset}"
-        record_metrics(weights, args.record, result, command)
-    if args.json:
-        print(json.dumps(result, separators=(",", ":")))  # exactly one line
-        return 0
-    print(f"n={result['n']}  threshold(routine)={result['threshold']:.4f}")
-    print(
-        f"AUC abnormal {result['auc_abnormal']}  sensitivity {result['sensitivity_abnormal']}  "
-        f"specificity {result['specificity_abnormal']}  ECE {result['ece']}"
-    )
-    for name, m in result["per_class"].items():
-        print(
-            f"  {name:10s} P {m['precision']:.3f} R {m['recall']:.3f} F1 {m['f1']:.3f} "
-            f"n {m['support']}  AUC(ovr) {result['auc_ovr'][name]}"
-        )
-    print("confusion matrix (rows truth, columns predicted):", result["confusion_matrix"])
-    for name, row in result.get("per_source", {}).items():
-        print(
-            f"source {name:24s} n {row['n']:5d}  AUC {row['auc_abnormal']}  "
-            f"CAM peak in lungs {row['cam_peak_in_lungs']}  lungs found {row['lungs_found']}"
-        )
-    probe = result.get("source_probe")
-    if probe:
-        print(
-            f"linear probe on the model's features tells the sources apart: accuracy "
-            f"{probe['accuracy']:.3f} (chance {probe['chance']:.3f}, n_test {probe['n_test']})"
-        )
     return 0
