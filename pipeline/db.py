@@ -1,13 +1,17 @@
-"""Database engine and sessions."""
+"""Database engines and sessions: one engine per database for the life of a process
+(``session_factory``), closed by ``dispose_engines``."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
+
+from pipeline.settings import Settings
 
 
 def make_engine(url: str) -> Engine:
@@ -49,3 +53,25 @@ def session_scope(factory: sessionmaker[Session]) -> Iterator[Session]:
         raise
     finally:
         session.close()
+
+
+_OPENED: set[str] = set()
+
+
+@cache
+def _factory_for(url: str) -> sessionmaker[Session]:
+    return make_session_factory(make_engine(url))
+
+
+def session_factory(settings: Settings) -> sessionmaker[Session]:
+    """Sessions on the settings' database; every caller in a process shares one engine."""
+    _OPENED.add(settings.db_url)
+    return _factory_for(settings.db_url)
+
+
+def dispose_engines() -> None:
+    """Close every pooled connection ``session_factory`` opened (at exit, or in tests)."""
+    for url in list(_OPENED):
+        _factory_for(url).kw["bind"].dispose()
+    _factory_for.cache_clear()
+    _OPENED.clear()

@@ -7,7 +7,9 @@ Production sets at least ``CXR_DATABASE_URL``, ``CXR_REDIS_URL`` and ``CXR_SECRE
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field, fields, replace
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +62,7 @@ class Settings:
     runtime: str = "auto"
     # Inference worker processes; 0: one per core on a CPU (up to 8), one on a GPU.
     worker_processes: int = 0
-    # Sources (issue 3): a watched folder, a DICOM listener (port 0: off), the HTTP body limit.
+    # Sources: a watched folder, a DICOM listener (port 0: off), the HTTP body limit.
     watch_dir: Path | None = None
     watch_settle_ms: int = 2000
     dicom_port: int = 0
@@ -160,8 +162,6 @@ class Settings:
         if self.batch_wait_ms < 0:
             raise ConfigError("CXR_BATCH_WAIT_MS must not be negative")
         if self.pull_from is not None:
-            from pipeline.ingest.pull import parse_node, parse_since
-
             parse_node(self.pull_from)
             parse_since(self.pull_since)
             if self.pull_every_s < 10:
@@ -210,3 +210,45 @@ class Settings:
     def runtime_file(self) -> Path:
         """Where a running ``cxr-triage run`` records its Redis URL for other commands."""
         return self.data_dir / "runtime.json"
+
+
+# Values of the PACS-pull knobs (CXR_PULL_FROM, CXR_PULL_SINCE), parsed with a clear error.
+NODE = re.compile(r"^dicom://(?P<aet>[^@/\s]{1,16})@(?P<host>[^:/\s]+):(?P<port>\d{1,5})/?$")
+
+
+@dataclass(frozen=True)
+class DicomNode:
+    """A remote DICOM application entity."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"dicom://{self.ae_title}@{self.host}:{self.port}"
+
+
+def parse_node(text: str) -> DicomNode:
+    """``dicom://AE_TITLE@host:port`` -> DicomNode, or a ConfigError saying what is wrong."""
+    m = NODE.match(text.strip())
+    if not m or not 0 < int(m["port"]) < 65536:
+        raise ConfigError(f"{text!r} is not a DICOM node: write dicom://AE_TITLE@host:port")
+    return DicomNode(m["aet"], m["host"], int(m["port"]))
+
+
+SINCE = re.compile(r"^(?P<n>\d+)(?P<unit>[mhdw])$")
+
+
+def parse_since(text: str, now: datetime | None = None) -> date:
+    """``30m``, ``12h``, ``2d``, ``1w`` back from now, or a date ``YYYYMMDD``/``YYYY-MM-DD``."""
+    now = now or datetime.now(UTC)
+    text = text.strip().lower()
+    if m := SINCE.match(text):
+        unit = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}[m["unit"]]
+        return (now - timedelta(**{unit: int(m["n"])})).date()
+    for fmt in ("%Y%m%d", "%Y-%m-%d"):
+        try:
+            return datetime.strptime(text, fmt).date()
+        except ValueError:
+            continue
+    raise ConfigError(f"--since {text!r}: write a duration (30m, 12h, 2d, 1w) or a date YYYYMMDD")

@@ -1,1 +1,1 @@
-"""Work in flight: payloads and task messages in Redis, and re-sending what is unfinished."""
+"""Work in flight: payloads and task messages in Redis, opening and finding Redis, re-sending what is unfinished."""

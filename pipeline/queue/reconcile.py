@@ -19,15 +19,15 @@ from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.db import session_scope
-from pipeline.ingest.accept import enqueue, mark_unsent
 from pipeline.models import Image, Study, as_utc, utcnow
-from pipeline.queue.dispatch import (
-    Dispatcher,
+from pipeline.queue.dispatch import Dispatcher
+from pipeline.queue.inflight import (
     heartbeats,
     hung_workers,
     images_in_flight,
     messages_held_since,
 )
+from pipeline.queue.send import enqueue, mark_unsent
 from pipeline.states import State
 from pipeline.triage.studies import refresh_study
 

@@ -15,8 +15,8 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.db import session_scope
-from pipeline.ingest.accept import enqueue
 from pipeline.models import Image, Study, utcnow
+from pipeline.queue.send import enqueue
 from pipeline.states import State
 from pipeline.triage.studies import refresh_study
 
