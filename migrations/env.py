@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from alembic import context
 
+from pipeline import tables_registry, tables_results  # noqa: F401 - their tables join Base
 from pipeline.db import make_engine
 from pipeline.models import Base
 from pipeline.settings import Settings

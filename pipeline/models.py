@@ -1,6 +1,7 @@
-"""SQL tables: studies, images, predictions, reviews, users, audit events.
+"""SQL tables: studies, images, predictions, reviews, users, audit events; the declarative base.
 
-The database is the source of truth; Redis only holds work in flight.
+The database is the source of truth; Redis only holds work in flight. The results' tables are
+in ``pipeline.tables_results``, the model registry's in ``pipeline.tables_registry``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pipeline.states import ALL_STATES as ALL_STATES
 from pipeline.states import FINAL_STATES as FINAL_STATES
 from pipeline.states import PERSON_ROLES as PERSON_ROLES
 from pipeline.states import ROLES as ROLES
-from pipeline.states import ObjectState, OutboxState, Role, State
+from pipeline.states import Role, State
 
 # What each role may do. A feed token can send studies and nothing else; a monitoring token
 # can read /metrics and nothing else.
@@ -197,7 +198,7 @@ class User(Base):
 
 class Review(Base):
     """A radiologist's action on a study (read, agree or disagree with the model), or an
-    outcome imported from the RIS; either may carry the ground truth (``pipeline.monitoring.reviews``)."""
+    outcome imported from the RIS; either may carry the ground truth (``pipeline.triage.reviews``)."""
 
     __tablename__ = "reviews"
 
@@ -209,7 +210,7 @@ class Review(Base):
     comment: Mapped[str | None] = mapped_column(Text)
     # Ground truth: None when the read said nothing about the finding ("mark read").
     abnormal: Mapped[bool | None] = mapped_column()
-    finding: Mapped[str | None] = mapped_column(String(32))  # pipeline.monitoring.reviews.FINDINGS
+    finding: Mapped[str | None] = mapped_column(String(32))  # pipeline.triage.reviews.FINDINGS
     source: Mapped[str] = mapped_column(String(16), default="console")  # console | ris
     # The model's call on the study when the truth was recorded.
     model_class: Mapped[str | None] = mapped_column(String(16))
@@ -233,38 +234,6 @@ class PolicyVersion(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
-class ModelVersion(Base):
-    """A model the site runs or tries (pipeline.classifier.registry): candidate, shadow, live or retired."""
-
-    __tablename__ = "model_versions"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    version: Mapped[str] = mapped_column(String(80), unique=True)
-    sha256: Mapped[str] = mapped_column(String(64))
-    path: Mapped[str] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(String(16))
-    note: Mapped[str | None] = mapped_column(Text)
-    registered_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
-    registered_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    changed_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"))
-    changed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    shadow_since: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-
-
-class ShadowPrediction(Base):
-    """A shadow model's p_abnormal for one image; never read by the worklist."""
-
-    __tablename__ = "shadow_predictions"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    image_id: Mapped[int] = mapped_column(ForeignKey("images.id"), index=True)
-    model_version: Mapped[str] = mapped_column(String(80))
-    p_abnormal: Mapped[float] = mapped_column(Float)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-
-    __table_args__ = (UniqueConstraint("image_id", "model_version"),)
-
-
 class AuditEvent(Base):
     """Who did what to which object, for privacy audits."""
 
@@ -277,81 +246,6 @@ class AuditEvent(Base):
     detail: Mapped[str | None] = mapped_column(Text)
     remote_addr: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-
-
-class Destination(Base):
-    """Where results go: a DICOM node (C-STORE), a DICOMweb service (STOW-RS), or, for
-    critical alerts, an HL7 v2 receiver over MLLP or a webhook. Secrets are kept encrypted
-    (``pipeline.results.destinations``) and never shown back."""
-
-    __tablename__ = "destinations"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(120), unique=True)
-    kind: Mapped[str] = mapped_column(String(16))  # dicom | dicomweb | mllp | webhook
-    ae_title: Mapped[str | None] = mapped_column(String(16))
-    host: Mapped[str | None] = mapped_column(String(255))
-    port: Mapped[int | None] = mapped_column(Integer)
-    url: Mapped[str | None] = mapped_column(String(500))
-    auth: Mapped[str] = mapped_column(String(16), default="none")  # none | bearer | basic | hmac
-    username: Mapped[str | None] = mapped_column(String(120))
-    secret: Mapped[str | None] = mapped_column(Text)  # Fernet token of the password or key
-    want_sr: Mapped[bool] = mapped_column(default=True)
-    want_sc: Mapped[bool] = mapped_column(default=True)
-    enabled: Mapped[bool] = mapped_column(default=True)
-    source: Mapped[str] = mapped_column(String(16), default="console")  # console | env
-    last_ok_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    last_error: Mapped[str | None] = mapped_column(Text)
-    last_error_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-
-
-class ResultObject(Base):
-    """One object that leaves the system (an SR, a CAM capture, an alert), with the UID and
-    snapshot it is built from on every send, so a re-send is the same object."""
-
-    __tablename__ = "result_objects"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
-    image_id: Mapped[int | None] = mapped_column(ForeignKey("images.id"))
-    kind: Mapped[str] = mapped_column(String(8))  # sr | sc | alert
-    # "sr:<study>:<model>:<n images>", "sc:<image>:<model>", "alert:<study>:<model>"
-    key: Mapped[str] = mapped_column(String(200), unique=True)
-    model_version: Mapped[str | None] = mapped_column(String(80))
-    images: Mapped[int] = mapped_column(Integer, default=0)  # scored films it covers
-    uid: Mapped[str] = mapped_column(String(64), unique=True)  # SOP Instance UID or event id
-    status: Mapped[str] = mapped_column(String(16), default=ObjectState.READY)  # ready | skipped
-    reason: Mapped[str | None] = mapped_column(Text)
-    snapshot: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    created_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), default=utcnow, index=True
-    )
-
-
-class OutboxItem(Base):
-    """One object owed to one destination: pending until sent, retried with backoff."""
-
-    __tablename__ = "outbox"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    object_id: Mapped[int] = mapped_column(ForeignKey("result_objects.id"))
-    destination_id: Mapped[int] = mapped_column(ForeignKey("destinations.id"), index=True)
-    status: Mapped[str] = mapped_column(String(16), default=OutboxState.PENDING)  # OutboxState
-    attempts: Mapped[int] = mapped_column(Integer, default=0)
-    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    claimed_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    last_error: Mapped[str | None] = mapped_column(Text)
-    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), default=utcnow, onupdate=utcnow
-    )
-
-    __table_args__ = (
-        UniqueConstraint("object_id", "destination_id"),
-        Index("ix_outbox_due", "status", "next_attempt_at"),
-    )
 
 
 class Instance(Base):

@@ -20,7 +20,7 @@ import torch
 import torchvision
 
 from pipeline.classifier.weights import FORMAT, WeightsError, file_sha256
-from pipeline.service.profiling import STAGES
+from pipeline.profiling import STAGES
 
 log = logging.getLogger(__name__)
 

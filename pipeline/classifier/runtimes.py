@@ -6,22 +6,14 @@ classifier's head probabilities and CAMs are computed the same way whatever ran 
 The int8 runtimes run an ONNX model quantised after training (static, QDQ, per-channel
 weights) with activation ranges calibrated on training images; that model is made by
 ``cxr-triage bench --choose-runtime`` and kept beside the weights, because calibration needs
-the training data a deployment does not have.
-
-Which runtime a worker uses is measured, not assumed: the bench records, per CPU, the fastest
-runtime whose abnormal-vs-normal AUC stays within 0.005 of float32 eager and whose CAM peak
-cell matches float32's for at least 95 % of test images. ``CXR_RUNTIME=auto`` (the default)
-uses that record; a runtime whose package is missing, or a record made on another CPU or for
-other weights, falls back to eager PyTorch and says so in the log.
+the training data a deployment does not have. Which runtime a worker uses is measured, not
+assumed: ``resolve`` reads the record of ``pipeline.classifier.runtime_record``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import platform
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -30,13 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.classifier.runtime_record import recorded_choice
+
 log = logging.getLogger(__name__)
 
 RUNTIMES = ("eager", "compile", "onnxruntime", "openvino", "onnxruntime-int8", "openvino-int8")
 INT8 = ("onnxruntime-int8", "openvino-int8")
 PACKAGES = {"onnxruntime": "onnxruntime", "openvino": "openvino"}
-AUC_TOLERANCE = 0.005
-CAM_AGREEMENT = 0.95
 
 # (features, logits) of a normalised N x 1 x S x S float32 batch.
 Forward = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -69,23 +61,6 @@ class GreyNet(torch.nn.Module):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         feats = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         return self.fc(torch.flatten(self.avgpool(feats), 1)), feats
-
-
-def cpu_signature() -> str:
-    """The CPU a measurement belongs to: model name and the instruction sets kernels pick."""
-    name, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                name = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-                break
-    except OSError:
-        pass
-    isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8") if f in flags]
-    return " ".join([name, *isa])
 
 
 def export_onnx(model: Any, input_size: int, path: Path) -> Path:
@@ -231,62 +206,9 @@ def build_forward(
     return (_onnxruntime if package == "onnxruntime" else _openvino)(path, threads)
 
 
-# --------------------------------------------------------------------------- the record
-
-
-def record_path(weights: Path) -> Path:
-    """The measured runtime choice of a weights file, per CPU, kept beside it."""
-    return weights.with_name(weights.stem + ".runtime.json")
-
-
 def onnx_dir_for(weights: Path) -> Path:
     """Where a weights file's exported and quantised ONNX models live (beside it)."""
     return weights.with_name(weights.stem + ".onnx")
-
-
-def read_record(weights: Path) -> dict[str, Any]:
-    path = record_path(weights)
-    try:
-        return dict(json.loads(path.read_text()))
-    except (OSError, ValueError):
-        return {}
-
-
-def write_choice(weights: Path, sha256: str, choice: str, table: list[dict[str, Any]]) -> Path:
-    """Record the runtime chosen on this CPU (other CPUs' choices are kept)."""
-    record = read_record(weights)
-    if record.get("weights_sha256") != sha256:
-        record = {"weights_sha256": sha256, "cpus": {}}
-    record["cpus"][cpu_signature()] = {
-        "runtime": choice,
-        "measured": time.strftime("%Y-%m-%d"),
-        "rule": f"fastest with |AUC - float32| <= {AUC_TOLERANCE} and CAM peak agreement >= "
-        f"{CAM_AGREEMENT:.0%}",
-        "table": table,
-    }
-    path = record_path(weights)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def forget_choices(weights: Path) -> None:
-    """Drop every CPU's recorded choice (their int8 measurements were of a replaced file)."""
-    record = read_record(weights)
-    if record.get("cpus"):
-        record["cpus"] = {}
-        record_path(weights).write_text(json.dumps(record, indent=1, sort_keys=True) + "\n")
-        log.warning("int8 model re-calibrated: the runtime choices of every CPU were dropped")
-
-
-def recorded_choice(weights: Path, sha256: str) -> str | None:
-    """The runtime measured best for these weights on this CPU, or None."""
-    record = read_record(weights)
-    if record.get("weights_sha256") != sha256:
-        return None
-    entry = record.get("cpus", {}).get(cpu_signature())
-    return None if entry is None else str(entry.get("runtime"))
 
 
 def resolve(requested: str, weights: Path, sha256: str) -> str:

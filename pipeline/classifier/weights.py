@@ -80,11 +80,8 @@ def read_meta(path: Path) -> dict[str, Any]:
 
 def file_sha256(path: Path) -> str:
     """Return the hex sha256 of a file."""
-    digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def ensure_weights(settings: Settings) -> Path:

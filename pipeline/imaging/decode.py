@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import io
-import unicodedata
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image as PILImage
 
 from pipeline.imaging import display as dicom_display
+from pipeline.imaging.header import dicom_metadata, drop_unreadable
 
 PREVIEW_MAX_SIDE = 1024
 PREVIEW_JPEG_QUALITY = 92
@@ -86,6 +87,17 @@ def content_key(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
+def file_key(path: Path) -> str:
+    """Return the content-hash dedup key of a file, read in chunks (never whole into memory)."""
+    with open(path, "rb") as fh:
+        return "sha256:" + hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def oversize_reason(size: int, limit: int) -> str:
+    """The reason recorded for a file over the size limit."""
+    return f"the file is {size / 1e6:.1f} MB, over the {limit / 1e6:.0f} MB limit"
+
+
 def looks_like_dicom(data: bytes, filename: str) -> bool:
     """True for the DICM magic at offset 128 or a DICOM file suffix."""
     return data[128:132] == b"DICM" or filename.lower().endswith(DICOM_SUFFIXES)
@@ -97,10 +109,7 @@ def decode_bytes(data: bytes, filename: str, limits: Limits | None = None) -> De
     if len(data) == 0:
         raise RejectedInput("the file is empty")
     if len(data) > limits.max_bytes:
-        raise RejectedInput(
-            f"the file is {len(data) / 1e6:.1f} MB, over the {limits.max_bytes / 1e6:.0f} MB limit",
-            "too_large",
-        )
+        raise RejectedInput(oversize_reason(len(data), limits.max_bytes), "too_large")
     try:
         if looks_like_dicom(data, filename):
             return _decode_dicom(data, limits)
@@ -177,7 +186,7 @@ def _decode_dicom(data: bytes, limits: Limits) -> DecodedImage:
             # pydicom's warnings quote header values, which can be patient data.
             warnings.simplefilter("ignore")
             ds = pydicom.dcmread(io.BytesIO(data), force=True)
-            dropped = _drop_unreadable(ds)
+            dropped = drop_unreadable(ds)
             meta = dicom_metadata(ds)
     except (InvalidDicomError, Exception) as exc:
         raise RejectedInput(f"unreadable DICOM file ({type(exc).__name__})") from exc
@@ -237,135 +246,13 @@ def _decode_dicom(data: bytes, limits: Limits) -> DecodedImage:
     )
 
 
-def _drop_unreadable(ds: Any) -> list[str]:
-    """Remove top-level elements pydicom cannot convert (unknown VR, bad length); name them.
-
-    pydicom converts an element when it is first touched, so one malformed element would
-    otherwise fail the decode wherever it happens to be read. A broken private or descriptive
-    element is dropped and the image still read; a broken image description is rejected.
-    """
-    dropped = []
-    for tag in list(ds.keys()):
-        try:
-            ds[tag]
-        except Exception:
-            dropped.append(f"({tag.group:04X},{tag.element:04X})")
-            del ds[tag]
-    return dropped
-
-
 def dicom_to_uint8(ds: Any, stored: np.ndarray) -> np.ndarray:
     """Apply Modality LUT, VOI LUT or window, and MONOCHROME1 inversion; return uint8."""
     return dicom_display.to_display(ds, stored, {})
 
 
-# Fields a JPEG/PNG may be given by a sidecar JSON or an upload form (DICOM keywords).
-RASTER_HEADER_KEYS = (
-    "StudyInstanceUID",
-    "SeriesInstanceUID",
-    "AccessionNumber",
-    "PatientID",
-    "PatientName",
-    "PatientSex",
-    "PatientAge",
-    "StudyDate",
-    "StudyTime",
-    "Modality",
-    "BodyPartExamined",
-    "ViewPosition",
-    "InstitutionName",
-    "RequestedProcedurePriority",
-)
-# What is kept from a DICOM header: the same, plus what identifies and describes the image.
-DICOM_HEADER_KEYS = (
-    *RASTER_HEADER_KEYS,
-    "SOPInstanceUID",
-    "SOPClassUID",
-    "StudyPriorityID",
-    "PhotometricInterpretation",
-    "BitsStored",
-    # Copied into the results sent back to the PACS (pipeline.results.dicom_objects).
-    "PatientBirthDate",
-    "IssuerOfPatientID",
-    "StudyID",
-    "StudyDescription",
-    "ReferringPhysicianName",
-)
-
-
-# The longest value of each value representation (PS3.5 6.2), so stored columns always fit.
-# PN: three component groups of 64 (alphabetic, ideographic, phonetic) and their separators.
-_VR_MAX = {
-    "CS": 16,
-    "SH": 16,
-    "DA": 8,
-    "TM": 16,
-    "AS": 4,
-    "UI": 64,
-    "LO": 64,
-    "PN": 194,
-    "IS": 12,
-    "DS": 16,
-}
-
-
-def header_text(keyword: str, value: Any) -> str:
-    """A header value as storable text: control characters dropped, cut to its VR's length.
-
-    Headers from the wild carry NUL bytes, escape sequences and over-long values; PostgreSQL
-    refuses NUL in text and enforces column lengths, so one such file would otherwise fail
-    its whole transaction.
-    """
-    from pydicom.datadict import dictionary_VR, tag_for_keyword
-
-    text = "".join(ch for ch in str(value) if unicodedata.category(ch) != "Cc").strip()
-    try:
-        vr = dictionary_VR(tag_for_keyword(keyword) or 0)
-    except KeyError:
-        vr = "LO"
-    return text[: _VR_MAX.get(vr, 64)]
-
-
-def storable_name(filename: str) -> str:
-    """A file name as stored for display: no control characters, at most 255 characters."""
-    return "".join(ch for ch in filename if unicodedata.category(ch) != "Cc")[-255:]
-
-
-def header_fields(values: dict[str, Any]) -> dict[str, str]:
-    """The known header fields among sidecar or form values, cleaned and cut to length."""
-    out = {}
-    for key in RASTER_HEADER_KEYS:
-        value = values.get(key)
-        if value is not None and (text := header_text(key, value)):
-            out[key] = text
-    return out
-
-
-def dicom_metadata(ds: Any) -> dict[str, Any]:
-    """Extract the header fields the worklist, grouping and dedup need."""
-    meta: dict[str, Any] = {}
-    for key in DICOM_HEADER_KEYS:
-        value = ds.get(key)
-        if value is None or value == "":
-            continue
-        if isinstance(value, int):
-            meta[key] = value
-        elif text := header_text(key, value):
-            meta[key] = text
-    tsuid = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    if tsuid:
-        meta["TransferSyntaxUID"] = str(tsuid)
-    return meta
-
-
-def _scale_unit(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    if hi <= lo:
-        return np.zeros_like(values, dtype=np.float32)
-    return np.clip((values - lo) / (hi - lo), 0.0, 1.0)
-
-
 def _scale_to_uint8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    return np.round(_scale_unit(values, lo, hi) * 255.0).astype(np.uint8)
+    return np.round(dicom_display.scale_unit(values, lo, hi) * 255.0).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------- outputs

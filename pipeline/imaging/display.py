@@ -75,7 +75,7 @@ def to_display(ds: Any, stored: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
     out: np.ndarray | None = None
     if "VOILUTSequence" in ds and len(ds.VOILUTSequence):
         values = np.asarray(apply_voi_lut(values, ds, index=0), dtype=np.float32)
-        out = _scale_unit(values, float(values.min()), float(values.max()))
+        out = scale_unit(values, float(values.min()), float(values.max()))
     elif "WindowCenter" in ds and "WindowWidth" in ds:
         center, width = _first(ds.WindowCenter), max(_first(ds.WindowWidth), 1.0)
         inside = np.mean((values > center - width / 2) & (values < center + width / 2))
@@ -90,7 +90,7 @@ def to_display(ds: Any, stored: np.ndarray, meta: dict[str, Any]) -> np.ndarray:
         # No usable window: the spread of the data itself, ignoring the outer half percent
         # (collimator edges and burned-in markers) as display software does.
         lo, hi = np.percentile(values, [0.5, 99.5])
-        out = _scale_unit(values, float(lo), float(hi))
+        out = scale_unit(values, float(lo), float(hi))
     if _inverted_by_header(ds):
         out = 1.0 - out
     grey = np.round(out * 255.0).astype(np.uint8)
@@ -150,7 +150,8 @@ def _linear_window(values: np.ndarray, center: float, width: float) -> np.ndarra
     return np.clip(out, 0.0, 1.0)
 
 
-def _scale_unit(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+def scale_unit(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Map values linearly from [lo, hi] to [0, 1], clipped; all zero when the range is empty."""
     if hi <= lo:
         return np.zeros_like(values, dtype=np.float32)
     return np.clip((values - lo) / (hi - lo), 0.0, 1.0)

@@ -8,33 +8,27 @@ workers (``enqueue``). If Redis is down the row stays ``queued`` and the reconci
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
 from collections.abc import Iterable
-from typing import IO, Any
+from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from pipeline.db import make_engine, make_session_factory, session_scope
-from pipeline.imaging.decode import Limits
-from pipeline.ingest.accept import (
-    IngestItem,
-    enqueue,
-    full_disk_refused,
-    ingest_bytes,
-    mark_unsent,
-    record_rejection,
-)
+from pipeline.db import session_factory, session_scope
+from pipeline.imaging.decode import Limits, oversize_reason
+from pipeline.ingest.persist import IngestItem, record_rejection
+from pipeline.ingest.transactions import full_disk_refused, ingest_bytes
+from pipeline.queue.connections import open_queue
 from pipeline.queue.dispatch import (
     Dispatcher,
     QueueFull,
     is_queue_full,
     queue_has_room,
-    redis_client,
 )
-from pipeline.queue.redis_server import resolve_redis_url
+from pipeline.queue.locate import resolve_redis_url
+from pipeline.queue.send import enqueue, mark_unsent
 from pipeline.settings import Settings
 from pipeline.states import State
 from pipeline.store.instances import InstanceStore
@@ -55,11 +49,6 @@ def limits_of(settings: Settings) -> Limits:
     return Limits(settings.max_file_mb * 1024 * 1024, settings.max_pixels, settings.modalities)
 
 
-def oversize_reason(size: int, limit: int) -> str:
-    """The reason recorded for a file over the size limit (the CLI's wording)."""
-    return f"the file is {size / 1e6:.1f} MB, over the {limit / 1e6:.0f} MB limit"
-
-
 FAILURE_STATUS = {
     "not_an_image": STATUS_SOP_CLASS_NOT_SUPPORTED,
     "too_large": STATUS_OUT_OF_RESOURCES,
@@ -72,15 +61,6 @@ def failure_status(code: str | None) -> int:
     return FAILURE_STATUS.get(code or "unreadable", STATUS_CANNOT_UNDERSTAND)
 
 
-def hash_stream(fh: IO[bytes], chunk: int = 1 << 20) -> tuple[str, int]:
-    """Content-hash dedup key and length of a stream, read in chunks (never whole)."""
-    digest, size = hashlib.sha256(), 0
-    for block in iter(lambda: fh.read(chunk), b""):
-        digest.update(block)
-        size += len(block)
-    return "sha256:" + digest.hexdigest(), size
-
-
 class Intake:
     """Persist-then-send for one process; safe to share between threads."""
 
@@ -88,7 +68,7 @@ class Intake:
         self, settings: Settings, factory: sessionmaker[Session] | None = None, lane: str = "live"
     ) -> None:
         self.settings = settings
-        self.factory = factory or make_session_factory(make_engine(settings.db_url))
+        self.factory = factory or session_factory(settings)
         self.limits = limits_of(settings)
         self.store = InstanceStore.of(settings)
         self.lane = lane
@@ -199,7 +179,7 @@ class Intake:
 
             model = describe_weights(self.settings)
             self._input_size, self._preprocess = int(model["input_size"]), model["preprocess"]
-        self._client, self._dispatcher = redis_client(url), Dispatcher(url)
+        self._client, self._dispatcher = open_queue(url)
         return True
 
     def _drop(self) -> None:

@@ -16,66 +16,26 @@ commit, send to the workers), so a study pulled twice, or pulled and also routed
 Under ``cxr-triage run`` with ``CXR_PULL_FROM`` set, a supervised ``pull --every`` child repeats
 this every ``CXR_PULL_EVERY_S`` seconds over the last ``CXR_PULL_SINCE``.
 
+The associations themselves (C-FIND, C-GET, C-MOVE) are pipeline.ingest.pacs_client's.
 Logs carry counts only: no patient names, ids or UIDs.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import date
 from typing import Any
 
 from sqlalchemy import select
 
 from pipeline.db import session_scope
 from pipeline.ingest.intake import Intake
+from pipeline.ingest.pacs_client import PacsClient, identifier
 from pipeline.models import Image
-from pipeline.settings import ConfigError
+from pipeline.settings import DicomNode
 
 log = logging.getLogger(__name__)
-
-PENDING = (0xFF00, 0xFF01)
-# C-GET/C-MOVE final statuses that still mean "some sub-operations were done".
-WARNING_STATUSES = (0xB000,)
-NODE = re.compile(r"^dicom://(?P<aet>[^@/\s]{1,16})@(?P<host>[^:/\s]+):(?P<port>\d{1,5})/?$")
-SINCE = re.compile(r"^(?P<n>\d+)(?P<unit>[mhdw])$")
-
-
-@dataclass(frozen=True)
-class DicomNode:
-    """A remote DICOM application entity."""
-
-    ae_title: str
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"dicom://{self.ae_title}@{self.host}:{self.port}"
-
-
-def parse_node(text: str) -> DicomNode:
-    """``dicom://AE_TITLE@host:port`` -> DicomNode, or a ConfigError saying what is wrong."""
-    m = NODE.match(text.strip())
-    if not m or not 0 < int(m["port"]) < 65536:
-        raise ConfigError(f"{text!r} is not a DICOM node: write dicom://AE_TITLE@host:port")
-    return DicomNode(m["aet"], m["host"], int(m["port"]))
-
-
-def parse_since(text: str, now: datetime | None = None) -> date:
-    """``30m``, ``12h``, ``2d``, ``1w`` back from now, or a date ``YYYYMMDD``/``YYYY-MM-DD``."""
-    now = now or datetime.now(UTC)
-    text = text.strip().lower()
-    if m := SINCE.match(text):
-        unit = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}[m["unit"]]
-        return (now - timedelta(**{unit: int(m["n"])})).date()
-    for fmt in ("%Y%m%d", "%Y-%m-%d"):
-        try:
-            return datetime.strptime(text, fmt).date()
-        except ValueError:
-            continue
-    raise ConfigError(f"--since {text!r}: write a duration (30m, 12h, 2d, 1w) or a date YYYYMMDD")
 
 
 @dataclass
@@ -114,122 +74,8 @@ class _Series:
     instances: dict[str, str] = field(default_factory=dict)  # SOP Instance UID -> SOP Class UID
 
 
-def _identifier(level: str, **keys: Any) -> Any:
-    from pydicom.dataset import Dataset
-
-    ds = Dataset()
-    ds.QueryRetrieveLevel = level
-    for name, value in keys.items():
-        setattr(ds, name, value)
-    return ds
-
-
-class PacsClient:
-    """Study Root C-FIND, C-GET and C-MOVE against one node, with our calling AE title."""
-
-    def __init__(self, node: DicomNode, calling_ae: str, timeout_s: float = 30.0) -> None:
-        self.node = node
-        self.calling_ae = calling_ae
-        self.timeout_s = timeout_s
-
-    def _ae(self) -> Any:
-        from pynetdicom import AE
-
-        ae = AE(ae_title=self.calling_ae)
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.timeout_s
-        return ae
-
-    def _associate(self, ae: Any, **kwargs: Any) -> Any:
-        assoc = ae.associate(self.node.host, self.node.port, ae_title=self.node.ae_title, **kwargs)
-        if not assoc.is_established:
-            raise ConnectionError(f"{self.node} refused or did not answer the association")
-        return assoc
-
-    def find(self, queries: list[Any]) -> list[list[Any]]:
-        """Run C-FINDs on one association; the matches of each query, in order."""
-        from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-            StudyRootQueryRetrieveInformationModelFind as FIND,
-        )
-
-        ae = self._ae()
-        ae.add_requested_context(FIND)
-        assoc = self._associate(ae)
-        try:
-            out = []
-            for query in queries:
-                matches = []
-                for status, identifier in assoc.send_c_find(query, FIND):
-                    if status is None:
-                        raise ConnectionError(f"{self.node} stopped answering a C-FIND")
-                    code = int(status.Status)
-                    if code in PENDING and identifier is not None:
-                        matches.append(identifier)
-                    elif code not in PENDING and code != 0x0000:
-                        raise ConnectionError(f"{self.node} answered C-FIND with 0x{code:04X}")
-                out.append(matches)
-            return out
-        finally:
-            assoc.release()
-
-    def get(self, requests: list[Any], sop_classes: set[str], store: Any) -> tuple[int, int]:
-        """C-GET each identifier; ``store(event)`` handles each instance sent back.
-
-        Returns (completed, failed) sub-operations as the PACS counts them.
-        """
-        from pynetdicom import build_role, evt
-        from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-            StudyRootQueryRetrieveInformationModelGet as GET,
-        )
-
-        from pipeline.ingest.scp import decodable_transfer_syntaxes
-
-        ae = self._ae()
-        ae.add_requested_context(GET)
-        syntaxes = decodable_transfer_syntaxes()
-        # One context per storage class we expect; the association allows 128 in all.
-        for uid in sorted(sop_classes)[:127]:
-            ae.add_requested_context(uid, syntaxes)
-        roles = [build_role(uid, scp_role=True) for uid in sorted(sop_classes)[:127]]
-        assoc = self._associate(ae, ext_neg=roles, evt_handlers=[(evt.EVT_C_STORE, store)])
-        try:
-            return self._sub_operations(assoc.send_c_get(r, GET) for r in requests)
-        finally:
-            assoc.release()
-
-    def move(self, requests: list[Any], destination: str) -> tuple[int, int]:
-        """C-MOVE each identifier to ``destination`` (an AE the PACS knows)."""
-        from pynetdicom.sop_class import (  # type: ignore[attr-defined]
-            StudyRootQueryRetrieveInformationModelMove as MOVE,
-        )
-
-        ae = self._ae()
-        ae.add_requested_context(MOVE)
-        assoc = self._associate(ae)
-        try:
-            return self._sub_operations(assoc.send_c_move(r, destination, MOVE) for r in requests)
-        finally:
-            assoc.release()
-
-    def _sub_operations(self, response_streams: Any) -> tuple[int, int]:
-        completed = failed = 0
-        for responses in response_streams:
-            final = None
-            for status, _identifier in responses:
-                if status is None:
-                    raise ConnectionError(f"{self.node} stopped answering a retrieve")
-                final = status
-            if final is None:
-                continue
-            code = int(final.Status)
-            completed += int(getattr(final, "NumberOfCompletedSuboperations", 0) or 0)
-            failed += int(getattr(final, "NumberOfFailedSuboperations", 0) or 0)
-            if code not in (0x0000, *WARNING_STATUSES) and not failed:
-                raise ConnectionError(f"{self.node} answered the retrieve with 0x{code:04X}")
-        return completed, failed
-
-
 def _study_query(since: date, modalities: tuple[str, ...]) -> Any:
-    return _identifier(
+    return identifier(
         "STUDY",
         StudyInstanceUID="",
         StudyDate=f"{since:%Y%m%d}-",
@@ -257,7 +103,7 @@ def discover(client: PacsClient, since: date, modalities: tuple[str, ...]) -> li
     (studies,) = client.find([_study_query(since, modalities)])
     study_uids = sorted({str(s.StudyInstanceUID) for s in studies if "StudyInstanceUID" in s})
     series_queries = [
-        _identifier("SERIES", StudyInstanceUID=uid, SeriesInstanceUID="", Modality="")
+        identifier("SERIES", StudyInstanceUID=uid, SeriesInstanceUID="", Modality="")
         for uid in study_uids
     ]
     wanted: list[_Series] = []
@@ -266,7 +112,7 @@ def discover(client: PacsClient, since: date, modalities: tuple[str, ...]) -> li
             if str(getattr(s, "Modality", "")).upper() in modalities:
                 wanted.append(_Series(uid, str(s.SeriesInstanceUID)))
     image_queries = [
-        _identifier(
+        identifier(
             "IMAGE",
             StudyInstanceUID=s.study_uid,
             SeriesInstanceUID=s.series_uid,
@@ -291,11 +137,11 @@ def _retrieve_requests(series: list[_Series], missing: set[str]) -> list[Any]:
             continue
         if len(todo) == len(s.instances):
             out.append(
-                _identifier("SERIES", StudyInstanceUID=s.study_uid, SeriesInstanceUID=s.series_uid)
+                identifier("SERIES", StudyInstanceUID=s.study_uid, SeriesInstanceUID=s.series_uid)
             )
         else:
             out += [
-                _identifier(
+                identifier(
                     "IMAGE",
                     StudyInstanceUID=s.study_uid,
                     SeriesInstanceUID=s.series_uid,

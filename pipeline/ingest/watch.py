@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.imaging.decode import ACCEPTED_SUFFIXES
-from pipeline.ingest.accept import IngestItem
-from pipeline.ingest.intake import Intake, hash_stream
+from pipeline.imaging.decode import ACCEPTED_SUFFIXES, file_key
+from pipeline.ingest.intake import Intake
+from pipeline.ingest.persist import IngestItem
 from pipeline.states import State
 
 log = logging.getLogger(__name__)
@@ -152,9 +152,7 @@ class FolderWatcher:
         side = sidecar_of(path)
         size = path.stat().st_size
         if size > self.intake.limits.max_bytes:
-            with open(path, "rb") as fh:
-                key, size = hash_stream(fh)
-            item = self.intake.reject_oversize(key, size, path.name, "watch")
+            item = self.intake.reject_oversize(file_key(path), size, path.name, "watch")
         else:
             data = path.read_bytes()
             try:

@@ -1,1 +1,1 @@
-"""Ground truth and watching the model: reviews, labels, performance, calibration, drift."""
+"""Watching the model: labels from the RIS, live performance, calibration, drift, live against shadow."""

@@ -20,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from pipeline.models import Review, Study
-from pipeline.monitoring.reviews import FINDINGS, latest_truths, model_snapshot
+from pipeline.triage.reviews import FINDINGS, latest_truths, model_snapshot
 
 TRUE_WORDS = {"1", "yes", "y", "true", "t", "abnormal"}
 FALSE_WORDS = {"0", "no", "n", "false", "f", "normal"}

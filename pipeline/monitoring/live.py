@@ -1,6 +1,6 @@
 """Live performance: the model's scores against the ground truth recorded in a time window.
 
-The studies counted are those whose current ground truth (``pipeline.monitoring.reviews.latest_truths``:
+The studies counted are those whose current ground truth (``pipeline.triage.reviews.latest_truths``:
 the newest read or RIS outcome) was recorded in the window. Each is scored by the study's
 current p(abnormal) (the maximum over its frontal images); studies without a score (not
 classified) are counted as ``unscored`` and left out of the statistics.
@@ -26,8 +26,8 @@ from sqlalchemy.orm import Session
 
 from pipeline.models import Image, Study, as_utc
 from pipeline.monitoring.performance import share, summarize
-from pipeline.monitoring.reviews import latest_truths
 from pipeline.states import State
+from pipeline.triage.reviews import latest_truths
 from pipeline.triage.studies import iso
 
 WINDOWS_DAYS = (7, 30, 90)

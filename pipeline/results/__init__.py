@@ -1,1 +1,1 @@
-"""Results back to the PACS: the outbox, senders, SR and CAM objects, destinations."""
+"""Results back to the PACS: the outbox, claims, senders, SR and CAM objects, the viewer's objects, destinations."""

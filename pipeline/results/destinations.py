@@ -20,8 +20,8 @@ from urllib.parse import unquote, urlsplit
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from pipeline.models import Destination
 from pipeline.settings import ConfigError, Settings
+from pipeline.tables_results import Destination
 
 KINDS = ("dicom", "dicomweb", "mllp", "webhook")
 PACS_KINDS = ("dicom", "dicomweb")

@@ -1,4 +1,4 @@
-"""Build each outbox object and send it: C-STORE, STOW-RS, HL7 v2 over MLLP, signed webhook.
+"""Send each outbox object: C-STORE, STOW-RS, HL7 v2 over MLLP, signed webhook.
 
 Every transport reports per object: ok, a transient error (the destination is down or
 busy: retry with backoff) or a rejection (it answered and said no). The caller records the
@@ -18,156 +18,19 @@ import urllib.request
 import uuid
 from base64 import b64encode
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any
 
-import numpy as np
-from sqlalchemy import select
-from sqlalchemy.orm import Session
-
-from pipeline.imaging.render import cam_array
-from pipeline.models import Destination, Image, Prediction, ResultObject
+from pipeline.results.claims import Outcome
 from pipeline.results.destinations import decrypt
-from pipeline.results.dicom_objects import (
-    SOP_SC,
-    SOP_SR,
-    SourceImage,
-    StudyResult,
-    build_sc,
-    build_sr,
-    to_bytes,
-)
-from pipeline.results.outbox import Outcome
+from pipeline.results.dicom_objects import SOP_SC, SOP_SR
 from pipeline.settings import Settings
+from pipeline.tables_results import Destination
 
 log = logging.getLogger(__name__)
 TIMEOUT_S = 30.0
 # C-STORE statuses that mean "stored" (PS3.4 B.2.3: success and the three warnings).
 STORED = {0x0000, 0xB000, 0xB006, 0xB007}
 Report = Callable[[int, Outcome], None]
-
-
-def study_result(snapshot: dict[str, Any]) -> StudyResult:
-    """A ``StudyResult`` back from the JSON snapshot stored on the object."""
-
-    def box(value: Any) -> tuple[float, float, float, float] | None:
-        return (
-            (float(value[0]), float(value[1]), float(value[2]), float(value[3])) if value else None
-        )
-
-    images = tuple(
-        SourceImage(
-            i["sop_class_uid"],
-            i["sop_instance_uid"],
-            i["series_instance_uid"],
-            i["p_abnormal"],
-            i["label"],
-            i.get("sc_uid"),
-            i.get("view_position"),
-            box(i.get("cam_box")),
-            box(i.get("cam_peak")),
-            i.get("columns"),
-            i.get("rows"),
-        )
-        for i in snapshot["images"]
-    )
-    return StudyResult(
-        study_instance_uid=snapshot["study_instance_uid"],
-        patient=dict(snapshot["patient"]),
-        p_abnormal=snapshot["p_abnormal"],
-        triage_class=snapshot["triage_class"],
-        label=snapshot["label"],
-        priority=snapshot["priority"],
-        model_version=snapshot["model_version"],
-        model_name=snapshot["model_name"],
-        policy_version=snapshot["policy_version"],
-        policy_parameters=tuple(snapshot["policy_parameters"]),
-        content_datetime=datetime.fromisoformat(snapshot["content_datetime"]),
-        sr_uid="",
-        images=images,
-    )
-
-
-def build_payload(session: Session, obj: ResultObject) -> bytes:
-    """The bytes of one object: the same on every call for the same row."""
-    if obj.kind == "alert":
-        return json.dumps(alert_document(obj), sort_keys=True).encode()
-    result = study_result(obj.snapshot)
-    if obj.kind == "sr":
-        from dataclasses import replace
-
-        return to_bytes(build_sr(replace(result, sr_uid=obj.uid)))
-    image = next(i for i in result.images if i.sc_uid == obj.uid)
-    img = session.get(Image, obj.image_id)
-    pred = session.scalars(
-        select(Prediction)
-        .where(Prediction.image_id == obj.image_id, Prediction.model_version == obj.model_version)
-        .order_by(Prediction.id.desc())
-        .limit(1)
-    ).first()
-    if img is None or img.preview is None or pred is None:
-        raise LookupError(f"image {obj.image_id} has no stored preview or CAM to capture")
-    cam = cam_array(pred.cam, pred.cam_h, pred.cam_w)
-    return to_bytes(build_sc(result, image, img.preview, np.asarray(cam)))
-
-
-def alert_document(obj: ResultObject) -> dict[str, Any]:
-    """A critical alert: accession number, priority and the model's call; no patient name,
-    no image data."""
-    s = obj.snapshot
-    return {
-        "event": "cxr-triage.critical",
-        "id": obj.uid,
-        "accession_number": s.get("accession_number"),
-        "study_instance_uid": s.get("study_instance_uid"),
-        "triage_class": s.get("triage_class"),
-        "priority": s.get("priority"),
-        "requested_priority": s.get("requested_priority"),
-        "p_abnormal": round(float(s.get("p_abnormal") or 0.0), 4),
-        "model_version": s.get("model_version"),
-        "policy_version": s.get("policy_version"),
-        "created_at": s.get("created_at"),
-        "note": "AI triage - not a diagnosis",
-    }
-
-
-def _hl7_text(value: Any) -> str:
-    """A value safe inside an HL7 field (the delimiters escaped, no line breaks)."""
-    text = "" if value is None else str(value)
-    for ch, esc in (
-        ("\\", "\\E\\"),
-        ("|", "\\F\\"),
-        ("^", "\\S\\"),
-        ("&", "\\T\\"),
-        ("~", "\\R\\"),
-    ):
-        text = text.replace(ch, esc)
-    return text.replace("\r", " ").replace("\n", " ")
-
-
-def oru_message(obj: ResultObject, sending_facility: str = "CXRTRIAGE") -> str:
-    """An HL7 v2.5.1 ORU^R01 for a critical study: OBR keyed on the accession number, OBX
-    with the triage class, priority score and probability; no PID (no patient name)."""
-    doc = alert_document(obj)
-    stamp = (doc.get("created_at") or "").replace("-", "").replace(":", "").replace("T", "")
-    stamp = stamp.rstrip("Z")[:14]
-    control = hashlib.sha256(obj.uid.encode()).hexdigest()[:20]  # the same on every retry
-    acc = _hl7_text(doc["accession_number"])
-    segments = [
-        f"MSH|^~\\&|CXRTRIAGE|{_hl7_text(sending_facility)}|||{stamp}||ORU^R01^ORU_R01|"
-        f"{control}|P|2.5.1",
-        f"OBR|1|{acc}|{acc}|CXRAI^Chest radiograph AI triage^L|S||{stamp}|||||||||||||||"
-        f"{stamp}||CR|P",
-        f"OBX|1|CWE|TRIAGE^Triage class^L||{_hl7_text(doc['triage_class'])}||||||P",
-        f"OBX|2|NM|PRIO^Triage priority score^L||{doc['priority']}||||||P",
-        f"OBX|3|NM|PABN^Abnormal probability^L||{doc['p_abnormal']}||||||P",
-        f"OBX|4|ST|MODEL^Model and policy^L||{_hl7_text(doc['policy_version'])}||||||P",
-        "OBX|5|ST|NOTE^Note^L||AI triage - not a diagnosis||||||P",
-    ]
-    return "\r".join(segments) + "\r"
-
-
-# --------------------------------------------------------------------------- transports
 
 
 def send_dicom(

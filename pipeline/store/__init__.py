@@ -1,1 +1,1 @@
-"""The instance store (every accepted DICOM kept as received) and the DICOMweb read side over it."""
+"""The instance store (every accepted DICOM kept as received), its retention, and the DICOMweb read side over it."""

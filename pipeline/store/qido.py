@@ -4,21 +4,30 @@ Studies, series and instances are answered from the ``instances`` table and the 
 every JSON object is a pydicom ``Dataset`` turned into PS3.18 JSON by ``to_json_dict``. Matching
 keys may be given by keyword or by tag (``PatientID`` or ``00100020``); ``*`` and ``?`` are
 wildcards in text keys; dates take ``YYYYMMDD``, ``A-B``, ``A-`` and ``-B``; UID keys take a
-list (comma or backslash separated).
+list (comma or backslash separated). The JSON objects themselves are built by
+pipeline.store.qido_json.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
-from pipeline.models import Image, Instance, Study
+from pipeline.models import Instance, Study
 from pipeline.store.instances import valid_uid
+from pipeline.store.qido_json import (
+    FROM_HEADER,
+    instance_values,
+    series_values,
+    study_values,
+    to_json,
+)
 
+_Rows = TypeVar("_Rows", bound="Select[*tuple[Any, ...]]")
 MAX_LIMIT = 1000
 DEFAULT_LIMIT = 200
 STUDY_KEYS = (
@@ -28,23 +37,10 @@ STUDY_KEYS = (
     "AccessionNumber",
     "StudyDate",
     "ModalitiesInStudy",
-    "StudyTime",
-    "StudyDescription",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyID",
-    "ReferringPhysicianName",
+    *FROM_HEADER,
 )
 SERIES_KEYS = ("SeriesInstanceUID", "Modality", "SeriesNumber", "SeriesDescription")
 INSTANCE_KEYS = ("SOPInstanceUID", "SOPClassUID", "InstanceNumber")
-FROM_HEADER = (
-    "StudyTime",
-    "StudyDescription",
-    "PatientBirthDate",
-    "PatientSex",
-    "StudyID",
-    "ReferringPhysicianName",
-)
 IGNORED = {"limit", "offset", "includefield", "fuzzymatching"}
 
 
@@ -155,22 +151,6 @@ def _where(stmt: Select[Any], match: dict[str, str]) -> Select[Any]:
     return stmt
 
 
-def _dataset(values: dict[str, Any]) -> dict[str, Any]:
-    from pydicom.dataset import Dataset
-
-    ds = Dataset()
-    for key, value in values.items():
-        if value is not None and value != "":
-            setattr(ds, key, value)
-    return ds.to_json_dict()  # type: ignore[no-any-return]
-
-
-def _wanted(values: dict[str, Any], query: Query, always: tuple[str, ...]) -> dict[str, Any]:
-    if "all" in query.include:
-        return values
-    return {k: v for k, v in values.items() if k in always or k in query.include}
-
-
 def studies(session: Session, query: Query, base: str) -> list[dict[str, Any]]:
     """The studies matching, newest first, as PS3.18 JSON."""
     has = select(Instance.id).where(Instance.study_id == Study.id).exists()
@@ -182,59 +162,13 @@ def studies(session: Session, query: Query, base: str) -> list[dict[str, Any]]:
             .limit(query.limit)
         )
     )
-    ids = [s.id for s in rows]
-    counts = {
-        r.study_id: r
-        for r in session.execute(
-            select(
-                Instance.study_id,
-                func.count(func.distinct(Instance.series_uid)).label("series"),
-                func.count(Instance.id).label("instances"),
-            )
-            .where(Instance.study_id.in_(ids))
-            .group_by(Instance.study_id)
-        )
-    }
-    modalities: dict[int, set[str]] = {}
-    for study_id, modality in session.execute(
-        select(Instance.study_id, Instance.modality).where(Instance.study_id.in_(ids)).distinct()
-    ):
-        if modality:
-            modalities.setdefault(study_id, set()).add(modality)
-    headers = _first_headers(session, ids)
     always = (
         *STUDY_KEYS,
         "NumberOfStudyRelatedSeries",
         "NumberOfStudyRelatedInstances",
         "RetrieveURL",
     )
-    out = []
-    for s in rows:
-        head = headers.get(s.id, {})
-        values: dict[str, Any] = {
-            "StudyInstanceUID": s.study_uid,
-            "PatientID": s.patient_id,
-            "PatientName": s.patient_name,
-            "AccessionNumber": s.accession_number,
-            "StudyDate": s.study_date,
-            "ModalitiesInStudy": sorted(modalities.get(s.id, ())),
-            "NumberOfStudyRelatedSeries": counts[s.id].series if s.id in counts else 0,
-            "NumberOfStudyRelatedInstances": counts[s.id].instances if s.id in counts else 0,
-            "RetrieveURL": f"{base}/studies/{s.study_uid}",
-            **{k: head.get(k) for k in FROM_HEADER},
-        }
-        out.append(_dataset(_wanted(values, query, always)))
-    return out
-
-
-def _first_headers(session: Session, study_ids: list[int]) -> dict[int, dict[str, Any]]:
-    first = select(func.min(Image.id)).where(Image.study_id.in_(study_ids)).group_by(Image.study_id)
-    return {
-        sid: meta or {}
-        for sid, meta in session.execute(
-            select(Image.study_id, Image.meta).where(Image.id.in_(first))
-        )
-    }
+    return [to_json(v, query.include, always) for v in study_values(session, rows, base)]
 
 
 def series(
@@ -251,39 +185,19 @@ def series(
     ).group_by(Instance.study_uid, Instance.series_uid)
     if study_uid is not None:
         stmt = stmt.where(Instance.study_uid == study_uid)
-    for key, value in query.match.items():
-        if key == "SeriesInstanceUID":
-            stmt = stmt.where(Instance.series_uid.in_(_uids(value)))
-        elif key == "StudyInstanceUID":
-            stmt = stmt.where(Instance.study_uid.in_(_uids(value)))
-        elif key == "Modality":
-            stmt = stmt.where(Instance.modality == value.upper())
-        elif key == "SeriesNumber":
-            stmt = stmt.where(Instance.series_number == _number(value))
+    stmt = _match_instances(
+        stmt,
+        query.match,
+        uids={"SeriesInstanceUID": Instance.series_uid, "StudyInstanceUID": Instance.study_uid},
+        numbers={"SeriesNumber": Instance.series_number},
+    )
     rows = session.execute(
         stmt.order_by(func.min(Instance.series_number), Instance.series_uid)
         .offset(query.offset)
         .limit(query.limit)
     ).all()
     always = (*SERIES_KEYS, "StudyInstanceUID", "NumberOfSeriesRelatedInstances", "RetrieveURL")
-    return [
-        _dataset(
-            _wanted(
-                {
-                    "StudyInstanceUID": st,
-                    "SeriesInstanceUID": se,
-                    "Modality": modality,
-                    "SeriesNumber": number,
-                    "SeriesDescription": description,
-                    "NumberOfSeriesRelatedInstances": n,
-                    "RetrieveURL": f"{base}/studies/{st}/series/{se}",
-                },
-                query,
-                always,
-            )
-        )
-        for st, se, modality, number, description, n in rows
-    ]
+    return [to_json(series_values(row, base), query.include, always) for row in rows]
 
 
 def _number(value: str) -> int:
@@ -293,6 +207,20 @@ def _number(value: str) -> int:
         raise BadQuery(f"{value!r} is not a number") from exc
 
 
+def _match_instances(
+    stmt: _Rows, match: dict[str, str], uids: Mapping[str, Any], numbers: Mapping[str, Any]
+) -> _Rows:
+    """Instance-level matching: UID-list keys, number keys and (upper-cased) Modality."""
+    for key, value in match.items():
+        if key in uids:
+            stmt = stmt.where(uids[key].in_(_uids(value)))
+        elif key in numbers:
+            stmt = stmt.where(numbers[key] == _number(value))
+        elif key == "Modality":
+            stmt = stmt.where(Instance.modality == value.upper())
+    return stmt
+
+
 def instances(
     session: Session, study_uid: str, series_uid: str | None, query: Query, base: str
 ) -> list[dict[str, Any]]:
@@ -300,15 +228,16 @@ def instances(
     stmt = select(Instance).where(Instance.study_uid == study_uid)
     if series_uid is not None:
         stmt = stmt.where(Instance.series_uid == series_uid)
-    for key, value in query.match.items():
-        if key == "SOPInstanceUID":
-            stmt = stmt.where(Instance.sop_uid.in_(_uids(value)))
-        elif key == "SOPClassUID":
-            stmt = stmt.where(Instance.sop_class_uid.in_(_uids(value)))
-        elif key == "InstanceNumber":
-            stmt = stmt.where(Instance.instance_number == _number(value))
-        elif key == "SeriesInstanceUID":
-            stmt = stmt.where(Instance.series_uid.in_(_uids(value)))
+    stmt = _match_instances(
+        stmt,
+        query.match,
+        uids={
+            "SOPInstanceUID": Instance.sop_uid,
+            "SOPClassUID": Instance.sop_class_uid,
+            "SeriesInstanceUID": Instance.series_uid,
+        },
+        numbers={"InstanceNumber": Instance.instance_number},
+    )
     rows = session.scalars(
         stmt.order_by(Instance.series_uid, Instance.instance_number, Instance.id)
         .offset(query.offset)
@@ -324,24 +253,4 @@ def instances(
         "NumberOfFrames",
         "RetrieveURL",
     )
-    return [
-        _dataset(
-            _wanted(
-                {
-                    "StudyInstanceUID": i.study_uid,
-                    "SeriesInstanceUID": i.series_uid,
-                    "SOPInstanceUID": i.sop_uid,
-                    "SOPClassUID": i.sop_class_uid,
-                    "Modality": i.modality,
-                    "InstanceNumber": i.instance_number,
-                    "Rows": i.rows,
-                    "Columns": i.columns,
-                    "NumberOfFrames": i.frames,
-                    "RetrieveURL": f"{base}/studies/{i.study_uid}/series/{i.series_uid}/instances/{i.sop_uid}",
-                },
-                query,
-                always,
-            )
-        )
-        for i in rows
-    ]
+    return [to_json(instance_values(i, base), query.include, always) for i in rows]

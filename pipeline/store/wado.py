@@ -155,8 +155,8 @@ def rendered(data: bytes, side: int | None = None, media: str = "image/jpeg") ->
     """The first frame as a display image (VOI LUT or window, MONOCHROME1 inverted)."""
     from PIL import Image as PILImage
 
-    from pipeline.imaging.decode import dicom_metadata
     from pipeline.imaging.display import to_display
+    from pipeline.imaging.header import dicom_metadata
 
     ds = read(data)
     if "PixelData" not in ds:

@@ -164,6 +164,20 @@ def select(
     return [s for s, sp in zip(samples, splits, strict=True) if sp == subset]
 
 
+def select_as_trained(
+    samples: Sequence[Sample], subset: str, meta: Mapping[str, Any]
+) -> list[Sample]:
+    """Keep the samples of one subset under the split a weights file (its ``meta``) was trained on."""
+    split = meta.get("training_data", {}).get("split", {})
+    return select(
+        samples,
+        subset,
+        val_fraction=float(split.get("val_fraction", 0.1)),
+        holdout_fraction=float(split.get("holdout_fraction", 0.2)),
+        seed=int(split.get("seed", 0)),
+    )
+
+
 def load_one(path: Path, size: int, preprocess: str = "resize") -> np.ndarray:
     """Return the uint8 size x size model input the running system would build for a file."""
     return load_located(path, size, preprocess)[0]

@@ -72,30 +72,15 @@ def predict_all(
 
 
 def run_evaluation(
-    data: list[Path],
-    weights: Path,
-    subset: str = "all",
-    label_map: str | None = None,
-    report: Path | None = None,
-    predictions_out: Path | None = None,
-    device: str = "auto",
-    source_probe: bool = False,
+    data: list[Path], weights: Path, subset: str = "all", **options: Any
 ) -> dict[str, Any]:
-    """Evaluate a weights file on labelled images; optionally write PNGs and a predictions CSV."""
+    """Evaluate a weights file on the ``subset`` of labelled images it was split with;
+    ``options`` are ``evaluate_samples``'s (optionally write PNGs and a predictions CSV)."""
     meta = torch.load(weights, map_location="cpu", weights_only=True).get("meta", {})
-    split = meta.get("training_data", {}).get("split", {})
-    samples = ds.select(
-        ds.read_datasets(data),
-        subset,
-        val_fraction=float(split.get("val_fraction", 0.1)),
-        holdout_fraction=float(split.get("holdout_fraction", 0.2)),
-        seed=int(split.get("seed", 0)),
-    )
+    samples = ds.select_as_trained(ds.read_datasets(data), subset, meta)
     if not samples:
         raise ds.DatasetError(f"no images in subset {subset!r} of {', '.join(map(str, data))}")
-    result = evaluate_samples(
-        samples, weights, label_map, report, predictions_out, device, source_probe
-    )
+    result = evaluate_samples(samples, weights, **options)
     result["subset"] = subset
     return result
 
@@ -192,7 +177,6 @@ def evaluate_samples(
 
 def record_metrics(weights: Path, name: str, result: dict[str, Any], command: str) -> None:
     """Store a compact summary of an evaluation in the weights' meta["metrics"][name]."""
-    blob = torch.load(weights, map_location="cpu", weights_only=True)
     keys = (
         "n",
         "auc_abnormal",
@@ -206,10 +190,7 @@ def record_metrics(weights: Path, name: str, result: dict[str, Any], command: st
         "source_probe",
     )
     summary = {k: result[k] for k in keys if k in result} | {"command": command}
-    blob["meta"].setdefault("metrics", {})[name] = summary
-    tmp = weights.with_suffix(weights.suffix + ".tmp")
-    torch.save(blob, tmp)
-    tmp.replace(weights)
+    record_summary(weights, name, summary)
 
 
 def _triage(p: float, thresholds: dict[str, float]) -> str:

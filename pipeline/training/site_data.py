@@ -1,7 +1,7 @@
 """The site's reviewed studies as training data: ``cxr-triage train --from-db``.
 
 Every scored frontal image of a study whose ground truth is recorded (a radiologist's read or a
-RIS import, pipeline.monitoring.reviews) is written out from its stored preview (the image the model read,
+RIS import, pipeline.triage.reviews) is written out from its stored preview (the image the model read,
 as ingest kept it) under ``OUT/site/``, with a ``labels.csv`` of path, label (normal |
 abnormal), patient_id and the finding when one was recorded. Training then splits it by patient
 like any other source, so no patient is in both the training and the held-out part.
@@ -18,8 +18,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from pipeline.models import Image, Study
-from pipeline.monitoring.reviews import latest_truths
 from pipeline.states import State
+from pipeline.triage.reviews import latest_truths
 
 SOURCE = "site"
 

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 log = logging.getLogger(__name__)
 
@@ -29,32 +28,6 @@ Augment = Callable[
 ]
 # loss_fn(model, x, rows of the batch, the augmented lung masks or None) -> loss
 LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
-
-
-class Progress:
-    """A one-line progress bar on stderr, redrawn at most every half second."""
-
-    def __init__(self, total: int, desc: str, stream: TextIO | None = None) -> None:
-        self.total, self.desc, self.done = total, desc, 0
-        self.stream = stream if stream is not None else sys.stderr
-        self.start = self._last = time.perf_counter()
-
-    def update(self, n: int, note: str = "") -> None:
-        """Advance by n items and redraw."""
-        self.done += n
-        now = time.perf_counter()
-        if now - self._last < 0.5 and self.done < self.total:
-            return
-        self._last = now
-        frac = self.done / max(1, self.total)
-        bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
-        rate = self.done / max(1e-9, now - self.start)
-        self.stream.write(
-            f"\r{self.desc} [{bar}] {self.done}/{self.total} {rate:.1f} img/s {note}  "
-        )
-        if self.done >= self.total:
-            self.stream.write("\n")
-        self.stream.flush()
 
 
 def augment(
@@ -225,7 +198,7 @@ def train_epoch(
     batch_size: int,
     gen: torch.Generator,
     norm: tuple[float, float],
-    progress: Progress | None = None,
+    progress: tqdm | None = None,
     augment_fn: Augment = augment_basic,
     amp: str = "off",
     loss_fn: LossFn | None = None,
@@ -272,8 +245,9 @@ def train_epoch(
         if scheduler is not None:
             scheduler.step()
         losses.append(loss.item())
-        if progress is not None:
-            progress.update(len(idx), f"loss {np.mean(losses[-20:]):.3f}")
+        if progress is not None:  # a tqdm bar on stderr
+            progress.set_postfix_str(f"loss {np.mean(losses[-20:]):.3f}", refresh=False)
+            progress.update(len(idx))
     return losses
 
 

@@ -1,1 +1,1 @@
-"""Probabilities to a call and a priority, the site policy, the reading order, the worklist."""
+"""Probabilities to a call and a priority, the site policy, the reading order, reviews, the worklist."""

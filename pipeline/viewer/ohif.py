@@ -10,6 +10,7 @@ half-viewer, and a second install finds the stamp and does nothing. Before the r
 compressible file gets a gzip sibling (pipeline.viewer.static_gzip) for the dashboard to send; an
 install made before that gets them on the next install. Nothing in the repository
 holds the 200 MB build; the dashboard serves it from ``viewer_dir`` (dashboard.ohif_view).
+Running npm is pipeline.viewer.npm's part, the safe unpacking pipeline.viewer.archive's.
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
-import tarfile
 import tempfile
 import time
 import urllib.request
@@ -33,6 +32,8 @@ from urllib.parse import urlsplit
 
 from pipeline.settings import ConfigError, Settings
 from pipeline.viewer import static_gzip
+from pipeline.viewer.archive import UnsafeMember, extract_subtree
+from pipeline.viewer.npm import NpmFailed, npm_pack
 
 log = logging.getLogger(__name__)
 
@@ -118,10 +119,8 @@ def installed(directory: Path, integrity: str | None = None) -> bool:
 
 def sri(path: Path) -> str:
     """The file's Subresource-Integrity string (``sha512-<base64>``), as npm records it."""
-    digest = hashlib.sha512()
     with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+        digest = hashlib.file_digest(f, "sha512")
     return "sha512-" + base64.b64encode(digest.digest()).decode("ascii")
 
 
@@ -135,40 +134,13 @@ def verify(path: Path, integrity: str) -> None:
         )
 
 
-def _member_path(member: tarfile.TarInfo) -> PurePosixPath | None:
-    """The member's path inside dist/, None when it lies outside; UnsafeArchive when hostile."""
-    name = PurePosixPath(member.name)
-    if name.is_absolute() or ".." in name.parts or "\\" in member.name:
-        raise UnsafeArchive(f"refused the archive: member {member.name!r} escapes the folder")
-    if name == DIST or DIST not in name.parents:
-        return None
-    if not (member.isfile() or member.isdir()):
-        raise UnsafeArchive(f"refused the archive: {member.name!r} is a link or device")
-    return name.relative_to(DIST)
-
-
 def extract_dist(tarball: Path, target: Path) -> int:
     """Unpack the tarball's package/dist/ into ``target`` (which must not exist); files count."""
-    root = target.resolve()
-    count = 0
-    with tarfile.open(tarball, "r:*") as tar:
-        for member in tar:
-            relative = _member_path(member)
-            if relative is None:
-                continue
-            dest = (root / relative).resolve()
-            if dest != root and root not in dest.parents:
-                raise UnsafeArchive(f"refused the archive: {member.name!r} escapes the folder")
-            if member.isdir():
-                dest.mkdir(parents=True, exist_ok=True)
-                continue
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            source = tar.extractfile(member)
-            assert source is not None  # a regular file always has a stream
-            with source, dest.open("xb") as out:
-                shutil.copyfileobj(source, out, 1 << 20)
-            count += 1
-    if not (root / "index.html").is_file():
+    try:
+        count = extract_subtree(tarball, DIST, target)
+    except UnsafeMember as exc:
+        raise UnsafeArchive(str(exc)) from exc
+    if not (target.resolve() / "index.html").is_file():
         raise OhifError(f"{tarball.name} has no package/dist/index.html: not an OHIF build")
     return count
 
@@ -178,44 +150,6 @@ def registry_url() -> str:
     registry = os.environ.get("npm_config_registry") or os.environ.get("NPM_CONFIG_REGISTRY")
     base = (registry or DEFAULT_REGISTRY).rstrip("/")
     return f"{base}/{PACKAGE}/-/{PACKAGE.split('/')[1]}-{VERSION}.tgz"
-
-
-def _npm_error(done: subprocess.CompletedProcess[str]) -> str:
-    """npm's own summary of why it failed (with --json it prints one on stdout)."""
-    try:
-        error = json.loads(done.stdout)["error"]
-        return f"{error.get('code') or 'error'}: {error['summary']}"
-    except (ValueError, KeyError, TypeError):
-        lines = [line for line in done.stderr.splitlines() if line.strip()]
-        return " / ".join(lines[:3]) or "no message"
-
-
-def _npm_pack(npm: str, folder: Path) -> Path:
-    # Few, short retries: an offline `make install` should warn in seconds, not minutes. The
-    # cache is used when it holds the package (the tarball is checked against the pin anyway).
-    command = [
-        npm,
-        "pack",
-        f"{PACKAGE}@{VERSION}",
-        "--pack-destination",
-        str(folder),
-        "--json",
-        "--ignore-scripts",
-        "--prefer-offline",
-        "--fetch-retries=1",
-        "--fetch-retry-mintimeout=1000",
-        "--fetch-retry-maxtimeout=5000",
-    ]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=NPM_TIMEOUT_S)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise DownloadFailed(f"npm pack {PACKAGE}@{VERSION} failed: {exc}") from exc
-    if done.returncode != 0:
-        raise DownloadFailed(f"npm pack {PACKAGE}@{VERSION} failed ({_npm_error(done)})")
-    found = sorted(folder.glob("*.tgz"))
-    if len(found) != 1:
-        raise DownloadFailed(f"npm pack left {len(found)} tarballs in {folder}, not one")
-    return found[0]
 
 
 def _urlopen(url: str) -> IO[bytes]:
@@ -237,7 +171,10 @@ def fetch(folder: Path) -> Path:
     npm = shutil.which("npm")
     if npm:
         log.info("fetching %s@%s with npm pack", PACKAGE, VERSION)
-        return _npm_pack(npm, folder)
+        try:
+            return npm_pack(npm, f"{PACKAGE}@{VERSION}", folder, NPM_TIMEOUT_S)
+        except NpmFailed as exc:
+            raise DownloadFailed(str(exc)) from exc
     url = registry_url()
     log.info("fetching %s", url)
     return _download(url, folder)

@@ -20,13 +20,15 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from pipeline.imaging.cam_place import snapshot_fields
+from pipeline.classifier.cam_place import snapshot_fields
 from pipeline.imaging.render import cam_array
-from pipeline.models import Image, Instance, Prediction, ResultObject, Study
-from pipeline.results.dicom_objects import build_sc, build_sr, series_uid, to_bytes
-from pipeline.results.outbox import patient_of
+from pipeline.models import Image, Instance, Prediction, Study
+from pipeline.results.dicom_objects import build_sc, series_uid, to_bytes
+from pipeline.results.snapshots import study_fields
+from pipeline.results.sr import build_sr
 from pipeline.states import ObjectState, State
 from pipeline.store.instances import InstanceStore, derived_uid, keep
+from pipeline.tables_results import ResultObject
 
 log = logging.getLogger(__name__)
 SOURCE_KINDS = ("received", "capture")
@@ -74,16 +76,10 @@ def _snapshot(
     ).first()
     if sent is not None and len(sent.snapshot.get("images", ())) == len(scored):
         return sent.snapshot, sent.uid
-    patient = patient_of(study, scored[0][0].meta or {})
     when = (study.done_at or study.received_at).replace(microsecond=0, tzinfo=None)
     policy = f"policy {study.policy_version}" if study.policy_version else "the weights' policy"
     snapshot = {
-        "study_instance_uid": study.study_uid,
-        "patient": patient,
-        "p_abnormal": float(study.p_abnormal or 0.0),
-        "triage_class": study.triage_class,
-        "label": study.label,
-        "priority": float(study.priority or 0.0),
+        **study_fields(study, scored[0][0].meta or {}),
         "model_version": mv,
         "model_name": "cxr-triage",
         "policy_version": str(study.policy_version or "weights"),
@@ -112,8 +108,8 @@ def ensure_results(
 ) -> int:
     """Make the study's CAM captures and SR in the store if they are not there; commit.
     Returns how many instances were added. ``weights``: the settings' file, to tell where its
-    CAMs lie on a film (pipeline.imaging.cam_place)."""
-    from pipeline.results.senders import study_result
+    CAMs lie on a film (pipeline.classifier.cam_place)."""
+    from pipeline.results.snapshots import study_result
 
     study = session.scalars(select(Study).where(Study.study_uid == study_uid)).first()
     if study is None or study.status != State.DONE or not study.model_version:
