@@ -26,10 +26,10 @@ from pipeline.classifier.weights import describe_weights
 from pipeline.db import make_engine, make_session_factory
 from pipeline.imaging import decode as imaging
 from pipeline.imaging.decode import Limits
-from pipeline.ingest.accept import enqueue, ingest_paths
+from pipeline.ingest.accept import Enqueuer, ingest_paths
 from pipeline.migrate import upgrade
 from pipeline.queue.dispatch import Dispatcher, redis_client
-from pipeline.queue.redis_server import EmbeddedRedis
+from pipeline.service.redis_server import EmbeddedRedis
 from pipeline.settings import Settings
 from pipeline.store.instances import InstanceStore
 
@@ -95,19 +95,10 @@ def time_ingest(paths: list[Path], db_url: str, redis_url: str, settings: Settin
     size, preprocess = model["input_size"], model["preprocess"]
     # Kept in the instance store, as the product does, in a folder of the bench's own.
     folder = tempfile.mkdtemp(prefix="cxr-bench-store-")
+    sink = Enqueuer(
+        factory, client, dispatcher, size, settings.payload_ttl_s, preprocess=preprocess
+    )
     try:
-
-        def sink(ids: list[int]) -> int:
-            return enqueue(
-                factory,
-                client,
-                dispatcher,
-                ids,
-                size,
-                settings.payload_ttl_s,
-                preprocess=preprocess,
-            )
-
         store = InstanceStore(Path(folder), 1 << 40)
         start = time.perf_counter()
         report = ingest_paths(factory, paths, Limits(), source="bench", sink=sink, store=store)

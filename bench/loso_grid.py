@@ -41,11 +41,13 @@ def run_cli(argv: list[str]) -> int:
     """Run one ``cxr-triage`` model command (train, loso, evaluate) in this process."""
     import logging
 
-    from pipeline.cli import model as model_cli
+    from pipeline.cli import evaluate, train
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     parser = argparse.ArgumentParser(prog="cxr-triage")
-    model_cli.register(parser.add_subparsers(dest="command", required=True))
+    commands = parser.add_subparsers(dest="command", required=True)
+    train.register(commands)
+    evaluate.register(commands)
     args = parser.parse_args(argv)
     return int(args.handler(args, None))
 

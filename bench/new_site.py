@@ -26,6 +26,7 @@ import argparse
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -33,117 +34,92 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-NIH = REPO.parent / "shared" / "data" / "cxr" / "nih-cxr14-sample"
-ADMIN = "site-admin"
-PASSWORD = "site-pass-1234"
+from bench.new_site_steps import (
+    ADMIN,
+    NIH,
+    PASSWORD,
+    REPO,
+    accession,
+    arrival_order,
+    cli,
+    evaluations,
+    free_port,
+    later_scores,
+    rates,
+    screenshots,
+    split_by_patient,
+    stage,
+    wait_final,
+    write_outcomes,
+)
+
+CALIBRATION_KEYS = (
+    "reviewed",
+    "abnormal",
+    "normal",
+    "temperature_scale",
+    "thresholds",
+    "expected",
+    "waiting_changed",
+)
 
 
-def _cli(args: list[str], env: dict[str, str], stdin: str | None = None) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli.main", *args],
-        env=env,
-        cwd=REPO,
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(
-            f"cxr-triage {' '.join(args)}: exit {proc.returncode}\n{proc.stderr[-3000:]}"
-        )
-    return proc.stdout
-
-
-def arrival_order(rows: list[dict[str, str]]) -> list[dict[str, str]]:
-    """Patient by patient (their id order), each patient's films by follow-up number."""
-    return sorted(rows, key=lambda r: (int(r["patient_id"]), Path(r["path"]).stem))
-
-
-def split_by_patient(rows: list[dict[str, str]], share: float) -> tuple[list, list]:
-    """The first patients holding about ``share`` of the films, and the rest."""
-    cut = int(len(rows) * share)
-    while 0 < cut < len(rows) and rows[cut]["patient_id"] == rows[cut - 1]["patient_id"]:
-        cut += 1
-    return rows[:cut], rows[cut:]
-
-
-def stage(rows: list[dict[str, str]], folder: Path) -> None:
-    """Drop films under accession-number names, each with its sidecar of header fields."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for r in rows:
-        stem = Path(r["path"]).stem
-        sidecar = {"AccessionNumber": f"NIH-{stem}", "PatientID": f"NIH-P{r['patient_id']}"}
-        (folder / f"NIH-{stem}.json").write_text(json.dumps(sidecar))  # before its image
-        (folder / f"NIH-{stem}.jpg").write_bytes((NIH / r["path"]).read_bytes())
-
-
-def rates(p: list[float], truth: list[bool], threshold: float) -> dict[str, float | None]:
-    """Sensitivity and specificity of "abnormal if p >= threshold" (pipeline.monitoring.performance)."""
-    from pipeline.monitoring.performance import at_threshold
-
-    r = at_threshold(p, truth, threshold)
-    return {
-        "threshold": round(threshold, 4),
-        "sensitivity": r["sensitivity"]["value"],
-        "specificity": r["specificity"]["value"],
+def _site_env(workdir: Path, incoming: Path) -> dict[str, str]:
+    env = {
+        **os.environ,
+        "CXR_DATA_DIR": str(workdir / "var"),
+        "CXR_WATCH_DIR": str(incoming),
+        "CXR_WATCH_SETTLE_MS": "300",
+        "CXR_PORT": str(free_port()),
+        "CXR_REGISTRY_CHECK_S": "2",
     }
+    for key in ("CXR_DATABASE_URL", "CXR_REDIS_URL"):
+        env.pop(key, None)
+    return env
 
 
-def _wait_final(factory: Any, accessions: set[str], timeout_s: float = 900) -> None:
-    from pipeline.models import Study
+def _calibrate(
+    first: list[dict[str, str]],
+    target: float,
+    workdir: Path,
+    env: dict[str, str],
+    factory: Any,
+    thresholds: dict[str, float],
+) -> tuple[dict[str, Any], dict[str, Any], Any]:
+    """Import the first part's outcomes, calibrate on them, apply the proposal as a policy."""
+    from pipeline.models import User
+    from pipeline.triage.policy import save
 
-    deadline = time.monotonic() + timeout_s
-    final = {"done", "failed", "rejected", "skipped"}
-    while time.monotonic() < deadline:
-        with factory() as session:
-            rows = (
-                session.query(Study.accession_number, Study.status)
-                .filter(Study.accession_number.in_(list(accessions)))
-                .all()
-            )
-        if len(rows) == len(accessions) and all(st in final for _, st in rows):
-            return
-        time.sleep(1.0)
-    raise RuntimeError(f"{len(accessions)} studies not final within {timeout_s:.0f} s")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    labels = write_outcomes(workdir / "first-outcomes.csv", first)
+    imported = json.loads(cli(["labels", "import", str(labels), "--user", ADMIN, "--json"], env))
+    proposal = json.loads(cli(["calibrate", "--json", "--target-sensitivity", str(target)], env))
+    with factory() as session:  # the admin's Apply on the console saves exactly this
+        admin = session.query(User).filter_by(username=ADMIN).one()
+        policy, _ = save(session, proposal["body"], admin.id, proposal["reason"], thresholds)
+        session.commit()
+    return imported, proposal, policy
 
 
-def _screenshots(base: str, folder: Path) -> None:
-    """The console's live numbers of this run, in Debian's headless Chromium (Playwright)."""
-    import shutil
+def _fine_tune(
+    workdir: Path, env: dict[str, str], epochs: int, epoch_size: int, factory: Any, weights: Path
+) -> tuple[Path, float, dict[str, Any]]:
+    """Train a candidate on the reviewed studies, register it, and start it in shadow."""
+    from pipeline.classifier.registry import start_shadow
+    from pipeline.models import User
 
-    from playwright.sync_api import sync_playwright
-
-    folder.mkdir(parents=True, exist_ok=True)
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(
-            executable_path=chromium, headless=True, args=["--no-sandbox", "--disable-gpu"]
-        )
-        page = browser.new_context(viewport={"width": 1440, "height": 900}).new_page()
-        page.goto(base + "/login")
-        page.fill("input[name=username]", ADMIN)
-        page.fill("input[name=password]", PASSWORD)
-        page.click("button[type=submit]")
-        page.wait_for_selector("#worklist")
-        for name, path, ready in (
-            ("new-site-performance.png", "/admin/performance?days=7", "#overall"),
-            ("new-site-models.png", "/admin/models", "#comparison"),
-            ("new-site-policy.png", "/admin/policy", "#active"),
-        ):
-            page.goto(base + path)
-            page.wait_for_selector(ready)
-            page.screenshot(path=str(folder / name), full_page=True)
-        browser.close()
+    candidate = workdir / "candidate.pt"
+    t1 = time.monotonic()
+    train = ["train", "--from-db", "--epochs", str(epochs), "--epoch-size", str(epoch_size)]
+    cli([*train, "--lr", "5e-4", "--threads", "2", "--out", str(candidate)], env)
+    train_s = time.monotonic() - t1
+    note = "fine-tuned on the first part"
+    register = ["models", "register", str(candidate), "--user", ADMIN, "--note", note, "--json"]
+    reg = json.loads(cli(register, env))
+    with factory() as session:  # the console's Shadow button
+        admin = session.query(User).filter_by(username=ADMIN).one()
+        start_shadow(session, reg["version"], admin.id, weights)
+        session.commit()
+    return candidate, train_s, reg
 
 
 def run(
@@ -152,32 +128,23 @@ def run(
     workdir: Path,
     epochs: int,
     epoch_size: int,
-    screenshots: Path | None = None,
+    screenshots_dir: Path | None = None,
 ) -> dict[str, Any]:
-    from pipeline.classifier.registry import comparison, start_shadow
+    """The whole scenario on a private data directory; the --json document."""
     from pipeline.classifier.weights import describe_weights, ensure_weights
     from pipeline.db import make_engine, make_session_factory
     from pipeline.migrate import upgrade
-    from pipeline.models import Study, User
     from pipeline.monitoring.performance import auc_delong
+    from pipeline.monitoring.shadow import comparison
     from pipeline.settings import Settings
-    from pipeline.triage.policy import active, save
+    from pipeline.triage.policy import active
 
     rows = arrival_order(list(csv.DictReader((NIH / "labels.csv").open())))
     first, later = split_by_patient(rows, share)
-    data, incoming = workdir / "var", workdir / "incoming"
+    incoming = workdir / "incoming"
     incoming.mkdir()
-    env = {
-        **os.environ,
-        "CXR_DATA_DIR": str(data),
-        "CXR_WATCH_DIR": str(incoming),
-        "CXR_WATCH_SETTLE_MS": "300",
-        "CXR_PORT": str(_free_port()),
-        "CXR_REGISTRY_CHECK_S": "2",
-    }
-    for key in ("CXR_DATABASE_URL", "CXR_REDIS_URL"):
-        env.pop(key, None)
-    _cli(["users", "create", ADMIN, "--role", "admin", "--password-stdin"], env, PASSWORD + "\n")
+    env = _site_env(workdir, incoming)
+    cli(["users", "create", ADMIN, "--role", "admin", "--password-stdin"], env, PASSWORD + "\n")
     settings = Settings.from_env(env)
     settings = settings.with_(weights=ensure_weights(settings))
     upgrade(settings.db_url)
@@ -195,114 +162,36 @@ def run(
     t0 = time.monotonic()
     try:
         stage(first, incoming)
-        _wait_final(factory, {f"NIH-{Path(r['path']).stem}" for r in first})
+        wait_final(factory, {accession(r) for r in first})
         first_s = time.monotonic() - t0
-        labels = workdir / "first-outcomes.csv"
-        with labels.open("w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["accession_number", "abnormal"])
-            w.writerows(
-                (f"NIH-{Path(r['path']).stem}", int(r["label"] == "abnormal")) for r in first
-            )
-        imported = json.loads(
-            _cli(["labels", "import", str(labels), "--user", ADMIN, "--json"], env)
+        imported, proposal, policy = _calibrate(
+            first, target, workdir, env, factory, model["thresholds"]
         )
-        proposal = json.loads(
-            _cli(["calibrate", "--json", "--target-sensitivity", str(target)], env)
-        )
-        with factory() as session:  # the admin's Apply on the console saves exactly this
-            admin = session.query(User).filter_by(username=ADMIN).one()
-            policy, _ = save(
-                session, proposal["body"], admin.id, proposal["reason"], model["thresholds"]
-            )
-            session.commit()
-        candidate = workdir / "candidate.pt"
-        t1 = time.monotonic()
-        _cli(
-            [
-                "train",
-                "--from-db",
-                "--epochs",
-                str(epochs),
-                "--epoch-size",
-                str(epoch_size),
-                "--lr",
-                "5e-4",
-                "--threads",
-                "2",
-                "--out",
-                str(candidate),
-            ],
-            env,
-        )
-        train_s = time.monotonic() - t1
-        reg = json.loads(
-            _cli(
-                [
-                    "models",
-                    "register",
-                    str(candidate),
-                    "--user",
-                    ADMIN,
-                    "--note",
-                    "fine-tuned on the first part",
-                    "--json",
-                ],
-                env,
-            )
-        )
-        with factory() as session:  # the console's Shadow button
-            admin = session.query(User).filter_by(username=ADMIN).one()
-            start_shadow(session, reg["version"], admin.id, Path(settings.weights or ""))
-            session.commit()
+        weights = Path(settings.weights or "")
+        candidate, train_s, reg = _fine_tune(workdir, env, epochs, epoch_size, factory, weights)
         time.sleep(2 * float(env["CXR_REGISTRY_CHECK_S"]))  # the workers see it between batches
         stage(later, incoming)
-        _wait_final(factory, {f"NIH-{Path(r['path']).stem}" for r in later})
-        outcomes = workdir / "later-outcomes.csv"  # the reads of the later part, as they come
-        with outcomes.open("w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["accession_number", "abnormal"])
-            w.writerows(
-                (f"NIH-{Path(r['path']).stem}", int(r["label"] == "abnormal")) for r in later
-            )
-        _cli(["labels", "import", str(outcomes), "--user", ADMIN, "--json"], env)
+        wait_final(factory, {accession(r) for r in later})
+        # the reads of the later part, as they come
+        outcomes = write_outcomes(workdir / "later-outcomes.csv", later)
+        cli(["labels", "import", str(outcomes), "--user", ADMIN, "--json"], env)
         with factory() as session:
             now_policy = active(session)
             shadow_doc = comparison(
                 session, (now_policy.thresholds or {}).get("routine"), now_policy.temperature_scale
             )
-        if screenshots is not None:
-            _screenshots(f"http://127.0.0.1:{env['CXR_PORT']}", screenshots)
+        if screenshots_dir is not None:
+            screenshots(f"http://127.0.0.1:{env['CXR_PORT']}", screenshots_dir)
     finally:
-        import signal
-
         os.killpg(system.pid, signal.SIGTERM)
         system.wait(timeout=60)
-    truth = {f"NIH-{Path(r['path']).stem}": r["label"] == "abnormal" for r in later}
-    with factory() as session:
-        now = active(session)
-        studies = [
-            s
-            for s in session.query(Study).filter(Study.accession_number.in_(list(truth)))
-            if s.p_abnormal is not None
-        ]
-        p = [float(s.p_abnormal) for s in studies]  # type: ignore[arg-type]
-        y = [truth[str(s.accession_number)] for s in studies]
-        under = sorted({s.policy_version for s in studies if s.policy_version is not None})
-        called = sum(s.triage_class != "normal" and truth[str(s.accession_number)] for s in studies)
+    scores = later_scores(factory, {accession(r): r["label"] == "abnormal" for r in later})
     engine.dispose()
+    now, p, y = scores["policy"], scores["p"], scores["y"]
     assert now.thresholds is not None
     before = rates(p, y, model["thresholds"]["routine"])
     after = rates([now.p(x) for x in p], y, now.thresholds["routine"])
-    later_csv = workdir / "later.csv"
-    with later_csv.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["path", "label", "patient_id"])
-        w.writerows((str(NIH / r["path"]), r["label"], r["patient_id"]) for r in later)
-    shipped_eval = json.loads(_cli(["evaluate", str(later_csv), "--json"], env))
-    cand_eval = json.loads(
-        _cli(["evaluate", str(later_csv), "--weights", str(candidate), "--json"], env)
-    )
+    shipped_eval, cand_eval = evaluations(later, workdir, env, candidate)
     return {
         "films": {
             "first": len(first),
@@ -312,20 +201,9 @@ def run(
         },
         "first_part_seconds": round(first_s, 1),
         "labels_imported": imported.get("imported"),
-        "calibration": {
-            k: proposal[k]
-            for k in (
-                "reviewed",
-                "abnormal",
-                "normal",
-                "temperature_scale",
-                "thresholds",
-                "expected",
-                "waiting_changed",
-            )
-        },
+        "calibration": {k: proposal[k] for k in CALIBRATION_KEYS},
         "policy_version": policy.version,
-        "later_ranked_under_policy": under,
+        "later_ranked_under_policy": scores["under"],
         "fine_tune": {"epochs": epochs, "epoch_size": epoch_size, "seconds": round(train_s, 1)},
         "later": {
             "scored": len(p),
@@ -339,7 +217,7 @@ def run(
             "after_minus_target": None
             if after["sensitivity"] is None
             else round(after["sensitivity"] - target, 4),
-            "worklist_calls_agree": called == round((after["sensitivity"] or 0) * sum(y)),
+            "worklist_calls_agree": scores["called"] == round((after["sensitivity"] or 0) * sum(y)),
         },
         "shadow_on_later_part": shadow_doc,
         "candidate": reg["version"],

@@ -12,13 +12,12 @@ training images, never on the test images they are judged on.
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from bench.model_speed import layout_runs, rates_of
 from pipeline.service.supervisor import WorkerLayout
 
 log = logging.getLogger(__name__)
@@ -33,17 +32,10 @@ def labelled_images(
     """Up to per_source files of each collection's subset, spread over it, and abnormal labels."""
     from pipeline.training import datasets as ds
 
-    split = meta.get("training_data", {}).get("split", {})
     paths: list[Path] = []
     abnormal: list[bool] = []
     for csv in sorted(SHARED_CXR.glob("*/labels.csv")):
-        samples = ds.select(
-            ds.read_dataset(csv),
-            subset,
-            val_fraction=float(split.get("val_fraction", 0.1)),
-            holdout_fraction=float(split.get("holdout_fraction", 0.2)),
-            seed=int(split.get("seed", 0)),
-        )
+        samples = ds.select_as_trained(ds.read_dataset(csv), subset, meta)
         step = max(1, len(samples) // per_source)
         for s in samples[::step][:per_source]:
             paths.append(s.path)
@@ -70,28 +62,6 @@ def _predict(clf: Any, images: np.ndarray, bs: int = 32) -> tuple[np.ndarray, np
     return np.concatenate(probs), np.concatenate(cams)
 
 
-def _speed_child(
-    weights: str,
-    runtime: str,
-    layout: WorkerLayout,
-    inputs_path: str,
-    batch_sizes: tuple[int, ...],
-    barrier: Any,
-    out: Any,
-) -> None:
-    from pipeline.classifier.network import Classifier
-
-    inputs = np.load(inputs_path)
-    for bs in batch_sizes:
-        clf = Classifier(Path(weights), layout.device, layout.threads, runtime, batch_size=bs)
-        clf.predict(inputs[:bs])  # warm-up at this shape
-        barrier.wait()
-        start = time.monotonic()
-        for i in range(0, len(inputs) - bs + 1, bs):
-            clf.predict(inputs[i : i + bs])
-        out.put((bs, start, time.monotonic(), (len(inputs) // bs) * bs, clf.runtime))
-
-
 def layout_speed(
     weights: Path,
     runtime: str,
@@ -101,31 +71,12 @@ def layout_speed(
     batch_sizes: tuple[int, ...],
 ) -> dict[int, float]:
     """Images/s of the model alone under one runtime, the layout's processes all at once."""
-    ctx = multiprocessing.get_context("spawn")
     path = workdir / "runtime-inputs.npy"
     np.save(path, inputs)
-    barrier, out = ctx.Barrier(layout.processes), ctx.Queue()
-    procs = [
-        ctx.Process(
-            target=_speed_child,
-            args=(str(weights), runtime, layout, str(path), batch_sizes, barrier, out),
-        )
-        for _ in range(layout.processes)
-    ]
-    for proc in procs:
-        proc.start()
-    try:
-        runs = [out.get(timeout=900) for _ in range(len(procs) * len(batch_sizes))]
-    finally:
-        for proc in procs:
-            proc.join(timeout=60)
-    if any(r[4] != runtime for r in runs):
-        raise RuntimeError(f"runtime {runtime} fell back to {runs[0][4]} in the speed run")
-    rates = {}
-    for bs in batch_sizes:
-        mine = [r for r in runs if r[0] == bs]
-        rates[bs] = sum(r[3] for r in mine) / (max(r[2] for r in mine) - min(r[1] for r in mine))
-    return rates
+    runs = layout_runs(weights, runtime, layout, path, batch_sizes, full_batches=True)
+    if any(r[5] != runtime for r in runs):
+        raise RuntimeError(f"runtime {runtime} fell back to {runs[0][5]} in the speed run")
+    return rates_of(runs, batch_sizes)
 
 
 def ensure_int8(
@@ -134,9 +85,10 @@ def ensure_int8(
     """Calibrate the int8 model unless one is beside the weights; True when one was written.
 
     Re-calibrating replaces the file that every CPU's recorded choice measured, so those
-    choices are dropped (pipeline.classifier.runtimes.forget_choices).
+    choices are dropped (pipeline.classifier.runtime_record.forget_choices).
     """
     from pipeline.classifier import runtimes as rt
+    from pipeline.classifier.runtime_record import forget_choices
 
     if int8.exists() and not requantise:
         log.info("int8 model %s kept (calibrated before; --requantise makes a new one)", int8.name)
@@ -148,7 +100,7 @@ def ensure_int8(
         log.warning("int8 quantisation needs onnxruntime: %s", exc)
         return False
     if replaced:
-        rt.forget_choices(weights)
+        forget_choices(weights)
     return True
 
 
@@ -170,6 +122,7 @@ def compare_runtimes(
     """
     from pipeline.classifier import runtimes as rt
     from pipeline.classifier.network import Classifier
+    from pipeline.classifier.runtime_record import AUC_TOLERANCE, CAM_AGREEMENT
     from pipeline.training.datasets import load_images
     from pipeline.training.evaluate import auc
 
@@ -212,8 +165,7 @@ def compare_runtimes(
         row["cam_agreement"] = round(float(np.mean(_cam_peaks(cams) == ref_peaks)), 3)
         row["max_p_diff"] = round(float(np.abs(probs - ref_probs).max()), 4)
         row["passes"] = bool(
-            abs(row["auc"] - ref_auc) <= rt.AUC_TOLERANCE
-            and row["cam_agreement"] >= rt.CAM_AGREEMENT
+            abs(row["auc"] - ref_auc) <= AUC_TOLERANCE and row["cam_agreement"] >= CAM_AGREEMENT
         )
         rows.append(row)
         log.info("runtime %s: %s", name, row)

@@ -182,13 +182,11 @@ def populate(settings: Settings, paths: dict[str, Path], redis: Any) -> Site:
 
 
 @contextmanager
-def served(settings: Settings) -> Iterator[str]:
-    """The dashboard on a real loopback port, in threads of this process."""
+def serving(app: Any) -> Iterator[str]:
+    """Serve a WSGI app from threads of this process on a free loopback port; its base URL."""
     from werkzeug.serving import make_server
 
-    from dashboard import create_app
-
-    server = make_server("127.0.0.1", 0, create_app({"CXR_SETTINGS": settings}), threaded=True)
+    server = make_server("127.0.0.1", 0, app, threaded=True)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -196,6 +194,15 @@ def served(settings: Settings) -> Iterator[str]:
     finally:
         server.shutdown()
         thread.join(timeout=10)
+
+
+@contextmanager
+def served(settings: Settings) -> Iterator[str]:
+    """The dashboard on a real loopback port, in threads of this process."""
+    from dashboard import create_app
+
+    with serving(create_app({"CXR_SETTINGS": settings})) as base:
+        yield base
 
 
 @contextmanager

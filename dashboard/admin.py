@@ -1,8 +1,8 @@
 """Admin pages: the console (queues, throughput, latency, workers, problems, model, counts),
 requeueing a failed study, the audit log, and live waiting times.
 
-Every number comes from a plain function in ``dashboard.monitor`` returning a dict; the same
-dicts are served as JSON under ``/api/admin/``.
+Every number comes from a plain function in ``dashboard.monitor`` or ``dashboard.monitor_activity``
+returning a dict; the same dicts are served as JSON under ``/api/admin/``.
 """
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from typing import Any
 from flask import Blueprint, abort, flash, jsonify, redirect, render_template, request, url_for
 from flask_login import current_user, login_required
 
-from dashboard import db, monitor, settings
+from dashboard import db, monitor, monitor_activity, settings
 from dashboard.auth import api_auth_required, audit
 from dashboard.charts import throughput_svg
 from dashboard.words import model_summary
 from pipeline.classifier.weights import describe_weights
 from pipeline.queue.dispatch import Dispatcher, redis_client
-from pipeline.queue.redis_server import resolve_redis_url
+from pipeline.queue.locate import resolve_redis_url
 from pipeline.queue.requeue import RequeueError, requeue_study
 from pipeline.states import Role
 
@@ -132,7 +132,7 @@ def _factory() -> Any:
 def audit_log() -> Any:
     page = max(1, request.args.get("page", 1, type=int) or 1)
     action = request.args.get("action") or None
-    doc = monitor.audit_log(db(), page, AUDIT_PAGE, action)
+    doc = monitor_activity.audit_log(db(), page, AUDIT_PAGE, action)
     return render_template("admin_audit.html", doc=doc)
 
 
@@ -140,17 +140,19 @@ def audit_log() -> Any:
 @api_auth_required(scope="admin")
 def audit_json() -> Any:
     page = max(1, request.args.get("page", 1, type=int) or 1)
-    return jsonify(monitor.audit_log(db(), page, AUDIT_PAGE, request.args.get("action") or None))
+    return jsonify(
+        monitor_activity.audit_log(db(), page, AUDIT_PAGE, request.args.get("action") or None)
+    )
 
 
 @bp.route("/admin/waiting")
 @admin_required
 def waiting() -> Any:
-    doc = monitor.waiting_times(db(), datetime.now(UTC))
+    doc = monitor_activity.waiting_times(db(), datetime.now(UTC))
     return render_template("admin_waiting.html", waiting=doc, refresh_s=REFRESH_S)
 
 
 @bp.route("/api/admin/waiting")
 @api_auth_required(scope="admin")
 def waiting_json() -> Any:
-    return jsonify(monitor.waiting_times(db(), datetime.now(UTC)))
+    return jsonify(monitor_activity.waiting_times(db(), datetime.now(UTC)))

@@ -13,7 +13,8 @@ from sqlalchemy import text
 from dashboard import db, monitor, settings
 from dashboard.auth import api_auth_required
 from pipeline.classifier.weights import describe_weights
-from pipeline.triage.studies import FilterError, WorklistFilter, worklist_document
+from pipeline.triage.filters import FilterError, WorklistFilter
+from pipeline.triage.studies import worklist_document
 
 bp = Blueprint("api", __name__)
 
@@ -208,7 +209,7 @@ class _DriftCollector:
 @api_auth_required(scope="metrics")
 def metrics() -> Response:
     from pipeline.monitoring.live import live_performance_windows
-    from pipeline.results.outbox import destination_states
+    from pipeline.results.console import destination_states
 
     registry = CollectorRegistry()
     registry.register(_Collector(monitor.overview(db(), settings())))

@@ -13,8 +13,7 @@ from sqlalchemy import select
 from dashboard import db, settings
 from dashboard.admin import admin_required
 from dashboard.auth import api_auth_required, audit
-from pipeline.models import Destination, OutboxItem
-from pipeline.results import outbox
+from pipeline.results import claims, console
 from pipeline.results.destinations import (
     KINDS,
     DestinationError,
@@ -24,14 +23,15 @@ from pipeline.results.destinations import (
     check_http,
     describe,
 )
+from pipeline.tables_results import Destination, OutboxItem
 
 bp = Blueprint("destinations", __name__)
 
 
 def _doc() -> dict[str, Any]:
-    states = outbox.destination_states(db())
+    states = console.destination_states(db())
     for state in states:
-        state["items"] = outbox.recent_items(db(), state["id"])
+        state["items"] = console.recent_items(db(), state["id"])
     return {"destinations": states}
 
 
@@ -125,7 +125,7 @@ def toggle(dest_id: int) -> Any:
 @admin_required
 def retry(dest_id: int) -> Any:
     _row(dest_id)
-    n = outbox.retry_now(db(), dest_id)
+    n = claims.retry_now(db(), dest_id)
     audit("destination_retry", target=f"destination:{dest_id}", detail=f"{n} items due now")
     flash(f"{n} waiting item(s) will be sent on the next pass.")
     return redirect(url_for("destinations.page"))
@@ -137,7 +137,7 @@ def resend(item_id: int) -> Any:
     item = db().get(OutboxItem, item_id)
     if item is None:
         abort(404)
-    moved = outbox.resend(db(), item_id)
+    moved = claims.resend(db(), item_id)
     audit(
         "outbox_resend",
         target=f"outbox:{item_id}",

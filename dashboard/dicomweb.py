@@ -11,38 +11,29 @@ and may be cached by the reader's browser (``private``: they hold patient data).
 from __future__ import annotations
 
 import logging
-import uuid
-from collections.abc import Iterable, Iterator
 from typing import Any
 
 from flask import Blueprint, Response, abort, jsonify, request
-from sqlalchemy import select
 
 from dashboard import db, settings
 from dashboard.auth import api_auth_required
+from dashboard.dicomweb_responses import (
+    base,
+    check,
+    data,
+    dicom_json,
+    file_chunks,
+    immutable,
+    instances,
+    multipart,
+    store,
+    url,
+)
 from pipeline.models import Instance
 from pipeline.store import qido, wado
-from pipeline.store.instances import InstanceStore, valid_uid
 
 bp = Blueprint("dicomweb", __name__, url_prefix="/dicomweb")
 log = logging.getLogger(__name__)
-DICOM_JSON = "application/dicom+json"
-IMMUTABLE = "private, max-age=86400, immutable"
-CHUNK = 1 << 20
-
-
-def _store() -> InstanceStore:
-    return InstanceStore.of(settings())
-
-
-def _base() -> str:
-    return request.host_url.rstrip("/") + "/dicomweb"
-
-
-def _check(*uids: str | None) -> None:
-    for uid in uids:
-        if uid is not None and not valid_uid(uid):
-            abort(400, description="a UID is digits and dots, at most 64 characters")
 
 
 @bp.errorhandler(400)
@@ -52,56 +43,12 @@ def _error(exc: Any) -> tuple[Response, int]:
     return jsonify(error=exc.description), exc.code
 
 
-def _json(body: Any, cache: bool = False, etag: str | None = None) -> Response:
-    import json
-
-    response = Response(json.dumps(body), mimetype=DICOM_JSON)
-    if etag:
-        response.set_etag(etag)
-        response.headers["Cache-Control"] = IMMUTABLE
-        response.make_conditional(request)  # in place
-        return response
-    response.headers["Cache-Control"] = "no-store"
-    return response
-
-
 def _search(fn: Any, allowed: tuple[str, ...], *args: Any) -> Response:
     try:
         query = qido.parse(request.args, allowed)
-        return _json(fn(db(), *args, query, _base()))
+        return dicom_json(fn(db(), *args, query, base()))
     except qido.BadQuery as exc:
         abort(400, description=str(exc))
-
-
-def _instances(study: str, series: str | None = None, sop: str | None = None) -> list[Instance]:
-    _check(study, series, sop)
-    stmt = select(Instance).where(Instance.study_uid == study)
-    if series is not None:
-        stmt = stmt.where(Instance.series_uid == series)
-    if sop is not None:
-        stmt = stmt.where(Instance.sop_uid == sop)
-    rows = list(
-        db().scalars(
-            stmt.order_by(
-                Instance.series_number, Instance.series_uid, Instance.instance_number, Instance.id
-            )
-        )
-    )
-    if not rows:
-        abort(404, description="no such study, series or instance in the store")
-    return rows
-
-
-def _data(row: Instance) -> bytes:
-    try:
-        with _store().open(row.path) as fh:
-            return fh.read()
-    except FileNotFoundError:
-        abort(404, description="the instance's file is no longer in the store")
-
-
-def _url(row: Instance) -> str:
-    return f"{_base()}/studies/{row.study_uid}/series/{row.series_uid}/instances/{row.sop_uid}"
 
 
 # --------------------------------------------------------------------------- QIDO-RS
@@ -125,32 +72,35 @@ def search_all_series() -> Response:
 @bp.get("/studies/<study>/series")
 @api_auth_required(scope="read")
 def search_series(study: str) -> Response:
-    _check(study)
-    _results(study)
-    return _search(qido.series, SERIES_MATCH, study)
+    return _search(qido.series, SERIES_MATCH, _looked_at(study))
 
 
 @bp.get("/studies/<study>/instances")
 @api_auth_required(scope="read")
 def search_study_instances(study: str) -> Response:
-    _check(study)
-    _results(study)
-    return _search(qido.instances, INSTANCE_MATCH, study, None)
+    return _search(qido.instances, INSTANCE_MATCH, _looked_at(study), None)
 
 
 @bp.get("/studies/<study>/series/<series>/instances")
 @api_auth_required(scope="read")
 def search_instances(study: str, series: str) -> Response:
-    _check(study, series)
+    check(study, series)
     return _search(qido.instances, INSTANCE_MATCH, study, series)
+
+
+def _looked_at(study: str) -> str:
+    """The study's UID, checked, once the viewer's result objects of the study are made."""
+    check(study)
+    _results(study)
+    return study
 
 
 def _results(study_uid: str) -> None:
     """The viewer's result objects (CAM captures, the SR) of a study, made on first look."""
-    from pipeline.store.viewer_objects import ensure_results
+    from pipeline.results.viewer_objects import ensure_results
 
     try:
-        ensure_results(db(), _store(), study_uid, settings().weights_path)
+        ensure_results(db(), store(), study_uid, settings().weights_path)
     except Exception:  # the images stay viewable without them
         db().rollback()
         log.exception("could not make the result objects of a study for the viewer")
@@ -159,91 +109,49 @@ def _results(study_uid: str) -> None:
 # --------------------------------------------------------------------------- WADO-RS
 
 
-def _multipart(parts: Iterable[tuple[str, Iterator[bytes]]], media: str) -> Response:
-    boundary = uuid.uuid4().hex
-
-    def body() -> Iterator[bytes]:
-        for content_type, chunks in parts:
-            yield f"--{boundary}\r\nContent-Type: {content_type}\r\n\r\n".encode()
-            yield from chunks
-            yield b"\r\n"
-        yield f"--{boundary}--\r\n".encode()
-
-    response = Response(body(), status=200)
-    response.headers["Content-Type"] = f'multipart/related; type="{media}"; boundary={boundary}'
-    return response
-
-
-def _file_chunks(row: Instance) -> Iterator[bytes]:
-    with _store().open(row.path) as fh:
-        yield from iter(lambda: fh.read(CHUNK), b"")
-
-
 def _retrieve(rows: list[Instance]) -> Response:
     accept = request.headers.get("Accept", "")
     if accept and not any(t in accept for t in ("application/dicom", "*/*", "multipart/related")):
         abort(406, description='instances are sent as multipart/related; type="application/dicom"')
     for row in rows:
-        if not _store().exists(row.path):
+        if not store().exists(row.path):
             abort(404, description="an instance's file is no longer in the store")
     parts = [
-        (f"application/dicom; transfer-syntax={r.transfer_syntax}", _file_chunks(r)) for r in rows
+        (f"application/dicom; transfer-syntax={r.transfer_syntax}", file_chunks(r)) for r in rows
     ]
-    response = _multipart(parts, "application/dicom")
+    response = multipart(parts, "application/dicom")
     if len(rows) == 1:
-        response.set_etag(rows[0].sha256)
-        response.headers["Cache-Control"] = IMMUTABLE
-        response.make_conditional(request)  # in place
-        return response
+        return immutable(response, rows[0].sha256)
     response.headers["Cache-Control"] = "no-store"  # a study or series can still grow
     return response
 
 
+def _level(study: str, series: str | None, sop: str | None) -> list[Instance]:
+    if series is None:  # a whole study: its result objects are made on first look
+        _looked_at(study)
+    return instances(study, series, sop)
+
+
 @bp.get("/studies/<study>")
-@api_auth_required(scope="read")
-def retrieve_study(study: str) -> Response:
-    _check(study)
-    _results(study)
-    return _retrieve(_instances(study))
-
-
 @bp.get("/studies/<study>/series/<series>")
-@api_auth_required(scope="read")
-def retrieve_series(study: str, series: str) -> Response:
-    return _retrieve(_instances(study, series))
-
-
 @bp.get("/studies/<study>/series/<series>/instances/<sop>")
 @api_auth_required(scope="read")
-def retrieve_instance(study: str, series: str, sop: str) -> Response:
-    return _retrieve(_instances(study, series, sop))
-
-
-def _metadata(rows: list[Instance]) -> Response:
-    body = [wado.metadata(_data(r), _url(r)) for r in rows]
-    # "m2": the metadata without non-positive pixel spacings (a browser's cached "m-" differs)
-    etag = "m2-" + rows[0].sha256 if len(rows) == 1 else None
-    return _json(body, etag=etag)
+def retrieve(study: str, series: str | None = None, sop: str | None = None) -> Response:
+    """WADO-RS: the files of a study, a series or one instance."""
+    return _retrieve(_level(study, series, sop))
 
 
 @bp.get("/studies/<study>/metadata")
-@api_auth_required(scope="read")
-def study_metadata(study: str) -> Response:
-    _check(study)
-    _results(study)
-    return _metadata(_instances(study))
-
-
 @bp.get("/studies/<study>/series/<series>/metadata")
-@api_auth_required(scope="read")
-def series_metadata(study: str, series: str) -> Response:
-    return _metadata(_instances(study, series))
-
-
 @bp.get("/studies/<study>/series/<series>/instances/<sop>/metadata")
 @api_auth_required(scope="read")
-def instance_metadata(study: str, series: str, sop: str) -> Response:
-    return _metadata(_instances(study, series, sop))
+def metadata(study: str, series: str | None = None, sop: str | None = None) -> Response:
+    """WADO-RS: the DICOM JSON of a study's, a series' or one instance's instances."""
+    rows = _level(study, series, sop)
+    body = [wado.metadata(data(r), url(r)) for r in rows]
+    # "m2": the metadata without non-positive pixel spacings (a browser's cached "m-" differs)
+    etag = "m2-" + rows[0].sha256 if len(rows) == 1 else None
+    return dicom_json(body, etag=etag)
 
 
 def _frame_numbers(text: str) -> list[int]:
@@ -259,40 +167,34 @@ def _frame_numbers(text: str) -> list[int]:
 @bp.get("/studies/<study>/series/<series>/instances/<sop>/frames/<numbers>")
 @api_auth_required(scope="read")
 def retrieve_frames(study: str, series: str, sop: str, numbers: str) -> Response:
-    row = _instances(study, series, sop)[0]
+    row = instances(study, series, sop)[0]
     wanted = _frame_numbers(numbers)
     try:
         accept = wado.parse_accept(request.headers.get("Accept"))
-        frames, syntax = wado.frames(_data(row), wanted, accept)
+        frames, syntax = wado.frames(data(row), wanted, accept)
     except wado.NotAcceptable as exc:
         abort(406, description=str(exc))
     except LookupError as exc:
         abort(404, description=str(exc))
     media = "application/octet-stream"
     parts = [(f"{media}; transfer-syntax={syntax}", iter([f])) for f in frames]
-    response = _multipart(parts, media)
-    response.set_etag(f"f-{row.sha256}-{numbers}-{syntax}")
-    response.headers["Cache-Control"] = IMMUTABLE
+    response = multipart(parts, media)
     response.headers["Vary"] = "Accept"
-    response.make_conditional(request)  # in place
-    return response
+    return immutable(response, f"f-{row.sha256}-{numbers}-{syntax}")
 
 
 @bp.get("/studies/<study>/series/<series>/instances/<sop>/bulk/<tag>")
 @api_auth_required(scope="read")
 def retrieve_bulk(study: str, series: str, sop: str, tag: str) -> Response:
-    row = _instances(study, series, sop)[0]
+    row = instances(study, series, sop)[0]
     if len(tag) != 8 or any(c not in "0123456789abcdefABCDEF" for c in tag):
         abort(400, description="a tag is 8 hexadecimal digits")
     try:
-        value = wado.bulk(_data(row), int(tag, 16))
+        value = wado.bulk(data(row), int(tag, 16))
     except LookupError as exc:
         abort(404, description=str(exc))
-    response = _multipart([("application/octet-stream", iter([value]))], "application/octet-stream")
-    response.set_etag(f"b-{row.sha256}-{tag.upper()}")
-    response.headers["Cache-Control"] = IMMUTABLE
-    response.make_conditional(request)  # in place
-    return response
+    response = multipart([("application/octet-stream", iter([value]))], "application/octet-stream")
+    return immutable(response, f"b-{row.sha256}-{tag.upper()}")
 
 
 def _render(row: Instance, side: int | None) -> Response:
@@ -305,14 +207,10 @@ def _render(row: Instance, side: int | None) -> Response:
             abort(400, description="viewport is width,height in pixels")
         side = min(max(side, 16), 4096)
     try:
-        body = wado.rendered(_data(row), side, media)
+        body = wado.rendered(data(row), side, media)
     except LookupError as exc:
         abort(404, description=str(exc))
-    response = Response(body, mimetype=media)
-    response.set_etag(f"r-{row.sha256}-{side}-{media}")
-    response.headers["Cache-Control"] = IMMUTABLE
-    response.make_conditional(request)  # in place
-    return response
+    return immutable(Response(body, mimetype=media), f"r-{row.sha256}-{side}-{media}")
 
 
 def _first_image(rows: list[Instance]) -> Instance:
@@ -325,22 +223,22 @@ def _first_image(rows: list[Instance]) -> Instance:
 @bp.get("/studies/<study>/series/<series>/instances/<sop>/rendered")
 @api_auth_required(scope="read")
 def instance_rendered(study: str, series: str, sop: str) -> Response:
-    return _render(_instances(study, series, sop)[0], None)
+    return _render(instances(study, series, sop)[0], None)
 
 
 @bp.get("/studies/<study>/series/<series>/instances/<sop>/thumbnail")
 @api_auth_required(scope="read")
 def instance_thumbnail(study: str, series: str, sop: str) -> Response:
-    return _render(_instances(study, series, sop)[0], wado.THUMBNAIL_SIDE)
+    return _render(instances(study, series, sop)[0], wado.THUMBNAIL_SIDE)
 
 
 @bp.get("/studies/<study>/series/<series>/thumbnail")
 @api_auth_required(scope="read")
 def series_thumbnail(study: str, series: str) -> Response:
-    return _render(_first_image(_instances(study, series)), wado.THUMBNAIL_SIDE)
+    return _render(_first_image(instances(study, series)), wado.THUMBNAIL_SIDE)
 
 
 @bp.get("/studies/<study>/thumbnail")
 @api_auth_required(scope="read")
 def study_thumbnail(study: str) -> Response:
-    return _render(_first_image(_instances(study)), wado.THUMBNAIL_SIDE)
+    return _render(_first_image(instances(study)), wado.THUMBNAIL_SIDE)

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import pydicom  # imported here, once: request threads importing it at once can see it half made
 from flask import Blueprint, Response, current_app, jsonify, request
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.http import parse_options_header
@@ -22,10 +23,10 @@ from werkzeug.utils import secure_filename
 
 from dashboard import settings
 from dashboard.auth import api_auth_required
-from dashboard.multipart import BodyTooLarge, MalformedBody, Part, hash_range, split, spooled
-from pipeline.imaging.decode import header_fields
-from pipeline.ingest.accept import IngestItem
+from dashboard.uploads import Body, BodyTooLarge, MalformedBody, Part, digest, read, received
+from pipeline.imaging.header import header_fields
 from pipeline.ingest.intake import STATUS_OUT_OF_RESOURCES, Intake, failure_status
+from pipeline.ingest.persist import IngestItem
 from pipeline.queue.dispatch import QueueFull
 from pipeline.states import State
 from pipeline.storage import StorageFull, is_storage_full
@@ -90,10 +91,10 @@ def _queue_full(exc: QueueFull) -> tuple[Response, int]:
     return response, code
 
 
-def _limited_body() -> Any:
+def _limited_body(boundary: str, related: bool = False) -> Any:
     limit = settings().max_request_mb * 1024 * 1024
     request.max_content_length = limit  # a larger Content-Length is refused unread (413)
-    return spooled(request.stream, limit)
+    return received(request.stream, boundary, limit, related)
 
 
 def _refusal(exc: Exception) -> tuple[Response, int]:
@@ -106,12 +107,12 @@ def _refusal(exc: Exception) -> tuple[Response, int]:
 
 
 def _store(
-    body: Any, part: Part, filename: str, source: str, meta: dict[str, Any] | None
+    body: Body, part: Part, filename: str, source: str, meta: dict[str, Any] | None
 ) -> IngestItem:
     taker = intake()
     if part.size > taker.limits.max_bytes:
-        return taker.reject_oversize(hash_range(body, part), part.size, filename, source)
-    return taker.submit(bytes(body[part.start : part.end]), filename, source, meta)
+        return taker.reject_oversize(digest(body, part), part.size, filename, source)
+    return taker.submit(read(body, part), filename, source, meta)
 
 
 @bp.post("/api/studies")
@@ -121,13 +122,12 @@ def post_study() -> Any:
     """One file as multipart/form-data field ``file``; other fields are DICOM-keyword metadata."""
     try:
         boundary, _ = _multipart("multipart/form-data")
-        with _limited_body() as body:
-            parts = split(body, boundary)
+        with _limited_body(boundary) as (body, parts):
             files = [p for p in parts if p.filename is not None]
             if len(files) != 1 or files[0].name != "file":
                 raise _Refused(400, "send exactly one file, in the form field named 'file'")
             fields = {
-                p.name: bytes(body[p.start : p.end][:MAX_FIELD_BYTES]).decode("utf-8", "replace")
+                p.name: read(body, p, MAX_FIELD_BYTES).decode("utf-8", "replace")
                 for p in parts
                 if p.filename is None and p.name
             }
@@ -161,8 +161,6 @@ REFERENCED_SEQ, FAILED_SEQ = "00081199", "00081198"
 
 
 def _uids(data: bytes) -> tuple[str | None, str | None]:
-    import pydicom
-
     try:
         ds = pydicom.dcmread(
             io.BytesIO(data),
@@ -191,7 +189,7 @@ def _instance(sop_class: str | None, sop_uid: str | None, status: int | None = N
 
 
 def _stow_part(
-    body: Any, number: int, part: Part, sop_uid: str | None
+    body: Body, number: int, part: Part, sop_uid: str | None
 ) -> tuple[bool, str | None, str | None]:
     """Store one STOW part; (stored, reason, rejection code). A duplicate counts as stored."""
     if part.content_type not in ("", "application/dicom"):
@@ -212,14 +210,12 @@ def stow() -> Any:
         boundary, options = _multipart("multipart/related")
         if options.get("type", "application/dicom").lower() != "application/dicom":
             raise _Refused(415, "only application/dicom parts are accepted (no bulk data form)")
-        with _limited_body() as body:
-            parts = split(body, boundary)
+        with _limited_body(boundary, related=True) as (body, parts):
             if not parts:
                 raise _Refused(400, "the request holds no DICOM instances")
             full: StorageFull | None = None
             for number, part in enumerate(parts, 1):
-                head = bytes(body[part.start : min(part.end, part.start + (1 << 16))])
-                sop_class, sop_uid = _uids(head)
+                sop_class, sop_uid = _uids(read(body, part, 1 << 16))
                 if full is not None:  # the disk filled on an earlier part: not tried
                     failed.append(_instance(sop_class, sop_uid, STATUS_OUT_OF_RESOURCES))
                     continue

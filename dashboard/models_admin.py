@@ -13,6 +13,7 @@ from dashboard.admin import admin_required
 from dashboard.auth import api_auth_required, audit
 from pipeline.classifier import registry
 from pipeline.classifier.weights import describe_weights, ensure_weights
+from pipeline.monitoring import shadow as shadow_vs_live
 from pipeline.triage.policy import active
 
 bp = Blueprint("models", __name__)
@@ -25,7 +26,7 @@ def _doc() -> dict[str, Any]:
     return {
         "models": registry.listing(db()),
         "shipped": model["version"],
-        "comparison": registry.comparison(db(), routine, policy.temperature_scale),
+        "comparison": shadow_vs_live.comparison(db(), routine, policy.temperature_scale),
         "policy_version": policy.version,
     }
 

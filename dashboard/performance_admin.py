@@ -17,7 +17,7 @@ from dashboard.auth import api_auth_required
 from dashboard.charts import reliability_svg
 from pipeline.classifier.weights import describe_weights
 from pipeline.monitoring.live import DEFAULT_DAYS, SPLITS, WINDOWS_DAYS, live_performance
-from pipeline.monitoring.reviews import FINDINGS
+from pipeline.triage.reviews import FINDINGS
 
 bp = Blueprint("performance", __name__)
 

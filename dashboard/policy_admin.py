@@ -104,6 +104,17 @@ def _describe(p: pol.Policy) -> str:
     )
 
 
+def _studies(n: int) -> str:
+    return f"{n} waiting stud{'y' if n == 1 else 'ies'}"
+
+
+def _in_force(action: str, new: Any, detail: str, message: str) -> Any:
+    """Audit a policy version that came into force, tell the admin, and go back to the page."""
+    audit(action, target=f"policy:v{new.version}", detail=detail)
+    flash(message)
+    return redirect(url_for("policy.page"))
+
+
 def _refused(what: str, exc: Exception) -> Any:
     db().rollback()
     flash(f"{what}: {exc}")
@@ -117,26 +128,19 @@ def save() -> Any:
     try:
         if request.form.get("preview"):
             moved = pol.preview(db(), body, _model_thresholds())
-            flash(
-                f"Not saved. Under these rules {moved} waiting stud"
-                f"{'y' if moved == 1 else 'ies'} would change triage class."
-            )
+            flash(f"Not saved. Under these rules {_studies(moved)} would change triage class.")
             return redirect(url_for("policy.page"))
         new, moved = pol.save(
             db(), body, current_user.id, request.form.get("reason", ""), _model_thresholds()
         )
     except pol.PolicyError as exc:
         return _refused("Policy not saved", exc)
-    audit(
+    return _in_force(
         "policy_change",
-        target=f"policy:v{new.version}",
-        detail=f"{_describe(new)}; reason: {new.reason}; {moved} waiting re-classed",
+        new,
+        f"{_describe(new)}; reason: {new.reason}; {moved} waiting re-classed",
+        f"Policy version {new.version} is in force; {_studies(moved)} changed triage class.",
     )
-    flash(
-        f"Policy version {new.version} is in force; {moved} waiting stud"
-        f"{'y' if moved == 1 else 'ies'} changed triage class."
-    )
-    return redirect(url_for("policy.page"))
 
 
 @bp.route("/admin/policy/<int:version>/rollback", methods=["POST"])
@@ -152,10 +156,9 @@ def rollback(version: int) -> Any:
         )
     except pol.PolicyError as exc:
         return _refused("Policy not rolled back", exc)
-    audit(
+    return _in_force(
         "policy_rollback",
-        target=f"policy:v{new.version}",
-        detail=f"rules of version {version}: {_describe(new)}; {moved} waiting re-classed",
+        new,
+        f"rules of version {version}: {_describe(new)}; {moved} waiting re-classed",
+        f"The rules of version {version} are in force again as version {new.version}.",
     )
-    flash(f"The rules of version {version} are in force again as version {new.version}.")
-    return redirect(url_for("policy.page"))

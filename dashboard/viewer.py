@@ -15,19 +15,21 @@ from dashboard import db, settings
 from dashboard.auth import audit
 from dashboard.ohif_view import study_url
 from dashboard.words import model_summary, operating_point
+from pipeline.classifier.cam_place import place
 from pipeline.classifier.weights import describe_weights
 from pipeline.imaging import render
-from pipeline.imaging.cam_place import place
 from pipeline.models import Image, Prediction, Review, Study, User
-from pipeline.monitoring.reviews import (
+from pipeline.triage.filters import FilterError, WorklistFilter
+from pipeline.triage.reviews import (
     FINDINGS,
     ReviewError,
     parse_truth,
     record_review,
     truth_words,
 )
-from pipeline.triage.studies import FilterError, WorklistFilter, format_wait, neighbour_ids
+from pipeline.triage.studies import format_wait
 from pipeline.triage.studies import waiting_seconds as _waiting_seconds
+from pipeline.triage.worklist import neighbour_ids
 
 bp = Blueprint("viewer", __name__)
 FLASH = {

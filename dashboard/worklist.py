@@ -14,17 +14,10 @@ from flask_login import login_required
 
 from dashboard import db, settings
 from pipeline.classifier.weights import describe_weights
-from pipeline.monitoring.reviews import reviewed_study_ids
-from pipeline.triage.studies import (
-    STATUSES,
-    TRIAGE_FILTERS,
-    FilterError,
-    WorklistFilter,
-    format_wait,
-    waiting_seconds,
-    worklist_count,
-    worklist_page,
-)
+from pipeline.triage.filters import STATUSES, TRIAGE_FILTERS, FilterError, WorklistFilter
+from pipeline.triage.reviews import reviewed_study_ids
+from pipeline.triage.studies import format_wait, waiting_seconds
+from pipeline.triage.worklist import worklist_count, worklist_page
 
 bp = Blueprint("worklist", __name__)
 PAGE_SIZE = 50

@@ -27,9 +27,10 @@ from reliability.report import as_json, markdown
 from reliability.runkill import run_kill_row
 from reliability.samples import PhiRegistry
 from reliability.security import security_row
+from reliability.services import Profile
 from reliability.soak import soak_row
 from reliability.sources import dashboard_restart_row, http_bad_requests_row, load_row
-from reliability.system import Profile, System
+from reliability.system import System
 
 log = logging.getLogger(__name__)
 

@@ -16,196 +16,28 @@ too, and every study of the row must end done.
 
 from __future__ import annotations
 
-import errno
-import json
 import logging
 import os
-import secrets
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import pydicom
-from sqlalchemy import exists, func, select, text
+from sqlalchemy import select
 
-from pipeline.models import Image, Study
-from pipeline.settings import PACKAGE_ROOT
+from pipeline.models import Image
+from reliability import one_shot
 from reliability.metrics import Row, fill, wait_final, work_counters
-from reliability.netsend import HttpSender, ScpSender, post, upload
+from reliability.netsend import HttpSender, ScpSender, upload
 from reliability.samples import PhiRegistry, write_studies
-from reliability.supervise import Supervising, phi_in_logs
-from reliability.system import Profile, System
+from reliability.services import Profile
+from reliability.smalldisk import SmallDisk, half_written, stored_sops
+from reliability.supervise import supervised_row
+from reliability.system import System
 
 log = logging.getLogger(__name__)
 OUT_OF_RESOURCES = 0xA700
 EXIT_STORAGE_FULL = 4
-
-
-class SmallDisk:
-    """A tmpfs of ``size_mb`` MB, and a filler file that takes all of its free space."""
-
-    def __init__(self, path: Path, size_mb: int) -> None:
-        self.path, self.size_mb = path, size_mb
-        self.filler = path / "filler"
-        self.mounted = False
-
-    def mount(self) -> SmallDisk:
-        self.path.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            [
-                "mount",
-                "-t",
-                "tmpfs",
-                "-o",
-                f"size={self.size_mb}m,mode=0700",
-                "cxr-diskfull",
-                str(self.path),
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        self.mounted = True
-        return self
-
-    def free_bytes(self) -> int:
-        st = os.statvfs(self.path)
-        return st.f_bavail * st.f_frsize
-
-    def fill(self) -> int:
-        """Append to the filler until the kernel says ENOSPC; return the bytes left (0)."""
-        fd = os.open(self.filler, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        try:
-            for block in (1 << 20, 1 << 12, 1):
-                chunk = b"\0" * block
-                while True:
-                    try:
-                        if os.write(fd, chunk) < block:
-                            break
-                    except OSError as exc:
-                        if exc.errno != errno.ENOSPC:
-                            raise
-                        break
-        finally:
-            os.close(fd)
-        return self.free_bytes()
-
-    def release(self) -> None:
-        """Space returns: the operator deletes what filled the disk."""
-        self.filler.unlink(missing_ok=True)
-
-    def unmount(self) -> None:
-        if self.mounted:
-            subprocess.run(["umount", "-l", str(self.path)], check=False, capture_output=True)
-            self.mounted = False
-
-
-def _dicom(paths: list[Path]) -> list[Path]:
-    return [p for p in paths if p.suffix == ".dcm"]
-
-
-def _sop(path: Path) -> str:
-    return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
-
-
-def _stow(system: System, paths: list[Path]) -> tuple[int, list[int]]:
-    """One STOW-RS request with these instances; (HTTP status, the failed parts' statuses)."""
-    boundary = "cxr" + secrets.token_hex(12)
-    body = (
-        b"".join(
-            f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-            + p.read_bytes()
-            + b"\r\n"
-            for p in paths
-        )
-        + f"--{boundary}--\r\n".encode()
-    )
-    ctype = f'multipart/related; type="application/dicom"; boundary={boundary}'
-    feed = system.accounts["feed"][2]
-    status, doc = post(
-        system.base_url,
-        "/dicomweb/studies",
-        body,
-        {"Authorization": f"Bearer {feed}", "Content-Type": ctype},
-    )
-    failed = [
-        int(item["00081197"]["Value"][0]) for item in doc.get("00081198", {}).get("Value", [])
-    ]
-    return status, failed
-
-
-def _c_store(port: int, paths: list[Path]) -> list[int]:
-    """C-STORE each file on one association; the statuses (-1: the association failed)."""
-    from pynetdicom import AE, StoragePresentationContexts
-
-    ae = AE(ae_title="RELIABILITY")
-    ae.requested_contexts = StoragePresentationContexts
-    assoc = ae.associate("127.0.0.1", port, ae_title="CXRTRIAGE")
-    if not assoc.is_established:
-        return [-1] * len(paths)
-    try:
-        return [int(getattr(assoc.send_c_store(pydicom.dcmread(p)), "Status", -1)) for p in paths]
-    finally:
-        assoc.release()
-
-
-def _cli_ingest(system: System, folder: Path) -> tuple[int, dict[str, Any], str]:
-    """``cxr-triage ingest --json folder`` as an operator runs it; (exit, JSON doc, stderr)."""
-    assert system.settings is not None
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CXR_")}
-    env.update(system.settings.as_env(), **system.extra_env)
-    proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli.main", "ingest", "--json", str(folder)],
-        env=env,
-        cwd=PACKAGE_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    lines = proc.stdout.strip().splitlines()
-    try:
-        doc = json.loads(lines[-1]) if len(lines) == 1 else {}
-    except ValueError:
-        doc = {}
-    if len(lines) != 1:
-        doc["_lines"] = len(lines)
-    return proc.returncode, doc, proc.stderr
-
-
-def _half_written(system: System, refused_sops: set[str], spool: Path) -> list[str]:
-    """What a full disk must not leave behind; each problem as a sentence."""
-    assert system.factory is not None
-    problems = []
-    with system.factory() as session:
-        orphans = session.scalar(
-            select(func.count(Study.id)).where(~exists().where(Image.study_id == Study.id))
-        )
-        if orphans:
-            problems.append(f"{orphans} studies without an image")
-        if refused_sops:
-            stored = session.scalar(
-                select(func.count(Image.id)).where(Image.sop_uid.in_(refused_sops))
-            )
-            if stored:
-                problems.append(f"{stored} files answered as refused were stored")
-        no_preview = session.scalar(
-            select(func.count(Image.id)).where(
-                Image.status.in_(("queued", "processing")), Image.preview.is_(None)
-            )
-        )
-        if no_preview:
-            problems.append(f"{no_preview} queued images without their preview")
-        if system.profile.database_url is None:
-            check = session.execute(text("PRAGMA integrity_check")).scalar()
-            if check != "ok":
-                problems.append(f"SQLite integrity_check: {check}")
-    # The spool is an unnamed temporary file (O_TMPFILE); a named fallback must be gone too.
-    left = [p.name for p in spool.glob("cxr-upload-*")] if spool.exists() else []
-    if left:
-        problems.append(f"{len(left)} files left in the upload spool: {left[:3]}")
-    return problems
 
 
 class _Tally:
@@ -252,7 +84,7 @@ def _while_full(
     for path in http:
         status, doc = upload(system.base_url, feed, path.name, path.read_bytes())
         if status in (200, 202) and doc.get("image_id"):
-            accepted_sops[path] = _sop(path)
+            accepted_sops[path] = one_shot.sop_uid(path)
             tally.add("HTTP", "accepted")
         elif status == 507 and "full" in str(doc.get("error", "")):
             refused.add(path)
@@ -261,9 +93,9 @@ def _while_full(
         else:
             tally.add("HTTP", "unexpected", f"HTTP {status} {doc.get('error', '')}"[:120])
     disk.fill()
-    status, failed = _stow(system, stow)
+    status, failed = one_shot.stow(system, stow)
     if status == 200:
-        accepted_sops.update({p: _sop(p) for p in stow})
+        accepted_sops.update({p: one_shot.sop_uid(p) for p in stow})
         tally.add("STOW-RS", "accepted")
     elif status == 507 or (status == 202 and failed and set(failed) == {OUT_OF_RESOURCES}):
         # 202: the parts stored before the disk filled stand; the rest failed with 0xA700.
@@ -274,9 +106,9 @@ def _while_full(
     else:
         tally.add("STOW-RS", "unexpected", f"HTTP {status}, failed parts {failed}")
     disk.fill()
-    for path, code in zip(scp, _c_store(system.scp_port, scp), strict=True):
+    for path, code in zip(scp, one_shot.c_store(system.scp_port, scp), strict=True):
         if code == 0:
-            accepted_sops[path] = _sop(path)
+            accepted_sops[path] = one_shot.sop_uid(path)
             tally.add("C-STORE", "accepted")
         elif code == OUT_OF_RESOURCES:
             refused.add(path)
@@ -290,9 +122,9 @@ def _while_full(
     for path in cli:
         os.replace(path, folder / path.name)
     cli = [folder / p.name for p in cli]
-    code, doc, err = _cli_ingest(system, folder)
+    code, doc, err = one_shot.cli_ingest(system, folder)
     if code == 0 and doc.get("accepted") == len(cli):
-        accepted_sops.update({p: _sop(p) for p in cli})
+        accepted_sops.update({p: one_shot.sop_uid(p) for p in cli})
         tally.add("ingest", "accepted")
     elif code == EXIT_STORAGE_FULL and "full" in err and "full" in str(doc.get("error", "")):
         refused.update(cli)  # some may have been stored first: they come back as duplicates
@@ -334,101 +166,85 @@ def disk_full_row(profile: Profile, plan: Any, phi: PhiRegistry, workdir: Path) 
     spool = disk.path / "tmp"
     spool.mkdir()
     system.extra_env = {"TMPDIR": str(spool)}
-    supervisor: Supervising | None = None
     try:
-        system.start()
-        system.shipped_timeouts = True  # what a department runs: the 600 s stuck timeout
-        supervisor = Supervising(system).__enter__()
-        assert system.factory is not None
-        before = work_counters(system.factory)
-        feed = system.accounts["feed"][2]
-        studies = system.workdir / "studies"
-        first = write_studies(studies / "before", plan.disk_studies, phi, start=900_000)
-        full_files = _dicom(
-            write_studies(studies / "full", plan.disk_studies * 3 // 2 + 4, phi, start=910_000)
-        )[: max(8, plan.disk_studies // 2)]
-        after = write_studies(studies / "after", plan.disk_studies // 2, phi, start=920_000)
-        # Accepted before the disk fills; still being classified when it does.
-        sender = HttpSender(
-            system.base_url, feed, first, threads=2, give_up_after_s=plan.recover_timeout_s
-        ).start()
-        sender.join(plan.recover_timeout_s)
-        tally = _Tally()
-        full_ids, refused, strict = _while_full(system, disk, full_files, tally, phi)
-        stored_refused = _stored(system, {_sop(p) for p in refused - strict})
-        problems = _half_written(system, {_sop(p) for p in strict}, spool)
-        space_at = time.monotonic()
-        disk.release()
-        # Senders send the refused files again, and new studies come in.
-        again = HttpSender(
-            system.base_url,
-            feed,
-            sorted(refused),
-            threads=2,
-            give_up_after_s=plan.recover_timeout_s,
-        ).start()
-        new_http = HttpSender(
-            system.base_url,
-            feed,
-            after[: len(after) // 2],
-            threads=2,
-            give_up_after_s=plan.recover_timeout_s,
-        ).start()
-        new_scp = ScpSender(
-            system.scp_port,
-            _dicom(after[len(after) // 2 :]),
-            give_up_after_s=plan.recover_timeout_s,
-        ).start()
-        for s in (again, new_http, new_scp):
-            s.join(plan.recover_timeout_s)
-        with system.factory() as session:
-            sops = list(new_scp.outcome.sop_uids.values())
-            scp_ids = dict(
-                session.execute(
-                    select(Image.sop_uid, Image.id).where(Image.sop_uid.in_(sops))
-                ).all()
+        with supervised_row(row, system, phi, "disk full") as supervisor:
+            system.shipped_timeouts = True  # what a department runs: the 600 s stuck timeout
+            assert system.factory is not None
+            before = work_counters(system.factory)
+            feed = system.accounts["feed"][2]
+            studies = system.workdir / "studies"
+            first = write_studies(studies / "before", plan.disk_studies, phi, start=900_000)
+            full_files = one_shot.dicom_only(
+                write_studies(studies / "full", plan.disk_studies * 3 // 2 + 4, phi, start=910_000)
+            )[: max(8, plan.disk_studies // 2)]
+            after = write_studies(studies / "after", plan.disk_studies // 2, phi, start=920_000)
+            # Accepted before the disk fills; still being classified when it does.
+            sender = HttpSender(
+                system.base_url, feed, first, threads=2, give_up_after_s=plan.recover_timeout_s
+            ).start()
+            sender.join(plan.recover_timeout_s)
+            tally = _Tally()
+            full_ids, refused, strict = _while_full(system, disk, full_files, tally, phi)
+            stored_refused = stored_sops(system, {one_shot.sop_uid(p) for p in refused - strict})
+            problems = half_written(system, {one_shot.sop_uid(p) for p in strict}, spool)
+            space_at = time.monotonic()
+            disk.release()
+            # Senders send the refused files again, and new studies come in.
+            again = HttpSender(
+                system.base_url,
+                feed,
+                sorted(refused),
+                threads=2,
+                give_up_after_s=plan.recover_timeout_s,
+            ).start()
+            new_http = HttpSender(
+                system.base_url,
+                feed,
+                after[: len(after) // 2],
+                threads=2,
+                give_up_after_s=plan.recover_timeout_s,
+            ).start()
+            new_scp = ScpSender(
+                system.scp_port,
+                one_shot.dicom_only(after[len(after) // 2 :]),
+                give_up_after_s=plan.recover_timeout_s,
+            ).start()
+            for s in (again, new_http, new_scp):
+                s.join(plan.recover_timeout_s)
+            with system.factory() as session:
+                sops = list(new_scp.outcome.sop_uids.values())
+                scp_ids = dict(
+                    session.execute(
+                        select(Image.sop_uid, Image.id).where(Image.sop_uid.in_(sops))
+                    ).all()
+                )
+            ids = {
+                *sender.outcome.image_ids.values(),
+                *full_ids.values(),
+                *again.outcome.image_ids.values(),
+                *new_http.outcome.image_ids.values(),
+                *scp_ids.values(),
+            }
+            finished = wait_final(system.factory, sorted(ids), plan.recover_timeout_s)
+            row.recover_s = time.monotonic() - space_at if finished else None
+            sent = len(first) + len(full_files) + len(after[: len(after) // 2]) + len(new_scp.paths)
+            fill(row, system.factory, sorted(ids), sent, before)
+            row.failures += tally.unexpected + problems
+            for s in (sender, again, new_http, new_scp):
+                row.failures += s.outcome.errors[:3]
+            if not tally.refused:
+                row.failures.append("no path refused anything: the disk never filled for ingest")
+            if not finished:
+                row.failures.append(
+                    f"not all final {plan.recover_timeout_s:.0f} s after space returned"
+                )
+            if row.done != row.sent:
+                row.failures.append(f"{row.sent - row.done} studies not done")
+            row.note = (
+                f"while full: {tally.summary()}; {len(stored_refused)} of the refused had "
+                "been stored before the disk filled mid-request; nothing half-written; "
+                f"shipped timeouts; {supervisor.summary()}"
             )
-        ids = {
-            *sender.outcome.image_ids.values(),
-            *full_ids.values(),
-            *again.outcome.image_ids.values(),
-            *new_http.outcome.image_ids.values(),
-            *scp_ids.values(),
-        }
-        finished = wait_final(system.factory, sorted(ids), plan.recover_timeout_s)
-        row.recover_s = time.monotonic() - space_at if finished else None
-        sent = len(first) + len(full_files) + len(after[: len(after) // 2]) + len(new_scp.paths)
-        fill(row, system.factory, sorted(ids), sent, before)
-        row.failures += tally.unexpected + problems
-        for s in (sender, again, new_http, new_scp):
-            row.failures += s.outcome.errors[:3]
-        if not tally.refused:
-            row.failures.append("no path refused anything: the disk never filled for ingest")
-        if not finished:
-            row.failures.append(
-                f"not all final {plan.recover_timeout_s:.0f} s after space returned"
-            )
-        if row.done != row.sent:
-            row.failures.append(f"{row.sent - row.done} studies not done")
-        row.note = (
-            f"while full: {tally.summary()}; {len(stored_refused)} of the refused had "
-            "been stored before the disk filled mid-request; nothing half-written; "
-            f"shipped timeouts; {supervisor.summary()}"
-        )
-    except Exception as exc:
-        log.exception("disk full row failed")
-        row.failures.append(f"{type(exc).__name__}: {exc}")
     finally:
-        if supervisor is not None:
-            supervisor.__exit__()
-        system.stop()
-        row.failures += phi_in_logs(system, phi)
         disk.unmount()
     return row
-
-
-def _stored(system: System, sops: set[str]) -> set[str]:
-    """Of these SOP UIDs, those with an image (a STOW or ingest request cut off midway)."""
-    assert system.factory is not None
-    with system.factory() as session:
-        return set(session.scalars(select(Image.sop_uid).where(Image.sop_uid.in_(sops))))

@@ -82,7 +82,9 @@ def open_count(factory: sessionmaker[Session], image_ids: list[int]) -> int:
         )
 
 
-def wait_final(factory: sessionmaker[Session], image_ids: list[int], timeout: float) -> bool:
+def wait_final(
+    factory: sessionmaker[Session], image_ids: list[int], timeout: float, poll_s: float = 0.25
+) -> bool:
     """Poll until every image is final (True) or the deadline passes (False)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -91,7 +93,7 @@ def wait_final(factory: sessionmaker[Session], image_ids: list[int], timeout: fl
                 return True
         except Exception:  # the database may be the thing that is down
             pass
-        time.sleep(0.25)
+        time.sleep(poll_s)
     return False
 
 

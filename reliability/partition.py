@@ -26,8 +26,9 @@ from pipeline.settings import Settings
 from reliability.metrics import Row, fill, wait_final, work_counters
 from reliability.netsend import HttpSender, ScpSender
 from reliability.samples import PhiRegistry, write_studies
-from reliability.supervise import Supervising, phi_in_logs
-from reliability.system import Profile, System
+from reliability.services import Profile
+from reliability.supervise import supervised_row
+from reliability.system import System
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +56,8 @@ def partition_row(profile: Profile, plan: Any, phi: PhiRegistry, workdir: Path) 
     row = Row(f"partition {plan.partition_s:.0f} s: {links}", profile.name)
     workdir.mkdir(parents=True, exist_ok=True)
     system = System(profile, workdir, partitionable=True)
-    supervisor: Supervising | None = None
     give_up = plan.partition_s + plan.recover_timeout_s
-    try:
-        system.start()
-        supervisor = Supervising(system).__enter__()
+    with supervised_row(row, system, phi, "partition") as supervisor:
         assert system.factory is not None and system.worker_redis_proxy is not None
         before = work_counters(system.factory)
         feed = system.accounts["feed"][2]
@@ -122,12 +120,4 @@ def partition_row(profile: Profile, plan: Any, phi: PhiRegistry, workdir: Path) 
             f"s from the heal; uploader retried {http.outcome.retries}x; "
             f"{supervisor.summary()}; shipped timeouts"
         )
-    except Exception as exc:
-        log.exception("partition row failed")
-        row.failures.append(f"{type(exc).__name__}: {exc}")
-    finally:
-        if supervisor is not None:
-            supervisor.__exit__()
-        system.stop()
-        row.failures += phi_in_logs(system, phi)
     return row

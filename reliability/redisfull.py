@@ -22,10 +22,10 @@ import redis
 from sqlalchemy import func, select
 
 from pipeline.models import Image
-from reliability.diskfull import _c_store, _cli_ingest, _stow
 from reliability.faults import Plan
 from reliability.metrics import Row, fill, wait_final, work_counters
 from reliability.netsend import upload
+from reliability.one_shot import c_store, cli_ingest, stow
 from reliability.samples import PhiRegistry, write_studies
 from reliability.sender import CliSender
 from reliability.supervise import Supervising
@@ -90,11 +90,11 @@ def redis_full_row(system: System, plan: Plan, phi: PhiRegistry, offset: int) ->
             codes = [upload(system.base_url, feed, p.name, p.read_bytes()) for p in refused_http]
             ok_http = sum(1 for status, doc in codes if status == 503)
             checks.append(f"HTTP {ok_http}/{len(codes)} 503")
-            status, _ = _stow(system, refused_stow)
+            status, _ = stow(system, refused_stow)
             checks.append(f"STOW-RS {'503' if status == 503 else status}")
-            scp = _c_store(system.scp_port, refused_scp)
+            scp = c_store(system.scp_port, refused_scp)
             checks.append(f"C-STORE {sum(1 for s in scp if s == 0xA700)}/{len(scp)} 0xA700")
-            code, doc, _ = _cli_ingest(system, cli_dir)
+            code, doc, _ = cli_ingest(system, cli_dir)
             checks.append(f"ingest exit {code}{' with its JSON line' if doc.get('error') else ''}")
             if ok_http != len(codes) or status != 503 or any(s != 0xA700 for s in scp):
                 row.failures.append(
@@ -114,12 +114,12 @@ def redis_full_row(system: System, plan: Plan, phi: PhiRegistry, offset: int) ->
             status, doc = upload(system.base_url, feed, p.name, p.read_bytes())
             if status >= 300:
                 row.failures.append(f"HTTP resend answered {status}")
-        status, _ = _stow(system, refused_stow)
+        status, _ = stow(system, refused_stow)
         if status != 200:
             row.failures.append(f"STOW-RS resend answered {status}")
-        if any(s != 0 for s in _c_store(system.scp_port, refused_scp)):
+        if any(s != 0 for s in c_store(system.scp_port, refused_scp)):
             row.failures.append("a C-STORE resend failed")
-        code, doc, _ = _cli_ingest(system, cli_dir)
+        code, doc, _ = cli_ingest(system, cli_dir)
         if code != 0:
             row.failures.append(f"cxr-triage ingest resend exited {code}")
         sender.join(plan.recover_timeout_s)

@@ -21,7 +21,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 from sqlalchemy import func, select
@@ -33,7 +32,7 @@ from pipeline.settings import Settings
 from reliability.faults import Plan
 from reliability.metrics import Row, fill, wait_final, work_counters
 from reliability.samples import PhiRegistry, write_studies
-from reliability.system import Profile, free_port
+from reliability.services import Profile, free_port, wait_healthz
 
 log = logging.getLogger(__name__)
 ROW = "run supervisor SIGKILL mid-load, restarted"
@@ -64,19 +63,12 @@ class RunProcess:
         return self
 
     def wait_serving(self, timeout: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is None or self.proc.poll() is not None:
-                raise RuntimeError(f"cxr-triage run exited; see {self.log_path}")
-            try:
-                url = f"http://127.0.0.1:{self.port}/healthz"
-                with urllib.request.urlopen(url, timeout=2) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError("cxr-triage run not serving")
+        base = f"http://127.0.0.1:{self.port}"
+        wait_healthz(base, timeout, "cxr-triage run not serving", self._running)
+
+    def _running(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            raise RuntimeError(f"cxr-triage run exited; see {self.log_path}")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pipeline.classifier.weights import describe_weights
 from pipeline.imaging.decode import Limits
-from pipeline.ingest.accept import IngestReport, enqueue, ingest_paths
+from pipeline.ingest.accept import Enqueuer, IngestReport, ingest_paths
 from pipeline.queue.dispatch import Dispatcher, redis_client
 from pipeline.store.instances import InstanceStore
 from reliability.system import System
@@ -56,19 +56,10 @@ class CliSender:
         model = describe_weights(settings)
         size, preprocess = model["input_size"], model["preprocess"]
         client, dispatcher = redis_client(settings.redis_url), Dispatcher(settings.redis_url)
+        sink = Enqueuer(
+            factory, client, dispatcher, size, settings.payload_ttl_s, preprocess=preprocess
+        )
         try:
-
-            def sink(ids: list[int]) -> int:
-                return enqueue(
-                    factory,
-                    client,
-                    dispatcher,
-                    ids,
-                    size,
-                    settings.payload_ttl_s,
-                    preprocess=preprocess,
-                )
-
             limits = Limits(
                 settings.max_file_mb * 1024 * 1024, settings.max_pixels, settings.modalities
             )

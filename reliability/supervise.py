@@ -12,9 +12,13 @@ import logging
 import re
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
+from reliability.metrics import Row
 from reliability.samples import PhiRegistry
-from reliability.system import Service, System
+from reliability.services import Service
+from reliability.system import System
 
 log = logging.getLogger(__name__)
 
@@ -78,3 +82,24 @@ def phi_in_logs(system: System, phi: PhiRegistry) -> list[str]:
             if any(pattern.search(line) for line in fh):
                 hits.append(f"PHI in {path.relative_to(system.workdir)}")
     return hits
+
+
+@contextmanager
+def supervised_row(row: Row, system: System, phi: PhiRegistry, what: str) -> Iterator[Supervising]:
+    """Start the system under supervision for one row; an error fails the row, not the run.
+
+    Whatever happens, the system is stopped and its logs are searched for the row's PHI.
+    """
+    supervisor: Supervising | None = None
+    try:
+        system.start()
+        supervisor = Supervising(system).__enter__()
+        yield supervisor
+    except Exception as exc:
+        log.exception("%s row failed", what)
+        row.failures.append(f"{type(exc).__name__}: {exc}")
+    finally:
+        if supervisor is not None:
+            supervisor.__exit__()
+        system.stop()
+        row.failures += phi_in_logs(system, phi)

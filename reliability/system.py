@@ -7,129 +7,39 @@ scan reads them all at the end.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
-import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
-import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from pipeline.classifier.weights import ensure_weights
-from pipeline.cli.main import (
+from pipeline.db import make_engine, make_session_factory, session_scope
+from pipeline.migrate import upgrade
+from pipeline.models import PERSON_ROLES, ROLES
+from pipeline.service.recovery import (
     DEAD_WORKER_CHECK_S,
     RECONCILE_EVERY_S,
     reconcile_once,
     rescue_dead_workers,
 )
-from pipeline.db import make_engine, make_session_factory, session_scope
-from pipeline.migrate import upgrade
-from pipeline.models import PERSON_ROLES, ROLES
-from pipeline.queue.redis_server import EmbeddedRedis, find_redis_server
+from pipeline.service.redis_server import EmbeddedRedis
 from pipeline.service.supervisor import dashboard_command, worker_children, worker_nodename
-from pipeline.settings import PACKAGE_ROOT, Settings
+from pipeline.settings import Settings
 from pipeline.users import create_user, issue_token
+from reliability.services import ComposeRedis, Profile, Service, free_port, wait_healthz
 from reliability.tcp_proxy import TcpProxy
 
 log = logging.getLogger(__name__)
-COMPOSE_FILE = PACKAGE_ROOT / "docker-compose.yml"
 SHIPPED = Settings()  # the defaults: what `make run` runs with
 SHIPPED_STUCK_AFTER_S = SHIPPED.stuck_after_s
 RUN_RECONCILE_EVERY_S = RECONCILE_EVERY_S  # `cxr-triage run`'s full reconciler pass
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def compose_redis_flags(compose_file: Path = COMPOSE_FILE) -> list[str]:
-    """The flags docker-compose.yml gives redis-server (its JSON-style ``command`` list)."""
-    lines = compose_file.read_text().splitlines()
-    start = next(i for i, line in enumerate(lines) if line.strip() == "redis:")
-    for line in lines[start + 1 :]:
-        stripped = line.strip()
-        if stripped.startswith("command:"):
-            command = json.loads(stripped.split(":", 1)[1])
-            if command[0] != "redis-server":
-                raise ValueError(f"unexpected redis command in {compose_file}: {command}")
-            return [str(flag) for flag in command[1:]]
-    raise ValueError(f"no redis command in {compose_file}")
-
-
-class ComposeRedis(EmbeddedRedis):
-    """The same redis-server binary with the production compose file's flags (AOF everysec)."""
-
-    def command(self) -> list[str]:
-        return [
-            find_redis_server(),
-            *compose_redis_flags(),
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--dir",
-            str(self.directory),
-            "--logfile",
-            str(self.directory / "redis.log"),
-        ]
-
-
-class Service:
-    """A child process with its own process group and an append-only log file."""
-
-    def __init__(self, name: str, command: list[str], env: dict[str, str], log_path: Path):
-        self.name, self.command, self.env, self.log_path = name, command, env, log_path
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> Service:
-        with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen(
-                self.command,
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                cwd=PACKAGE_ROOT,
-                start_new_session=True,
-            )
-        return self
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL the whole process group: no clean-up, no acknowledgements."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(timeout=10)
-
-    def stop(self, timeout: float = 20.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-
-
-@dataclass
-class Profile:
-    """A configuration of the system: which database and which Redis flags."""
-
-    name: str
-    database_url: str | None = None  # None: SQLite under the run directory
-    redis: str = "embedded"  # embedded | compose
 
 
 class System:
@@ -337,16 +247,7 @@ class System:
         raise TimeoutError("worker not ready")
 
     def wait_dashboard(self, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                with urllib.request.urlopen(self.base_url + "/healthz", timeout=2) as resp:
-                    if resp.status == 200:
-                        return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError("dashboard not answering /healthz")
+        wait_healthz(self.base_url, timeout, "dashboard not answering /healthz")
 
     def restart_worker(self, worker: Service) -> None:
         since = worker.log_path.stat().st_size if worker.log_path.exists() else 0
