@@ -22,7 +22,7 @@ from pipeline.imaging.decode import Limits
 from pipeline.ingest.accept import ingest_paths
 from pipeline.migrate import upgrade
 from pipeline.queue.dispatch import redis_client
-from pipeline.queue.redis_server import EmbeddedRedis
+from pipeline.service.redis_server import EmbeddedRedis
 from pipeline.settings import Settings
 from pipeline.users import create_user
 from reliability import samples as samples_module

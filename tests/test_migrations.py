@@ -7,6 +7,7 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import inspect
 
+from pipeline import tables_registry, tables_results  # noqa: F401 - their tables join Base
 from pipeline.db import make_engine
 from pipeline.migrate import alembic_config, upgrade
 from pipeline.models import Base

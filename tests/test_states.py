@@ -17,7 +17,7 @@ from pipeline.db import make_engine, make_session_factory
 from pipeline.imaging.decode import Limits
 from pipeline.ingest.accept import ingest_paths
 from pipeline.migrate import upgrade
-from pipeline.models import SCOPES, Image, ModelVersion, Study
+from pipeline.models import SCOPES, Image, Study
 from pipeline.states import (
     ACTIVE_STATES,
     ALL_STATES,
@@ -31,8 +31,12 @@ from pipeline.states import (
     Role,
     State,
 )
-from pipeline.triage import studies
+from pipeline.tables_registry import ModelVersion
+from pipeline.triage import filters
 from tests.conftest import REPO, chest_like, dicom_bytes
+
+# Every state a row may hold, as the database stores it, in lifecycle order.
+STORED_STATES = ("received", "queued", "processing", "done", "failed", "rejected", "skipped")
 
 
 def _factory(url: str):  # type: ignore[no-untyped-def]
@@ -41,15 +45,7 @@ def _factory(url: str):  # type: ignore[no-untyped-def]
 
 
 def test_values_are_the_stored_strings() -> None:
-    assert [s.value for s in State] == [
-        "received",
-        "queued",
-        "processing",
-        "done",
-        "failed",
-        "rejected",
-        "skipped",
-    ]
+    assert [s.value for s in State] == list(STORED_STATES)
     assert [r.value for r in Role] == ["radiologist", "admin", "feed", "monitor"]
     assert [s.value for s in ObjectState] == ["ready", "skipped"]
     assert [s.value for s in OutboxState] == ["pending", "sending", "sent", "failed"]
@@ -63,19 +59,11 @@ def test_values_are_the_stored_strings() -> None:
 def test_tuples_keep_their_contents_and_order() -> None:
     assert FINAL_STATES == ("done", "failed", "rejected", "skipped")
     assert ACTIVE_STATES == ("received", "queued", "processing")
-    assert ALL_STATES == (
-        "received",
-        "queued",
-        "processing",
-        "done",
-        "failed",
-        "rejected",
-        "skipped",
-    )
+    assert ALL_STATES == STORED_STATES
     assert ROLES == ("radiologist", "admin", "feed", "monitor")
     assert PERSON_ROLES == ("radiologist", "admin")
     assert MODEL_STATUSES == ("candidate", "shadow", "live", "retired")
-    assert studies.STATUSES == ALL_STATES and registry.STATUSES == MODEL_STATUSES
+    assert filters.STATUSES == ALL_STATES and registry.STATUSES == MODEL_STATUSES
     # The names other modules import from pipeline.models are the same objects.
     assert models.FINAL_STATES is FINAL_STATES and models.ACTIVE_STATES is ACTIVE_STATES
     assert models.ROLES is ROLES and models.PERSON_ROLES is PERSON_ROLES

@@ -11,7 +11,7 @@ import pytest
 from bench import viewer_bench, viewer_site
 from bench.viewer_timing import PHASES, category, phases
 from tests.browser.test_ohif_viewer import WHY_NOT
-from tests.viewer.test_ohif import REAL_BUILD
+from tests.viewer.test_ohif_real_build import REAL_BUILD
 
 BASE = "http://127.0.0.1:5000"
 STUDY = f"{BASE}/dicomweb/studies/1.2"

@@ -23,16 +23,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pydicom
 import pytest
 
 from bench import viewer_site as site
 from pipeline.queue.dispatch import redis_client
 from pipeline.settings import SHIPPED_WEIGHTS
-from pipeline.store import wado
 from pipeline.viewer import ohif
-from tests.conftest import dicom_bytes
-from tests.viewer.test_ohif import REAL_BUILD
+from tests.viewer.test_ohif_real_build import REAL_BUILD
 
 WHY_NOT = site.available() or (
     None
@@ -64,36 +61,14 @@ THUMBNAILS = """() => [...document.querySelectorAll('[data-cy=study-browser-thum
   series: t.dataset.series, text: t.innerText, image: t.querySelector('img')?.src || null}))"""
 
 
-# --------------------------------------------------------------------------- metadata
-
-
-def test_a_pixel_spacing_that_is_not_positive_is_left_out_of_the_metadata() -> None:
-    ds = pydicom.dcmread(io.BytesIO(dicom_bytes()))
-    ds.PixelSpacing, ds.ImagerPixelSpacing = ["0.000", "0.000"], ["0.139", "0.139"]
-    buf = io.BytesIO()
-    ds.save_as(buf)
-    data = buf.getvalue()
-    meta = wado.metadata(data, "http://x/dicomweb/studies/1/series/2/instances/3")
-    assert "00280030" not in meta  # OHIF 3.13.2 draws nothing at all with it
-    assert meta["00181164"] == {"vr": "DS", "Value": [0.139, 0.139]}
-    assert meta["00280010"]["Value"] == [256] and meta["00020010"]["Value"] == [
-        "1.2.840.10008.1.2.1"
-    ]
-    assert pydicom.dcmread(io.BytesIO(data)).PixelSpacing == [0, 0]  # the instance untouched
-    ds.PixelSpacing = ["0.2", "0.2"]
-    buf = io.BytesIO()
-    ds.save_as(buf)
-    assert wado.metadata(buf.getvalue(), "http://x/i")["00280030"]["Value"] == [0.2, 0.2]
-
-
 # --------------------------------------------------------------------------- the browser
 
 
 class Watched:
     """A logged-in page whose requests, failed responses and console errors are kept."""
 
-    def __init__(self, chromium: Any, base: str) -> None:
-        self.base = base
+    def __init__(self, chromium: Any, base: str, built: site.Site) -> None:
+        self.base, self.studies = base, built.studies
         self.page = site.logged_in(chromium, base)
         self.requests: list[str] = []
         self.failed: list[str] = []
@@ -148,6 +123,13 @@ def chromium() -> Iterator[Any]:
         yield browser
 
 
+@pytest.fixture
+def seen(served: tuple[str, site.Site], chromium: Any) -> Watched:
+    """A radiologist logged in to the served site, in Chromium, watched."""
+    base, built = served
+    return Watched(chromium, base, built)
+
+
 def _spread(grey: np.ndarray) -> tuple[float, float, float, int]:
     """Standard deviation, 5th and 95th percentiles, and the number of grey levels used."""
     p5, p95 = np.percentile(grey, [5, 95])
@@ -175,17 +157,15 @@ def _overlay(page: Any) -> str:
 
 @needs_viewer
 def test_the_cr_renders_window_level_changes_it_and_the_ai_series_are_listed(
-    served: tuple[str, site.Site], chromium: Any
+    seen: Watched,
 ) -> None:
-    base, built = served
-    seen = Watched(chromium, base)
     page = seen.page
     # The worklist offers the viewer for the CR's study.
     link = page.locator("td.open-viewer a").first
     assert link.inner_text() == "Open in viewer" and link.is_visible()
     seen.shot("ohif-worklist.png")
 
-    seen.open(built.studies["cr"])
+    seen.open(seen.studies["cr"])
     page.wait_for_function(f"() => !!{DEFAULT}?.getProperties().voiRange")  # set after the draw
     state = page.evaluate(VIEWPORT)
     assert UNCR_SOP in state["image"]
@@ -285,12 +265,8 @@ def test_the_cr_renders_window_level_changes_it_and_the_ai_series_are_listed(
 
 
 @needs_viewer
-def test_the_jpeg_study_renders_as_its_secondary_capture(
-    served: tuple[str, site.Site], chromium: Any
-) -> None:
-    base, built = served
-    seen = Watched(chromium, base)
-    seen.open(built.studies["jpeg"])
+def test_the_jpeg_study_renders_as_its_secondary_capture(seen: Watched) -> None:
+    seen.open(seen.studies["jpeg"])
     page = seen.page
     grey = site.viewport_pixels(page)
     sd, p5, p95, levels = _spread(grey)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from sqlalchemy import func, select, update
 
-from pipeline.classifier.inference import _copy, _insert_predictions, classify_images
+from pipeline.classifier.inference import classify_images
 from pipeline.classifier.network import Classifier
+from pipeline.classifier.persist import _copy, _insert_predictions
 from pipeline.db import make_engine, make_session_factory
 from pipeline.imaging.decode import Limits
 from pipeline.ingest.accept import ingest_paths
@@ -68,7 +69,7 @@ def test_a_worker_that_wakes_after_its_claims_were_re_sent_writes_nothing(
     stopped). B claims them; A wakes before B writes, then after: A's results are dropped
     both times, B's stand, and each image has one prediction and keeps B's final state."""
     from pipeline.classifier.inference import claim, run_claimed
-    from pipeline.cli.main import rescue_dead_workers
+    from pipeline.service.recovery import rescue_dead_workers
 
     upgrade(settings.db_url)
     factory = make_session_factory(make_engine(settings.db_url))

@@ -20,13 +20,15 @@ from pipeline.db import make_engine, make_session_factory
 from pipeline.imaging.decode import Limits
 from pipeline.ingest.accept import ingest_paths
 from pipeline.migrate import upgrade
-from pipeline.models import AuditEvent, Image, ModelVersion, Prediction, ShadowPrediction, Study
+from pipeline.models import AuditEvent, Image, Prediction, Study
+from pipeline.monitoring import shadow as shadow_vs_live
 from pipeline.queue.dispatch import redis_client
 from pipeline.settings import Settings
-from pipeline.triage.studies import worklist_page
+from pipeline.tables_registry import ModelVersion, ShadowPrediction
+from pipeline.triage.worklist import worklist_page
 from pipeline.users import create_user
 from tests.conftest import PASSWORD, run_cli
-from tests.dashboard.test_dashboard import csrf_from, login
+from tests.web import csrf_from, login
 from tests.worker.test_worker import exactly_once, make_studies, send, wait_done
 
 
@@ -137,7 +139,7 @@ def test_shadow_scores_without_touching_the_worklist(
         )
         session.commit()
     with factory_b() as session:  # a fresh session: what the database hands back
-        doc = registry.comparison(session, 0.5)
+        doc = shadow_vs_live.comparison(session, 0.5)
         assert doc is not None and doc["shadow_version"] == row.version
         assert doc["studies"] == len(studies) and doc["abnormal"] == sum(truth.values())
         live_auc = auc([s.p_abnormal for s in studies], [truth[s.id] for s in studies])

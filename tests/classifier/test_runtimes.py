@@ -12,6 +12,12 @@ import torch
 
 from pipeline.classifier import runtimes as rt
 from pipeline.classifier.network import Classifier, build_from_meta, default_meta, save_weights
+from pipeline.classifier.runtime_record import (
+    cpu_signature,
+    read_record,
+    recorded_choice,
+    write_choice,
+)
 from tests.conftest import chest_like
 
 SIZE = 64
@@ -132,12 +138,12 @@ def test_auto_uses_the_choice_recorded_for_this_cpu_and_these_weights(
 
     assert choose(rows) == "onnxruntime"
     assert choose([{**r, "passes": r["runtime"] == "eager"} for r in rows]) == "eager"
-    rt.write_choice(weights, sha, choose(rows), rows)
+    write_choice(weights, sha, choose(rows), rows)
     assert Classifier(weights, "cpu", 1, "auto").runtime == "onnxruntime"
-    assert rt.recorded_choice(weights, "0" * 64) is None  # other weights: nothing recorded
-    record = rt.read_record(weights)
-    assert list(record["cpus"]) == [rt.cpu_signature()]
-    assert record["cpus"][rt.cpu_signature()]["runtime"] == "onnxruntime"
+    assert recorded_choice(weights, "0" * 64) is None  # other weights: nothing recorded
+    record = read_record(weights)
+    assert list(record["cpus"]) == [cpu_signature()]
+    assert record["cpus"][cpu_signature()]["runtime"] == "onnxruntime"
 
 
 def test_unknown_runtime_is_refused(small_weights: Path) -> None:
@@ -157,13 +163,13 @@ def test_int8_model_is_kept_unless_requantised_and_then_old_choices_go(
     int8 = rt.onnx_dir_for(weights) / int8_model.name
     int8.parent.mkdir()
     int8.write_bytes(int8_model.read_bytes())
-    rt.write_choice(weights, sha, "onnxruntime-int8", [{"runtime": "onnxruntime-int8"}])
+    write_choice(weights, sha, "onnxruntime-int8", [{"runtime": "onnxruntime-int8"}])
     before = int8.read_bytes()
     calib = ((_images(8, seed=7).astype(np.float32) / 255.0 - 0.5) / 0.25)[:, None]
     assert ensure_int8(weights, fp32, int8, calib) is False  # another CPU's bench: file kept
     assert int8.read_bytes() == before
-    assert rt.recorded_choice(weights, sha) == "onnxruntime-int8"
+    assert recorded_choice(weights, sha) == "onnxruntime-int8"
     assert ensure_int8(weights, fp32, int8, calib, requantise=True) is True
     assert int8.read_bytes() != before  # new calibration images, new scales
-    assert rt.recorded_choice(weights, sha) is None  # measured on the replaced file: dropped
-    assert rt.read_record(weights)["cpus"] == {}
+    assert recorded_choice(weights, sha) is None  # measured on the replaced file: dropped
+    assert read_record(weights)["cpus"] == {}

@@ -15,7 +15,7 @@ from pipeline.migrate import upgrade
 from pipeline.models import AuditEvent, utcnow
 from pipeline.users import create_user
 from tests.conftest import PASSWORD
-from tests.dashboard.test_dashboard import login
+from tests.web import login
 
 
 def test_five_failed_logins_then_429_with_retry_after(settings, database_url) -> None:  # type: ignore[no-untyped-def]

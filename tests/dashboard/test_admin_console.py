@@ -10,7 +10,6 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
-import pytest
 from sqlalchemy import func, select
 
 from dashboard import create_app, monitor
@@ -23,9 +22,8 @@ from pipeline.models import AuditEvent, Image, Prediction, Study
 from pipeline.queue.dispatch import HEARTBEAT_PREFIX, QUEUES, Dispatcher, redis_client
 from pipeline.queue.reconcile import requeue_stuck
 from pipeline.queue.requeue import RequeueError, requeue_study
-from pipeline.users import create_user
-from tests.conftest import PASSWORD, chest_like, jpeg_bytes
-from tests.dashboard.test_dashboard import csrf_from, login
+from tests.conftest import chest_like, jpeg_bytes
+from tests.web import csrf_from, login
 
 NOW = datetime(2026, 11, 22, 10, 30, 20, tzinfo=UTC)
 THRESHOLDS = {"routine": 0.4, "urgent": 0.7, "critical": 0.9}
@@ -151,16 +149,6 @@ def test_requeue_sends_once_when_two_admins_click(database_url, settings) -> Non
         image = session.scalars(select(Image).where(Image.study_id == study_id)).one()
         assert (image.status, image.attempts, image.reason) == ("queued", 0, None)
         assert session.get(Study, study_id).status == "queued"
-
-
-@pytest.fixture
-def admin_client(settings, populated):  # type: ignore[no-untyped-def]
-    with populated() as session:
-        create_user(session, "boss", PASSWORD, "admin")
-        session.commit()
-    client = create_app({"CXR_SETTINGS": settings, "TESTING": True}).test_client()
-    assert login(client, "boss").status_code == 302
-    return client
 
 
 def test_console_page_and_json_are_for_admins(settings, populated, admin_client) -> None:  # type: ignore[no-untyped-def]

@@ -12,28 +12,16 @@ from sqlalchemy import select
 
 from dashboard import create_app
 from pipeline.models import AuditEvent, Image, User
-from pipeline.triage.studies import worklist_query
+from pipeline.triage.worklist import worklist_query
 from pipeline.users import UserError, create_user, issue_token
 from tests.conftest import PASSWORD
+from tests.web import csrf_from, login
 
 
 @pytest.fixture
 def client(settings, populated):
     app = create_app({"CXR_SETTINGS": settings, "TESTING": True})
     return app.test_client()
-
-
-def csrf_from(html: str) -> str:
-    match = re.search(r'name="csrf_token" value="([^"]+)"', html)
-    assert match, "no CSRF token in the form"
-    return match.group(1)
-
-
-def login(client, username="rad", password=PASSWORD):
-    token = csrf_from(client.get("/login").get_data(as_text=True))
-    return client.post(
-        "/login", data={"username": username, "password": password, "csrf_token": token}
-    )
 
 
 def test_everything_but_health_needs_authentication(client) -> None:

@@ -12,12 +12,11 @@ from sqlalchemy import select
 from dashboard import create_app
 from pipeline.cli.outbox import Sender
 from pipeline.db import session_scope
-from pipeline.models import AuditEvent, Destination, OutboxItem, utcnow
+from pipeline.models import AuditEvent, utcnow
 from pipeline.settings import Settings
-from pipeline.users import create_user
-from tests.conftest import PASSWORD
-from tests.dashboard.test_dashboard import csrf_from, login
+from pipeline.tables_results import Destination, OutboxItem
 from tests.pacs import free_port
+from tests.web import csrf_from, login
 
 
 @pytest.fixture
@@ -26,17 +25,10 @@ def settings(settings: Settings, database_url: str) -> Settings:
     return settings.with_(database_url=database_url)
 
 
-def admin(settings: Settings, populated: Any) -> Any:
-    with populated() as session:
-        create_user(session, "boss", PASSWORD, "admin")
-        session.commit()
-    client = create_app({"CXR_SETTINGS": settings, "TESTING": True}).test_client()
-    assert login(client, "boss").status_code == 302
-    return client
-
-
-def test_add_destination_send_fail_then_resend(settings: Settings, populated: Any) -> None:
-    client = admin(settings, populated)
+def test_add_destination_send_fail_then_resend(
+    settings: Settings, populated: Any, admin_client: Any
+) -> None:
+    client = admin_client
     page = client.get("/admin/destinations").get_data(as_text=True)
     token = csrf_from(page)
     dead_port = free_port()  # nothing listens: the PACS is down

@@ -23,7 +23,7 @@ from dashboard import create_app
 from pipeline.models import SCOPES, User
 from pipeline.users import create_user, issue_token
 from tests.conftest import PASSWORD
-from tests.dashboard.test_dashboard import csrf_from, login
+from tests.web import csrf_from, login
 
 PUBLIC = {"static", "auth.login", "api.healthz"}
 API_PREFIXES = ("/api/", "/metrics", "/dicomweb/")

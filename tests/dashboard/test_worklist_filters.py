@@ -5,31 +5,25 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 import urllib.parse
 import urllib.request
 from datetime import UTC, datetime
 
 import pytest
 from sqlalchemy import text
-from werkzeug.serving import make_server
 
+from bench.viewer_site import serving
 from dashboard import create_app
 from pipeline.db import make_engine, make_session_factory
 from pipeline.migrate import upgrade
 from pipeline.models import Review, Study
 from pipeline.triage import policy
-from pipeline.triage.studies import (
-    FilterError,
-    WorklistFilter,
-    format_wait,
-    neighbour_ids,
-    worklist_count,
-    worklist_query,
-)
+from pipeline.triage.filters import FilterError, WorklistFilter
+from pipeline.triage.studies import format_wait
+from pipeline.triage.worklist import neighbour_ids, worklist_count, worklist_query
 from pipeline.users import create_user
 from tests.conftest import PASSWORD
-from tests.dashboard.test_dashboard import login
+from tests.web import login
 
 T = datetime(2026, 11, 20, 8, 0, tzinfo=UTC)
 # id: (priority, triage class, status, received at, accession, patient id)
@@ -208,12 +202,8 @@ def test_api_and_page_share_the_filters(app, worklist_db) -> None:  # type: igno
 
 
 def test_a_search_leaves_no_patient_id_in_the_request_log(app, caplog) -> None:  # type: ignore[no-untyped-def]
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    base = f"http://127.0.0.1:{server.server_port}"
     browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor())
-    try:
+    with serving(app) as base:
         with caplog.at_level(logging.INFO):
             form = browser.open(base + "/login", timeout=10).read().decode()
             token = re.search(r'name="csrf_token" value="([^"]+)"', form).group(1)  # type: ignore[union-attr]
@@ -225,9 +215,6 @@ def test_a_search_leaves_no_patient_id_in_the_request_log(app, caplog) -> None: 
                 browser.open(base + path, timeout=10).read().decode()
                 for path in ("/?q=P-3", "/api/worklist?q=P-3", "/worklist/rows?q=P-3")
             ]
-    finally:
-        server.shutdown()
-        thread.join(timeout=10)
     assert all('"id":3' in b.replace(" ", "") or 'data-study-id="3"' in b for b in bodies)
     lines = [r.getMessage() for r in caplog.records if r.name == "werkzeug"]
     assert sum("?…" in line for line in lines) == 3, lines

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 import urllib.error
 import urllib.request
 import uuid
@@ -12,8 +11,8 @@ from collections.abc import Iterator
 import pydicom
 import pytest
 from sqlalchemy import select
-from werkzeug.serving import make_server
 
+from bench.viewer_site import serving
 from dashboard import create_app
 from pipeline.db import make_engine, make_session_factory
 from pipeline.migrate import upgrade
@@ -155,13 +154,8 @@ def test_bad_uploads_get_a_4xx_with_the_reason(ingest_env) -> None:
 @pytest.fixture
 def server(ingest_env) -> Iterator[str]:
     """The dashboard on a real socket (werkzeug, threaded)."""
-    app = ingest_env[2]
-    srv = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{srv.server_port}"
-    srv.shutdown()
-    thread.join(timeout=10)
+    with serving(ingest_env[2]) as base:
+        yield base
 
 
 def _stow(url: str, token: str | None, parts: list[bytes], type_: str = "application/dicom"):  # type: ignore[no-untyped-def]

@@ -13,7 +13,9 @@ from pipeline.classifier.inference import classify_images
 from pipeline.classifier.network import Classifier
 from pipeline.db import make_engine, make_session_factory
 from pipeline.imaging.decode import Limits
-from pipeline.ingest.accept import ingest_many, ingest_paths, persist_file
+from pipeline.ingest.accept import ingest_paths
+from pipeline.ingest.persist import persist_file
+from pipeline.ingest.transactions import ingest_many
 from pipeline.migrate import upgrade
 from pipeline.models import Image, Study
 from pipeline.queue.dispatch import redis_client

@@ -16,11 +16,11 @@ from sqlalchemy import func, select
 
 from pipeline.db import make_engine, make_session_factory, session_scope
 from pipeline.ingest.intake import Intake
-from pipeline.ingest.pull import DicomNode, parse_node, parse_since, pull_once
+from pipeline.ingest.pull import pull_once
 from pipeline.ingest.scp import start_listener
 from pipeline.migrate import upgrade
 from pipeline.models import Image, Study
-from pipeline.settings import ConfigError
+from pipeline.settings import ConfigError, DicomNode, parse_node, parse_since
 from tests import pacs
 from tests.conftest import chest_like, dicom_bytes, run_cli
 
@@ -223,7 +223,8 @@ def test_run_with_cxr_pull_from_pulls_and_classifies(
 ) -> None:  # type: ignore[no-untyped-def]
     """`run` with CXR_PULL_FROM: its supervised pull child fetches the PACS's new study, once."""
     from pipeline.settings import Settings
-    from tests.service.test_run import free_port, start_run, wait_for, wait_serving
+    from tests.pacs import free_port
+    from tests.service.processes import start_run, wait_for, wait_serving
 
     study = generate_uid()
     orthanc.upload(instance(study, 11, study_date=datetime.now(UTC).strftime("%Y%m%d")))

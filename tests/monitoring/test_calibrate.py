@@ -22,7 +22,7 @@ from pipeline.triage import policy as pol
 from pipeline.triage import score as triage
 from pipeline.users import create_user
 from tests.conftest import PASSWORD, run_cli
-from tests.dashboard.test_dashboard import csrf_from, login
+from tests.web import csrf_from, login
 
 MODEL = {"routine": 0.2, "urgent": 0.6, "critical": 0.8}
 
@@ -30,6 +30,17 @@ MODEL = {"routine": 0.2, "urgent": 0.6, "critical": 0.8}
 @pytest.fixture
 def settings(settings: Settings, database_url: str) -> Settings:
     return settings.with_(database_url=database_url)
+
+
+def scored(sid: int, p: float) -> Study:
+    """A finished study the model scored p, classed and prioritised by ``MODEL``."""
+    return Study(
+        id=sid,
+        status="done",
+        p_abnormal=p,
+        triage_class=triage.triage_class(p, MODEL),
+        priority=triage.priority_score(p, MODEL),
+    )
 
 
 def seed(settings: Settings, n_abn: int = 60, n_norm: int = 60, waiting: int = 10) -> Any:
@@ -45,15 +56,7 @@ def seed(settings: Settings, n_abn: int = 60, n_norm: int = 60, waiting: int = 1
                 sid += 1
                 z = rng.normal(1.0 if abnormal else -1.0, 1.2) * 3.0  # logits 3x too sure
                 p = 1 / (1 + math.exp(-z))
-                session.add(
-                    Study(
-                        id=sid,
-                        status="done",
-                        p_abnormal=p,
-                        triage_class=triage.triage_class(p, MODEL),
-                        priority=triage.priority_score(p, MODEL),
-                    )
-                )
+                session.add(scored(sid, p))
                 session.flush()
                 session.add(
                     Review(
@@ -68,15 +71,7 @@ def seed(settings: Settings, n_abn: int = 60, n_norm: int = 60, waiting: int = 1
         for k in range(waiting):  # waiting for a read, p spread over the range
             sid += 1
             p = (k + 0.5) / waiting
-            session.add(
-                Study(
-                    id=sid,
-                    status="done",
-                    p_abnormal=p,
-                    triage_class=triage.triage_class(p, MODEL),
-                    priority=triage.priority_score(p, MODEL),
-                )
-            )
+            session.add(scored(sid, p))
         session.commit()
     return factory
 

@@ -24,7 +24,7 @@ from pipeline.monitoring import drift
 from pipeline.settings import Settings
 from pipeline.users import create_user
 from tests.conftest import PASSWORD, chest_like, run_cli
-from tests.dashboard.test_dashboard import csrf_from, login
+from tests.web import csrf_from, login
 
 
 def test_psi_of_bins_and_categories() -> None:

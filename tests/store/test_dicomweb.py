@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -22,8 +21,8 @@ import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import generate_uid
-from werkzeug.serving import make_server
 
+from bench.viewer_site import serving
 from dashboard import create_app
 from pipeline.classifier.inference import classify_images
 from pipeline.classifier.network import Classifier
@@ -110,14 +109,8 @@ def served(settings: Settings, tmp_path: Path) -> Iterator[Served]:
             for role in ("radiologist", "feed")
         }
         session.commit()
-    app = create_app({"CXR_SETTINGS": settings, "TESTING": True})
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield Served(f"http://127.0.0.1:{server.server_port}", tokens, files, store, settings)
-    finally:
-        server.shutdown()
+    with serving(create_app({"CXR_SETTINGS": settings, "TESTING": True})) as base:
+        yield Served(base, tokens, files, store, settings)
 
 
 def _uids(data: bytes) -> tuple[str, str, str]:

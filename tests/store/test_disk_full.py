@@ -10,7 +10,6 @@ says it could not mount.
 from __future__ import annotations
 
 import json
-import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,42 +20,38 @@ from sqlalchemy import func, select
 
 from dashboard import create_app
 from pipeline.db import make_engine, make_session_factory
-from pipeline.ingest.accept import ingest_bytes
 from pipeline.ingest.intake import Intake, limits_of
 from pipeline.ingest.scp import handle_store
+from pipeline.ingest.transactions import ingest_bytes
 from pipeline.migrate import upgrade
 from pipeline.models import Image, Study
 from pipeline.settings import Settings
 from pipeline.storage import StorageFull, is_storage_full
 from pipeline.users import create_user, issue_token
-from reliability.diskfull import SmallDisk
+from reliability.smalldisk import SmallDisk
 from tests.conftest import chest_like, dicom_bytes, run_cli
 
 
 @pytest.fixture
-def full_disk(tmp_path: Path, settings: Settings) -> Iterator[tuple[Settings, SmallDisk, str]]:
+def full_disk(
+    tmp_path: Path, settings: Settings, small_disk: SmallDisk
+) -> Iterator[tuple[Settings, SmallDisk, str]]:
     """Settings whose SQLite database lives on a 4 MB tmpfs; the disk, and a feed token."""
-    disk = SmallDisk(tmp_path / "disk", 4)
-    try:
-        disk.mount()
-    except (OSError, subprocess.CalledProcessError) as exc:
-        pytest.skip(f"cannot mount a tmpfs here: {exc}")
-    try:
-        # The database's disk: the instance store's full disk is tests/store/test_instances.py's.
-        on_disk = settings.with_(
-            database_url=f"sqlite:///{disk.path / 'cxr.db'}",
-            data_dir=disk.path / "data",
-            redis_url=None,
-            store_dir=tmp_path / "store",
-        )
-        upgrade(on_disk.db_url)
-        factory = make_session_factory(make_engine(on_disk.db_url))
-        with factory() as session:
-            token = issue_token(session, create_user(session, "pacs", None, "feed"))
-            session.commit()
-        yield on_disk, disk, token
-    finally:
-        disk.unmount()
+    # The database's disk: the instance store's full disk is tests/store/test_instances.py's.
+    on_disk = settings.with_(
+        database_url=f"sqlite:///{small_disk.path / 'cxr.db'}",
+        data_dir=small_disk.path / "data",
+        redis_url=None,
+        store_dir=tmp_path / "store",
+    )
+    upgrade(on_disk.db_url)
+    factory = make_session_factory(make_engine(on_disk.db_url))
+    with factory() as session:
+        token = issue_token(session, create_user(session, "pacs", None, "feed"))
+        session.commit()
+    # Yielded, not returned: the engine (and its pooled connection to the database) stays open
+    # until the test ends, as a running system's would.
+    yield on_disk, small_disk, token
 
 
 def _counts(settings: Settings) -> tuple[int, int]:

@@ -8,7 +8,6 @@ disk is a real 4 MB tmpfs under the store (skipped where mounting is not allowed
 from __future__ import annotations
 
 import io
-import subprocess
 from datetime import timedelta
 from pathlib import Path
 
@@ -24,15 +23,11 @@ from pipeline.migrate import upgrade
 from pipeline.models import Image, Instance, Review, Study, User, utcnow
 from pipeline.settings import Settings
 from pipeline.storage import StorageFull
-from pipeline.store.instances import (
-    InstanceStore,
-    capture,
-    describe,
-    expire,
-    store_state,
-    valid_uid,
-)
-from reliability.diskfull import SmallDisk
+from pipeline.store.capture import capture
+from pipeline.store.dicom_file import describe
+from pipeline.store.instances import InstanceStore, valid_uid
+from pipeline.store.retention import expire, store_state
+from reliability.smalldisk import SmallDisk
 from tests.conftest import chest_like, dicom_bytes, jpeg_bytes, png_bytes
 
 
@@ -206,32 +201,27 @@ def test_size_limit_expires_oldest_read_then_refuses(database_url: str, tmp_path
     assert expire(factory, store, settings)["studies"] == 0  # all unread: nothing to take
 
 
-def test_a_full_disk_refuses_new_studies_and_loses_nothing(tmp_path: Path) -> None:
-    disk = SmallDisk(tmp_path / "disk", 4)
-    try:
-        disk.mount()
-    except (OSError, subprocess.CalledProcessError) as exc:
-        pytest.skip(f"cannot mount a tmpfs here: {exc}")
-    try:
-        settings = _store_settings(
-            f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, store_dir=disk.path / "store"
-        )
-        first = dicom_bytes(chest_like(seed=30))
-        _ingest(settings, tmp_path / "a", {"a.dcm": first})
-        disk.fill()
-        with pytest.raises(StorageFull, match="the instance store is full"):
-            _ingest(settings, tmp_path / "b", {"b.dcm": dicom_bytes(chest_like(seed=31))})
-        factory = make_session_factory(make_engine(settings.db_url))
-        with factory() as session:
-            assert session.scalar(select(func.count(Image.id))) == 1  # the refused one: no row
-            row = session.scalars(select(Instance)).one()
-        store = InstanceStore.of(settings)
-        with store.open(row.path) as fh:
-            assert fh.read() == first
-        assert not list((disk.path / "store").rglob("*.tmp"))
-        disk.release()
+def test_a_full_disk_refuses_new_studies_and_loses_nothing(
+    tmp_path: Path, small_disk: SmallDisk
+) -> None:
+    disk = small_disk
+    settings = _store_settings(
+        f"sqlite:///{tmp_path / 'db.sqlite'}", tmp_path, store_dir=disk.path / "store"
+    )
+    first = dicom_bytes(chest_like(seed=30))
+    _ingest(settings, tmp_path / "a", {"a.dcm": first})
+    disk.fill()
+    with pytest.raises(StorageFull, match="the instance store is full"):
         _ingest(settings, tmp_path / "b", {"b.dcm": dicom_bytes(chest_like(seed=31))})
-        with factory() as session:
-            assert session.scalar(select(func.count(Instance.id))) == 2
-    finally:
-        disk.unmount()
+    factory = make_session_factory(make_engine(settings.db_url))
+    with factory() as session:
+        assert session.scalar(select(func.count(Image.id))) == 1  # the refused one: no row
+        row = session.scalars(select(Instance)).one()
+    store = InstanceStore.of(settings)
+    with store.open(row.path) as fh:
+        assert fh.read() == first
+    assert not list((disk.path / "store").rglob("*.tmp"))
+    disk.release()
+    _ingest(settings, tmp_path / "b", {"b.dcm": dicom_bytes(chest_like(seed=31))})
+    with factory() as session:
+        assert session.scalar(select(func.count(Instance.id))) == 2

@@ -21,9 +21,10 @@ from PIL import Image as PILImage
 
 from pipeline.training import datasets as ds
 from pipeline.training import train as tr
+from pipeline.training.config import TrainConfig
 from pipeline.training.loso import summarise
-from pipeline.training.run import TrainConfig, prepare, select_sources, target_class
-from tests.training.test_train import blob_image
+from pipeline.training.prepare import prepare, select_sources, target_class
+from tests.training.blobs import blob_image
 
 REPO = Path(__file__).resolve().parents[2]
 

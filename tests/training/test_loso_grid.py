@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image as PILImage
 
 from bench.loso_grid import merge, pack, unpack
-from tests.training.test_train import blob_image
+from tests.training.blobs import blob_image
 
 REPO = Path(__file__).resolve().parents[2]
 NAMES = ("adults", "hospital", "peds")

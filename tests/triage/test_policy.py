@@ -16,10 +16,11 @@ from pipeline.migrate import upgrade
 from pipeline.models import AuditEvent, PolicyVersion, Review, Study, utcnow
 from pipeline.settings import Settings
 from pipeline.triage import policy as pol
-from pipeline.triage.studies import neighbour_ids, worklist_document, worklist_page
+from pipeline.triage.studies import worklist_document
+from pipeline.triage.worklist import neighbour_ids, worklist_page
 from pipeline.users import create_user
 from tests.conftest import PASSWORD
-from tests.dashboard.test_dashboard import csrf_from, login
+from tests.web import csrf_from, login
 
 MODEL = {"routine": 0.2, "urgent": 0.6, "critical": 0.8}
 

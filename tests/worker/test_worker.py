@@ -12,13 +12,14 @@ import pytest
 import redis
 from sqlalchemy import func, select, update
 
-from pipeline.cli.main import reconcile_once
 from pipeline.db import make_engine, make_session_factory
 from pipeline.imaging.decode import Limits
-from pipeline.ingest.accept import enqueue, ingest_paths
+from pipeline.ingest.accept import ingest_paths
 from pipeline.migrate import upgrade
 from pipeline.models import Batch, Image, Prediction, utcnow
 from pipeline.queue.dispatch import Dispatcher, payload_key, redis_client
+from pipeline.queue.send import enqueue
+from pipeline.service.recovery import reconcile_once
 from pipeline.triage.studies import open_image_count
 from tests.conftest import chest_like, png_bytes
 

@@ -1,4 +1,4 @@
-"""pipeline.service.profiling: stage sums, nesting, and the Redis hash the workers push to."""
+"""pipeline.profiling: stage sums, nesting, and the Redis hash the workers push to."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import time
 
 import redis
 
-from pipeline.service.profiling import PROFILE_PREFIX, Stages, difference, per_image, push, read
+from pipeline.profiling import PROFILE_PREFIX, Stages, difference, per_image, push, read
 
 
 def test_nested_stage_counts_only_in_itself() -> None:
