@@ -17,44 +17,56 @@ from pipeline.service.logs import configure as configure_logs
 from pipeline.settings import ConfigError, Settings
 from pipeline.users import UserError
 
-COMMANDS: tuple[str, ...] = (
+# Each subcommand, and the module that registers it. Running one imports only its module;
+# `--help` (or a word that is no command) imports them all to list them.
+COMMANDS: dict[str, str] = {
     # the system
-    "pipeline.cli.run",
-    "pipeline.cli.ingest",
-    "pipeline.cli.worklist",
-    "pipeline.cli.worker",
-    "pipeline.cli.serve",
-    "pipeline.cli.db",
-    "pipeline.cli.users",
-    "pipeline.cli.requeue",
-    "pipeline.cli.sources",
-    "pipeline.cli.outbox",
-    "pipeline.cli.ohif",
+    "run": "pipeline.cli.run",
+    "ingest": "pipeline.cli.ingest",
+    "worklist": "pipeline.cli.worklist",
+    "worker": "pipeline.cli.worker",
+    "serve": "pipeline.cli.serve",
+    "db": "pipeline.cli.db",
+    "users": "pipeline.cli.users",
+    "requeue-stuck": "pipeline.cli.requeue",
+    "watch": "pipeline.cli.sources",
+    "dicom-listen": "pipeline.cli.sources",
+    "pull": "pipeline.cli.sources",
+    "send-results": "pipeline.cli.outbox",
+    "ohif": "pipeline.cli.ohif",
     # the model and its monitoring
-    "pipeline.cli.train",
-    "pipeline.cli.evaluate",
-    "pipeline.cli.registry",
-    "pipeline.cli.labels",
-    "pipeline.cli.calibrate",
-    "pipeline.cli.drift",
-    "pipeline.cli.simulate",
+    "train": "pipeline.cli.train",
+    "loso": "pipeline.cli.train",
+    "evaluate": "pipeline.cli.evaluate",
+    "models": "pipeline.cli.registry",
+    "labels": "pipeline.cli.labels",
+    "calibrate": "pipeline.cli.calibrate",
+    "drift-reference": "pipeline.cli.drift",
+    "simulate": "pipeline.cli.simulate",
     # measurements
-    "bench.pipeline_bench",
-    "bench.ingest_bench",
-    "reliability.cli",
-)
+    "bench": "bench.pipeline_bench",
+    "bench-ingest": "bench.ingest_bench",
+    "reliability": "reliability.cli",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every subcommand, or of ``command`` alone when it is one."""
     parser = argparse.ArgumentParser(prog="cxr-triage", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
-    for module in COMMANDS:
+    wanted = [COMMANDS[command]] if command in COMMANDS else list(COMMANDS.values())
+    for module in dict.fromkeys(wanted):  # a module that registers several commands, once
         importlib.import_module(module).register(sub)
     return parser
 
 
+def _command_in(argv: list[str]) -> str | None:
+    return argv[0] if argv and not argv[0].startswith("-") else None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(_command_in(argv)).parse_args(argv)
     configure_logs()
     try:
         settings = Settings.from_env(port=getattr(args, "port", None))
