@@ -124,7 +124,7 @@ def compare_runtimes(
     from pipeline.classifier.network import Classifier
     from pipeline.classifier.runtime_record import AUC_TOLERANCE, CAM_AGREEMENT
     from pipeline.training.datasets import load_images
-    from pipeline.training.evaluate import auc
+    from pipeline.training.metrics import auc
 
     ref = Classifier(weights, "cpu", layout.threads)
     test_paths, abnormal = labelled_images("test", per_source, ref.meta)

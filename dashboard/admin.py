@@ -22,7 +22,7 @@ from dashboard.words import model_summary
 from pipeline.classifier.weights import describe_weights
 from pipeline.queue.dispatch import Dispatcher, redis_client
 from pipeline.queue.locate import resolve_redis_url
-from pipeline.queue.requeue import RequeueError, requeue_study
+from pipeline.queue.rerun import RequeueError, requeue_study
 from pipeline.states import Role
 
 bp = Blueprint("admin", __name__)

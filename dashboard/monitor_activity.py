@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from pipeline.models import AuditEvent, Image, Review, Study, User, as_utc
-from pipeline.queue.requeue import requeueable_image_ids
+from pipeline.queue.rerun import requeueable_image_ids
 from pipeline.states import ACTIVE_STATES, State
 from pipeline.triage.studies import iso
 

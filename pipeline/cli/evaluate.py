@@ -34,7 +34,7 @@ def register(subparsers: Any) -> None:
 
 def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     """Evaluate a weights file and print metrics."""
-    from pipeline.training.evaluate_run import run_evaluation
+    from pipeline.training.evaluation import run_evaluation
 
     torch_threads(args.threads)
     if args.weights:
@@ -55,7 +55,7 @@ def cmd_evaluate(args: argparse.Namespace, settings: Settings) -> int:
     )
     result = rounded(result)
     if args.record:
-        from pipeline.training.evaluate_run import record_metrics
+        from pipeline.training.evaluation import record_metrics
 
         command = "cxr-triage evaluate " + " ".join(args.data) + f" --subset {args.subset}"
         record_metrics(weights, args.record, result, command)

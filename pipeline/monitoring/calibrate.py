@@ -22,7 +22,7 @@ import numpy as np
 from sqlalchemy.orm import Session
 
 from pipeline.monitoring import performance
-from pipeline.training import evaluate as ev
+from pipeline.training import metrics as ev
 from pipeline.triage.policy import Policy, active, preview
 
 MIN_EACH = 20  # abnormal and normal reviewed studies needed before anything is proposed

@@ -29,6 +29,7 @@ import numpy as np
 
 from pipeline.triage import score as triage
 from pipeline.triage.ordering import next_pick
+from pipeline.triage.score import ageing
 
 DISCIPLINES = ("fifo", "priority", "priority_capped", "priority_ageing")
 ORACLE_ABNORMAL, ORACLE_NORMAL = 90.0, 10.0  # the oracle row's scores (simulate.run_experiment)
@@ -141,8 +142,7 @@ def simulate(
 
 def ageing_scores(base: np.ndarray, waited_h: np.ndarray, cap_h: float) -> np.ndarray:
     """Vectorised ageing term of ``triage.priority_score`` on top of a base score."""
-    ageing = 100.0 * np.minimum(1.0, np.maximum(waited_h, 0.0) / cap_h)
-    return np.round(np.minimum(100.0, base + ageing), 2)
+    return np.round(np.minimum(100.0, base + ageing(waited_h, cap_h)), 2)
 
 
 def base_scores(p: np.ndarray, thresholds: Mapping[str, float]) -> np.ndarray:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from pipeline.classifier.network import build_model, choose_device, head_outputs
-from pipeline.training import evaluate as ev
+from pipeline.training import metrics as ev
 from pipeline.training import train as tr
 from pipeline.training.config import TrainConfig
 from pipeline.training.prepare import Prepared

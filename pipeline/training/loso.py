@@ -48,7 +48,7 @@ def run_loso(configs: dict[str, Any], out_dir: Path, final: Any | None = None) -
     ``configs`` maps a source name to the TrainConfig that holds it out. The summary goes to
     ``out_dir/loso.json`` and, with ``final``, into the final weights' ``metrics["loso"]``.
     """
-    from pipeline.training.evaluate_run import record_summary
+    from pipeline.training.evaluation import record_summary
     from pipeline.training.run import run
 
     out_dir.mkdir(parents=True, exist_ok=True)

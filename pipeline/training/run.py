@@ -17,7 +17,7 @@ import torch
 
 from pipeline.classifier.network import head_probabilities, save_weights
 from pipeline.training import datasets as ds
-from pipeline.training import evaluate as ev
+from pipeline.training import metrics as ev
 from pipeline.training import train as tr
 from pipeline.training.config import TrainConfig
 from pipeline.training.fit import fit
@@ -109,7 +109,7 @@ def run(cfg: TrainConfig) -> tuple[torch.nn.Module, dict[str, Any]]:
     save_weights(model, meta, Path(cfg.out))
     log.info("wrote %s (validation AUC %.4f)", cfg.out, cal["validation"]["auc_abnormal"])
     if data.holdout:
-        from pipeline.training.evaluate_run import evaluate_samples, record_metrics
+        from pipeline.training.evaluation import evaluate_samples, record_metrics
 
         result = evaluate_samples(
             data.holdout, Path(cfg.out), label_map=cfg.label_map, device=cfg.device

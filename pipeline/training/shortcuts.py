@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image as PILImage
 
 from pipeline.training import datasets as ds
-from pipeline.training import evaluate as ev
+from pipeline.training import metrics as ev
 
 log = logging.getLogger(__name__)
 

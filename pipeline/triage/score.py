@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
 
 CLASSES = ("critical", "urgent", "routine", "normal")
 BANDS = {
@@ -85,8 +88,14 @@ def priority_score(
     if is_stat(requested_priority):
         score += stat_boost
     if max_wait_s and max_wait_s > 0 and waited_s > 0:
-        score += 100.0 * min(1.0, waited_s / max_wait_s)
+        score += float(ageing(waited_s, max_wait_s))
     return round(min(100.0, score), 2)
+
+
+def ageing(waited: Any, max_wait: float) -> Any:
+    """The ageing term: up to 100 points, reached when a study has waited ``max_wait`` (same
+    unit as ``waited``); numbers or numpy arrays (the simulation's vectorised queue)."""
+    return 100.0 * np.minimum(1.0, np.maximum(waited, 0.0) / max_wait)
 
 
 def study_p_abnormal(image_scores: Iterable[float]) -> float | None:

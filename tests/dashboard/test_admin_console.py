@@ -21,7 +21,7 @@ from pipeline.migrate import upgrade
 from pipeline.models import AuditEvent, Image, Prediction, Study
 from pipeline.queue.dispatch import HEARTBEAT_PREFIX, QUEUES, Dispatcher, redis_client
 from pipeline.queue.reconcile import requeue_stuck
-from pipeline.queue.requeue import RequeueError, requeue_study
+from pipeline.queue.rerun import RequeueError, requeue_study
 from tests.conftest import chest_like, jpeg_bytes
 from tests.web import csrf_from, login
 

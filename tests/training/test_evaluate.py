@@ -13,8 +13,8 @@ from PIL import Image as PILImage
 
 from pipeline.classifier.network import build_model, default_meta, save_weights
 from pipeline.cli import main as cli
-from pipeline.training import evaluate as ev
-from pipeline.training.evaluate_run import lung_mask
+from pipeline.training import metrics as ev
+from pipeline.training.evaluation import lung_mask
 
 CLASSES = ["normal", "pneumonia", "covid19"]
 

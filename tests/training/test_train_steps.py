@@ -12,7 +12,7 @@ import torch
 
 from pipeline.classifier.network import Classifier, build_model
 from pipeline.training import train as tr
-from pipeline.training.evaluate_run import upsample_cam
+from pipeline.training.evaluation import upsample_cam
 from tests.training.blobs import blob_image
 
 

@@ -16,7 +16,7 @@ from PIL import Image as PILImage
 from PIL import ImageDraw
 
 from pipeline.imaging.render import overlay_png
-from pipeline.training import evaluate as ev
+from pipeline.training import metrics as ev
 
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
 

@@ -14,7 +14,7 @@ from PIL import Image as PILImage
 
 from pipeline.classifier.network import Classifier
 from pipeline.training import datasets as ds
-from pipeline.training import evaluate as ev
+from pipeline.training import metrics as ev
 from pipeline.triage.score import triage_class
 
 log = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ def evaluate_samples(
     if predictions_out is not None:
         write_predictions(predictions_out, samples, abnormal, p_abn, [clf.classes[i] for i in pred])
     if report is not None:
-        from pipeline.training.evaluate_report import write_report
+        from pipeline.training.figures import write_report
 
         write_report(report, result, probs, label_index, abnormal, clf.classes, images, cams)
     return result
