@@ -28,7 +28,7 @@ from pipeline.imaging import decode as imaging
 from pipeline.imaging.decode import Limits
 from pipeline.ingest.accept import Enqueuer, ingest_paths
 from pipeline.migrate import upgrade
-from pipeline.queue.dispatch import Dispatcher, redis_client
+from pipeline.queue.connections import open_queue
 from pipeline.service.redis_server import EmbeddedRedis
 from pipeline.settings import Settings
 from pipeline.store.instances import InstanceStore
@@ -90,7 +90,7 @@ def time_ingest(paths: list[Path], db_url: str, redis_url: str, settings: Settin
     """Files per second through ingest_paths with a real Redis sink."""
     upgrade(db_url)
     factory = make_session_factory(make_engine(db_url))
-    client, dispatcher = redis_client(redis_url), Dispatcher(redis_url)
+    client, dispatcher = open_queue(redis_url)
     model = describe_weights(settings)
     size, preprocess = model["input_size"], model["preprocess"]
     # Kept in the instance store, as the product does, in a folder of the bench's own.

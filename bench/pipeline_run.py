@@ -23,7 +23,8 @@ from pipeline.migrate import upgrade
 from pipeline.models import Batch, Image
 from pipeline.profiling import STAGES, difference
 from pipeline.profiling import read as read_profile
-from pipeline.queue.dispatch import Dispatcher, redis_client
+from pipeline.queue.connections import open_queue
+from pipeline.queue.dispatch import redis_client
 from pipeline.service.redis_server import EmbeddedRedis
 from pipeline.service.supervisor import worker_children
 from pipeline.settings import Settings
@@ -60,8 +61,7 @@ def _wait_done(factory: Any, ids: list[int], timeout: float) -> None:
 
 def _send(settings: Settings, factory: Any, paths: list[Path], size: int) -> list[int]:
     """Ingest and enqueue as `cxr-triage ingest` does: streaming, one batch of files at a time."""
-    client = redis_client(settings.redis_url or "")
-    dispatcher = Dispatcher(settings.redis_url or "")
+    client, dispatcher = open_queue(settings.redis_url or "")
 
     from pipeline.classifier.weights import describe_weights
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from contextlib import nullcontext
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,7 +21,7 @@ from dashboard.auth import api_auth_required, audit
 from dashboard.charts import throughput_svg
 from dashboard.words import model_summary
 from pipeline.classifier.weights import describe_weights
-from pipeline.queue.dispatch import Dispatcher, redis_client
+from pipeline.queue.connections import queue_connections
 from pipeline.queue.locate import resolve_redis_url
 from pipeline.queue.rerun import RequeueError, requeue_study
 from pipeline.states import Role
@@ -87,26 +88,23 @@ def overview_json() -> Any:
 def requeue(study_id: int) -> Any:
     model = describe_weights(settings())
     url = resolve_redis_url(settings())
-    client, dispatcher = (redis_client(url), Dispatcher(url)) if url else (None, None)
+    # No Redis reachable: the study is marked queued and the reconciler sends it later.
+    queue = queue_connections(url) if url else nullcontext((None, None))
     try:
-        result = requeue_study(
-            _factory(),
-            client,
-            dispatcher,
-            study_id,
-            input_size=model["input_size"],
-            ttl_s=settings().payload_ttl_s,
-            thresholds=model["thresholds"],
-            preprocess=model["preprocess"],
-        )
+        with queue as (client, dispatcher):
+            result = requeue_study(
+                _factory(),
+                client,
+                dispatcher,
+                study_id,
+                input_size=model["input_size"],
+                ttl_s=settings().payload_ttl_s,
+                thresholds=model["thresholds"],
+                preprocess=model["preprocess"],
+            )
     except RequeueError as exc:
         audit("requeue_refused", target=f"study:{study_id}", detail=str(exc))
         return render_template("error.html", message=str(exc)), 409
-    finally:
-        if dispatcher is not None:
-            dispatcher.close()
-        if client is not None:
-            client.close()
     images = ",".join(str(i) for i in result["image_ids"])
     audit("requeue", target=f"study:{study_id}", detail=f"images {images}; sent {result['sent']}")
     if result["sent"]:

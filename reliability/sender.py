@@ -13,9 +13,9 @@ import time
 from pathlib import Path
 
 from pipeline.classifier.weights import describe_weights
-from pipeline.imaging.decode import Limits
 from pipeline.ingest.accept import Enqueuer, IngestReport, ingest_paths
-from pipeline.queue.dispatch import Dispatcher, redis_client
+from pipeline.ingest.intake import limits_of
+from pipeline.queue.connections import open_queue
 from pipeline.store.instances import InstanceStore
 from reliability.system import System
 
@@ -55,16 +55,18 @@ class CliSender:
         assert settings is not None and factory is not None and settings.redis_url
         model = describe_weights(settings)
         size, preprocess = model["input_size"], model["preprocess"]
-        client, dispatcher = redis_client(settings.redis_url), Dispatcher(settings.redis_url)
+        client, dispatcher = open_queue(settings.redis_url)
         sink = Enqueuer(
             factory, client, dispatcher, size, settings.payload_ttl_s, preprocess=preprocess
         )
         try:
-            limits = Limits(
-                settings.max_file_mb * 1024 * 1024, settings.max_pixels, settings.modalities
-            )
             return ingest_paths(
-                factory, chunk, limits, source="cli", sink=sink, store=InstanceStore.of(settings)
+                factory,
+                chunk,
+                limits_of(settings),
+                source="cli",
+                sink=sink,
+                store=InstanceStore.of(settings),
             )
         finally:
             dispatcher.close()
