@@ -74,20 +74,27 @@ def _preprocess_of_file(path: Path) -> str | None:
 def preprocess_of(session: Session, version: str | None, weights: Path | None = None) -> str:
     """The preprocessing of the model that made a prediction (``meta["preprocess"]``).
 
-    ``weights``: the file the settings name (its version is checked, not assumed); else the
-    registry's copy of that version. A version neither knows is taken to read the whole film
+    ``weights``: the file the settings name; else the registry's copy of that version. Either
+    file counts only while it still holds that version (a shipped file can be replaced by a
+    newer model under the same name). A version neither holds is taken to read the whole film
     (``resize``, the models before the thorax crop).
     """
     if version is None:
         return "resize"
-    if weights is not None and weights.is_file():
-        try:
-            if version_of(weights)[0] == version:
-                return _preprocess_of_file(weights) or "resize"
-        except RegistryError:
-            pass
     path = session.scalar(select(ModelVersion.path).where(ModelVersion.version == version))
-    return (_preprocess_of_file(Path(path)) if path else None) or "resize"
+    for candidate in (weights, Path(path) if path else None):
+        if candidate is not None and _holds(candidate, version):
+            return _preprocess_of_file(candidate) or "resize"
+    return "resize"
+
+
+def _holds(path: Path, version: str) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        return version_of(path)[0] == version
+    except RegistryError:
+        return False
 
 
 def register(
