@@ -77,26 +77,16 @@ def _train_arguments(tr: Any, data_optional: bool = False) -> None:
     tr.add_argument("--preprocess", choices=("lungs", "thorax", "resize"), default=d.preprocess)
     tr.add_argument("--balance", choices=("source-label", "class"), default=d.balance)
     tr.add_argument("--augment", choices=("sources", "basic"), default=d.augment)
-    tr.add_argument(
-        "--adversary",
-        type=float,
-        default=d.adversary,
-        help="weight of a source-adversarial head (gradient reversal); 0 = none",
-    )
-    tr.add_argument(
-        "--mix-lungs",
-        type=float,
-        default=d.mix_lungs,
-        metavar="SHARE",
-        help="thorax input: train this share of images with all but the lungs blacked out",
-    )
-    tr.add_argument(
-        "--cam-guide",
-        type=float,
-        default=d.cam_guide,
-        metavar="WEIGHT",
-        help="weight of a loss on the CAM evidence outside the found lungs; 0 = none",
-    )
+    # The weights of the anti-shortcut terms (0 = off): flag, metavar, what it weighs.
+    for flag, metavar, what in (
+        ("--adversary", "WEIGHT", "a source-adversarial head (gradient reversal)"),
+        ("--mix-lungs", "SHARE", "images trained with all but the found lungs blacked out"),
+        ("--cam-guide", "WEIGHT", "a loss on the CAM evidence outside the found lungs"),
+    ):
+        default = getattr(d, flag[2:].replace("-", "_"))
+        tr.add_argument(
+            flag, type=float, default=default, metavar=metavar, help=f"{what}; 0 = none"
+        )
     tr.add_argument("--batch-size", type=int, default=d.batch_size)
     tr.add_argument("--lr", type=float, default=d.lr)
     tr.add_argument("--epoch-size", type=int, default=0, help="images per epoch (0 = all)")
