@@ -98,6 +98,7 @@ def run_fault(
     offset: int,
     fault: Callable[[System, CliSender], float],
     pause_s: float = 0.0,
+    chunk: int = 16,
 ) -> Row:
     """Send plan.studies studies, inject the fault, and count outcomes after recovery.
 
@@ -107,7 +108,7 @@ def run_fault(
     row = Row(name, system.profile.name)
     paths = write_studies(system.workdir / "studies" / name, plan.studies, phi, start=offset)
     before = work_counters(system.factory)
-    sender = CliSender(system, paths, pause_s=pause_s).start()
+    sender = CliSender(system, paths, chunk=chunk, pause_s=pause_s).start()
     fault_at = fault(system, sender)
     sender.join(plan.recover_timeout_s)
     ids = sorted(set(sender.image_ids.values()))

@@ -64,7 +64,10 @@ def hung_worker_row(system: System, plan: Plan, phi: PhiRegistry, offset: int) -
 
     before = work_counters(system.factory)
     dropped_before = _dropped(system)
-    row = run_fault(system, HUNG_ROW, plan, phi, offset, freeze)
+    # Sent in small paced chunks: many batches, so the watched worker (one of two) surely
+    # claims one while it is looked at; three quick chunks of 16 could all go to the other
+    # (a run in five saw no claim).
+    row = run_fault(system, HUNG_ROW, plan, phi, offset, freeze, pause_s=0.2, chunk=4)
     held = seen.get("held", [])
     if not held:
         return row
